@@ -1,0 +1,54 @@
+# The project's commands. `make run` and `make test` work on a fresh machine: they set up
+# everything they need (venv from requirements.lock, pinned Go tools, generated code, keys).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TOOLS := .tools/bin
+GO_TOOLS := $(TOOLS)/protoc-gen-openapiv2 $(TOOLS)/grpcurl $(TOOLS)/ghz
+export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: run test gen bench keys setup lock clean server
+
+setup: $(VENV)/.installed $(GO_TOOLS) gen/.stamp
+
+$(VENV)/.installed: requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	touch $@
+
+# Go tools at the versions pinned in tools/go.mod (go.sum checks their sources).
+$(GO_TOOLS) &: tools/go.mod tools/go.sum
+	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install tool
+	touch $(GO_TOOLS)
+
+gen/.stamp: $(VENV)/.installed $(GO_TOOLS) $(shell find proto -name '*.proto') scripts/gen.sh
+	scripts/gen.sh
+	touch $@
+
+# All generated code: Python stubs, Envoy's descriptor set, the OpenAPI document.
+gen: $(VENV)/.installed $(GO_TOOLS)
+	scripts/gen.sh
+	touch gen/.stamp
+
+# A dev signing key pair in keys/ (git-ignored), made once.
+keys: $(VENV)/.installed
+	$(PY) -m server.cli keys --if-missing
+
+# The whole stack in the foreground (Ctrl-C stops it): gRPC server on 127.0.0.1:50051, SQLite in data/.
+run: setup keys
+	$(PY) -m server
+
+# Every test; PostgreSQL is started (scripts/pg-test-db.sh) so the storage and service suites run on it too.
+test: setup
+	PAYMENTS_TEST_DATABASE_URL=$$(scripts/pg-test-db.sh) $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/run.py
+
+# Re-pin Python dependencies from requirements.in.
+lock:
+	$(PY) -m pip install --quiet pip-tools && $(VENV)/bin/pip-compile -q --strip-extras --no-header -o requirements.lock requirements.in
+
+clean:
+	rm -rf $(VENV) .tools gen data .pytest_cache

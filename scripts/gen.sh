@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The one command behind `make gen`: every generated artefact comes from proto/ here.
+#   gen/python/         Python messages and gRPC stubs (not committed; never beside server/ code)
+#   gen/payments.pb     descriptor set for Envoy's grpc_json_transcoder (--include_imports: google/api,
+#                       google/rpc and protobuf types travel with it)
+#   openapi/payments.swagger.json   the OpenAPI v2 document (committed; tests prove it is fresh)
+# Usage: scripts/gen.sh [OUT_DIR]   (OUT_DIR defaults to the repo; tests pass a temp dir to compare)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-$root}
+py=${PYTHON:-$root/.venv/bin/python}
+tools=${TOOLS_BIN:-$root/.tools/bin}
+
+# Include paths: our protos, google/api + google/rpc (googleapis-common-protos), google/protobuf
+# (grpcio-tools) and the openapiv2 options (the pinned grpc-gateway module in tools/go.mod).
+site=$("$py" -c 'import google.api, os; print(os.path.dirname(os.path.dirname(google.api.__path__[0])))')
+wkt=$("$py" -c 'import grpc_tools, os; print(os.path.join(grpc_tools.__path__[0], "_proto"))')
+gw=${GRPC_GATEWAY_DIR:-$(cd "$root/tools" && go list -m -f '{{.Dir}}' github.com/grpc-ecosystem/grpc-gateway/v2)}
+
+protos=(proto/payments/v1/payments.proto)
+options=(protoc-gen-openapiv2/options/annotations.proto protoc-gen-openapiv2/options/openapiv2.proto)
+
+rm -rf "$out/gen/python"
+mkdir -p "$out/gen/python" "$out/openapi"
+cd "$root"
+protoc=("$py" -m grpc_tools.protoc -I proto -I "$gw" -I "$site" -I "$wkt")
+
+"${protoc[@]}" --python_out="$out/gen/python" --pyi_out="$out/gen/python" \
+  --grpc_python_out="$out/gen/python" "${protos[@]#proto/}"
+"${protoc[@]}" --python_out="$out/gen/python" "${options[@]}"
+"${protoc[@]}" --include_imports --include_source_info \
+  --descriptor_set_out="$out/gen/payments.pb" "${protos[@]#proto/}"
+"${protoc[@]}" --plugin=protoc-gen-openapiv2="$tools/protoc-gen-openapiv2" \
+  --openapiv2_out="$out/openapi" \
+  --openapiv2_opt=logtostderr=true,json_names_for_fields=false,enums_as_ints=false,disable_default_errors=false,allow_merge=true,merge_file_name=payments,omit_enum_default_value=true \
+  "${protos[@]#proto/}"
+echo "generated: gen/python gen/payments.pb openapi/payments.swagger.json"

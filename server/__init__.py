@@ -1,0 +1,1 @@
+"""The Payments gRPC server. Run it with `python -m server`."""

@@ -1,0 +1,84 @@
+"""Account rules: registering customers, bootstrapping admins, and logging in.
+
+No gRPC here. Login failures say the same thing, and cost one password verification, whether
+or not the email exists, so the API cannot be used to find out who has an account.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import secrets
+from typing import Callable
+
+import peewee
+
+from server import passwords
+from server.errors import AlreadyExists, InvalidArgument, Unauthenticated
+from server.payments import email_problem, normalize_email
+from server.principal import ADMIN, CUSTOMER
+from server.storage import User, db
+from server.tokens import TokenIssuer
+
+UTC = dt.timezone.utc
+
+
+def new_user_id() -> str:
+    return "usr_" + base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class Login:
+    access_token: str
+    expires_in: int
+
+
+class Accounts:
+    def __init__(self, issuer: TokenIssuer, clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(UTC)):
+        self.issuer = issuer
+        self.clock = clock
+
+    @staticmethod
+    def _validate(email: str, password: str, reason: str) -> str:
+        email = normalize_email(email)
+        violations = []
+        if (why := email_problem(email)) is not None:
+            violations.append(("email", why))
+        if (why := passwords.password_problem(password)) is not None:
+            violations.append(("password", why))
+        if violations:
+            raise InvalidArgument(violations, reason=reason)
+        return email
+
+    def register(self, email: str, password: str, role: str = CUSTOMER) -> User:
+        email = self._validate(email, password, "INVALID_REGISTRATION")
+        user = User(id=new_user_id(), email=email, password_hash=passwords.hash_password(password),
+                    role=role, created_at=self.clock())
+        try:
+            with db.atomic():
+                user.save(force_insert=True)
+        except peewee.IntegrityError:
+            raise AlreadyExists("that email is already registered", reason="EMAIL_TAKEN") from None
+        return user
+
+    def ensure_admin(self, email: str, password: str) -> User:
+        """Create the admin, or make an existing account admin with this password (idempotent)."""
+        email = self._validate(email, password, "INVALID_ADMIN")
+        existing = User.get_or_none(User.email == email)
+        if existing is None:
+            try:
+                return self.register(email, password, role=ADMIN)
+            except AlreadyExists:  # another replica bootstrapped it at the same moment
+                existing = User.get(User.email == email)
+        if existing.role != ADMIN or not passwords.verify_password(existing.password_hash, password):
+            User.update(role=ADMIN, password_hash=passwords.hash_password(password)).where(User.id == existing.id).execute()
+        return User.get_by_id(existing.id)
+
+    def login(self, email: str, password: str) -> Login:
+        user = User.get_or_none(User.email == normalize_email(email)) if email else None
+        ok = passwords.verify_password(user.password_hash if user else None, password)
+        if not ok or user is None:
+            raise Unauthenticated("wrong email or password", reason="BAD_CREDENTIALS")
+        token = self.issuer.issue(subject=user.id, email=user.email, role=user.role)
+        return Login(access_token=token, expires_in=self.issuer.ttl_seconds)

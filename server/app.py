@@ -1,0 +1,135 @@
+"""Assembling the server: storage, rules, interceptors, servicers, health, reflection, jobs,
+and a graceful stop."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server import storage, tokens
+from server.accounts import Accounts
+from server.auth import AuthInterceptor
+from server.config import Settings
+from server.paging import PageTokens
+from server.payments import PaymentRules
+from server.pb import payments_pb2 as pb
+from server.pb import payments_pb2_grpc as pb_grpc
+from server.servicers import AuthServicer, PaymentServicer
+
+log = logging.getLogger("server")
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["PaymentService"].full_name,
+    pb.DESCRIPTOR.services_by_name["AuthService"].full_name,
+)
+
+
+class AccessLogInterceptor(grpc.ServerInterceptor):
+    """One JSON line per call: method, status code, duration. Never the request or its token."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behavior, method = handler.unary_unary, handler_call_details.method
+
+        def logged(request, context):
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                return behavior(request, context)
+            except Exception:
+                code = (context.code() or grpc.StatusCode.UNKNOWN).name
+                raise
+            finally:
+                if code == "OK" and context.code() is not None:
+                    code = context.code().name
+                log.info("rpc", extra={"method": method, "code": code,
+                                       "duration_ms": round((time.perf_counter() - start) * 1000, 2)})
+
+        return grpc.unary_unary_rpc_method_handler(
+            logged, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
+@dataclasses.dataclass
+class App:
+    settings: Settings
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int
+    rules: PaymentRules
+    scheduler: object | None = None
+    _stopped: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: report NOT_SERVING first (so probes and Envoy stop sending), then let in-flight
+        calls finish within the grace period."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.settings.grace_seconds if grace is None else grace
+        log.info("shutting down", extra={"grace_seconds": grace})
+        self.health.enter_graceful_shutdown()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        self.server.stop(grace).wait()
+        if storage.db.obj is not None and not storage.db.is_closed():
+            storage.db.close()
+        log.info("stopped")
+
+
+def build(settings: Settings) -> App:
+    """Create and start a server for these settings; the caller owns stop()."""
+    database = storage.open_database(settings)
+    verifier = tokens.TokenVerifier.from_file(settings.jwks_file, issuer=settings.jwt_issuer,
+                                              audience=settings.jwt_audience)
+    issuer = tokens.TokenIssuer(tokens.load_private_key(settings.jwt_private_key_file), issuer=settings.jwt_issuer,
+                                audience=settings.jwt_audience, ttl_seconds=settings.jwt_ttl_seconds)
+    accounts = Accounts(issuer)
+    if settings.admin_email and settings.admin_password:
+        accounts.ensure_admin(settings.admin_email, settings.admin_password)
+        log.info("admin account ensured", extra={"email": settings.admin_email})
+    rules = PaymentRules(
+        page_tokens=PageTokens(settings.page_token_secret, settings.page_token_ttl_seconds),
+        payment_ttl=dt.timedelta(seconds=settings.payment_ttl_seconds),
+    )
+    if not settings.page_token_secret:
+        log.warning("PAYMENTS_PAGE_TOKEN_SECRET is not set: page tokens work only within this process")
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="rpc"),
+        interceptors=[AccessLogInterceptor(), AuthInterceptor(verifier)],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        options=[("grpc.so_reuseport", 0)],
+    )
+    pb_grpc.add_PaymentServiceServicer_to_server(PaymentServicer(rules), server)
+    pb_grpc.add_AuthServiceServicer_to_server(AuthServicer(accounts), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True,
+                                            experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(settings.listen_addr)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {settings.listen_addr}")
+    server.start()
+
+    scheduler = None
+    if settings.jobs_enabled:
+        from server import jobs
+
+        scheduler = jobs.start(settings, rules)
+
+    for name in ("",) + SERVICE_NAMES:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("listening", extra={"addr": settings.listen_addr, "port": port,
+                                 "database": "postgresql" if storage.is_postgres(database) else "sqlite"})
+    return App(settings=settings, server=server, health=health_servicer, port=port, rules=rules, scheduler=scheduler)

@@ -1,0 +1,127 @@
+"""Configuration: the environment, read once into one typed, immutable object.
+
+Nothing else in the server reads os.environ, so every knob is listed here and in the README's
+configuration table, and tests build a Settings directly instead of patching the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Mapping
+
+
+class ConfigError(ValueError):
+    """A setting is present but unusable; start-up stops with this message."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    listen_addr: str = "127.0.0.1:50051"
+    database_url: str = ""  # empty: SQLite file in data_dir
+    data_dir: Path = Path("data")
+    worker_threads: int = 16
+    max_concurrent_rpcs: int = 256
+    grace_seconds: float = 10.0
+    log_level: str = "INFO"
+    payment_ttl_seconds: int = 24 * 3600
+    delete_retention_seconds: int = 30 * 24 * 3600
+    # empty: random per process (single replica only); repr=False keeps secrets out of logs
+    page_token_secret: bytes = dataclasses.field(default=b"", repr=False)
+    page_token_ttl_seconds: int = 24 * 3600
+    db_pool_size: int = 20
+    # auth (tokens signed by this server, verified here and by Envoy)
+    jwt_private_key_file: Path = Path("keys/jwt-private.pem")
+    jwks_file: Path = Path("keys/jwks.json")
+    jwt_issuer: str = "payments"
+    jwt_audience: str = "payments-api"
+    jwt_ttl_seconds: int = 900
+    admin_email: str = ""
+    admin_password: str = dataclasses.field(default="", repr=False)
+    # jobs (APScheduler, in-process)
+    jobs_enabled: bool = True
+    expire_interval_seconds: int = 60
+    purge_interval_seconds: int = 3600
+    job_batch_size: int = 500
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "payments.db"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from the environment; unset variables keep the safe defaults."""
+    env = os.environ if env is None else env
+    d = Settings()
+    url = env.get("DATABASE_URL", "")
+    if url and not url.startswith(("postgres://", "postgresql://", "sqlite:///")):
+        raise ConfigError("DATABASE_URL must start with postgresql://, postgres:// or sqlite:///")
+    level = env.get("PAYMENTS_LOG_LEVEL", d.log_level).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"PAYMENTS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    secret = env.get("PAYMENTS_PAGE_TOKEN_SECRET", "")
+    if secret and len(secret) < 16:
+        raise ConfigError("PAYMENTS_PAGE_TOKEN_SECRET must be at least 16 characters")
+    return Settings(
+        listen_addr=env.get("PAYMENTS_LISTEN_ADDR", d.listen_addr),
+        database_url=url,
+        data_dir=Path(env.get("PAYMENTS_DATA_DIR", str(d.data_dir))),
+        worker_threads=_int(env, "PAYMENTS_WORKER_THREADS", d.worker_threads, 1),
+        max_concurrent_rpcs=_int(env, "PAYMENTS_MAX_CONCURRENT_RPCS", d.max_concurrent_rpcs, 1),
+        grace_seconds=_float(env, "PAYMENTS_GRACE_SECONDS", d.grace_seconds),
+        log_level=level,
+        payment_ttl_seconds=_int(env, "PAYMENTS_PAYMENT_TTL_SECONDS", d.payment_ttl_seconds, 1),
+        delete_retention_seconds=_int(env, "PAYMENTS_DELETE_RETENTION_SECONDS", d.delete_retention_seconds, 0),
+        page_token_secret=secret.encode(),
+        page_token_ttl_seconds=_int(env, "PAYMENTS_PAGE_TOKEN_TTL_SECONDS", d.page_token_ttl_seconds, 1),
+        db_pool_size=_int(env, "PAYMENTS_DB_POOL_SIZE", d.db_pool_size, 1),
+        jwt_private_key_file=Path(env.get("PAYMENTS_JWT_PRIVATE_KEY_FILE", str(d.jwt_private_key_file))),
+        jwks_file=Path(env.get("PAYMENTS_JWKS_FILE", str(d.jwks_file))),
+        jwt_issuer=env.get("PAYMENTS_JWT_ISSUER", d.jwt_issuer),
+        jwt_audience=env.get("PAYMENTS_JWT_AUDIENCE", d.jwt_audience),
+        jwt_ttl_seconds=_int(env, "PAYMENTS_JWT_TTL_SECONDS", d.jwt_ttl_seconds, 30),
+        admin_email=env.get("PAYMENTS_ADMIN_EMAIL", ""),
+        admin_password=env.get("PAYMENTS_ADMIN_PASSWORD", ""),
+        jobs_enabled=_bool(env, "PAYMENTS_JOBS_ENABLED", d.jobs_enabled),
+        expire_interval_seconds=_int(env, "PAYMENTS_EXPIRE_INTERVAL_SECONDS", d.expire_interval_seconds, 1),
+        purge_interval_seconds=_int(env, "PAYMENTS_PURGE_INTERVAL_SECONDS", d.purge_interval_seconds, 1),
+        job_batch_size=_int(env, "PAYMENTS_JOB_BATCH_SIZE", d.job_batch_size, 1),
+    )

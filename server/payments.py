@@ -1,0 +1,316 @@
+"""The payment rules: validation, who may touch which payment, the status lifecycle and
+idempotent creation. No gRPC here; failures are server.errors exceptions.
+
+Lifecycle: a payment is created pending and leaves pending exactly once, by one conditional
+UPDATE ... WHERE status = 'pending', so a confirm, a cancel and the expiry job racing on the same
+payment can never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import re
+import secrets
+from typing import Callable, Iterable
+
+import peewee
+
+from server import storage
+from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from server.paging import PageTokens
+from server.principal import Caller
+from server.storage import Payment
+
+UTC = dt.timezone.utc
+
+PENDING, SUCCESS, FAILED = "pending", "success", "failed"
+STATUSES = (PENDING, SUCCESS, FAILED)
+CANCELLED, EXPIRED = "cancelled", "expired"
+
+MAX_AMOUNT = 999_999_999_999_999  # below 2**53: exact in every JSON client
+MAX_DESCRIPTION = 500
+MAX_EMAIL = 254
+DEFAULT_CURRENCY = "IDR"
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+
+# ISO 4217 active currency codes.
+CURRENCIES = frozenset(
+    """AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN BWP
+    BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP GEL
+    GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR KMF KPW
+    KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MYR MZN
+    NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK
+    SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD UYU UZS
+    VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG""".split()
+)
+
+_EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_PAYMENT_ID = re.compile(r"^pay_[a-z2-7]{26}$")
+
+
+def new_payment_id() -> str:
+    """128 random bits in lower-case base32: unguessable, unique, and leaking no order or count."""
+    return "pay_" + base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+
+
+def email_problem(email: str) -> str | None:
+    """Why an email address is unacceptable, or None."""
+    if not email:
+        return "is required"
+    if len(email) > MAX_EMAIL:
+        return f"must be at most {MAX_EMAIL} characters"
+    if not _EMAIL.match(email):
+        return "is not a valid email address"
+    return None
+
+
+def normalize_email(email: str) -> str:
+    return email.strip().lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class PaymentDraft:
+    """What a caller asks to create, before validation."""
+
+    email: str
+    amount: int
+    currency: str = ""
+    description: str = ""
+    request_id: str = ""
+
+    def validated(self) -> "PaymentDraft":
+        """A normalized copy, or InvalidArgument naming every bad field at once."""
+        email = normalize_email(self.email)
+        currency = self.currency.strip() or DEFAULT_CURRENCY
+        violations = []
+        if (why := email_problem(email)) is not None:
+            violations.append(("email", why))
+        if self.amount <= 0:
+            violations.append(("amount", "must be greater than 0 (an integer count of the currency's minor unit)"))
+        elif self.amount > MAX_AMOUNT:
+            violations.append(("amount", f"must be at most {MAX_AMOUNT}"))
+        if currency not in CURRENCIES:
+            violations.append(("currency", "must be an ISO 4217 currency code in upper case, such as IDR or USD"))
+        if len(self.description) > MAX_DESCRIPTION:
+            violations.append(("description", f"must be at most {MAX_DESCRIPTION} characters"))
+        if self.request_id and not _REQUEST_ID.match(self.request_id):
+            violations.append(("request_id", "must be 1-64 characters of A-Z a-z 0-9 . _ : -"))
+        if violations:
+            raise InvalidArgument([(f"payment.{f}", d) for f, d in violations], reason="INVALID_PAYMENT")
+        return dataclasses.replace(self, email=email, currency=currency)
+
+    def fingerprint(self) -> str:
+        """What makes two creates 'the same body' for idempotency."""
+        body = json.dumps([self.email, self.amount, self.currency, self.description], separators=(",", ":"))
+        return hashlib.sha256(body.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    payments: list[Payment]
+    next_page_token: str
+
+
+def not_found(payment_id: str) -> NotFound:
+    return NotFound(f"payment {payment_id!r} not found", reason="PAYMENT_NOT_FOUND", metadata={"id": payment_id})
+
+
+class PaymentRules:
+    """The payment operations, each checked against the caller.
+
+    `clock` is injectable so expiry and retention are tested without sleeping.
+    """
+
+    def __init__(
+        self,
+        *,
+        page_tokens: PageTokens,
+        payment_ttl: dt.timedelta,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(UTC),
+    ):
+        self.page_tokens = page_tokens
+        self.payment_ttl = payment_ttl
+        self.clock = clock
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def _visible(self, caller: Caller):
+        query = Payment.select().where(Payment.deleted_at.is_null())
+        if not caller.is_admin:
+            query = query.where(Payment.email == caller.email)
+        return query
+
+    def get(self, caller: Caller, payment_id: str) -> Payment:
+        # Someone else's payment is NOT_FOUND, exactly like a missing one: ids are not probeable.
+        if not _PAYMENT_ID.match(payment_id or ""):
+            raise not_found(payment_id)
+        row = self._visible(caller).where(Payment.id == payment_id).first()
+        if row is None:
+            raise not_found(payment_id)
+        return row
+
+    def list(self, caller: Caller, *, page_size: int = 0, page_token: str = "", status: str = "", email: str = "") -> Page:
+        violations = []
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            violations.append(("page_size", f"must be between 1 and {MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})"))
+        if status and status not in STATUSES:
+            violations.append(("status", "must be PENDING, SUCCESS or FAILED"))
+        email = normalize_email(email)
+        if email and (why := email_problem(email)):
+            violations.append(("email", why))
+        if violations:
+            raise InvalidArgument(violations, reason="INVALID_LIST_REQUEST")
+        if email and not caller.is_admin and email != caller.email:
+            raise PermissionDenied("only admins may list another payer's payments", reason="EMAIL_FILTER_FORBIDDEN")
+        size = page_size or DEFAULT_PAGE_SIZE
+        now = self.clock()
+        scope = self.page_tokens.scope(caller.subject, caller.role, caller.email, status, email)
+
+        query = self._visible(caller)
+        if status:
+            query = query.where(Payment.status == status)
+        if email:
+            query = query.where(Payment.email == email)
+        if page_token:
+            after_at, after_id = self.page_tokens.decode(page_token, scope, now)
+            cursor = Payment.created_at.db_value(after_at)
+            query = query.where(
+                (Payment.created_at < cursor) | ((Payment.created_at == cursor) & (Payment.id < after_id))
+            )
+        rows = list(query.order_by(Payment.created_at.desc(), Payment.id.desc()).limit(size + 1))
+        next_token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            last = rows[-1]
+            next_token = self.page_tokens.encode(last.created_at, last.id, scope, now)
+        return Page(rows, next_token)
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def create(self, caller: Caller, draft: PaymentDraft) -> Payment:
+        draft = draft.validated()
+        if not caller.is_admin and draft.email != caller.email:
+            raise PermissionDenied(
+                "customers may create payments only for their own email", reason="EMAIL_NOT_CALLERS"
+            )
+        fingerprint = draft.fingerprint()
+        if draft.request_id:
+            earlier = self._by_request_id(caller, draft.request_id)
+            if earlier is not None:
+                return self._replay(earlier, fingerprint, draft.request_id)
+        now = self.clock()
+        row = Payment(
+            id=new_payment_id(),
+            email=draft.email,
+            amount=draft.amount,
+            currency=draft.currency,
+            description=draft.description,
+            status=PENDING,
+            created_by=caller.subject,
+            request_id=draft.request_id or None,
+            request_hash=fingerprint if draft.request_id else None,
+            created_at=now,
+            updated_at=now,
+            expires_at=now + self.payment_ttl,
+        )
+        try:
+            with storage.db.atomic():
+                row.save(force_insert=True)
+        except peewee.IntegrityError:
+            # A concurrent retry with the same request_id won the insert: answer as a replay.
+            earlier = self._by_request_id(caller, draft.request_id) if draft.request_id else None
+            if earlier is None:
+                raise
+            return self._replay(earlier, fingerprint, draft.request_id)
+        return row
+
+    def _by_request_id(self, caller: Caller, request_id: str) -> Payment | None:
+        return Payment.get_or_none((Payment.created_by == caller.subject) & (Payment.request_id == request_id))
+
+    @staticmethod
+    def _replay(earlier: Payment, fingerprint: str, request_id: str) -> Payment:
+        if earlier.request_hash != fingerprint:
+            raise AlreadyExists(
+                f"request_id {request_id!r} was already used for a payment with a different body",
+                reason="REQUEST_ID_CONFLICT",
+                metadata={"request_id": request_id},
+            )
+        if earlier.deleted_at is not None:
+            raise FailedPrecondition(
+                f"request_id {request_id!r} belongs to a payment that has been deleted",
+                reason="PAYMENT_DELETED",
+                metadata={"request_id": request_id},
+            )
+        return earlier
+
+    def delete(self, caller: Caller, payment_id: str) -> None:
+        """Soft delete: hidden at once, purged by the retention job later."""
+        row = self.get(caller, payment_id)
+        now = self.clock()
+        changed = (
+            Payment.update(deleted_at=now, updated_at=now)
+            .where((Payment.id == row.id) & Payment.deleted_at.is_null())
+            .execute()
+        )
+        if not changed:  # deleted concurrently
+            raise not_found(payment_id)
+
+    def confirm(self, caller: Caller, payment_id: str) -> Payment:
+        if not caller.is_admin:
+            raise PermissionDenied("only admins may confirm payments", reason="ADMIN_ONLY")
+        return self._leave_pending(caller, payment_id, SUCCESS, None)
+
+    def cancel(self, caller: Caller, payment_id: str) -> Payment:
+        return self._leave_pending(caller, payment_id, FAILED, CANCELLED)
+
+    def _leave_pending(self, caller: Caller, payment_id: str, status: str, reason: str | None) -> Payment:
+        row = self.get(caller, payment_id)
+        now = self.clock()
+        changed = (
+            Payment.update(status=status, failure_reason=reason, updated_at=now)
+            .where(
+                (Payment.id == row.id)
+                & (Payment.status == PENDING)
+                & (Payment.expires_at > now)
+                & Payment.deleted_at.is_null()
+            )
+            .execute()
+        )
+        if changed:
+            return self.get(caller, payment_id)
+        # Lost a race, or the payment is not pending (any more), or it is overdue.
+        if row.status == PENDING:
+            self.expire_due(now, ids=[row.id])
+        current = self.get(caller, payment_id)
+        detail = f" ({current.failure_reason})" if current.failure_reason else ""
+        raise FailedPrecondition(
+            f"payment {payment_id!r} is {current.status}{detail}, not pending",
+            reason="PAYMENT_EXPIRED" if current.failure_reason == EXPIRED else "PAYMENT_NOT_PENDING",
+            metadata={"id": payment_id, "status": current.status},
+        )
+
+    def expire_due(self, now: dt.datetime, *, ids: Iterable[str] | None = None, limit: int | None = None) -> int:
+        """Fail pending payments whose expires_at has passed; returns how many changed.
+
+        One conditional UPDATE: a payment confirmed or cancelled at the same moment keeps that
+        status. `limit` bounds one batch (the expiry job loops over batches).
+        """
+        due = (Payment.status == PENDING) & (Payment.expires_at <= now)
+        if ids is not None:
+            targets = list(ids)
+        else:
+            sub = Payment.select(Payment.id).where(due).order_by(Payment.expires_at)
+            targets = [r.id for r in (sub.limit(limit) if limit else sub)]
+        if not targets:
+            return 0
+        return (
+            Payment.update(status=FAILED, failure_reason=EXPIRED, updated_at=now)
+            .where(due & Payment.id.in_(targets))
+            .execute()
+        )

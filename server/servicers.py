@@ -1,0 +1,102 @@
+"""The gRPC servicers: thin translations between protobuf messages and the rules.
+
+Each method reads the request, asks PaymentRules or Accounts, and builds the response; errors
+are mapped by server.status. The caller comes from the auth interceptor (server.auth).
+"""
+
+from __future__ import annotations
+
+from google.protobuf import empty_pb2, timestamp_pb2
+
+from server import auth
+from server.accounts import Accounts
+from server.payments import PaymentDraft, PaymentRules
+from server.pb import payments_pb2 as pb
+from server.pb import payments_pb2_grpc as pb_grpc
+from server.status import handles_errors
+from server.storage import Payment
+
+_STATUS_TO_PB = {"pending": pb.Payment.PENDING, "success": pb.Payment.SUCCESS, "failed": pb.Payment.FAILED}
+_STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+_REASON_TO_PB = {"cancelled": pb.Payment.CANCELLED, "expired": pb.Payment.EXPIRED}
+
+
+def _ts(value) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def payment_to_pb(row: Payment) -> pb.Payment:
+    return pb.Payment(
+        id=row.id,
+        email=row.email,
+        amount=row.amount,
+        currency=row.currency,
+        description=row.description,
+        status=_STATUS_TO_PB[row.status],
+        failure_reason=_REASON_TO_PB.get(row.failure_reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
+        request_id=row.request_id or "",
+        created_at=_ts(row.created_at),
+        updated_at=_ts(row.updated_at),
+        expires_at=_ts(row.expires_at),
+    )
+
+
+class PaymentServicer(pb_grpc.PaymentServiceServicer):
+    def __init__(self, rules: PaymentRules):
+        self.rules = rules
+
+    @handles_errors
+    def CreatePayment(self, request, context):
+        p = request.payment
+        draft = PaymentDraft(email=p.email, amount=p.amount, currency=p.currency,
+                             description=p.description, request_id=p.request_id)
+        return payment_to_pb(self.rules.create(auth.caller(), draft))
+
+    @handles_errors
+    def ListPayments(self, request, context):
+        page = self.rules.list(
+            auth.caller(),
+            page_size=request.page_size,
+            page_token=request.page_token,
+            # An enum number this server does not know stays visible to the rules, which reject it.
+            status=_STATUS_FROM_PB.get(request.status, str(request.status)) if request.status else "",
+            email=request.email,
+        )
+        return pb.ListPaymentsResponse(payments=[payment_to_pb(r) for r in page.payments],
+                                       next_page_token=page.next_page_token)
+
+    @handles_errors
+    def GetPayment(self, request, context):
+        return payment_to_pb(self.rules.get(auth.caller(), request.id))
+
+    @handles_errors
+    def DeletePayment(self, request, context):
+        self.rules.delete(auth.caller(), request.id)
+        return empty_pb2.Empty()
+
+    @handles_errors
+    def ConfirmPayment(self, request, context):
+        return payment_to_pb(self.rules.confirm(auth.caller(), request.id))
+
+    @handles_errors
+    def CancelPayment(self, request, context):
+        return payment_to_pb(self.rules.cancel(auth.caller(), request.id))
+
+
+class AuthServicer(pb_grpc.AuthServiceServicer):
+    def __init__(self, accounts: Accounts):
+        self.accounts = accounts
+
+    @handles_errors
+    def Register(self, request, context):
+        user = self.accounts.register(request.email, request.password)
+        return pb.RegisterResponse(user_id=user.id, email=user.email, role=user.role)
+
+    @handles_errors
+    def Login(self, request, context):
+        login = self.accounts.login(request.email, request.password)
+        return pb.LoginResponse(access_token=login.access_token, token_type="Bearer", expires_in=login.expires_in)

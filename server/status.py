@@ -1,0 +1,85 @@
+"""The one place where failures become gRPC status codes with google.rpc details.
+
+Every error a client sees carries an ErrorInfo (stable reason + domain, as AIP-193 asks);
+field errors add a BadRequest with one violation per field. Envoy's transcoder renders the same
+google.rpc.Status as JSON with the matching HTTP status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from server import errors, storage
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "payments.v1"
+
+_CODES = {
+    errors.InvalidArgument: code_pb2.INVALID_ARGUMENT,
+    errors.NotFound: code_pb2.NOT_FOUND,
+    errors.FailedPrecondition: code_pb2.FAILED_PRECONDITION,
+    errors.AlreadyExists: code_pb2.ALREADY_EXISTS,
+    errors.Unauthenticated: code_pb2.UNAUTHENTICATED,
+    errors.PermissionDenied: code_pb2.PERMISSION_DENIED,
+    errors.Unavailable: code_pb2.UNAVAILABLE,
+    errors.Internal: code_pb2.INTERNAL,
+}
+
+
+def _pack(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def to_status(error: errors.DomainError) -> grpc.Status:
+    code = next((c for cls, c in _CODES.items() if isinstance(error, cls)), code_pb2.UNKNOWN)
+    details = [_pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata))]
+    if isinstance(error, errors.InvalidArgument):
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in error.violations
+        ])))
+    return rpc_status.to_status(status_pb2.Status(code=code, message=error.message, details=details))
+
+
+def abort(context: grpc.ServicerContext, error: errors.DomainError):
+    context.abort_with_status(to_status(error))
+
+
+@contextlib.contextmanager
+def mapped_errors(context: grpc.ServicerContext):
+    """Turn what a handler raises into a status: domain errors as themselves, a lost database as
+    UNAVAILABLE, anything else as INTERNAL with a log line (never a stack trace to the client)."""
+    try:
+        yield
+    except errors.DomainError as e:
+        abort(context, e)
+    except storage.OUTAGE_ERRORS:
+        log.warning("database unavailable", exc_info=True)
+        storage.release_connection()
+        abort(context, errors.Unavailable("the payments database is unavailable; retry shortly",
+                                          reason="DATABASE_UNAVAILABLE"))
+    except Exception:
+        if context.code() is not None:  # an abort already chose the status
+            raise
+        log.exception("unexpected error")
+        abort(context, errors.Internal("internal error"))
+
+
+def handles_errors(method):
+    """Decorator form of mapped_errors for servicer methods (request, context)."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        with mapped_errors(context):
+            return method(self, request, context)
+
+    return wrapper

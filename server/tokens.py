@@ -1,0 +1,151 @@
+"""JWTs: signing with the private key, verifying against the JWKS, and the dev key pair.
+
+Tokens are ES256 with a `kid` header (the RFC 7638 thumbprint of the public key). The JWKS file
+holds every key that may still verify (rotation: add the new key, roll Envoy and the server,
+switch the signing key, remove the old key once its tokens have expired). Envoy's jwt_authn
+reads the same JWKS file, so both layers accept exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from server.errors import PermissionDenied, Unauthenticated
+from server.principal import ROLES, Caller
+
+UTC = dt.timezone.utc
+ALGORITHM = "ES256"
+LEEWAY_SECONDS = 30
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def public_jwk(public_key: ec.EllipticCurvePublicKey) -> dict:
+    numbers = public_key.public_numbers()
+    jwk = {
+        "crv": "P-256",
+        "kty": "EC",
+        "x": _b64(numbers.x.to_bytes(32, "big")),
+        "y": _b64(numbers.y.to_bytes(32, "big")),
+    }
+    thumbprint = hashlib.sha256(json.dumps(jwk, separators=(",", ":"), sort_keys=True).encode()).digest()
+    return {**jwk, "kid": _b64(thumbprint), "use": "sig", "alg": ALGORITHM}
+
+
+def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise ValueError(f"{path}: the signing key must be an EC P-256 private key")
+    return key
+
+
+def create_key_pair(private_key_file: Path, jwks_file: Path) -> str:
+    """Write a new P-256 private key and add its public key to the JWKS; returns its kid.
+
+    Keys already in the JWKS stay, so this is also the first step of a rotation.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    private_key_file.parent.mkdir(parents=True, exist_ok=True)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(private_key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    jwk = public_jwk(key.public_key())
+    keys = json.loads(jwks_file.read_text())["keys"] if jwks_file.exists() else []
+    keys = [k for k in keys if k.get("kid") != jwk["kid"]] + [jwk]
+    jwks_file.parent.mkdir(parents=True, exist_ok=True)
+    jwks_file.write_text(json.dumps({"keys": keys}, indent=2) + "\n")
+    return jwk["kid"]
+
+
+class TokenIssuer:
+    def __init__(self, private_key: ec.EllipticCurvePrivateKey, *, issuer: str, audience: str, ttl_seconds: int,
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(UTC)):
+        self._key = private_key
+        self.kid = public_jwk(private_key.public_key())["kid"]
+        self.issuer, self.audience, self.ttl_seconds, self.clock = issuer, audience, ttl_seconds, clock
+
+    def issue(self, *, subject: str, email: str, role: str) -> str:
+        now = int(self.clock().timestamp())
+        claims = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": subject,
+            "email": email,
+            "role": role,
+            "iat": now,
+            "nbf": now,
+            "exp": now + self.ttl_seconds,
+        }
+        return jwt.encode(claims, self._key, algorithm=ALGORITHM, headers={"kid": self.kid, "typ": "JWT"})
+
+
+class TokenVerifier:
+    """Checks a bearer token fully: allow-listed algorithm, signature by kid, time, iss, aud, claims.
+
+    Public keys are parsed once at start (not per call), which keeps verification cheap.
+    """
+
+    def __init__(self, jwks: dict, *, issuer: str, audience: str):
+        self._keys = {}
+        for k in jwks.get("keys", []):
+            if k.get("kty") == "EC" and k.get("kid"):
+                self._keys[k["kid"]] = jwt.PyJWK(k, algorithm=ALGORITHM).key
+        if not self._keys:
+            raise ValueError("the JWKS holds no EC signing keys")
+        self.issuer, self.audience = issuer, audience
+
+    @classmethod
+    def from_file(cls, path: Path, **kw) -> "TokenVerifier":
+        return cls(json.loads(path.read_text()), **kw)
+
+    def verify(self, token: str) -> Caller:
+        def bad(why: str) -> Unauthenticated:
+            return Unauthenticated(f"invalid token: {why}", reason="INVALID_TOKEN")
+
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise bad("malformed") from None
+        if header.get("alg") != ALGORITHM:
+            raise bad(f"algorithm must be {ALGORITHM}")
+        key = self._keys.get(header.get("kid"))
+        if key is None:
+            raise bad("unknown signing key")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[ALGORITHM],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=LEEWAY_SECONDS,
+                options={"require": ["exp", "iat", "iss", "aud", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token has expired", reason="TOKEN_EXPIRED") from None
+        except jwt.ImmatureSignatureError:
+            raise bad("not yet valid") from None
+        except jwt.InvalidAudienceError:
+            # 403 like Envoy's jwt_authn, so a client gets one answer from either layer.
+            raise PermissionDenied("token is not for this API (wrong audience)", reason="WRONG_AUDIENCE") from None
+        except jwt.InvalidIssuerError:
+            raise bad("wrong issuer") from None
+        except jwt.PyJWTError:
+            raise bad("signature or claims do not verify") from None
+        role, email, sub = claims.get("role"), claims.get("email"), claims.get("sub")
+        if role not in ROLES or not isinstance(email, str) or not email or not isinstance(sub, str):
+            raise bad("missing or unknown role, email or subject")
+        return Caller(subject=sub, email=email, role=role)
