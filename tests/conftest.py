@@ -35,6 +35,30 @@ def require_postgres() -> str:
     return PG_URL
 
 
+def _admin_pg(url: str) -> peewee.PostgresqlDatabase:
+    params = storage.parse_db_url(url)
+    params.pop("database")
+    return peewee.PostgresqlDatabase("postgres", **params)
+
+
+@pytest.fixture(scope="session")
+def pg_session_url():
+    """A database of this pytest run's own (payments_test_<pid>), so runs never share tables."""
+    base = require_postgres()
+    name = f"payments_test_{os.getpid()}"
+    admin = _admin_pg(base)
+    admin.connect()
+    admin.connection().autocommit = True
+    admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}"')
+    admin.execute_sql(f'CREATE DATABASE "{name}"')
+    admin.close()
+    yield base.rsplit("/", 1)[0] + "/" + name
+    admin.connect()
+    admin.connection().autocommit = True
+    admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
 class Clock:
     """A clock the test moves by hand."""
 
@@ -78,10 +102,10 @@ def backend(request) -> str:
 
 
 @pytest.fixture
-def settings(tmp_path, keys_dir, backend) -> config.Settings:
+def settings(request, tmp_path, keys_dir, backend) -> config.Settings:
     url = ""
     if backend == "postgres":
-        url = require_postgres()
+        url = request.getfixturevalue("pg_session_url")
         _reset_postgres(url)
     return dataclasses.replace(
         config.Settings(),

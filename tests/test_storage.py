@@ -1,0 +1,80 @@
+"""Storage on both databases: schema, migration at start-up, timestamps, indexes."""
+
+import datetime as dt
+
+import peewee
+import pytest
+
+from server import storage
+from server.storage import Payment, User
+
+UTC = dt.timezone.utc
+
+
+def _columns(table):
+    return {c.name for c in storage.db.get_columns(table)}
+
+
+def _indexes(table):
+    return {tuple(i.columns): i.unique for i in storage.db.get_indexes(table)}
+
+
+def test_tables_have_the_earlier_schema_and_the_new_fields(database):
+    cols = _columns("payments")
+    assert {"id", "email", "amount", "status", "created_at"} <= cols
+    assert {"currency", "description", "updated_at", "expires_at", "failure_reason", "request_id", "deleted_at"} <= cols
+    assert {"id", "email", "password_hash", "role"} <= _columns("users")
+
+
+def test_indexes_for_every_query(database):
+    idx = _indexes("payments")
+    assert idx[("created_by", "request_id")] is True
+    for cols in (("created_at", "id"), ("email", "created_at", "id"), ("status", "expires_at"), ("deleted_at",)):
+        assert cols in idx, cols
+    assert _indexes("users")[("email",)] is True
+
+
+def test_user_email_is_unique(database):
+    now = dt.datetime.now(UTC)
+    User.create(id="usr_1", email="a@example.com", password_hash="x", created_at=now)
+    with pytest.raises(peewee.IntegrityError):
+        with storage.db.atomic():
+            User.create(id="usr_2", email="a@example.com", password_hash="y", created_at=now)
+
+
+def test_timestamps_round_trip_as_utc_with_microseconds(database):
+    whole = dt.datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)  # microsecond 0: the tricky case on SQLite
+    Payment.create(id="pay_a", email="a@example.com", amount=1, created_at=whole, updated_at=whole,
+                   expires_at=whole.astimezone(dt.timezone(dt.timedelta(hours=7))))
+    got = Payment.get_by_id("pay_a")
+    assert got.created_at == whole and got.created_at.tzinfo is not None
+    assert got.expires_at == whole
+
+
+def test_start_up_adds_columns_a_newer_model_has(settings):
+    database = storage.open_database(settings)
+    database.execute_sql("DROP TABLE users")
+    database.execute_sql("CREATE TABLE users (id VARCHAR(40) PRIMARY KEY, email VARCHAR(254) NOT NULL, password_hash VARCHAR(255) NOT NULL)")
+    database.close()
+    database = storage.open_database(settings)  # what a server start does
+    assert {"role", "created_at"} <= _columns("users")
+    assert _indexes("users")[("email",)] is True
+    database.close()
+
+
+def test_open_is_idempotent(settings):
+    storage.open_database(settings).close()
+    storage.open_database(settings).close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_sqlite_runs_in_wal_mode(settings):
+    database = storage.open_database(settings)
+    assert database.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert settings.sqlite_path.exists()
+    database.close()
+
+
+def test_database_url_selects_the_backend(settings, backend):
+    database = storage.make_database(settings)
+    assert storage.is_postgres(database) == (backend == "postgres")
