@@ -1,0 +1,96 @@
+"""Small modules' units: error mapping, bearer parsing, JSON logging, the operator CLI."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from server import auth, errors, logs, status
+from tests.conftest import ROOT
+
+
+def _decode(grpc_status):
+    (key, value), = grpc_status.trailing_metadata
+    assert key == "grpc-status-details-bin"
+    return status_pb2.Status.FromString(value)
+
+
+@pytest.mark.parametrize("error, code", [
+    (errors.InvalidArgument([("f", "bad")], reason="R"), code_pb2.INVALID_ARGUMENT),
+    (errors.NotFound("x"), code_pb2.NOT_FOUND),
+    (errors.FailedPrecondition("x"), code_pb2.FAILED_PRECONDITION),
+    (errors.AlreadyExists("x"), code_pb2.ALREADY_EXISTS),
+    (errors.Unauthenticated("x"), code_pb2.UNAUTHENTICATED),
+    (errors.PermissionDenied("x"), code_pb2.PERMISSION_DENIED),
+    (errors.Unavailable("x"), code_pb2.UNAVAILABLE),
+    (errors.Internal("x"), code_pb2.INTERNAL),
+])
+def test_every_domain_error_has_its_code_and_an_error_info(error, code):
+    s = _decode(status.to_status(error))
+    assert s.code == code and s.message == error.message
+    info = error_details_pb2.ErrorInfo()
+    assert s.details[0].Unpack(info) and info.domain == "payments.v1" and info.reason == error.reason
+
+
+def test_invalid_argument_carries_one_violation_per_field():
+    s = _decode(status.to_status(errors.InvalidArgument([("a", "is bad"), ("b", "is worse")], reason="R")))
+    bad = error_details_pb2.BadRequest()
+    assert s.details[1].Unpack(bad)
+    assert [(v.field, v.description) for v in bad.field_violations] == [("a", "is bad"), ("b", "is worse")]
+
+
+@pytest.mark.parametrize("metadata, ok", [
+    ((("authorization", "Bearer abc.def.ghi"),), True),
+    ((("authorization", "bearer abc.def.ghi"),), True),
+    ((), False),
+    ((("authorization", "Basic dXNlcjpwYXNz"),), False),
+    ((("authorization", "Bearer "),), False),
+    ((("authorization", "Bearer a"), ("authorization", "Bearer b")), False),
+])
+def test_bearer_token_parsing(metadata, ok):
+    if ok:
+        assert auth.bearer_token(metadata) == "abc.def.ghi"
+    else:
+        with pytest.raises(errors.Unauthenticated):
+            auth.bearer_token(metadata)
+
+
+def test_public_methods_are_exactly_auth_health_and_reflection():
+    assert auth.is_public("/payments.v1.AuthService/Login")
+    assert auth.is_public("/grpc.health.v1.Health/Check")
+    assert auth.is_public("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+    assert not auth.is_public("/payments.v1.PaymentService/ListPayments")
+    assert not auth.is_public("/payments.v1.AuthService/Unknown")
+
+
+def test_json_formatter_puts_extra_fields_at_the_top_level():
+    record = logging.makeLogRecord({"name": "server", "levelname": "INFO", "msg": "rpc %s", "args": ("x",),
+                                    "method": "/a/B", "code": "OK"})
+    line = json.loads(logs.JsonFormatter().format(record))
+    assert line["message"] == "rpc x" and line["method"] == "/a/B" and line["code"] == "OK"
+    assert line["severity"] == "INFO" and line["time"].endswith("+00:00")
+
+
+def test_cli_creates_keys_once(tmp_path):
+    env = {**os.environ, "PAYMENTS_JWT_PRIVATE_KEY_FILE": str(tmp_path / "k.pem"), "PAYMENTS_JWKS_FILE": str(tmp_path / "jwks.json")}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "server.cli", *a], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert "created signing key" in run("keys", "--if-missing").stdout
+    first = (tmp_path / "k.pem").read_bytes()
+    assert "keys exist" in run("keys", "--if-missing").stdout
+    assert (tmp_path / "k.pem").read_bytes() == first
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_cli_create_admin_reads_the_password_from_the_environment(settings, tmp_path):
+    env = {**os.environ, "PAYMENTS_JWT_PRIVATE_KEY_FILE": str(settings.jwt_private_key_file),
+           "PAYMENTS_JWKS_FILE": str(settings.jwks_file), "PAYMENTS_DATA_DIR": str(settings.data_dir),
+           "PAYMENTS_ADMIN_PASSWORD": "a long admin password"}
+    out = subprocess.run([sys.executable, "-m", "server.cli", "create-admin", "Boss@Example.com"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "admin boss@example.com" in out.stdout and "a long admin password" not in out.stdout + out.stderr
