@@ -80,7 +80,7 @@ class App:
         log.info("shutting down", extra={"grace_seconds": grace})
         self.health.enter_graceful_shutdown()
         if self.scheduler is not None:
-            self.scheduler.shutdown(wait=False)
+            self.scheduler.shutdown(timeout=grace)  # running jobs stop after their current batch
         self.server.stop(grace).wait()
         if storage.db.obj is not None and not storage.db.is_closed():
             storage.db.close()

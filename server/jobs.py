@@ -1,21 +1,224 @@
-"""Scheduled jobs (APScheduler, in-process)."""
+"""Scheduled jobs: expire overdue pending payments, purge what is no longer needed.
+
+Every replica runs the scheduler (APScheduler, in-process); server.ticks makes each tick of a job
+run in exactly one of them. A run works in bounded batches - each a SELECT of at most
+PAYMENTS_JOB_BATCH_SIZE ids and one UPDATE or DELETE of those rows, committed on its own - so a
+backlog of a million rows never holds a long lock or blocks API calls.
+Each run logs one JSON line (job, tick, rows changed, batches, duration) and never raises into
+the scheduler or the server: a failed run is logged and the next tick retries.
+
+Idempotency records need no job of their own: they are columns of the payment (request_id,
+request_hash), so they live exactly as long as the payment, soft-deleted ones included, and are
+purged with it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
+import threading
+import time
+from typing import Callable
 
+from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
 
+from server import ticks
 from server.config import Settings
 from server.payments import PaymentRules
 
 log = logging.getLogger(__name__)
 
+UTC = dt.timezone.utc
+EXPIRE, PURGE = "expire", "purge"
+SKIPPED = "skipped"
+# How long job_runs rows are kept (they are only needed to claim ticks; the rest is history).
+HISTORY_RETENTION = dt.timedelta(days=7)
+# Fire times are multiples of the interval since this instant, so all replicas tick together.
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
 
-def start(settings: Settings, rules: PaymentRules) -> BackgroundScheduler:
-    scheduler = BackgroundScheduler(timezone=dt.timezone.utc)
-    scheduler.add_job(lambda: rules.expire_due(rules.clock(), limit=settings.job_batch_size), "interval",
-                      seconds=settings.expire_interval_seconds, id="expire", coalesce=True, max_instances=1)
-    scheduler.start()
-    return scheduler
+
+@dataclasses.dataclass
+class Progress:
+    """What a run has done so far; kept up to date batch by batch, so a run that fails halfway
+    still reports what it changed."""
+
+    rows: int = 0
+    batches: list[int] = dataclasses.field(default_factory=list)
+    other_rows: dict[str, int] = dataclasses.field(default_factory=dict)
+    interrupted: bool = False
+
+
+def drain(step: Callable[[int], int], limit: int, progress: Progress, stopping: threading.Event | None = None,
+          *, count_as: str | None = None) -> None:
+    """Call step(limit) - one bounded batch, returning the rows it changed - until a batch comes
+    back short, or until the server is stopping.
+
+    A short batch means nothing more was due when it ran. (An expiry batch can also come back
+    short because a confirm or cancel won some of its rows; the rest then waits for the next tick.)
+    """
+    while True:
+        changed = step(limit)
+        if count_as is None:
+            progress.rows += changed
+            progress.batches.append(changed)
+        else:
+            progress.other_rows[count_as] = progress.other_rows.get(count_as, 0) + changed
+        if changed < limit:
+            return
+        if stopping is not None and stopping.is_set():
+            progress.interrupted = True
+            return
+
+
+def expire(rules: PaymentRules, now: dt.datetime, *, batch_size: int, progress: Progress | None = None,
+           stopping: threading.Event | None = None) -> Progress:
+    """Fail every payment still pending at its expires_at (reason: expired), batch by batch.
+
+    Each batch is PaymentRules.expire_due: one conditional UPDATE, so a payment confirmed or
+    cancelled at the same moment keeps that status.
+    """
+    progress = progress or Progress()
+    drain(lambda limit: rules.expire_due(now, limit=limit), batch_size, progress, stopping)
+    return progress
+
+
+def purge(rules: PaymentRules, now: dt.datetime, *, retention: dt.timedelta, batch_size: int,
+          progress: Progress | None = None, stopping: threading.Event | None = None) -> Progress:
+    """Remove for good the payments soft-deleted more than `retention` ago (their idempotency
+    records go with them), then job_runs history older than HISTORY_RETENTION."""
+    progress = progress or Progress()
+    drain(lambda limit: rules.purge_deleted(now - retention, limit=limit), batch_size, progress, stopping)
+    if not progress.interrupted:
+        drain(lambda limit: ticks.purge_history(now - HISTORY_RETENTION, limit=limit), batch_size, progress,
+              stopping, count_as="history_rows")
+    return progress
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    name: str
+    interval_seconds: int
+    work: Callable[[dt.datetime, Progress, threading.Event], object]
+
+
+def payment_jobs(settings: Settings, rules: PaymentRules) -> list[Job]:
+    batch = settings.job_batch_size
+    retention = dt.timedelta(seconds=settings.delete_retention_seconds)
+    return [
+        Job(EXPIRE, settings.expire_interval_seconds,
+            lambda now, progress, stopping: expire(rules, now, batch_size=batch, progress=progress,
+                                                  stopping=stopping)),
+        Job(PURGE, settings.purge_interval_seconds,
+            lambda now, progress, stopping: purge(rules, now, retention=retention, batch_size=batch,
+                                                 progress=progress, stopping=stopping)),
+    ]
+
+
+class Runner:
+    """Runs one tick of a job: lock, claim, work, record, log - and swallows every failure."""
+
+    def __init__(self, clock: Callable[[], dt.datetime], *, replica: str | None = None,
+                 stopping: threading.Event | None = None):
+        self.clock = clock
+        self.replica = replica or ticks.replica_id()
+        self.stopping = stopping or threading.Event()
+
+    def tick(self, job: Job) -> str:
+        """ok, interrupted (the server is stopping), failed, or skipped (another replica has the
+        lock or already ran this tick)."""
+        started = time.perf_counter()
+        now = self.clock()
+        tick_at = ticks.tick_slot(now, job.interval_seconds)
+        fields = {"job": job.name, "tick_at": tick_at.isoformat(), "replica": self.replica}
+        progress = Progress()
+        try:
+            with ticks.exclusive(job.name) as mine:
+                if not mine:
+                    log.debug("job skipped", extra={**fields, "reason": "locked"})
+                    return SKIPPED
+                if not ticks.claim(job.name, tick_at, self.replica, now):
+                    log.debug("job skipped", extra={**fields, "reason": "tick already run"})
+                    return SKIPPED
+                try:
+                    job.work(now, progress, self.stopping)
+                except Exception:
+                    self._record_failure(job, tick_at, progress)
+                    raise
+                outcome = ticks.INTERRUPTED if progress.interrupted else ticks.OK
+                ticks.finish(job.name, tick_at, outcome=outcome, rows=progress.rows, now=self.clock())
+        except Exception:
+            log.error("job failed", exc_info=True, extra={**fields, **self._summary(progress, started),
+                                                          "outcome": ticks.FAILED})
+            return ticks.FAILED
+        log.info("job run", extra={**fields, **self._summary(progress, started), "outcome": outcome})
+        return outcome
+
+    def _record_failure(self, job: Job, tick_at: dt.datetime, progress: Progress) -> None:
+        try:
+            ticks.finish(job.name, tick_at, outcome=ticks.FAILED, rows=progress.rows, now=self.clock())
+        except Exception:  # the database may be the reason the run failed; the log line says it
+            log.debug("cannot record the failed run", exc_info=True)
+
+    @staticmethod
+    def _summary(progress: Progress, started: float) -> dict:
+        return {"rows": progress.rows, "batches": len(progress.batches), **progress.other_rows,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+
+class Scheduler:
+    """The jobs on an APScheduler BackgroundScheduler, and a shutdown that lets a running job end
+    after its current batch instead of killing it mid-way or waiting for a whole backlog."""
+
+    def __init__(self, jobs: list[Job], runner: Runner):
+        self.jobs = jobs
+        self.runner = runner
+        self._idle = threading.Condition()
+        self._running = 0
+        self._scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={"default": ThreadPoolExecutor(max_workers=max(1, len(jobs)))},
+        )
+        for job in jobs:
+            self._scheduler.add_job(
+                self._tick, IntervalTrigger(seconds=job.interval_seconds, start_date=_EPOCH, timezone=UTC),
+                args=(job,), id=job.name, name=job.name,
+                coalesce=True,  # ticks missed while the process was busy or paused run once, not many times
+                max_instances=1,  # a run that outlasts its interval is not overlapped by the next tick
+                misfire_grace_time=job.interval_seconds,  # later than one interval: skip, the next tick comes
+            )
+
+    def start(self) -> "Scheduler":
+        self._scheduler.start()
+        log.info("jobs scheduled", extra={"replica": self.runner.replica,
+                                          "jobs": {j.name: j.interval_seconds for j in self.jobs}})
+        return self
+
+    def _tick(self, job: Job) -> None:
+        with self._idle:
+            if self.runner.stopping.is_set():
+                return
+            self._running += 1
+        try:
+            self.runner.tick(job)
+        finally:
+            with self._idle:
+                self._running -= 1
+                self._idle.notify_all()
+
+    def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:
+        """Stop scheduling; running jobs stop after their current batch. With wait, block until
+        they have (at most `timeout` seconds). Returns whether no job is still running."""
+        self.runner.stopping.set()
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        with self._idle:
+            if wait:
+                self._idle.wait_for(lambda: self._running == 0, timeout)
+            return self._running == 0
+
+
+def start(settings: Settings, rules: PaymentRules) -> Scheduler:
+    return Scheduler(payment_jobs(settings, rules), Runner(rules.clock)).start()

@@ -314,3 +314,15 @@ class PaymentRules:
             .where(due & Payment.id.in_(targets))
             .execute()
         )
+
+    def purge_deleted(self, before: dt.datetime, *, limit: int) -> int:
+        """Remove for good up to `limit` payments soft-deleted before `before`; returns how many.
+
+        The request_id of a purged payment is forgotten with it (idempotency records are columns
+        of the payment), so a retry after the retention window creates a new payment.
+        """
+        old = Payment.deleted_at.is_null(False) & (Payment.deleted_at < before)
+        targets = [r.id for r in Payment.select(Payment.id).where(old).order_by(Payment.deleted_at).limit(limit)]
+        if not targets:
+            return 0
+        return Payment.delete().where(old & Payment.id.in_(targets)).execute()

@@ -7,6 +7,7 @@ extended at start-up (`open_database`), so no deployment needs a manual migratio
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from pathlib import Path
@@ -104,7 +105,29 @@ class User(BaseModel):
         table_name = "users"
 
 
-MODELS: Sequence[type[BaseModel]] = (Payment, User)
+class JobRun(BaseModel):
+    """One tick of a scheduled job, claimed by the replica that runs it.
+
+    The primary key (job, tick_at) is what makes a tick run once across replicas: the first
+    replica to insert the row owns the tick, every other one gets an IntegrityError and skips.
+    `tick_at` is the start of the tick's time slot (a multiple of the job's interval since the
+    epoch), so replicas whose schedulers are not aligned still agree on it.
+    """
+
+    job = peewee.CharField(max_length=32)
+    tick_at = UTCDateTimeField()
+    replica = peewee.CharField(max_length=128)  # host:pid of the claiming process
+    started_at = UTCDateTimeField(index=True)
+    finished_at = UTCDateTimeField(null=True)
+    outcome = peewee.CharField(max_length=16, default="running")  # running, ok, failed, interrupted
+    rows = peewee.BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "job_runs"
+        primary_key = peewee.CompositeKey("job", "tick_at")
+
+
+MODELS: Sequence[type[BaseModel]] = (Payment, User, JobRun)
 
 
 def make_database(settings: Settings) -> peewee.Database:
@@ -150,9 +173,10 @@ def migrate_schema(database: peewee.Database, models: Iterable[type[BaseModel]] 
     """Create missing tables and indexes, and add columns a newer model has gained.
 
     Columns are only ever added (nullable or with a default), so an older replica keeps working
-    against a newer schema during a rolling update.
+    against a newer schema during a rolling update. On PostgreSQL, replicas starting together
+    take turns (an advisory lock): concurrent CREATE TABLE IF NOT EXISTS can still collide.
     """
-    with database.connection_context():
+    with database.connection_context(), _schema_lock(database):
         migrator = pw_migrate.SchemaMigrator.from_database(database)
         for model in models:
             table = model._meta.table_name
@@ -168,6 +192,21 @@ def migrate_schema(database: peewee.Database, models: Iterable[type[BaseModel]] 
                     pw_migrate.migrate(migrator.add_column(table, field.column_name, field))
         # New tables, and every missing index (CREATE ... IF NOT EXISTS), after the columns exist.
         database.create_tables(list(models), safe=True)
+
+
+_SCHEMA_LOCK_KEY = 0x7061796D656E7473  # "payments": the schema migration's advisory lock
+
+
+@contextlib.contextmanager
+def _schema_lock(database: peewee.Database):
+    if not is_postgres(database):
+        yield
+        return
+    database.execute_sql("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK_KEY,))
+    try:
+        yield
+    finally:
+        database.execute_sql("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK_KEY,))
 
 
 def is_postgres(database: peewee.Database | None = None) -> bool:
