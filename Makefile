@@ -5,12 +5,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TOOLS := .tools/bin
-GO_TOOLS := $(TOOLS)/protoc-gen-openapiv2 $(TOOLS)/grpcurl $(TOOLS)/ghz
+GO_TOOLS := $(TOOLS)/protoc-gen-openapiv2 $(TOOLS)/grpcurl $(TOOLS)/ghz $(TOOLS)/kustomize $(TOOLS)/composecheck
+SWAGGER_UI := openapi/ui/node_modules/.package-lock.json
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: run test gen bench keys setup lock clean server
 
-setup: $(VENV)/.installed $(GO_TOOLS) gen/.stamp
+setup: $(VENV)/.installed $(GO_TOOLS) gen/.stamp $(SWAGGER_UI)
 
 $(VENV)/.installed: requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,9 +19,15 @@ $(VENV)/.installed: requirements.lock
 	touch $@
 
 # Go tools at the versions pinned in tools/go.mod (go.sum checks their sources).
-$(GO_TOOLS) &: tools/go.mod tools/go.sum
+$(GO_TOOLS) &: tools/go.mod tools/go.sum tools/composecheck/main.go
 	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install tool
 	touch $(GO_TOOLS)
+
+# Swagger UI's own distribution (npm swagger-ui-dist, pinned by openapi/ui/package-lock.json);
+# --ignore-scripts: its analytics dependency's install script is never run.
+$(SWAGGER_UI): openapi/ui/package.json openapi/ui/package-lock.json
+	cd openapi/ui && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
 
 gen/.stamp: $(VENV)/.installed $(GO_TOOLS) $(shell find proto -name '*.proto') scripts/gen.sh
 	scripts/gen.sh
@@ -35,20 +42,24 @@ gen: $(VENV)/.installed $(GO_TOOLS)
 keys: $(VENV)/.installed
 	$(PY) -m server.cli keys --if-missing
 
-# The whole stack in the foreground (Ctrl-C stops it): gRPC server on 127.0.0.1:50051, SQLite in data/.
+# The whole stack in the foreground (Ctrl-C stops it): server on 127.0.0.1:50051, Envoy (REST and
+# gRPC) on :8080, Swagger UI on 127.0.0.1:8081; SQLite in data/. scripts/run_stack.py prints the URLs.
 run: setup keys
-	$(PY) -m server
+	$(PY) scripts/run_stack.py
 
 # Every test; PostgreSQL is started (scripts/pg-test-db.sh) so the storage and service suites run on it too.
 test: setup
 	PAYMENTS_TEST_DATABASE_URL=$$(scripts/pg-test-db.sh) $(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmarks (not part of `make test`): ghz for gRPC, wrk (Debian package) for REST, a few minutes.
+# BENCH_ARGS="--postgres" adds the PostgreSQL cases; see bench/run.py --help.
 bench: setup
-	$(PY) bench/run.py
+	@command -v wrk >/dev/null || { echo "make bench needs wrk for the REST cases: sudo apt-get install wrk" >&2; exit 2; }
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 # Re-pin Python dependencies from requirements.in.
 lock:
-	$(PY) -m pip install --quiet pip-tools && $(VENV)/bin/pip-compile -q --strip-extras --no-header -o requirements.lock requirements.in
+	$(PY) -m pip install --quiet pip-tools && $(VENV)/bin/pip-compile -q --strip-extras --no-header --no-emit-find-links -o requirements.lock requirements.in
 
 clean:
-	rm -rf $(VENV) .tools gen data .pytest_cache
+	rm -rf $(VENV) .tools gen data .pytest_cache openapi/ui/node_modules

@@ -28,10 +28,11 @@ protoc=("$py" -m grpc_tools.protoc -I proto -I "$gw" -I "$site" -I "$wkt")
 "${protoc[@]}" --python_out="$out/gen/python" --pyi_out="$out/gen/python" \
   --grpc_python_out="$out/gen/python" "${protos[@]#proto/}"
 "${protoc[@]}" --python_out="$out/gen/python" "${options[@]}"
+# google/rpc status + error details ride along so Envoy can render error details (Any) as JSON.
 "${protoc[@]}" --include_imports --include_source_info \
-  --descriptor_set_out="$out/gen/payments.pb" "${protos[@]#proto/}"
+  --descriptor_set_out="$out/gen/payments.pb" "${protos[@]#proto/}" google/rpc/status.proto google/rpc/error_details.proto
 "${protoc[@]}" --plugin=protoc-gen-openapiv2="$tools/protoc-gen-openapiv2" \
   --openapiv2_out="$out/openapi" \
-  --openapiv2_opt=logtostderr=true,json_names_for_fields=false,enums_as_ints=false,disable_default_errors=false,allow_merge=true,merge_file_name=payments,omit_enum_default_value=true \
+  --openapiv2_opt=logtostderr=true,json_names_for_fields=false,enums_as_ints=false,disable_default_errors=true,allow_merge=true,merge_file_name=payments,omit_enum_default_value=true,simple_operation_ids=true,use_allof_for_refs=true,omit_array_item_type_when_ref_sibling=true,preserve_rpc_order=true \
   "${protos[@]#proto/}"
 echo "generated: gen/python gen/payments.pb openapi/payments.swagger.json"

@@ -1,0 +1,58 @@
+// Loads the committed OpenAPI document and points "Try it out" at the API gateway (Envoy).
+//
+// The document carries no host, so that one file serves every environment. This page is served
+// from its own origin (make run: http://127.0.0.1:8081), so the gateway's address is set here, in
+// memory, when the page loads: by default the page's own host name on port 8080, or the origin
+// given as ?api=http://127.0.0.1:PORT. Only loopback origins are accepted from the query string,
+// so a link cannot send the token a user pastes into "Authorize" to some other host. The gateway
+// allows these origins in its CORS policy.
+(function () {
+  "use strict";
+
+  var DOCUMENT = "../payments.swagger.json";
+  var DEFAULT_API_PORT = "8080";
+  var LOOPBACK = /^https?:\/\/(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?$/;
+
+  function apiOrigin() {
+    var asked = new URLSearchParams(window.location.search).get("api");
+    if (asked && LOOPBACK.test(asked)) {
+      return new URL(asked);
+    }
+    return new URL(window.location.protocol + "//" + window.location.hostname + ":" + DEFAULT_API_PORT);
+  }
+
+  function show(message) {
+    document.getElementById("swagger-ui").textContent = message;
+  }
+
+  window.addEventListener("load", function () {
+    var api = apiOrigin();
+    fetch(DOCUMENT, { cache: "no-cache" })
+      .then(function (response) {
+        if (!response.ok) {
+          throw new Error(DOCUMENT + ": HTTP " + response.status);
+        }
+        return response.json();
+      })
+      .then(function (spec) {
+        spec.host = api.host;
+        spec.schemes = [api.protocol.replace(":", "")];
+        window.ui = SwaggerUIBundle({
+          spec: spec,
+          dom_id: "#swagger-ui",
+          deepLinking: true,
+          displayOperationId: true,
+          displayRequestDuration: true,
+          defaultModelsExpandDepth: 1,
+          // Offline-safe: no call to the public validator service; no configuration from the URL.
+          validatorUrl: null,
+          queryConfigEnabled: false,
+          presets: [SwaggerUIBundle.presets.apis],
+          layout: "BaseLayout",
+        });
+      })
+      .catch(function (error) {
+        show("Could not load the API document: " + error.message);
+      });
+  });
+})();

@@ -1,0 +1,32 @@
+"""cloudbuild.yaml, which README's Google Cloud section runs: valid for Cloud Build, it builds both
+Dockerfiles and pushes them under the names the Kubernetes overlay deploys."""
+
+from __future__ import annotations
+
+import subprocess
+
+import yaml
+
+from tests.deploy import support
+from tests.deploy.support import ROOT
+
+
+def test_cloudbuild_config_is_valid():
+    result = subprocess.run([str(support.BIN / "check-jsonschema"), "--builtin-schema", "vendor.cloudbuild",
+                             str(ROOT / "cloudbuild.yaml")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cloudbuild_builds_and_pushes_both_images_as_the_overlay_names_them():
+    config = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    built = {}
+    for step in config["steps"]:
+        args = step["args"]
+        assert args[0] == "build" and args[-1] == "."
+        built[args[args.index("-f") + 1]] = args[args.index("-t") + 1]
+    assert built == {"Dockerfile.server": "${_REPO}/server:${_TAG}", "Dockerfile.envoy": "${_REPO}/envoy:${_TAG}"}
+    assert sorted(config["images"]) == sorted(built.values())
+    overlay = yaml.safe_load((ROOT / "k8s" / "kustomization.yaml").read_text())
+    names = {i["name"]: i["newName"] for i in overlay["images"]}
+    assert names["payments-server"].endswith("/payments/server")
+    assert names["payments-envoy"].endswith("/payments/envoy")

@@ -1,0 +1,153 @@
+"""The committed OpenAPI document: generated from the proto (fresh), valid OpenAPI 2.0, and saying
+what the gateway serves.
+
+The document is only ever written by protoc-gen-openapiv2 (scripts/gen.sh); these tests catch a
+proto change without `make gen`, a hand edit, or generator flags/options that drift from what
+Envoy's transcoder actually does (paths, field names, int64 and enum encoding, the error shape).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from google.api import annotations_pb2
+from jsonschema import Draft4Validator
+from openapi_spec_validator import OpenAPIV2SpecValidator, validate
+
+from server.pb import payments_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENT = ROOT / "openapi" / "payments.swagger.json"
+STATUS_REF = "#/definitions/googleRpcStatus"
+
+PUBLIC_OPERATIONS = {"Register", "Login"}
+# The error statuses each operation really answers (besides 503 and default, on every operation).
+ERRORS = {
+    "CreatePayment": {"400", "401", "403", "409", "413"},
+    "ListPayments": {"400", "401", "403"},
+    "GetPayment": {"400", "401", "403", "404"},
+    "DeletePayment": {"400", "401", "403", "404"},
+    "ConfirmPayment": {"400", "401", "403", "404", "413"},
+    "CancelPayment": {"400", "401", "403", "404", "413"},
+    "Register": {"400", "409", "413"},
+    "Login": {"400", "401", "413"},
+}
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict:
+    return json.loads(DOCUMENT.read_text())
+
+
+def operations(doc: dict):
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            yield path, method, op
+
+
+def test_committed_document_is_what_make_gen_writes(tmp_path):
+    subprocess.run([str(ROOT / "scripts" / "gen.sh"), str(tmp_path)], check=True, capture_output=True, cwd=ROOT)
+    fresh = (tmp_path / "openapi" / "payments.swagger.json").read_bytes()
+    assert fresh == DOCUMENT.read_bytes(), "openapi/payments.swagger.json is stale or was edited: run `make gen`"
+
+
+def test_document_is_valid_openapi_2(doc):
+    validate(doc, cls=OpenAPIV2SpecValidator)
+
+
+def test_paths_and_methods_are_the_proto_http_rules(doc):
+    rules = set()
+    for service in payments_pb2.DESCRIPTOR.services_by_name.values():
+        for method in service.methods:
+            rule = method.GetOptions().Extensions[annotations_pb2.http]
+            verb = rule.WhichOneof("pattern")
+            rules.add((getattr(rule, verb), verb, method.name))
+    documented = {(path, method, op["operationId"]) for path, method, op in operations(doc)}
+    assert documented == rules
+
+
+def test_no_host_so_one_document_serves_every_environment(doc):
+    assert not {"host", "basePath", "schemes"} & doc.keys()
+
+
+def test_payment_calls_need_a_bearer_token_and_auth_calls_do_not(doc):
+    scheme = doc["securityDefinitions"]["bearer"]
+    assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "Authorization")
+    assert "Bearer <access_token>" in scheme["description"]
+    assert doc["security"] == [{"bearer": []}]
+    for _, _, op in operations(doc):
+        if op["operationId"] in PUBLIC_OPERATIONS:
+            assert op["security"] == [], op["operationId"]
+        else:
+            assert "security" not in op, op["operationId"]  # inherits the document's bearer requirement
+
+
+def test_every_operation_is_documented(doc):
+    tags = {t["name"] for t in doc["tags"]}
+    assert tags == {"Payments", "Auth"}
+    ids = [op["operationId"] for _, _, op in operations(doc)]
+    assert sorted(ids) == sorted(ERRORS)
+    for _, _, op in operations(doc):
+        assert op["summary"] and op["description"], op["operationId"]
+        assert len(op["tags"]) == 1 and op["tags"][0] in tags
+
+
+def test_error_responses_are_the_real_ones_in_the_google_rpc_status_shape(doc):
+    status = doc["definitions"]["googleRpcStatus"]["properties"]
+    assert (status["code"]["type"], status["message"]["type"], status["details"]["type"]) == ("integer", "string", "array")
+    for _, _, op in operations(doc):
+        codes = set(op["responses"])
+        assert codes == {"200", "503", "default"} | ERRORS[op["operationId"]], op["operationId"]
+        for code, response in op["responses"].items():
+            assert response["description"]
+            if code != "200":
+                assert response["schema"] == {"$ref": STATUS_REF}, (op["operationId"], code)
+
+
+def test_json_encoding_matches_the_transcoder(doc):
+    payment = doc["definitions"]["v1Payment"]["properties"]
+    # Proto field names, exactly (print_options.preserve_proto_field_names).
+    assert set(payment) == {f.name for f in payments_pb2.Payment.DESCRIPTOR.fields}
+    # int64 is a JSON string; enums are their names, without the zero value (never printed).
+    assert (payment["amount"]["type"], payment["amount"]["format"]) == ("string", "int64")
+    assert doc["definitions"]["v1LoginResponse"]["properties"]["expires_in"]["type"] == "string"
+    status = doc["definitions"]["v1PaymentStatus"]
+    assert (status["type"], status["enum"]) == ("string", ["PENDING", "SUCCESS", "FAILED"])
+    assert doc["definitions"]["PaymentFailureReason"]["enum"] == ["CANCELLED", "EXPIRED"]
+    assert payment["created_at"]["format"] == "date-time"
+
+
+def test_output_only_fields_are_read_only(doc):
+    payment = doc["definitions"]["v1Payment"]
+    read_only = {name for name, prop in payment["properties"].items() if prop.get("readOnly")}
+    assert read_only == {"id", "status", "failure_reason", "created_at", "updated_at", "expires_at"}
+    assert payment["required"] == ["email", "amount"]
+
+
+def test_request_bodies_are_what_a_client_sends(doc):
+    # body: "payment" -> the JSON body IS the payment, not {"payment": {...}}.
+    (create_body,) = [p for p in doc["paths"]["/v1/payments"]["post"]["parameters"] if p["in"] == "body"]
+    assert create_body["schema"] == {"$ref": "#/definitions/v1Payment"}
+    # body: "*" with the id in the path -> an empty JSON object.
+    for action in ("confirm", "cancel"):
+        params = doc["paths"][f"/v1/payments/{{id}}:{action}"]["post"]["parameters"]
+        assert [p["in"] for p in params] == ["path", "body"]
+        body_ref = params[1]["schema"]["$ref"].rsplit("/", 1)[1]
+        assert doc["definitions"][body_ref] == {"type": "object"}
+
+
+def test_response_examples_match_their_schemas(doc):
+    checked = 0
+    for _, _, op in operations(doc):
+        for code, response in op["responses"].items():
+            example = response.get("examples", {}).get("application/json")
+            if example is None:
+                continue
+            schema = {**response["schema"], "definitions": doc["definitions"]}
+            errors = [e.message for e in Draft4Validator(schema).iter_errors(example)]
+            assert errors == [], (op["operationId"], code, errors)
+            checked += 1
+    assert checked >= 10
