@@ -1,0 +1,141 @@
+"""`make run`: the gRPC server, Envoy in front of it and Swagger UI, in the foreground.
+
+Starts `python -m server` and Envoy (envoy/envoy.yaml, working directory = the repository root, so
+its relative paths keys/jwks.json and gen/payments.pb resolve), waits until Envoy's /ready says the
+server passes its gRPC health checks, prints the URLs, and stops everything on Ctrl-C or SIGTERM.
+Swagger UI (openapi/ui, see openapi/ui/package.json) is served as static files on port 8081 when
+it has been installed. Standard library only; the environment passes through to the server.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENVOY = ROOT / ".venv" / "bin" / "envoy"
+API_URL = "http://127.0.0.1:8080"
+ADMIN_URL = "http://127.0.0.1:9901"
+UI_ADDR = ("127.0.0.1", 8081)
+UI_DIR = ROOT / "openapi"  # the UI's page is openapi/ui/, and it loads ../payments.swagger.json
+START_TIMEOUT = 60.0
+
+
+def log(message: str) -> None:
+    print(f"[run] {message}", file=sys.stderr, flush=True)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def serve_swagger_ui() -> http.server.ThreadingHTTPServer | None:
+    """Static files for Swagger UI, if its distribution is installed (make setup does that)."""
+    if not (UI_DIR / "ui" / "index.html").exists() or not (UI_DIR / "ui" / "node_modules" / "swagger-ui-dist").exists():
+        log("Swagger UI not installed (openapi/ui/node_modules missing): skipping it")
+        return None
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # the API's access log is Envoy's; keep this one quiet
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(UI_ADDR, functools.partial(Quiet, directory=str(UI_DIR)))
+    threading.Thread(target=httpd.serve_forever, name="swagger-ui", daemon=True).start()
+    return httpd
+
+
+def main() -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    listen = os.environ.get("PAYMENTS_LISTEN_ADDR", "127.0.0.1:50051")
+    host, _, port = listen.rpartition(":")
+    if port != "50051":
+        log(f"PAYMENTS_LISTEN_ADDR={listen}: envoy/envoy.yaml expects the server on port 50051")
+        return 1
+    probe_host = host.strip("[]") if host not in ("0.0.0.0", "", "[::]") else "127.0.0.1"
+    busy = [p for h, p in ((probe_host, int(port)), ("127.0.0.1", 8080),
+                           ("127.0.0.1", 9901), UI_ADDR) if port_in_use(h, p)]
+    if busy:
+        log(f"port(s) {busy} already in use (another `make run`?); stop that first")
+        return 1
+
+    subprocess.run([sys.executable, "-m", "server.cli", "keys", "--if-missing"], cwd=ROOT, check=True)
+
+    procs: list[subprocess.Popen] = []
+    ui = None
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+
+        def wait_for(ready) -> bool:
+            while not ready():
+                if any(p.poll() is not None for p in procs) or stop.is_set() or time.monotonic() > deadline:
+                    if not stop.is_set():
+                        log("the stack did not become ready (see the logs above)")
+                    return False
+                time.sleep(0.2)
+            return True
+
+        procs.append(subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT))
+        # Envoy after the server listens, so its first health check already passes.
+        if not wait_for(lambda: port_in_use(probe_host, int(port))):
+            return 1
+        # Envoy flushes its JSON access log (stdout) every second rather than every 10 s.
+        procs.append(subprocess.Popen([str(ENVOY), "-c", "envoy/envoy.yaml", "--log-level", "warn",
+                                       "--disable-hot-restart", "--file-flush-interval-msec", "1000"], cwd=ROOT))
+        if not wait_for(lambda: http_ok(f"{API_URL}/ready")):
+            return 1
+        ui = serve_swagger_ui()
+        log("ready:")
+        log(f"  REST (JSON)           {API_URL}/v1/...   e.g. POST {API_URL}/v1/auth/register")
+        log("  gRPC through Envoy    127.0.0.1:8080     grpcurl -plaintext 127.0.0.1:8080 list")
+        log(f"  gRPC direct (server)  {listen}")
+        log(f"  readiness             {API_URL}/ready")
+        log(f"  Envoy admin           {ADMIN_URL} (loopback only)")
+        if ui is not None:
+            log(f"  Swagger UI            http://{UI_ADDR[0]}:{UI_ADDR[1]}/ui/")
+        log("Ctrl-C stops everything")
+        while not stop.is_set():
+            if any(p.poll() is not None for p in procs):
+                log("a process exited; stopping the stack")
+                return 1
+            stop.wait(0.5)
+        return 0
+    finally:
+        if ui is not None:
+            ui.shutdown()
+        # Envoy first, so nothing new reaches the server; then the server drains in-flight calls.
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        log("stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

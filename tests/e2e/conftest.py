@@ -1,0 +1,96 @@
+"""Fixtures for end-to-end tests through the real Envoy: one server + Envoy per test session
+(SQLite in a temp dir, its own keys), a REST client, and fresh users per test.
+
+Tests never share users or payments, so they can run in any order against the one stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+import grpc
+import pytest
+
+from tests.e2e.rest import Client
+from tests.e2e.stack import ADMIN_EMAIL, ADMIN_PASSWORD, Envoy, Server, prepare_workdir
+
+PASSWORD = "correct horse battery"
+# Origins allowed by configuration (PAYMENTS_CORS_ORIGINS), beyond the built-in loopback ones.
+CORS_ORIGINS = ("https://docs.payments.example", "https://swagger.payments.example:8443")
+
+
+@dataclasses.dataclass
+class Stack:
+    server: Server
+    envoy: Envoy
+    keys: object  # Path of the key pair the server signs with and both layers verify with
+
+    @property
+    def url(self) -> str:
+        return self.envoy.url
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, keys_dir):
+    work = tmp_path_factory.mktemp("e2e")
+    prepare_workdir(work, keys_dir)
+    server = Server.start(work)
+    try:
+        envoy = Envoy.start(work, server.port, env={"PAYMENTS_CORS_ORIGINS": ", ".join(CORS_ORIGINS)})
+    except BaseException:
+        server.stop()
+        raise
+    yield Stack(server, envoy, keys_dir)
+    envoy.stop()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def api(stack) -> Client:
+    return Client(stack.url)
+
+
+@dataclasses.dataclass
+class User:
+    email: str
+    token: str
+    user_id: str = ""
+
+
+def new_email(tag: str = "user") -> str:
+    return f"{tag}-{uuid.uuid4().hex[:12]}@example.com"
+
+
+@pytest.fixture
+def make_user(api):
+    """Register (over REST) and log in a fresh customer."""
+
+    def make(tag: str = "user") -> User:
+        email = new_email(tag)
+        reg = api.post("/v1/auth/register", {"email": email, "password": PASSWORD})
+        assert reg.status == 200, reg.text
+        login = api.post("/v1/auth/login", {"email": email, "password": PASSWORD})
+        assert login.status == 200, login.text
+        return User(email, login.json["access_token"], reg.json["user_id"])
+
+    return make
+
+
+@pytest.fixture
+def admin(api) -> User:
+    login = api.post("/v1/auth/login", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+    assert login.status == 200, login.text
+    return User(ADMIN_EMAIL, login.json["access_token"])
+
+
+@pytest.fixture
+def direct_channel(stack):
+    """A gRPC channel straight to the server, bypassing Envoy."""
+    with grpc.insecure_channel(stack.grpc_target) as ch:
+        grpc.channel_ready_future(ch).result(timeout=10)
+        yield ch

@@ -1,0 +1,69 @@
+"""A small REST client for the tests (http.client: what the JSON API looks like on the wire)."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+from urllib.parse import urlsplit
+
+
+@dataclasses.dataclass
+class Response:
+    status: int
+    headers: dict[str, str]  # lower-case names
+    text: str
+
+    @property
+    def json(self):
+        return json.loads(self.text)
+
+    def error(self) -> tuple[int, str, dict]:
+        """(gRPC code, ErrorInfo reason, body) of an error in the one documented shape."""
+        assert self.headers.get("content-type", "").startswith("application/json"), (self.status, self.headers, self.text)
+        assert not [k for k in self.headers if k.startswith("grpc-")], self.headers
+        body = self.json
+        assert set(body) >= {"code", "message", "details"}, body
+        assert isinstance(body["code"], int) and isinstance(body["message"], str) and body["message"], body
+        infos = [d for d in body["details"] if d.get("@type") == "type.googleapis.com/google.rpc.ErrorInfo"]
+        assert len(infos) == 1, body
+        assert infos[0]["domain"] == "payments.v1", body
+        return body["code"], infos[0]["reason"], body
+
+    def violations(self) -> dict[str, str]:
+        """field -> description from the google.rpc.BadRequest detail."""
+        bad = [d for d in self.json["details"] if d.get("@type") == "type.googleapis.com/google.rpc.BadRequest"]
+        assert len(bad) == 1, self.json
+        return {v["field"]: v["description"] for v in bad[0]["field_violations"]}
+
+
+class Client:
+    def __init__(self, base_url: str):
+        parts = urlsplit(base_url)
+        self.host, self.port = parts.hostname, parts.port
+
+    def request(self, method: str, path: str, body=None, *, token: str | None = None,
+                headers: dict[str, str] | None = None, raw: bytes | None = None) -> Response:
+        hdrs = dict(headers or {})
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        if token is not None:
+            hdrs["Authorization"] = f"Bearer {token}"
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=15)
+        try:
+            conn.request(method, path, body=data, headers=hdrs)
+            r = conn.getresponse()
+            return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode())
+        finally:
+            conn.close()
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, body=None, **kw):
+        return self.request("POST", path, body, **kw)
+
+    def delete(self, path, **kw):
+        return self.request("DELETE", path, **kw)

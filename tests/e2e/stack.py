@@ -1,0 +1,170 @@
+"""A real stack for end-to-end tests: `python -m server` and the real Envoy, as processes.
+
+Every port is chosen by the kernel (port 0) and read back, so there is no window in which
+another process can take it: the server logs the port it bound, Envoy writes its admin address
+to a file and reports its listener's port on the admin API. Envoy runs in a work directory that
+holds keys/ and gen/, exactly as in the image, so the config's relative paths are exercised too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tests.e2e.envoyconf import CONFIG, ROOT, render
+
+ENVOY = ROOT / ".venv" / "bin" / "envoy"
+ADMIN_EMAIL = "admin@example.com"
+ADMIN_PASSWORD = "admin-password-e2e"
+START_TIMEOUT = 30.0
+
+
+def _wait(what: str, probe, proc: subprocess.Popen, log: Path, timeout: float = START_TIMEOUT):
+    """Poll probe() until it returns a value; fail early (with the log) if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value is not None:
+            return value
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}\n{log.read_text()[-4000:]}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{what}: not ready after {timeout}s\n{log.read_text()[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+@dataclasses.dataclass
+class Server:
+    proc: subprocess.Popen
+    port: int
+    log: Path
+
+    @classmethod
+    def start(cls, work: Path) -> "Server":
+        log = work / "server.log"
+        env = {
+            **os.environ,
+            "PAYMENTS_LISTEN_ADDR": "127.0.0.1:0",
+            "PAYMENTS_DATA_DIR": str(work / "data"),
+            "PAYMENTS_JWT_PRIVATE_KEY_FILE": str(work / "keys" / "jwt-private.pem"),
+            "PAYMENTS_JWKS_FILE": str(work / "keys" / "jwks.json"),
+            "PAYMENTS_JOBS_ENABLED": "false",
+            "PAYMENTS_ADMIN_EMAIL": ADMIN_EMAIL,
+            "PAYMENTS_ADMIN_PASSWORD": ADMIN_PASSWORD,
+            "PAYMENTS_PAGE_TOKEN_SECRET": "e2e-page-token-secret",
+            "PAYMENTS_GRACE_SECONDS": "1",
+        }
+        env.pop("DATABASE_URL", None)
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env,
+                                    stdout=out, stderr=subprocess.STDOUT)
+
+        def bound_port():
+            for line in log.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("message") == "listening":
+                    return int(entry["port"])
+            return None
+
+        try:
+            port = _wait("server", bound_port, proc, log)
+        except BaseException:
+            _stop(proc)
+            raise
+        return cls(proc, port, log)
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+@dataclasses.dataclass
+class Envoy:
+    proc: subprocess.Popen
+    port: int
+    admin: str
+    log: Path
+    access_log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(cls, work: Path, backend_port: int, env: dict[str, str] | None = None) -> "Envoy":
+        config = work / "envoy.yaml"
+        config.write_text(render(CONFIG.read_text(), listen_port=0, admin_port=0, backend_port=backend_port))
+        admin_file = work / "envoy-admin.txt"
+        admin_file.unlink(missing_ok=True)
+        log, access_log = work / "envoy.log", work / "envoy-access.log"
+        with log.open("wb") as err, access_log.open("wb") as out:
+            proc = subprocess.Popen(
+                [str(ENVOY), "-c", str(config), "--disable-hot-restart", "--log-level", "warn",
+                 "--file-flush-interval-msec", "200",
+                 "--admin-address-path", str(admin_file)],
+                cwd=work, stdout=out, stderr=err, env={**os.environ, **(env or {})},
+            )
+        try:
+            def admin_address():
+                return (admin_file.read_text().strip() or None) if admin_file.exists() else None
+
+            admin = _wait("envoy admin", admin_address, proc, log)
+
+            def listener_port():
+                try:
+                    with urllib.request.urlopen(f"http://{admin}/listeners?format=json", timeout=2) as r:
+                        statuses = json.load(r)["listener_statuses"]
+                except (OSError, ValueError, KeyError):
+                    return None
+                port = statuses[0]["local_address"]["socket_address"].get("port_value") if statuses else None
+                return port or None
+
+            port = _wait("envoy listener", listener_port, proc, log)
+            envoy = cls(proc, port, admin, log, access_log)
+            _wait("envoy /ready", lambda: True if http_status(f"{envoy.url}/ready") == 200 else None, proc, log)
+        except BaseException:
+            _stop(proc)
+            raise
+        return envoy
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def prepare_workdir(work: Path, keys: Path) -> None:
+    """What Envoy's working directory holds in the image: keys/jwks.json and gen/payments.pb."""
+    (work / "keys").mkdir(parents=True, exist_ok=True)
+    shutil.copy(keys / "jwks.json", work / "keys" / "jwks.json")
+    shutil.copy(keys / "jwt-private.pem", work / "keys" / "jwt-private.pem")
+    (work / "gen").mkdir(exist_ok=True)
+    shutil.copy(ROOT / "gen" / "payments.pb", work / "gen" / "payments.pb")

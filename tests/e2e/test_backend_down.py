@@ -1,0 +1,43 @@
+"""When the server goes away, Envoy says so: /ready turns 503, and calls get UNAVAILABLE as the
+same JSON error shape (REST) or a gRPC status (native). Uses a stack of its own to stop."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.e2e.rest import Client
+from tests.e2e.stack import Envoy, Server, http_status, prepare_workdir
+
+
+@pytest.fixture
+def doomed_stack(tmp_path, keys_dir):
+    prepare_workdir(tmp_path, keys_dir)
+    server = Server.start(tmp_path)
+    try:
+        envoy = Envoy.start(tmp_path, server.port)
+    except BaseException:
+        server.stop()
+        raise
+    yield server, envoy
+    envoy.stop()
+    server.stop()
+
+
+def test_ready_follows_backend_health_and_errors_stay_json(doomed_stack):
+    server, envoy = doomed_stack
+    api = Client(envoy.url)
+    assert api.get("/ready").status == 200
+    server.stop()
+
+    deadline = time.monotonic() + 30  # health checks run every few seconds
+    while http_status(f"{envoy.url}/ready") != 503 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ready = api.get("/ready")
+    assert ready.status == 503
+    assert ready.error()[:2] == (14, "BACKEND_UNAVAILABLE")
+
+    r = api.post("/v1/auth/login", {"email": "someone@example.com", "password": "whatever password"})
+    assert r.status == 503
+    assert r.error()[:2] == (14, "BACKEND_UNAVAILABLE")

@@ -1,0 +1,69 @@
+"""envoy/envoy.yaml itself: valid for the pinned Envoy, and the config the e2e tests run is the
+same file with only its three port numbers changed."""
+
+from __future__ import annotations
+
+import difflib
+import subprocess
+
+import yaml
+
+from tests.e2e.envoyconf import CONFIG, render
+from tests.e2e.stack import ENVOY, prepare_workdir
+
+
+def test_envoy_yaml_is_valid_for_the_pinned_envoy(tmp_path, keys_dir):
+    # Validation opens keys/jwks.json and gen/payments.pb relative to the working directory,
+    # as Envoy does at start in every environment.
+    prepare_workdir(tmp_path, keys_dir)
+    out = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(CONFIG)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout + out.stderr
+
+
+def test_rendered_config_differs_only_in_ports():
+    original = CONFIG.read_text()
+    rendered = render(original, listen_port=1111, admin_port=2222, backend_port=3333)
+    changed = [(a, b) for a, b in zip(original.splitlines(), rendered.splitlines()) if a != b]
+    assert len(original.splitlines()) == len(rendered.splitlines())
+    assert changed == [
+        ("    socket_address: {address: 127.0.0.1, port_value: 9901}",
+         "    socket_address: {address: 127.0.0.1, port_value: 2222}"),
+        ("      socket_address: {address: 0.0.0.0, port_value: 8080}",
+         "      socket_address: {address: 0.0.0.0, port_value: 1111}"),
+        ("              socket_address: {address: 127.0.0.1, port_value: 50051}",
+         "              socket_address: {address: 127.0.0.1, port_value: 3333}"),
+    ], "\n".join(difflib.unified_diff(original.splitlines(), rendered.splitlines(), lineterm=""))
+
+
+def test_admin_is_loopback_and_backend_is_the_sidecar():
+    config = yaml.safe_load(CONFIG.read_text())
+    assert config["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9901}
+    [cluster] = config["static_resources"]["clusters"]
+    [endpoint] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 50051}
+    [listener] = config["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 8080}
+
+
+def _filters():
+    config = yaml.safe_load(CONFIG.read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return {f["name"]: f.get("typed_config", {}) for f in hcm["http_filters"]}
+
+
+def test_jwt_rules_fail_closed_and_read_only_the_authorization_header():
+    jwt = _filters()["envoy.filters.http.jwt_authn"]
+    provider = jwt["providers"]["payments"]
+    assert provider["from_headers"] == [{"name": "Authorization", "value_prefix": "Bearer "}]
+    assert "from_params" not in provider and "from_cookies" not in provider
+    assert provider["forward"] is True
+    assert jwt["rules"][-1] == {"match": {"prefix": "/"}, "requires": {"provider_name": "payments"}}
+    public = [r["match"] for r in jwt["rules"] if "requires" not in r]
+    assert public == [
+        {"path": "/v1/auth/register"}, {"path": "/v1/auth/login"},
+        {"path": "/payments.v1.AuthService/Register"}, {"path": "/payments.v1.AuthService/Login"},
+        {"prefix": "/grpc.health.v1.Health/"}, {"prefix": "/grpc.reflection.v1.ServerReflection/"},
+        {"prefix": "/grpc.reflection.v1alpha.ServerReflection/"}, {"path": "/ready"},
+    ]

@@ -1,0 +1,165 @@
+"""Swagger UI in a real browser (Debian's headless Chromium, driven by Playwright) against the
+real Envoy and server: what a person does on the page, step by step.
+
+The page is served from its own origin, as `make run` serves it, so every "Try it out" call is a
+cross-origin request to Envoy: this also proves the CORS policy and the initializer's API address.
+Screenshots go to test-artifacts/ (git-ignored) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+ROOT = Path(__file__).resolve().parents[2]
+SITE = ROOT / "openapi"  # the directory `make run` serves: the document and ui/
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PASSWORD = "correct horse battery"
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def ui_origin():
+    """openapi/ over HTTP on a free loopback port, like the static server of `make run`."""
+    assert (SITE / "ui" / "node_modules" / "swagger-ui-dist" / "swagger-ui-bundle.js").exists(), \
+        "Swagger UI is not installed: run `make setup`"
+    handler = functools.partial(_QuietHandler, directory=str(SITE))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} missing: .ci/run installs Debian's chromium package")
+        pytest.skip(f"{CHROMIUM} missing: apt-get install chromium")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, ui_origin, stack):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(f"{ui_origin}/ui/?api={stack.url}")
+    page.wait_for_selector("#operations-Auth-Register")
+    page.requested = requests
+    yield page
+    context.close()
+
+
+class Operation:
+    """One operation block of Swagger UI, used as a person would: expand, Try it out, Execute."""
+
+    def __init__(self, page, tag: str, operation_id: str):
+        self.page = page
+        self.block = page.locator(f"#operations-{tag}-{operation_id}")
+
+    def try_it_out(self) -> "Operation":
+        self.block.locator(".opblock-summary-control").click()
+        self.block.locator("button.try-out__btn").click()
+        return self
+
+    def execute(self, body: dict | None = None) -> tuple[int, dict]:
+        """Fill the body, press Execute, and read the status and JSON body the page shows."""
+        if body is not None:
+            self.block.locator("textarea.body-param__text").fill(json.dumps(body))
+        answer = self.block.locator(".live-responses-table")
+        clear = self.block.locator("button.btn-clear")
+        if clear.count():  # executed before: Clear the old answer so the new one is what is read
+            clear.click()
+            answer.wait_for(state="detached")
+        self.block.locator("button.execute").click()
+        row = answer.locator("tbody tr.response").first
+        row.wait_for()
+        status = int(row.locator("td.response-col_status").inner_text().strip())
+        shown = row.locator("td.response-col_description .highlight-code pre").first.inner_text()
+        return status, json.loads(shown)
+
+    def request_url(self) -> str:
+        return self.block.locator(".request-url pre").inner_text().strip()
+
+    def curl(self) -> str:
+        return self.block.locator(".curl-command").inner_text()
+
+
+def authorize(page, value: str) -> None:
+    page.locator(".auth-wrapper button.authorize").click()
+    dialog = page.locator(".modal-ux")
+    dialog.locator("input[type=text]").fill(value)
+    dialog.locator(".auth-btn-wrapper button.authorize").click()
+    # Swagger UI swaps Authorize for Logout once the value is stored.
+    dialog.get_by_role("button", name="Remove authorization").wait_for()
+    dialog.locator("button.btn-done").click()
+
+
+def test_register_login_authorize_create_and_list_from_swagger_ui(page, stack, ui_origin):
+    email = f"swagger-{uuid.uuid4().hex[:10]}@example.com"
+
+    status, registered = Operation(page, "Auth", "Register").try_it_out().execute({"email": email, "password": PASSWORD})
+    assert status == 200, registered
+    assert (registered["email"], registered["role"]) == (email, "customer")
+
+    login = Operation(page, "Auth", "Login").try_it_out()
+    status, tokens = login.execute({"email": email, "password": PASSWORD})
+    assert status == 200, tokens
+    assert tokens["token_type"] == "Bearer" and tokens["access_token"].count(".") == 2
+    assert login.request_url() == f"{stack.url}/v1/auth/login"  # straight to Envoy, cross-origin
+
+    listing = Operation(page, "Payments", "ListPayments").try_it_out()
+    status, refused = listing.execute()
+    assert status == 401, refused
+    assert refused["code"] == 16  # UNAUTHENTICATED, in the documented google.rpc.Status shape
+
+    authorize(page, f"Bearer {tokens['access_token']}")
+
+    create = Operation(page, "Payments", "CreatePayment").try_it_out()
+    status, payment = create.execute({"email": email, "amount": "150000", "currency": "IDR",
+                                      "description": "Paid from Swagger UI", "request_id": uuid.uuid4().hex})
+    assert status == 200, payment
+    assert payment["id"].startswith("pay_")
+    assert (payment["email"], payment["amount"], payment["currency"], payment["status"]) == \
+        (email, "150000", "IDR", "PENDING")
+    assert create.request_url() == f"{stack.url}/v1/payments"
+    assert "Authorization: Bearer " in create.curl()
+
+    status, page_of_payments = listing.execute()
+    assert status == 200, page_of_payments
+    assert [p["id"] for p in page_of_payments["payments"]] == [payment["id"]]
+    assert page_of_payments["payments"][0]["description"] == "Paid from Swagger UI"
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    listing.block.screenshot(path=str(ARTIFACTS / "swagger-ui-list-payments.png"))
+    create.block.screenshot(path=str(ARTIFACTS / "swagger-ui-create-payment.png"))
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(ARTIFACTS / "swagger-ui.png"))
+
+    # Everything the page loaded came from its own origin or the API: no CDN, works offline.
+    foreign = [u for u in page.requested if not u.startswith((ui_origin + "/", stack.url + "/"))]
+    assert foreign == []
