@@ -1,0 +1,76 @@
+"""`make run`'s launcher (scripts/run_stack.py) on its real fixed ports (50051, 8080, 9901, 8081).
+
+It runs in a network namespace of its own (`unshare -n`, root), so the fixed ports never clash with
+a developer's `make run` or with concurrent test runs; checks run inside the namespace (nsenter)
+with the real clients a user would use: curl and grpcurl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+
+GRPCURL = ROOT / ".tools" / "bin" / "grpcurl"
+
+
+@pytest.fixture
+def stack(tmp_path):
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run as root: this test needs a private network namespace")
+        pytest.skip("needs root for a private network namespace (CI runs as root)")
+    log = tmp_path / "run.log"
+    env = {**os.environ, "PAYMENTS_DATA_DIR": str(tmp_path / "data"), "PAYMENTS_JOBS_ENABLED": "false"}
+    env.pop("DATABASE_URL", None)
+    proc = subprocess.Popen(
+        ["unshare", "-n", "--", "sh", "-c", f"ip link set lo up && exec {sys.executable} scripts/run_stack.py"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+    )
+    deadline = time.monotonic() + 90
+    while "Ctrl-C stops everything" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("make run's stack did not become ready:\n" + log.read_text()[-3000:])
+        time.sleep(0.2)
+    proc.log = log
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def inside(stack, *cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["nsenter", "-t", str(stack.pid), "-n", *cmd], capture_output=True, text=True, timeout=30)
+
+
+def test_make_run_serves_rest_grpc_and_swagger_ui_and_stops_cleanly(stack):
+    printed = stack.log.read_text()
+    for url in ("http://127.0.0.1:8080", "127.0.0.1:50051", "http://127.0.0.1:8081/ui/", "http://127.0.0.1:9901"):
+        assert url in printed
+
+    ready = inside(stack, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:8080/ready")
+    assert ready.stdout == "200"
+    ui = inside(stack, "curl", "-sf", "http://127.0.0.1:8081/ui/")
+    assert ui.returncode == 0 and "swagger" in ui.stdout.lower()
+    doc = inside(stack, "curl", "-sf", "http://127.0.0.1:8081/payments.swagger.json")
+    assert json.loads(doc.stdout)["info"]["title"]
+    register = inside(stack, "curl", "-s", "-H", "content-type: application/json", "-d",
+                      json.dumps({"email": "runner@example.com", "password": "correct horse battery"}),
+                      "http://127.0.0.1:8080/v1/auth/register")
+    assert json.loads(register.stdout)["role"] == "customer"
+    listed = inside(stack, str(GRPCURL), "-plaintext", "127.0.0.1:8080", "list")
+    assert "payments.v1.PaymentService" in listed.stdout.split()
+    direct = inside(stack, str(GRPCURL), "-plaintext", "127.0.0.1:50051", "list")
+    assert "payments.v1.AuthService" in direct.stdout.split()
+
+    stack.send_signal(signal.SIGINT)
+    assert stack.wait(timeout=40) == 0
+    assert "stopped" in stack.log.read_text()
