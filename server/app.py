@@ -18,6 +18,8 @@ from server import storage, tokens
 from server.accounts import Accounts
 from server.auth import AuthInterceptor
 from server.config import Settings
+from server.decoding import DecodingInterceptor
+from server.turns import TurnsInterceptor
 from server.paging import PageTokens
 from server.payments import PaymentRules
 from server.pb import payments_pb2 as pb
@@ -40,6 +42,7 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
         if handler is None or handler.unary_unary is None:
             return handler
         behavior, method = handler.unary_unary, handler_call_details.method
+        level = logging.DEBUG if method.startswith("/grpc.health.v1.Health/") else logging.INFO
 
         def logged(request, context):
             start = time.perf_counter()
@@ -52,8 +55,9 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
             finally:
                 if code == "OK" and context.code() is not None:
                     code = context.code().name
-                log.info("rpc", extra={"method": method, "code": code,
-                                       "duration_ms": round((time.perf_counter() - start) * 1000, 2)})
+                # Health checks (Envoy every few seconds, kubelet probes) would drown the log at INFO.
+                log.log(level, "rpc", extra={"method": method, "code": code,
+                                             "duration_ms": round((time.perf_counter() - start) * 1000, 2)})
 
         return grpc.unary_unary_rpc_method_handler(
             logged, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
@@ -107,7 +111,9 @@ def build(settings: Settings) -> App:
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="rpc"),
-        interceptors=[AccessLogInterceptor(), AuthInterceptor(verifier)],
+        # Outermost first: every call is logged; the token is checked before the body is judged.
+        interceptors=[AccessLogInterceptor(), AuthInterceptor(verifier), DecodingInterceptor(),
+                      *([] if storage.is_postgres(database) else [TurnsInterceptor()])],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[("grpc.so_reuseport", 0)],
     )

@@ -22,7 +22,7 @@ import peewee
 from server import storage
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from server.paging import PageTokens
-from server.principal import Caller
+from server.principal import ADMIN, CUSTOMER, Caller
 from server.storage import Payment
 
 UTC = dt.timezone.utc
@@ -117,6 +117,10 @@ class Page:
     next_page_token: str
 
 
+_BY_REQUEST_ID = storage.Prepared(lambda param: Payment.select().where(
+    (Payment.created_by == param("subject")) & (Payment.request_id == param("request_id"))).limit(1))
+
+
 def not_found(payment_id: str) -> NotFound:
     return NotFound(f"payment {payment_id!r} not found", reason="PAYMENT_NOT_FOUND", metadata={"id": payment_id})
 
@@ -137,6 +141,7 @@ class PaymentRules:
         self.page_tokens = page_tokens
         self.payment_ttl = payment_ttl
         self.clock = clock
+        self._queries: dict[tuple, storage.Prepared] = {}  # hot queries, SQL built once (storage.Prepared)
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -146,11 +151,44 @@ class PaymentRules:
             query = query.where(Payment.email == caller.email)
         return query
 
+    def _get_query(self, is_admin: bool) -> storage.Prepared:
+        key = ("get", is_admin)
+        if key not in self._queries:
+            who = Caller(subject="", email="", role=ADMIN if is_admin else CUSTOMER)
+            self._queries[key] = storage.Prepared(
+                lambda param: self._visible(who if is_admin else dataclasses.replace(who, email=param("email")))
+                .where(Payment.id == param("id")).limit(1))
+        return self._queries[key]
+
+    def _list_query(self, is_admin: bool, status: bool, email: bool, after: bool) -> storage.Prepared:
+        """The page query of one shape (caller kind, which filters, first page or later)."""
+        key = ("list", is_admin, status, email, after)
+        if key in self._queries:
+            return self._queries[key]
+        who = Caller(subject="", email="", role=ADMIN if is_admin else CUSTOMER)
+
+        def build(param):
+            query = self._visible(who if is_admin else dataclasses.replace(who, email=param("caller_email")))
+            if status:
+                query = query.where(Payment.status == param("status"))
+            if email:
+                query = query.where(Payment.email == param("email"))
+            if after:
+                # A row-value comparison, not "a < x OR (a = x AND b < y)": SQLite and PostgreSQL
+                # both make it one range scan of the (…, created_at, id) index, so page 1,000
+                # costs what page 1 does (the OR form scanned every earlier row again).
+                query = query.where(peewee.Tuple(Payment.created_at, Payment.id)
+                                    < peewee.Tuple(param("after_at"), param("after_id")))
+            return query.order_by(Payment.created_at.desc(), Payment.id.desc()).limit(param("limit"))
+
+        self._queries[key] = storage.Prepared(build)
+        return self._queries[key]
+
     def get(self, caller: Caller, payment_id: str) -> Payment:
         # Someone else's payment is NOT_FOUND, exactly like a missing one: ids are not probeable.
         if not _PAYMENT_ID.match(payment_id or ""):
             raise not_found(payment_id)
-        row = self._visible(caller).where(Payment.id == payment_id).first()
+        row = self._get_query(caller.is_admin).first(email=caller.email, id=payment_id)
         if row is None:
             raise not_found(payment_id)
         return row
@@ -172,18 +210,12 @@ class PaymentRules:
         now = self.clock()
         scope = self.page_tokens.scope(caller.subject, caller.role, caller.email, status, email)
 
-        query = self._visible(caller)
-        if status:
-            query = query.where(Payment.status == status)
-        if email:
-            query = query.where(Payment.email == email)
+        values = {"caller_email": caller.email, "status": status, "email": email, "limit": size + 1}
         if page_token:
-            after_at, after_id = self.page_tokens.decode(page_token, scope, now)
-            cursor = Payment.created_at.db_value(after_at)
-            query = query.where(
-                (Payment.created_at < cursor) | ((Payment.created_at == cursor) & (Payment.id < after_id))
-            )
-        rows = list(query.order_by(Payment.created_at.desc(), Payment.id.desc()).limit(size + 1))
+            after_at, values["after_id"] = self.page_tokens.decode(page_token, scope, now)
+            values["after_at"] = Payment.created_at.db_value(after_at)
+        query = self._list_query(caller.is_admin, bool(status), bool(email), bool(page_token))
+        rows = list(query(**values))
         next_token = ""
         if len(rows) > size:
             rows = rows[:size]
@@ -231,7 +263,7 @@ class PaymentRules:
         return row
 
     def _by_request_id(self, caller: Caller, request_id: str) -> Payment | None:
-        return Payment.get_or_none((Payment.created_by == caller.subject) & (Payment.request_id == request_id))
+        return _BY_REQUEST_ID.first(subject=caller.subject, request_id=request_id)
 
     @staticmethod
     def _replay(earlier: Payment, fingerprint: str, request_id: str) -> Payment:

@@ -79,7 +79,10 @@ def handles_errors(method):
 
     @functools.wraps(method)
     def wrapper(self, request, context):
-        with mapped_errors(context):
-            return method(self, request, context)
+        try:
+            with mapped_errors(context):
+                return method(self, request, context)
+        finally:
+            storage.end_call()
 
     return wrapper

@@ -11,7 +11,7 @@ import contextlib
 import datetime as dt
 import logging
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import peewee
 from playhouse import migrate as pw_migrate
@@ -48,7 +48,13 @@ class UTCDateTimeField(peewee.DateTimeField):
         return super().db_value(value)
 
     def python_value(self, value):
-        value = super().python_value(value)
+        if isinstance(value, str):
+            try:  # our own fixed form (SQLite): ten times faster than peewee's strptime formats
+                value = dt.datetime.fromisoformat(value)
+            except ValueError:
+                value = super().python_value(value)
+        else:
+            value = super().python_value(value)
         if isinstance(value, dt.datetime) and value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
         return value
@@ -79,7 +85,7 @@ class Payment(BaseModel):
     created_at = UTCDateTimeField()
     updated_at = UTCDateTimeField()
     expires_at = UTCDateTimeField()
-    deleted_at = UTCDateTimeField(null=True, index=True)
+    deleted_at = UTCDateTimeField(null=True)  # indexed only where set: see below the class
 
     class Meta:
         table_name = "payments"
@@ -90,6 +96,13 @@ class Payment(BaseModel):
             (("status", "created_at", "id"), False),  # status filter
             (("created_by", "request_id"), True),  # idempotency; NULL request_ids never clash
         )
+
+
+# Only soft-deleted rows are indexed by deleted_at (the retention job's scan). An index over every
+# row, nearly all NULL, lured planners into answering "deleted_at IS NULL" from it and sorting
+# every live row: on SQLite without statistics, each admin page of a million rows took 0.6 s.
+Payment.add_index(Payment.index(Payment.deleted_at, name="payments_deleted_at_set")
+                  .where(Payment.deleted_at.is_null(False)))
 
 
 class User(BaseModel):
@@ -130,6 +143,46 @@ class JobRun(BaseModel):
 MODELS: Sequence[type[BaseModel]] = (Payment, User, JobRun)
 
 
+class Prepared:
+    """A query of fixed shape, turned into SQL once per kind of database, then run with values.
+
+    Peewee takes far longer to build the SQL text of a simple SELECT than SQLite takes to run
+    it (about 0.4 ms against 0.01 ms for a primary-key lookup), so the hot read paths build it
+    once. `build(param)` returns the peewee query, using `param("name")` wherever a value goes;
+    calling the Prepared with name=value runs it and yields model instances, as the query would.
+    Only for values peewee passes through unchanged (text, and row values), not typed fields.
+    """
+
+    def __init__(self, build: Callable[[Callable[[str], str]], peewee.ModelSelect]):
+        self._build = build
+        self._compiled: dict[type, tuple[type[peewee.Model], str, list[tuple[bool, object]]]] = {}
+
+    def _compile(self):
+        names: dict[str, str] = {}
+
+        def param(name: str) -> str:
+            names[f"\x00{name}\x00"] = name
+            return f"\x00{name}\x00"
+
+        query = self._build(param)
+        sql, params = query.sql()
+        slots = [(True, names[p]) if isinstance(p, str) and p in names else (False, p) for p in params]
+        if {v for is_param, v in slots if is_param} != set(names.values()):
+            raise ValueError(f"a parameter did not reach the SQL unchanged: {sql}")
+        return query.model, sql, slots
+
+    def __call__(self, **values) -> Iterator[peewee.Model]:
+        key = type(db.obj)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._compiled[key] = self._compile()
+        model, sql, slots = compiled
+        return iter(model.raw(sql, *[values[v] if is_param else v for is_param, v in slots]))
+
+    def first(self, **values) -> peewee.Model | None:
+        return next(self(**values), None)
+
+
 def make_database(settings: Settings) -> peewee.Database:
     """The database object for these settings (not yet connected)."""
     url = settings.database_url
@@ -154,7 +207,10 @@ def make_database(settings: Settings) -> peewee.Database:
             "synchronous": "normal",  # durable across process crashes in WAL mode
             "busy_timeout": 5000,  # writers queue instead of failing with "database is locked"
             "foreign_keys": 1,
-            "cache_size": -16000,
+            # KiB per connection, and there is one connection per worker thread: 16 x 4 MiB bounds
+            # the page caches at 64 MiB (16 MiB each let deep paging grow the server past 250 MB);
+            # the OS page cache keeps the rest of the file warm.
+            "cache_size": -4000,
         },
         timeout=5,
         check_same_thread=False,
@@ -213,10 +269,35 @@ def is_postgres(database: peewee.Database | None = None) -> bool:
     return isinstance(database or db.obj, peewee.PostgresqlDatabase)
 
 
-def release_connection() -> None:
-    """Return this thread's connection after a database error, so the next call reconnects."""
+def end_call() -> None:
+    """Give this thread's pooled PostgreSQL connection back to the pool at the end of a call.
+
+    Idle connections then sit in the pool, where release_connection can drop them all after an
+    outage and stale_timeout recycles them; a worker thread never keeps one that died while it
+    was idle. SQLite keeps its per-thread connection (opening one is a file open plus pragmas).
+    """
+    if not isinstance(db.obj, PooledPostgresqlDatabase):
+        return
     try:
         if not db.is_closed():
+            db.close()
+    except Exception:
+        log.debug("returning a connection to the pool failed", exc_info=True)
+        release_connection()
+
+
+def release_connection() -> None:
+    """After a database error: drop this thread's connection, so the next call reconnects.
+
+    On PostgreSQL the connection is closed for good rather than pooled, and so is every idle
+    pooled connection: when the database restarts they all die together, and each would
+    otherwise fail one more call after the database is back.
+    """
+    try:
+        if isinstance(db.obj, PooledPostgresqlDatabase):
+            db.obj.manual_close()
+            db.obj.close_idle()
+        elif not db.is_closed():
             db.close()
     except Exception:  # the connection may already be broken; dropping it is the point
         log.debug("closing a broken connection failed", exc_info=True)

@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +27,7 @@ from server.principal import ROLES, Caller
 UTC = dt.timezone.utc
 ALGORITHM = "ES256"
 LEEWAY_SECONDS = 30
+VERIFIED_CACHE_SIZE = 10_000
 
 
 def _b64(data: bytes) -> str:
@@ -106,12 +108,29 @@ class TokenVerifier:
         if not self._keys:
             raise ValueError("the JWKS holds no EC signing keys")
         self.issuer, self.audience = issuer, audience
+        self._verified: dict[str, tuple[Caller, float]] = {}  # token -> (caller, valid until)
 
     @classmethod
     def from_file(cls, path: Path, **kw) -> "TokenVerifier":
         return cls(json.loads(path.read_text()), **kw)
 
     def verify(self, token: str) -> Caller:
+        """The caller a token names, or Unauthenticated/PermissionDenied.
+
+        A token that verified once is remembered (by its exact text, signature included) until
+        it expires: the signature check is most of the server's per-call cost, and a client
+        sends the same token on every call for its whole lifetime.
+        """
+        hit = self._verified.get(token)
+        if hit is not None and time.time() < hit[1]:
+            return hit[0]
+        caller, exp = self._verify(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()  # a crude bound; a full cache only costs re-verification
+        self._verified[token] = (caller, exp + LEEWAY_SECONDS)
+        return caller
+
+    def _verify(self, token: str) -> tuple[Caller, float]:
         def bad(why: str) -> Unauthenticated:
             return Unauthenticated(f"invalid token: {why}", reason="INVALID_TOKEN")
 
@@ -148,4 +167,4 @@ class TokenVerifier:
         role, email, sub = claims.get("role"), claims.get("email"), claims.get("sub")
         if role not in ROLES or not isinstance(email, str) or not email or not isinstance(sub, str):
             raise bad("missing or unknown role, email or subject")
-        return Caller(subject=sub, email=email, role=role)
+        return Caller(subject=sub, email=email, role=role), float(claims["exp"])

@@ -32,8 +32,8 @@ ERRORS = {
     "DeletePayment": {"400", "401", "403", "404"},
     "ConfirmPayment": {"400", "401", "403", "404", "413"},
     "CancelPayment": {"400", "401", "403", "404", "413"},
-    "Register": {"400", "409", "413"},
-    "Login": {"400", "401", "413"},
+    "Register": {"400", "409", "413", "429"},  # 429: Envoy's rate limit on the auth route
+    "Login": {"400", "401", "413", "429"},
 }
 
 

@@ -68,6 +68,9 @@ def test_logs_are_json_lines_with_method_code_duration_and_no_secrets(server_pro
                        metadata=(("authorization", f"Bearer {token_for(ALICE)}"),))
     with pytest.raises(grpc.RpcError):
         stub.GetPayment(pb.GetPaymentRequest(id="pay_nope"))
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health_pb2_grpc.HealthStub(server_process.channel).Check(health_pb2.HealthCheckRequest())
     server_process.send_signal(signal.SIGTERM)
     assert server_process.wait(timeout=15) == 0
     lines = log_lines(server_process.log)
@@ -75,6 +78,7 @@ def test_logs_are_json_lines_with_method_code_duration_and_no_secrets(server_pro
     assert {"method": "/payments.v1.PaymentService/CreatePayment", "code": "OK"}.items() <= rpcs[0].items()
     assert {"method": "/payments.v1.PaymentService/GetPayment", "code": "UNAUTHENTICATED"}.items() <= rpcs[1].items()
     assert all(isinstance(r["duration_ms"], float) for r in rpcs)
+    assert not [r for r in rpcs if "Health" in r["method"]], "health checks are logged only at DEBUG"
     text = server_process.log.read_text()
     assert token_for(ALICE).split(".")[2] not in text and "admin password do not log" not in text
 

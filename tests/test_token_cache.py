@@ -1,0 +1,59 @@
+"""The verifier remembers tokens it has verified: that must never outlive the token's expiry
+or let a different token (same claims, other signature) through."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import jwt.api_jwt
+import pytest
+
+from server import tokens
+from server.errors import Unauthenticated
+from tests.conftest import ALICE
+
+TTL = 60
+
+
+@pytest.fixture
+def pair(keys_dir):
+    issuer = tokens.TokenIssuer(tokens.load_private_key(keys_dir / "jwt-private.pem"), issuer="payments",
+                                audience="payments-api", ttl_seconds=TTL)
+    verifier = tokens.TokenVerifier.from_file(keys_dir / "jwks.json", issuer="payments", audience="payments-api")
+    return issuer, verifier
+
+
+def later(monkeypatch, seconds: float) -> None:
+    """Move both clocks (the cache's and PyJWT's) forward."""
+    real_time = time.time
+    monkeypatch.setattr(tokens.time, "time", lambda: real_time() + seconds)
+
+    class Later(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime.now(tz) + dt.timedelta(seconds=seconds)
+
+    monkeypatch.setattr(jwt.api_jwt, "datetime", Later)
+
+
+def test_a_remembered_token_still_expires(pair, monkeypatch):
+    issuer, verifier = pair
+    token = issuer.issue(subject=ALICE.subject, email=ALICE.email, role=ALICE.role)
+    assert verifier.verify(token) == verifier.verify(token) == ALICE
+    later(monkeypatch, TTL + tokens.LEEWAY_SECONDS - 5)
+    assert verifier.verify(token) == ALICE  # within the leeway, as without the cache
+    later(monkeypatch, TTL + tokens.LEEWAY_SECONDS + 5)
+    with pytest.raises(Unauthenticated) as e:
+        verifier.verify(token)
+    assert e.value.reason == "TOKEN_EXPIRED"
+
+
+def test_a_remembered_token_does_not_vouch_for_a_tampered_copy(pair):
+    issuer, verifier = pair
+    token = issuer.issue(subject=ALICE.subject, email=ALICE.email, role=ALICE.role)
+    assert verifier.verify(token) == ALICE
+    head, body, sig = token.split(".")
+    forged = f"{head}.{body}.{sig[:-4]}{'AAAA' if sig[-4:] != 'AAAA' else 'BBBB'}"
+    with pytest.raises(Unauthenticated):
+        verifier.verify(forged)
