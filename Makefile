@@ -49,12 +49,13 @@ run: setup keys
 
 # Every test; PostgreSQL is started (scripts/pg-test-db.sh) so the storage and service suites run on it too.
 test: setup
+	scripts/system-deps.sh test
 	PAYMENTS_TEST_DATABASE_URL=$$(scripts/pg-test-db.sh) $(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks (not part of `make test`): ghz for gRPC, wrk (Debian package) for REST, a few minutes.
 # BENCH_ARGS="--postgres" adds the PostgreSQL cases; see bench/run.py --help.
 bench: setup
-	@command -v wrk >/dev/null || { echo "make bench needs wrk for the REST cases: sudo apt-get install wrk" >&2; exit 2; }
+	scripts/system-deps.sh bench
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 # Re-pin Python dependencies from requirements.in.
