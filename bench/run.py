@@ -38,8 +38,7 @@ import seed  # noqa: E402
 from server import config, tokens  # noqa: E402
 from server.pb import payments_pb2 as pb  # noqa: E402
 from server.pb import payments_pb2_grpc as pb_grpc  # noqa: E402
-from tests.e2e.stack import Envoy, prepare_workdir  # noqa: E402
-from tests.faults.stack import server_env, start_server  # noqa: E402
+from tests.e2e.stack import Envoy, Server, prepare_workdir, server_env  # noqa: E402
 
 EMAIL = "bench@example.com"
 PATHS = ("gRPC direct", "gRPC via Envoy", "REST via Envoy")
@@ -133,7 +132,7 @@ class Bench:
 
     def baseline(self) -> None:
         print("baseline: empty handlers", flush=True)
-        server = start_server(self.work, self.env(), [sys.executable, str(ROOT / "bench" / "empty_server.py")])
+        server = Server.start(self.work, self.env(), [sys.executable, str(ROOT / "bench" / "empty_server.py")])
         try:
             envoy = Envoy.start(self.work, server.port)
             try:
@@ -153,7 +152,7 @@ class Bench:
         env = self.env(PAYMENTS_DATA_DIR=str(data_dir), PAYMENTS_PAGE_TOKEN_SECRET="bench-page-token-secret")
         if database_url:
             env["DATABASE_URL"] = database_url
-        server = start_server(self.work, env)
+        server = Server.start(self.work, env)
         try:
             envoy = Envoy.start(self.work, server.port)
             try:

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import grpc
 import pytest
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 

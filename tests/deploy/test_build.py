@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -23,6 +22,7 @@ from google.protobuf import descriptor_pb2
 
 from tests.deploy import support
 from tests.deploy.support import ROOT
+from tests.e2e.stack import listening_port, wait_until
 
 # The first Go build with the image's flags (static, -trimpath) compiles the plugin's dependencies
 # once on a fresh machine; later runs take seconds.
@@ -116,7 +116,7 @@ def test_server_starts_like_the_image_and_passes_the_compose_healthcheck(app_dir
         proc = subprocess.Popen([sys.executable, *command[1:]], cwd=app_dir, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
     try:
-        port = _bound_port(proc, log)
+        port = wait_until("server", lambda: listening_port(log), proc, log)
         healthcheck = support.compose()["services"]["server"]["healthcheck"]["test"]
         assert healthcheck[:2] == ["CMD", "python"]
         script = healthcheck[3]
@@ -133,22 +133,6 @@ def test_server_starts_like_the_image_and_passes_the_compose_healthcheck(app_dir
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _bound_port(proc: subprocess.Popen, log: Path) -> int:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        for line in log.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("message") == "listening":
-                return int(entry["port"])
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise AssertionError("server did not start:\n" + log.read_text()[-4000:])
 
 
 @pytest.mark.parametrize("where", ["compose", "k8s"])

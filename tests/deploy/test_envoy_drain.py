@@ -13,21 +13,13 @@ import time
 import pytest
 
 from tests.deploy import support
-from tests.e2e.stack import Envoy, Server, http_status, prepare_workdir
+from tests.e2e.stack import Envoy, http_status, running_stack
 
 
 @pytest.fixture
 def stack(tmp_path, keys_dir):
-    prepare_workdir(tmp_path, keys_dir)
-    server = Server.start(tmp_path)
-    try:
-        envoy = Envoy.start(tmp_path, server.port)
-    except BaseException:
-        server.stop()
-        raise
-    yield envoy
-    envoy.stop()
-    server.stop()
+    with running_stack(tmp_path, keys_dir) as (_, envoy):
+        yield envoy
 
 
 def _prestop_command(admin: str) -> list[str]:

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from tests.e2e.rest import Client
-from tests.e2e.stack import ADMIN_EMAIL, ADMIN_PASSWORD, Envoy, Server, prepare_workdir
+from tests.e2e.stack import ADMIN_EMAIL, ADMIN_PASSWORD, Envoy, Server, running_stack
 
 PASSWORD = "correct horse battery"
 # Origins allowed by configuration (PAYMENTS_CORS_ORIGINS), beyond the built-in loopback ones.
@@ -38,16 +38,8 @@ class Stack:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, keys_dir):
     work = tmp_path_factory.mktemp("e2e")
-    prepare_workdir(work, keys_dir)
-    server = Server.start(work)
-    try:
-        envoy = Envoy.start(work, server.port, env={"PAYMENTS_CORS_ORIGINS": ", ".join(CORS_ORIGINS)})
-    except BaseException:
-        server.stop()
-        raise
-    yield Stack(server, envoy, keys_dir)
-    envoy.stop()
-    server.stop()
+    with running_stack(work, keys_dir, {"PAYMENTS_CORS_ORIGINS": ", ".join(CORS_ORIGINS)}) as (server, envoy):
+        yield Stack(server, envoy, keys_dir)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,9 @@ holds keys/ and gen/, exactly as in the image, so the config's relative paths ar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -27,7 +29,7 @@ ADMIN_PASSWORD = "admin-password-e2e"
 START_TIMEOUT = 30.0
 
 
-def _wait(what: str, probe, proc: subprocess.Popen, log: Path, timeout: float = START_TIMEOUT):
+def wait_until(what: str, probe, proc: subprocess.Popen, log: Path, timeout: float = START_TIMEOUT):
     """Poll probe() until it returns a value; fail early (with the log) if the process died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -61,6 +63,40 @@ def http_status(url: str) -> int | None:
         return None
 
 
+def server_env(work: Path, **overrides: str) -> dict[str, str]:
+    """The environment of a test server whose files live in `work`; overrides win."""
+    env = {
+        **os.environ,
+        "PAYMENTS_LISTEN_ADDR": "127.0.0.1:0",
+        "PAYMENTS_DATA_DIR": str(work / "data"),
+        "PAYMENTS_JWT_PRIVATE_KEY_FILE": str(work / "keys" / "jwt-private.pem"),
+        "PAYMENTS_JWKS_FILE": str(work / "keys" / "jwks.json"),
+        "PAYMENTS_JOBS_ENABLED": "false",
+        "PAYMENTS_ADMIN_EMAIL": ADMIN_EMAIL,
+        "PAYMENTS_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "PAYMENTS_PAGE_TOKEN_SECRET": "test-page-token-secret",
+        "PAYMENTS_GRACE_SECONDS": "5",
+    }
+    env.pop("DATABASE_URL", None)
+    env.update(overrides)
+    return env
+
+
+def listening_port(log: Path) -> int | None:
+    """The port from the server's "listening" log line, once it has been written."""
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("message") == "listening":
+            return int(entry["port"])
+    return None
+
+
+_starts = itertools.count(1)
+
+
 @dataclasses.dataclass
 class Server:
     proc: subprocess.Popen
@@ -68,37 +104,15 @@ class Server:
     log: Path
 
     @classmethod
-    def start(cls, work: Path) -> "Server":
-        log = work / "server.log"
-        env = {
-            **os.environ,
-            "PAYMENTS_LISTEN_ADDR": "127.0.0.1:0",
-            "PAYMENTS_DATA_DIR": str(work / "data"),
-            "PAYMENTS_JWT_PRIVATE_KEY_FILE": str(work / "keys" / "jwt-private.pem"),
-            "PAYMENTS_JWKS_FILE": str(work / "keys" / "jwks.json"),
-            "PAYMENTS_JOBS_ENABLED": "false",
-            "PAYMENTS_ADMIN_EMAIL": ADMIN_EMAIL,
-            "PAYMENTS_ADMIN_PASSWORD": ADMIN_PASSWORD,
-            "PAYMENTS_PAGE_TOKEN_SECRET": "e2e-page-token-secret",
-            "PAYMENTS_GRACE_SECONDS": "1",
-        }
-        env.pop("DATABASE_URL", None)
+    def start(cls, work: Path, env: dict[str, str] | None = None, argv: list[str] | None = None,
+              timeout: float = START_TIMEOUT) -> "Server":
+        """Start `python -m server` (or argv) with server_env(work) (or env); each start logs to its own file."""
+        log = work / f"server-{next(_starts)}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env,
+            proc = subprocess.Popen(argv or [sys.executable, "-m", "server"], cwd=ROOT, env=env or server_env(work),
                                     stdout=out, stderr=subprocess.STDOUT)
-
-        def bound_port():
-            for line in log.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if entry.get("message") == "listening":
-                    return int(entry["port"])
-            return None
-
         try:
-            port = _wait("server", bound_port, proc, log)
+            port = wait_until("server", lambda: listening_port(log), proc, log, timeout)
         except BaseException:
             _stop(proc)
             raise
@@ -138,7 +152,7 @@ class Envoy:
             def admin_address():
                 return (admin_file.read_text().strip() or None) if admin_file.exists() else None
 
-            admin = _wait("envoy admin", admin_address, proc, log)
+            admin = wait_until("envoy admin", admin_address, proc, log)
 
             def listener_port():
                 try:
@@ -149,9 +163,9 @@ class Envoy:
                 port = statuses[0]["local_address"]["socket_address"].get("port_value") if statuses else None
                 return port or None
 
-            port = _wait("envoy listener", listener_port, proc, log)
+            port = wait_until("envoy listener", listener_port, proc, log)
             envoy = cls(proc, port, admin, log, access_log)
-            _wait("envoy /ready", lambda: True if http_status(f"{envoy.url}/ready") == 200 else None, proc, log)
+            wait_until("envoy /ready", lambda: True if http_status(f"{envoy.url}/ready") == 200 else None, proc, log)
         except BaseException:
             _stop(proc)
             raise
@@ -168,3 +182,20 @@ def prepare_workdir(work: Path, keys: Path) -> None:
     shutil.copy(keys / "jwt-private.pem", work / "keys" / "jwt-private.pem")
     (work / "gen").mkdir(exist_ok=True)
     shutil.copy(ROOT / "gen" / "payments.pb", work / "gen" / "payments.pb")
+
+
+@contextlib.contextmanager
+def running_stack(work: Path, keys: Path, envoy_env: dict[str, str] | None = None):
+    """A server and the real Envoy in front of it, stopped on exit."""
+    prepare_workdir(work, keys)
+    server = Server.start(work)
+    try:
+        envoy = Envoy.start(work, server.port, env=envoy_env)
+    except BaseException:
+        server.stop()
+        raise
+    try:
+        yield server, envoy
+    finally:
+        envoy.stop()
+        server.stop()

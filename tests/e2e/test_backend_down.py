@@ -8,21 +8,13 @@ import time
 import pytest
 
 from tests.e2e.rest import Client
-from tests.e2e.stack import Envoy, Server, http_status, prepare_workdir
+from tests.e2e.stack import http_status, running_stack
 
 
 @pytest.fixture
 def doomed_stack(tmp_path, keys_dir):
-    prepare_workdir(tmp_path, keys_dir)
-    server = Server.start(tmp_path)
-    try:
-        envoy = Envoy.start(tmp_path, server.port)
-    except BaseException:
-        server.stop()
-        raise
-    yield server, envoy
-    envoy.stop()
-    server.stop()
+    with running_stack(tmp_path, keys_dir) as (server, envoy):
+        yield server, envoy
 
 
 def test_ready_follows_backend_health_and_errors_stay_json(doomed_stack):

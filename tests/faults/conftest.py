@@ -11,8 +11,7 @@ import pytest
 from server.pb import payments_pb2 as pb
 from server.pb import payments_pb2_grpc as pb_grpc
 from tests.e2e.rest import Client
-from tests.e2e.stack import Envoy, prepare_workdir
-from tests.faults.stack import server_env, start_server
+from tests.e2e.stack import Envoy, Server, prepare_workdir
 
 
 @pytest.fixture
@@ -43,7 +42,7 @@ def edge(tmp_path_factory, keys_dir):
     """One server (SQLite) behind the real Envoy, shared by a module's tests."""
     work = tmp_path_factory.mktemp("edge")
     prepare_workdir(work, keys_dir)
-    server = start_server(work, server_env(work))
+    server = Server.start(work)
     try:
         envoy = Envoy.start(work, server.port)
     except BaseException:

@@ -12,7 +12,7 @@ from server import storage
 from server.storage import Payment
 from tests.conftest import ALICE
 from tests.faults.conftest import create_request, payment_stub
-from tests.faults.stack import server_env, start_server
+from tests.e2e.stack import Server, server_env
 
 CLIENTS = 6
 ACKS_BEFORE_KILL = 40
@@ -22,7 +22,7 @@ def test_kill_9_loses_no_acknowledged_create_and_retries_do_not_duplicate(settin
     env = server_env(work, PAYMENTS_DATA_DIR=str(settings.data_dir))
     if settings.database_url:
         env["DATABASE_URL"] = settings.database_url
-    server = start_server(work, env)
+    server = Server.start(work, env)
     md = (("authorization", f"Bearer {token_for(ALICE)}"),)
     channel, stub = payment_stub(f"127.0.0.1:{server.port}")
     attempted: list[str] = []
@@ -61,7 +61,7 @@ def test_kill_9_loses_no_acknowledged_create_and_retries_do_not_duplicate(settin
         channel.close()
     assert server.proc.returncode == -9
 
-    restarted = start_server(work, env)
+    restarted = Server.start(work, env)
     try:
         channel, stub = payment_stub(f"127.0.0.1:{restarted.port}")
         with channel:

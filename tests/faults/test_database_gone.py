@@ -14,10 +14,9 @@ import pytest
 from server.pb import payments_pb2 as pb
 from tests.conftest import ALICE, rich_status
 from tests.e2e.rest import Client
-from tests.e2e.stack import Envoy
 from tests.faults.conftest import create_request, payment_stub
 from tests.faults.private_pg import PrivatePostgres
-from tests.faults.stack import server_env, start_server
+from tests.e2e.stack import Envoy, Server, server_env
 
 THREADS = 4
 
@@ -42,7 +41,7 @@ def private_pg():
 
 
 def test_database_outage_is_unavailable_then_heals_without_a_restart(private_pg, work, token_for):
-    server = start_server(work, server_env(work, DATABASE_URL=private_pg.url, PAYMENTS_WORKER_THREADS=str(THREADS)))
+    server = Server.start(work, server_env(work, DATABASE_URL=private_pg.url, PAYMENTS_WORKER_THREADS=str(THREADS)))
     envoy = Envoy.start(work, server.port)
     token = token_for(ALICE)
     md = (("authorization", f"Bearer {token}"),)

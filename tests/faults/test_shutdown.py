@@ -14,9 +14,8 @@ from server import config, storage
 from server.storage import Payment
 from tests.conftest import ALICE
 from tests.e2e.rest import Client
-from tests.e2e.stack import Envoy
 from tests.faults.conftest import create_request, payment_stub
-from tests.faults.stack import server_env, start_server
+from tests.e2e.stack import Envoy, Server, server_env
 
 # CANCELLED: grpc core's answer to calls it had received but not yet dispatched when shutdown
 # began (see tests/test_process.py). Through Envoy's transcoder that is HTTP 499.
@@ -28,7 +27,7 @@ ACKS_BEFORE_SIGTERM = 30
 def test_sigterm_under_load_through_envoy_only_retryable_errors_and_no_lost_creates(work, token_for):
     import dataclasses
 
-    server = start_server(work, server_env(work, PAYMENTS_GRACE_SECONDS="5"))
+    server = Server.start(work, server_env(work, PAYMENTS_GRACE_SECONDS="5"))
     envoy = Envoy.start(work, server.port)
     token = token_for(ALICE)
     md = (("authorization", f"Bearer {token}"),)
