@@ -22,7 +22,7 @@ import peewee
 from server import storage
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from server.paging import PageTokens
-from server.principal import ADMIN, CUSTOMER, Caller
+from server.principal import Caller
 from server.storage import Payment
 
 UTC = dt.timezone.utc
@@ -145,30 +145,24 @@ class PaymentRules:
 
     # --- reads -----------------------------------------------------------------------------
 
-    def _visible(self, caller: Caller):
+    @staticmethod
+    def _visible(is_admin: bool, param):
+        """Live payments; a customer's only their own (the caller's email is a query parameter)."""
         query = Payment.select().where(Payment.deleted_at.is_null())
-        if not caller.is_admin:
-            query = query.where(Payment.email == caller.email)
-        return query
+        return query if is_admin else query.where(Payment.email == param("caller_email"))
 
-    def _get_query(self, is_admin: bool) -> storage.Prepared:
-        key = ("get", is_admin)
-        if key not in self._queries:
-            who = Caller(subject="", email="", role=ADMIN if is_admin else CUSTOMER)
-            self._queries[key] = storage.Prepared(
-                lambda param: self._visible(who if is_admin else dataclasses.replace(who, email=param("email")))
-                .where(Payment.id == param("id")).limit(1))
-        return self._queries[key]
+    def _prepared(self, key: tuple, build) -> storage.Prepared:
+        """The query of one shape, its SQL built by `build` the first time (storage.Prepared)."""
+        prepared = self._queries.get(key)
+        if prepared is None:
+            prepared = self._queries[key] = storage.Prepared(build)
+        return prepared
 
     def _list_query(self, is_admin: bool, status: bool, email: bool, after: bool) -> storage.Prepared:
         """The page query of one shape (caller kind, which filters, first page or later)."""
-        key = ("list", is_admin, status, email, after)
-        if key in self._queries:
-            return self._queries[key]
-        who = Caller(subject="", email="", role=ADMIN if is_admin else CUSTOMER)
 
         def build(param):
-            query = self._visible(who if is_admin else dataclasses.replace(who, email=param("caller_email")))
+            query = self._visible(is_admin, param)
             if status:
                 query = query.where(Payment.status == param("status"))
             if email:
@@ -181,14 +175,15 @@ class PaymentRules:
                                     < peewee.Tuple(param("after_at"), param("after_id")))
             return query.order_by(Payment.created_at.desc(), Payment.id.desc()).limit(param("limit"))
 
-        self._queries[key] = storage.Prepared(build)
-        return self._queries[key]
+        return self._prepared(("list", is_admin, status, email, after), build)
 
     def get(self, caller: Caller, payment_id: str) -> Payment:
         # Someone else's payment is NOT_FOUND, exactly like a missing one: ids are not probeable.
         if not _PAYMENT_ID.match(payment_id or ""):
             raise not_found(payment_id)
-        row = self._get_query(caller.is_admin).first(email=caller.email, id=payment_id)
+        query = self._prepared(("get", caller.is_admin), lambda param: self._visible(caller.is_admin, param)
+                               .where(Payment.id == param("id")).limit(1))
+        row = query.first(caller_email=caller.email, id=payment_id)
         if row is None:
             raise not_found(payment_id)
         return row
