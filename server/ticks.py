@@ -78,7 +78,7 @@ def exclusive(job: str) -> Iterator[bool]:
     try:
         got = bool(database.execute_sql("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0])
     except Exception:
-        _drop(database)
+        storage.release_connection()
         raise
     try:
         yield got
@@ -95,11 +95,11 @@ def _unlock(database: peewee.Database, job: str, key: int) -> None:
     except Exception:
         log.warning("cannot release the job lock; dropping the connection instead", extra={"job": job},
                     exc_info=True)
-        _drop(database)
+        storage.release_connection()
         return
     if not released:  # cannot happen unless the session was replaced under us; never pool it then
         log.warning("job lock was not held at release; dropping the connection", extra={"job": job})
-        _drop(database)
+        storage.release_connection()
         return
     _hand_back(database)
 
@@ -110,18 +110,7 @@ def _hand_back(database: peewee.Database) -> None:
         if not database.is_closed():
             database.close()
     except Exception:
-        _drop(database)
-
-
-def _drop(database: peewee.Database) -> None:
-    """Close this thread's connection for real: its session, and any lock it held, end with it."""
-    try:
-        if hasattr(database, "manual_close"):
-            database.manual_close()
-        elif not database.is_closed():
-            database.close()
-    except Exception:
-        log.debug("closing a broken job connection failed", exc_info=True)
+        storage.release_connection()
 
 
 def claim(job: str, tick_at: dt.datetime, replica: str, now: dt.datetime) -> bool:
