@@ -7,19 +7,16 @@ import dataclasses
 import datetime as dt
 import logging
 import threading
-import time
 from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server import storage, tokens
+from server import storage, tokens, turns
 from server.accounts import Accounts
-from server.auth import AuthInterceptor
+from server.calls import CallInterceptor
 from server.config import Settings
-from server.decoding import DecodingInterceptor
-from server.turns import TurnsInterceptor
 from server.paging import PageTokens
 from server.payments import PaymentRules
 from server.pb import payments_pb2 as pb
@@ -32,36 +29,6 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["PaymentService"].full_name,
     pb.DESCRIPTOR.services_by_name["AuthService"].full_name,
 )
-
-
-class AccessLogInterceptor(grpc.ServerInterceptor):
-    """One JSON line per call: method, status code, duration. Never the request or its token."""
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        behavior, method = handler.unary_unary, handler_call_details.method
-        level = logging.DEBUG if method.startswith("/grpc.health.v1.Health/") else logging.INFO
-
-        def logged(request, context):
-            start = time.perf_counter()
-            code = "OK"
-            try:
-                return behavior(request, context)
-            except Exception:
-                code = (context.code() or grpc.StatusCode.UNKNOWN).name
-                raise
-            finally:
-                if code == "OK" and context.code() is not None:
-                    code = context.code().name
-                # Health checks (Envoy every few seconds, kubelet probes) would drown the log at INFO.
-                log.log(level, "rpc", extra={"method": method, "code": code,
-                                             "duration_ms": round((time.perf_counter() - start) * 1000, 2)})
-
-        return grpc.unary_unary_rpc_method_handler(
-            logged, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
 
 
 @dataclasses.dataclass
@@ -111,9 +78,7 @@ def build(settings: Settings) -> App:
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="rpc"),
-        # Outermost first: every call is logged; the token is checked before the body is judged.
-        interceptors=[AccessLogInterceptor(), AuthInterceptor(verifier), DecodingInterceptor(),
-                      *([] if storage.is_postgres(database) else [TurnsInterceptor()])],
+        interceptors=[CallInterceptor(verifier, None if storage.is_postgres(database) else turns.Turns())],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[("grpc.so_reuseport", 0)],
     )

@@ -1,19 +1,18 @@
-"""The auth interceptor: every PaymentService call is checked against the caller's own token.
+"""Auth for every call: each PaymentService call is checked against the caller's own token.
 
 The server verifies the bearer token itself, even behind Envoy (which checks it too): a client
 that reaches the gRPC port directly gets the same answers, and no header that only Envoy should
 set is ever trusted. Public methods are listed explicitly; everything else needs a token.
+server/calls.py runs `authenticate` before the handler and hands the caller over with
+`acting_as`; the handler reads it with `caller()`.
 """
 
 from __future__ import annotations
 
 import contextvars
 
-import grpc
-
 from server import errors
 from server.principal import Caller
-from server.status import mapped_errors
 from server.tokens import TokenVerifier
 
 PUBLIC_METHODS = frozenset({
@@ -27,7 +26,7 @@ _caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller")
 
 
 def caller() -> Caller:
-    """The verified caller of the current call (set by AuthInterceptor for the handler's thread)."""
+    """The verified caller of the current call (set by server/calls.py for the handler's thread)."""
     return _caller.get()
 
 
@@ -48,30 +47,15 @@ def bearer_token(metadata) -> str:
     return token.strip()
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    def __init__(self, verifier: TokenVerifier):
-        self.verifier = verifier
+def authenticate(verifier: TokenVerifier, metadata) -> Caller:
+    """The verified caller of a call with this metadata, or Unauthenticated/PermissionDenied."""
+    return verifier.verify(bearer_token(metadata))
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or is_public(handler_call_details.method):
-            return handler
-        if handler.unary_unary is None:  # every protected method is unary; refuse anything else
-            raise RuntimeError(f"protected method {handler_call_details.method} is not unary")
-        behavior = handler.unary_unary
 
-        def checked(request, context):
-            # Runs in the worker thread, so the contextvar is the handler's own.
-            with mapped_errors(context):
-                who = self.verifier.verify(bearer_token(context.invocation_metadata()))
-            token = _caller.set(who)
-            try:
-                return behavior(request, context)
-            finally:
-                _caller.reset(token)
+def acting_as(who: Caller) -> contextvars.Token:
+    """Make `who` the caller for the rest of this call (in the handler's thread); undo with done()."""
+    return _caller.set(who)
 
-        return grpc.unary_unary_rpc_method_handler(
-            checked,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+
+def done(token: contextvars.Token) -> None:
+    _caller.reset(token)

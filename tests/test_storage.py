@@ -78,3 +78,48 @@ def test_sqlite_runs_in_wal_mode(settings):
 def test_database_url_selects_the_backend(settings, backend):
     database = storage.make_database(settings)
     assert storage.is_postgres(database) == (backend == "postgres")
+
+
+def _payment(pid: str, at: dt.datetime, **extra) -> Payment:
+    return Payment.create(id=pid, email="a@example.com", amount=1250, currency="IDR", created_at=at, updated_at=at,
+                          expires_at=at + dt.timedelta(hours=1), **extra)
+
+
+_BY_EMAIL = storage.Prepared(lambda param: Payment.select().where(Payment.email == param("email"))
+                             .order_by(Payment.id).limit(param("limit")))
+
+
+def test_prepared_rows_are_what_peewee_itself_returns(database):
+    at = dt.datetime(2026, 3, 1, 8, 0, 0, 5, tzinfo=UTC)
+    _payment("pay_a", at, request_id="r-1", request_hash="h")
+    _payment("pay_b", at, deleted_at=at, failure_reason="expired", status="failed")
+    ours = _BY_EMAIL(email="a@example.com", limit=10)
+    theirs = list(Payment.select().where(Payment.email == "a@example.com").order_by(Payment.id))
+    assert [p.__data__ for p in ours] == [p.__data__ for p in theirs]
+    assert [type(p) for p in ours] == [Payment, Payment]
+    assert all(p._dirty == set() and p.__rel__ == {} for p in ours)
+    assert ours[1].deleted_at == at and ours[1].deleted_at.tzinfo is not None and ours[0].deleted_at is None
+    assert _BY_EMAIL(email="nobody@example.com", limit=10) == []
+
+
+def test_prepared_rows_behave_as_models(database):
+    at = dt.datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+    _payment("pay_a", at)
+    row = _BY_EMAIL.first(email="a@example.com", limit=1)
+    row.description = "changed"
+    assert row.is_dirty() and row.dirty_fields == [Payment.description]
+    row.save()  # an UPDATE of the changed field, by primary key
+    assert Payment.get_by_id("pay_a").description == "changed"
+    assert _BY_EMAIL.first(email="nobody@example.com", limit=1) is None
+
+
+def test_prepared_query_errors_are_peewees(database):
+    broken = storage.Prepared(lambda param: Payment.select().where(Payment.id == param("id")))
+    storage.db.execute_sql("ALTER TABLE payments RENAME TO payments_elsewhere")
+    try:
+        with pytest.raises(peewee.DatabaseError):  # what status.mapped_errors maps, not the driver's own
+            broken.first(id="pay_a")
+    finally:
+        if storage.is_postgres():
+            storage.db.rollback()
+        storage.db.execute_sql("ALTER TABLE payments_elsewhere RENAME TO payments")

@@ -1,5 +1,6 @@
 """Small modules' units: error mapping, bearer parsing, JSON logging, the operator CLI."""
 
+import datetime as dt
 import json
 import logging
 import os
@@ -7,9 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from server import auth, errors, logs, status
+from server import auth, errors, logs, servicers, status
 from tests.conftest import ROOT
 
 
@@ -93,3 +95,15 @@ def test_cli_create_admin_reads_the_password_from_the_environment(settings, tmp_
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "admin boss@example.com" in out.stdout and "a long admin password" not in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("value", [
+    dt.datetime(2026, 3, 1, 8, 0, 0, 5, tzinfo=dt.timezone.utc),
+    dt.datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc),  # before the epoch: nanos stay positive
+    dt.datetime(2026, 11, 25, 1, 0, tzinfo=dt.timezone(dt.timedelta(hours=7))),  # not UTC
+])
+def test_payment_timestamps_are_what_protobuf_makes(value):
+    expected = timestamp_pb2.Timestamp()
+    expected.FromDatetime(value)
+    assert timestamp_pb2.Timestamp(**servicers._ts(value)) == expected
+    assert servicers._ts(None) is None
