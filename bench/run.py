@@ -3,13 +3,18 @@
 For GetPayment, ListPayments (a page of 20) and CreatePayment, each over three paths — gRPC
 straight to the server, gRPC through Envoy, REST through Envoy — with ghz (gRPC) and wrk
 (REST), a valid token, a fixed concurrency and a fixed duration per case. The same cases run
-first against bench/empty_server.py (handlers that do nothing, same thread-pool settings), the
+against bench/empty_server.py (handlers that do nothing, same thread-pool settings), the
 baseline that shows what Python gRPC and Envoy cost by themselves on this machine. Then
 ListPayments page 1 against page 1,000, as the payer and as an admin, on a table of --rows
 payments seeded by bulk SQL (bench/seed.py), on SQLite and, with --postgres, on PostgreSQL too.
 Each row also shows the server's CPU (in cores) and its peak RSS so far (VmHWM).
 
-    .venv/bin/python bench/run.py [--seconds 5] [--concurrency 16] [--rows 1000000] [--postgres]
+All servers run at once, and each case runs on every server back to back (baseline first), in
+--rounds rounds; the table shows each case's median round. A shared 2-core machine drifts by
+a quarter from minute to minute, so a baseline measured minutes apart from the case it is
+compared with says more about the drift than about the server.
+
+    .venv/bin/python bench/run.py [--seconds 5] [--rounds 3] [--concurrency 16] [--rows 1000000] [--postgres]
 
 Everything runs on loopback ports chosen by the kernel, in a temporary directory.
 """
@@ -17,6 +22,7 @@ Everything runs on loopback ports chosen by the kernel, in a temporary directory
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import platform
@@ -56,6 +62,29 @@ class Row:
     peak_rss_mb: float
 
 
+@dataclasses.dataclass
+class Target:
+    """A server (and its Envoy) under test, and the payment its GetPayment cases read."""
+
+    label: str
+    server: Server
+    envoy: Envoy
+    payment_id: str
+
+
+def median_row(rows: list[Row]) -> Row:
+    """The round with the median throughput (its latencies and CPU belong to that round);
+    errors are counted over every round."""
+    ranked = sorted(rows, key=lambda r: r.result.rps)
+    row = ranked[len(ranked) // 2]
+    errors = sum(r.result.errors for r in rows)
+    kinds: dict[str, int] = {}
+    for r in rows:
+        for k, v in r.result.error_kinds.items():
+            kinds[k] = kinds.get(k, 0) + v
+    return dataclasses.replace(row, result=dataclasses.replace(row.result, errors=errors, error_kinds=kinds))
+
+
 def proc_status(pid: int, field: str) -> float:
     """A /proc/PID/status value in MB (VmHWM = peak resident set since start, VmRSS = now)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -72,10 +101,11 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 class Bench:
-    def __init__(self, args, work: Path):
-        self.args, self.work = args, work
+    def __init__(self, args, work: Path, stack: contextlib.ExitStack):
+        self.args, self.work, self.stack = args, work, stack
         keys = work / "signing-keys"
         tokens.create_key_pair(keys / "jwt-private.pem", keys / "jwks.json")
+        self.keys = keys
         prepare_workdir(work, keys)
         s = config.Settings()
         issuer = tokens.TokenIssuer(tokens.load_private_key(keys / "jwt-private.pem"), issuer=s.jwt_issuer,
@@ -91,8 +121,9 @@ class Bench:
                 overrides[name] = os.environ[name]
         return server_env(self.work, **overrides)
 
-    def measure(self, target, operation, path, server, envoy, run) -> Row:
-        run(1.0)  # warm-up: connections, caches, JIT-free but lazy imports
+    def measure(self, target: str, operation: str, path: str, server, envoy, run, warm_up: bool = True) -> Row:
+        if warm_up:
+            run(1.0)  # connections, caches, lazy imports
         before, envoy_before = cpu_seconds(server.proc.pid), cpu_seconds(envoy.proc.pid if envoy else None)
         start = time.monotonic()
         result = run(self.args.seconds)
@@ -101,49 +132,57 @@ class Bench:
                   cpu=(cpu_seconds(server.proc.pid) - before) / took,
                   envoy_cpu=(cpu_seconds(envoy.proc.pid if envoy else None) - envoy_before) / took,
                   peak_rss_mb=proc_status(server.proc.pid, "VmHWM"))
-        self.rows.append(row)
         print(f"  {target:8} {operation:24} {path:15} {result.rps:8.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
               f"p99 {result.p99_ms:6.2f} ms  errors {result.errors}", flush=True)
         return row
 
-    def cases(self, target: str, server, envoy, payment_id: str, operations=("GetPayment", "ListPayments", "CreatePayment")):
-        c, token = self.args.concurrency, self.token
-        direct, via = f"127.0.0.1:{server.port}", f"127.0.0.1:{envoy.port}"
-        create = {"payment": {"email": EMAIL, "amount": "1250", "currency": "IDR", "request_id": "{{.UUID}}"}}
-        grpc_calls = {
-            "GetPayment": ("GetPayment", {"id": payment_id}),
-            "ListPayments": ("ListPayments", {"page_size": 20}),
-            "CreatePayment": ("CreatePayment", create),
-        }
-        rest_calls = {
-            "GetPayment": ("GET", f"/v1/payments/{payment_id}", None),
-            "ListPayments": ("GET", "/v1/payments?page_size=20", None),
-            "CreatePayment": ("POST", "/v1/payments",
-                              '{"email":"%s","amount":"1250","currency":"IDR","request_id":"{{n}}"}' % EMAIL),
-        }
-        for op in operations:
-            method, data = grpc_calls[op]
-            for path, addr in ((PATHS[0], direct), (PATHS[1], via)):
-                self.measure(target, op, path, server, envoy if path == PATHS[1] else None,
-                             lambda s, a=addr: loadgen.ghz(a, method, data, token, seconds=s, concurrency=c))
-            verb, url, body = rest_calls[op]
-            self.measure(target, op, PATHS[2], server, envoy,
-                         lambda s: loadgen.wrk(envoy.url + url, verb, token, body=body, seconds=s, concurrency=c))
+    def runner(self, target: Target, operation: str, path: str):
+        """The load of one case against one target: a function of the duration."""
+        c, token, pid = self.args.concurrency, self.token, target.payment_id
+        if path == PATHS[2]:
+            verb, url, body = {
+                "GetPayment": ("GET", f"/v1/payments/{pid}", None),
+                "ListPayments": ("GET", "/v1/payments?page_size=20", None),
+                "CreatePayment": ("POST", "/v1/payments",
+                                  '{"email":"%s","amount":"1250","currency":"IDR","request_id":"{{n}}"}' % EMAIL),
+            }[operation]
+            return lambda s: loadgen.wrk(target.envoy.url + url, verb, token, body=body, seconds=s, concurrency=c)
+        data = {
+            "GetPayment": {"id": pid},
+            "ListPayments": {"page_size": 20},
+            "CreatePayment": {"payment": {"email": EMAIL, "amount": "1250", "currency": "IDR",
+                                          "request_id": "{{.UUID}}"}},
+        }[operation]
+        addr = f"127.0.0.1:{target.server.port if path == PATHS[0] else target.envoy.port}"
+        return lambda s: loadgen.ghz(addr, operation, data, token, seconds=s, concurrency=c)
 
-    def baseline(self) -> None:
-        print("baseline: empty handlers", flush=True)
-        server = Server.start(self.work, self.env(), [sys.executable, str(ROOT / "bench" / "empty_server.py")])
-        try:
-            envoy = Envoy.start(self.work, server.port)
-            try:
-                self.cases("baseline", server, envoy, "pay_" + "a" * 26)
-            finally:
-                envoy.stop()
-        finally:
-            server.stop()
+    def paired_cases(self, targets: list[Target]) -> None:
+        """Every operation and path on every target, back to back, --rounds times; one row each
+        (the median round)."""
+        for op in self.args.operations:
+            for path in PATHS:
+                rounds: dict[str, list[Row]] = {t.label: [] for t in targets}
+                for n in range(self.args.rounds):
+                    for t in targets:
+                        rounds[t.label].append(self.measure(
+                            t.label, op, path, t.server, t.envoy if path != PATHS[0] else None,
+                            self.runner(t, op, path), warm_up=n == 0))
+                self.rows.extend(median_row(rows) for rows in rounds.values())
 
-    def service(self, label: str, database_url: str = "") -> None:
-        """The real server on a seeded database: the three operations, then paging depth."""
+    def start_baseline(self) -> Target:
+        server = self.stack.enter_context(stopping(Server.start(
+            self.work, self.env(), [sys.executable, str(ROOT / "bench" / "empty_server.py")])))
+        envoy = self.stack.enter_context(stopping(Envoy.start(self.envoy_dir("baseline"), server.port)))
+        return Target("baseline", server, envoy, "pay_" + "a" * 26)
+
+    def envoy_dir(self, label: str) -> Path:
+        """A working directory of its own for each Envoy (its config, admin address and logs)."""
+        work = self.work / f"envoy-{label}"
+        prepare_workdir(work, self.keys)
+        return work
+
+    def start_service(self, label: str, database_url: str = "") -> Target:
+        """The real server on a seeded database."""
         data_dir = self.work / f"data-{label}"
         settings = dataclasses.replace(config.Settings(), database_url=database_url, data_dir=data_dir)
         print(f"{label}: seeding {self.args.rows:,} payments ...", flush=True)
@@ -152,26 +191,21 @@ class Bench:
         env = self.env(PAYMENTS_DATA_DIR=str(data_dir), PAYMENTS_PAGE_TOKEN_SECRET="bench-page-token-secret")
         if database_url:
             env["DATABASE_URL"] = database_url
-        server = Server.start(self.work, env)
-        try:
-            envoy = Envoy.start(self.work, server.port)
-            try:
-                payment_id = self.create_one(server.port)
-                self.cases(label, server, envoy, payment_id, self.args.operations)
-                c, direct = self.args.concurrency, f"127.0.0.1:{server.port}"
-                # Paging depth, as the payer (index on email, created_at, id) and as an admin
-                # (index on created_at, id).
-                for who, token in (("", self.token), (" (admin)", self.admin_token)):
-                    deep = self.page_token(server.port, token, 1000)
-                    for name, page_token in ((f"ListPayments page 1{who}", ""), (f"ListPayments page 1000{who}", deep)):
-                        self.measure(label, name, PATHS[0], server, None,
-                                     lambda s, t=page_token, a=token: loadgen.ghz(
-                                         direct, "ListPayments", {"page_size": 20, "page_token": t}, a,
-                                         seconds=s, concurrency=c))
-            finally:
-                envoy.stop()
-        finally:
-            server.stop()
+        server = self.stack.enter_context(stopping(Server.start(self.work, env)))
+        envoy = self.stack.enter_context(stopping(Envoy.start(self.envoy_dir(label), server.port)))
+        return Target(label, server, envoy, self.create_one(server.port))
+
+    def paging(self, target: Target) -> None:
+        """Paging depth, as the payer (index on email, created_at, id) and as an admin (index
+        on created_at, id), gRPC direct."""
+        c, direct = self.args.concurrency, f"127.0.0.1:{target.server.port}"
+        for who, token in (("", self.token), (" (admin)", self.admin_token)):
+            deep = self.page_token(target.server.port, token, 1000)
+            for name, page_token in ((f"ListPayments page 1{who}", ""), (f"ListPayments page 1000{who}", deep)):
+                self.rows.append(self.measure(
+                    target.label, name, PATHS[0], target.server, None,
+                    lambda s, t=page_token, a=token: loadgen.ghz(
+                        direct, "ListPayments", {"page_size": 20, "page_token": t}, a, seconds=s, concurrency=c)))
 
     def create_one(self, port: int) -> str:
         """A payment of the bench payer's, for GetPayment."""
@@ -200,8 +234,9 @@ class Bench:
         direct = {(r.target, r.operation): r.result.rps for r in self.rows if r.path == PATHS[0]}
         lines = [
             f"Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-            f"Python {platform.python_version()}, {self.args.seconds:g} s per case, {self.args.concurrency} concurrent "
-            f"requests, {os.environ.get('PAYMENTS_WORKER_THREADS') or config.Settings().worker_threads} server threads.",
+            f"Python {platform.python_version()}, {self.args.seconds:g} s per case, median of {self.args.rounds} "
+            f"round(s), {self.args.concurrency} concurrent requests, "
+            f"{os.environ.get('PAYMENTS_WORKER_THREADS') or config.Settings().worker_threads} server threads.",
             "",
             "| target | operation | path | req/s | p50 ms | p99 ms | errors | vs baseline | vs gRPC direct "
             "| server CPU | Envoy CPU | server peak RSS MB |",
@@ -218,6 +253,14 @@ class Bench:
                 f"| {f'{res.rps / d:.0%}' if d and r.path != PATHS[0] else ''} | {r.cpu:.2f} "
                 f"| {r.envoy_cpu:.2f} | {r.peak_rss_mb:.0f} |")
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def stopping(process):
+    try:
+        yield process
+    finally:
+        process.stop()
 
 
 def postgres_url() -> str:
@@ -239,6 +282,7 @@ def postgres_url() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description="Payments benchmarks (see bench/run.py)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured duration of each case")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each case per server; the median counts")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rows", type=int, default=1_000_000, help="payments seeded for the paging cases")
     parser.add_argument("--share", type=float, default=0.1, help="part of the rows that the bench payer owns")
@@ -254,13 +298,15 @@ def main() -> int:
     if not loadgen.GHZ.exists():
         print("ghz is missing: run `make setup`", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="payments-bench-") as tmp:
-        bench = Bench(args, Path(tmp))
-        if args.baseline:
-            bench.baseline()
-        bench.service("SQLite")
+    with tempfile.TemporaryDirectory(prefix="payments-bench-") as tmp, contextlib.ExitStack() as stack:
+        bench = Bench(args, Path(tmp), stack)
+        targets = [bench.start_baseline()] if args.baseline else []
+        services = [bench.start_service("SQLite")]
         if args.postgres:
-            bench.service("PostgreSQL", postgres_url())
+            services.append(bench.start_service("PostgreSQL", postgres_url()))
+        bench.paired_cases(targets + services)
+        for target in services:
+            bench.paging(target)
         print()
         print(bench.report())
     return 0

@@ -181,11 +181,14 @@ class Prepared:
         if compiled is None:
             compiled = self._compiled[key] = self._compile()
         sql, slots, make = compiled
-        # What Database.execute_sql does, less its debug log of every statement; the wrapper
+        params = [values[v] if is_param else v for is_param, v in slots]
+        # What Database.execute_sql does (its statement log included, when enabled); the wrapper
         # turns driver errors into peewee's, also while SQLite steps through the rows.
+        if _PEEWEE_LOG.isEnabledFor(logging.DEBUG):
+            _PEEWEE_LOG.debug((sql, params))
         with _DB_ERRORS:
             cursor = db.obj.cursor()
-            cursor.execute(sql, [values[v] if is_param else v for is_param, v in slots])
+            cursor.execute(sql, params)
             rows = fetch(cursor)
         return make(cursor.description, rows)
 
@@ -207,6 +210,8 @@ def _fetch_one(cursor) -> list[tuple]:
     cursor.close()
     return [] if row is None else [row]
 
+
+_PEEWEE_LOG = logging.getLogger("peewee")
 
 # Turns the database driver's errors into peewee's (OperationalError, IntegrityError, ...).
 _DB_ERRORS = getattr(peewee, "__exception_wrapper__")

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from google.protobuf import timestamp_pb2
@@ -107,3 +108,51 @@ def test_payment_timestamps_are_what_protobuf_makes(value):
     expected.FromDatetime(value)
     assert timestamp_pb2.Timestamp(**servicers._ts(value)) == expected
     assert servicers._ts(None) is None
+
+
+ACCESS_RECORD = {"name": logs.ACCESS, "levelname": "INFO", "levelno": logging.INFO, "msg": "rpc",
+                 "method": "/payments.v1.PaymentService/GetPayment", "code": "OK", "duration_ms": 1.25}
+
+
+def _batching_handler(path, monkeypatch, caplog):
+    handler = logs.BatchingHandler(open(path, "w", buffering=1 << 16, encoding="utf-8"))
+    handler.setFormatter(logs.JsonFormatter())
+    monkeypatch.setattr(logs, "_batching", handler)
+    caplog.set_level(logging.INFO, logger=logs.ACCESS)
+    return handler
+
+
+def test_access_lines_wait_for_the_next_line_of_any_other_kind_and_keep_their_order(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "server.log"
+    handler = _batching_handler(path, monkeypatch, caplog)
+    logs.access(logging.INFO, ACCESS_RECORD["method"], "OK", 1.25)
+    assert path.read_text() == "", "an access line is written with the next batch"
+    handler.handle(logging.makeLogRecord({"name": "server", "levelname": "WARNING", "levelno": logging.WARNING,
+                                          "msg": "database unavailable"}))
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["message"] for line in lines] == ["rpc", "database unavailable"]
+    # The hand-made access line is what the JSON formatter makes of the same record.
+    expected = json.loads(logs.JsonFormatter().format(logging.makeLogRecord(ACCESS_RECORD)))
+    assert {k: v for k, v in lines[0].items() if k != "time"} == {k: v for k, v in expected.items() if k != "time"}
+    assert lines[0]["time"].endswith("+00:00")
+
+
+def test_access_lines_are_flushed_in_the_background(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "server.log"
+    handler = _batching_handler(path, monkeypatch, caplog)
+    handler.start_flushing(interval=0.05)
+    logs.access(logging.INFO, ACCESS_RECORD["method"], "NOT_FOUND", 0.5)
+    deadline = time.monotonic() + 10
+    while not path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert json.loads(path.read_text())["code"] == "NOT_FOUND"
+
+
+def test_access_lines_use_logging_when_it_was_set_up_elsewhere(monkeypatch, caplog):
+    monkeypatch.setattr(logs, "_batching", None)
+    caplog.set_level(logging.INFO, logger=logs.ACCESS)
+    logs.access(logging.INFO, ACCESS_RECORD["method"], "OK", 2.5)
+    logs.access(logging.DEBUG, "/grpc.health.v1.Health/Check", "OK", 0.1)  # below the level: not logged
+    (record,) = caplog.records
+    assert (record.name, record.message, record.method, record.code, record.duration_ms) == (
+        logs.ACCESS, "rpc", ACCESS_RECORD["method"], "OK", 2.5)
