@@ -36,3 +36,4 @@ class Turns:
             tokens.put(None)
         self.take = tokens.get
         self.give = functools.partial(tokens.put, None)
+        self.free = tokens.qsize  # turns not taken now
