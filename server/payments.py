@@ -121,6 +121,9 @@ _BY_REQUEST_ID = storage.Prepared(lambda param: Payment.select().where(
     (Payment.created_by == param("subject")) & (Payment.request_id == param("request_id"))).limit(1))
 
 
+_INSERT = storage.PreparedInsert(Payment)
+
+
 def not_found(payment_id: str) -> NotFound:
     return NotFound(f"payment {payment_id!r} not found", reason="PAYMENT_NOT_FOUND", metadata={"id": payment_id})
 
@@ -249,7 +252,7 @@ class PaymentRules:
         )
         try:
             with storage.db.atomic():
-                row.save(force_insert=True)
+                _INSERT(row)
         except peewee.IntegrityError:
             # A concurrent retry with the same request_id won the insert: answer as a replay.
             earlier = self._by_request_id(caller, draft.request_id) if draft.request_id else None

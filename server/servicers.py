@@ -35,20 +35,27 @@ def _ts(value: dt.datetime | None) -> dict | None:
     return {"seconds": since.days * 86400 + since.seconds, "nanos": since.microseconds * 1000}
 
 
+def payment_fields(row: Payment) -> dict:
+    """A payment as the keyword arguments of pb.Payment. Read from the row's field values
+    (peewee's __data__): eleven attribute lookups through field descriptors cost as much again."""
+    data = row.__data__
+    return {
+        "id": data["id"],
+        "email": data["email"],
+        "amount": data["amount"],
+        "currency": data["currency"],
+        "description": data["description"],
+        "status": _STATUS_TO_PB[data["status"]],
+        "failure_reason": _REASON_TO_PB.get(data.get("failure_reason") or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
+        "request_id": data.get("request_id") or "",
+        "created_at": _ts(data["created_at"]),
+        "updated_at": _ts(data["updated_at"]),
+        "expires_at": _ts(data["expires_at"]),
+    }
+
+
 def payment_to_pb(row: Payment) -> pb.Payment:
-    return pb.Payment(
-        id=row.id,
-        email=row.email,
-        amount=row.amount,
-        currency=row.currency,
-        description=row.description,
-        status=_STATUS_TO_PB[row.status],
-        failure_reason=_REASON_TO_PB.get(row.failure_reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
-        request_id=row.request_id or "",
-        created_at=_ts(row.created_at),
-        updated_at=_ts(row.updated_at),
-        expires_at=_ts(row.expires_at),
-    )
+    return pb.Payment(**payment_fields(row))
 
 
 class PaymentServicer(pb_grpc.PaymentServiceServicer):
@@ -72,7 +79,8 @@ class PaymentServicer(pb_grpc.PaymentServiceServicer):
             status=_STATUS_FROM_PB.get(request.status, str(request.status)) if request.status else "",
             email=request.email,
         )
-        return pb.ListPaymentsResponse(payments=[payment_to_pb(r) for r in page.payments],
+        # Dicts, not pb.Payment messages: the response would copy each message into itself.
+        return pb.ListPaymentsResponse(payments=[payment_fields(r) for r in page.payments],
                                        next_page_token=page.next_page_token)
 
     @handles_errors

@@ -201,6 +201,39 @@ class Prepared:
         return made[0] if made else None
 
 
+class PreparedInsert:
+    """An INSERT of one model row with every column, its SQL built once per kind of database.
+
+    Peewee builds an INSERT's SQL on every save (about 0.4 ms for a payment, half of a create on
+    SQLite); the values still go through each field's db_value, as save() would send them.
+    """
+
+    def __init__(self, model: type[peewee.Model]):
+        self.model = model
+        self._fields = list(model._meta.sorted_fields)
+        self._compiled: dict[type, str] = {}
+
+    def _compile(self) -> str:
+        markers = {f"\x00{f.name}\x00": f for f in self._fields}
+        sql, params = self.model.insert({f: peewee.Value(m) for m, f in markers.items()}).sql()
+        if params != list(markers):
+            raise ValueError(f"a column did not reach the SQL as a parameter: {sql}")
+        return sql
+
+    def __call__(self, row: peewee.Model) -> None:
+        """Insert `row` (IntegrityError and the rest as peewee raises them); it is clean afterwards."""
+        sql = self._compiled.get(type(db.obj))
+        if sql is None:
+            sql = self._compiled[type(db.obj)] = self._compile()
+        data = row.__data__
+        params = [f.db_value(data.get(f.name)) for f in self._fields]
+        if _PEEWEE_LOG.isEnabledFor(logging.DEBUG):
+            _PEEWEE_LOG.debug((sql, params))
+        with _DB_ERRORS:
+            db.obj.cursor().execute(sql, params)
+        row._dirty.clear()
+
+
 def _fetch_all(cursor) -> list[tuple]:
     return cursor.fetchall()
 

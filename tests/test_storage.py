@@ -123,3 +123,22 @@ def test_prepared_query_errors_are_peewees(database):
         if storage.is_postgres():
             storage.db.rollback()
         storage.db.execute_sql("ALTER TABLE payments_elsewhere RENAME TO payments")
+
+
+def test_prepared_insert_stores_what_save_would(database):
+    at = dt.datetime(2026, 3, 1, 8, 0, 0, 5, tzinfo=UTC)
+    insert = storage.PreparedInsert(Payment)
+    ours = Payment(id="pay_a", email="a@example.com", amount=999_999_999_999_999, created_at=at, updated_at=at,
+                   expires_at=at, request_id="r-1", request_hash="h", created_by="usr_1")
+    insert(ours)
+    assert not ours.is_dirty()
+    theirs = Payment(id="pay_b", email="a@example.com", amount=999_999_999_999_999, created_at=at, updated_at=at,
+                     expires_at=at, request_id="r-2", request_hash="h", created_by="usr_1")
+    theirs.save(force_insert=True)
+    a, b = Payment.get_by_id("pay_a").__data__, Payment.get_by_id("pay_b").__data__
+    assert {**a, "id": "", "request_id": ""} == {**b, "id": "", "request_id": ""}
+    assert a["currency"] == "IDR" and a["deleted_at"] is None and a["created_at"] == at  # defaults and NULLs
+    with pytest.raises(peewee.IntegrityError):  # the idempotency index, raised as peewee's error
+        with storage.db.atomic():
+            insert(Payment(id="pay_c", email="a@example.com", amount=1, created_at=at, updated_at=at,
+                           expires_at=at, request_id="r-1", created_by="usr_1"))
