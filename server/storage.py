@@ -48,6 +48,8 @@ class UTCDateTimeField(peewee.DateTimeField):
         return super().db_value(value)
 
     def python_value(self, value):
+        if value is None:
+            return None
         if isinstance(value, str) and len(value) == 26:  # our own fixed form (SQLite)
             try:  # ten times faster than peewee's strptime formats
                 return dt.datetime.fromisoformat(value + "+00:00")
