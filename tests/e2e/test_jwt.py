@@ -161,3 +161,25 @@ def test_server_rejects_missing_token_and_wrong_audience_like_envoy(direct_chann
     ok = pb_grpc.PaymentServiceStub(direct_channel).ListPayments(
         pb.ListPaymentsRequest(), metadata=(("authorization", f"Bearer {forge.valid()}"),), timeout=10)
     assert isinstance(ok, pb.ListPaymentsResponse)
+
+
+def _envoy_stat(stack, name: str) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{stack.envoy.admin}/stats?filter=^{name}$&format=json", timeout=5) as r:
+        stats = json.load(r)["stats"]
+    return int(stats[0]["value"]) if stats else 0
+
+
+def test_envoy_verifies_a_signature_once_and_still_rejects_a_forgery_of_a_cached_token(api, forge, stack):
+    hits = "http.payments_api.jwt_authn.jwt_cache_hit"
+    token = forge.valid()
+    before = _envoy_stat(stack, hits)
+    assert api.get("/v1/payments", token=token).status == 200
+    assert api.get("/v1/payments", token=token).status == 200
+    assert _envoy_stat(stack, hits) >= before + 1  # the second request did not verify again
+    # The cache is keyed by the whole token: the same claims under another signature are verified.
+    head, payload, _ = token.split(".")
+    other = forge.sign(forge.claims(), key=ec.generate_private_key(ec.SECP256R1())).split(".")[2]
+    r = api.get("/v1/payments", token=f"{head}.{payload}.{other}")
+    assert r.status == 401 and r.error()[:2] == (16, "INVALID_TOKEN")
