@@ -103,7 +103,8 @@ def main() -> int:
             return 1
         # Envoy flushes its JSON access log (stdout) every second rather than every 10 s.
         procs.append(subprocess.Popen([str(ENVOY), "-c", "envoy/envoy.yaml", "--log-level", "warn",
-                                       "--disable-hot-restart", "--file-flush-interval-msec", "1000"], cwd=ROOT))
+                                       "--disable-hot-restart", "--concurrency", "1",
+                                       "--file-flush-interval-msec", "1000"], cwd=ROOT))
         if not wait_for(lambda: http_ok(f"{API_URL}/ready")):
             return 1
         ui = serve_swagger_ui()

@@ -99,9 +99,12 @@ def test_envoy_image_runs_the_config_make_run_and_the_end_to_end_tests_run():
     assert len(envoys) == 1, envoys
     local = envoys[0]
     assert local[local.index("-c") + 1] == str(config_arg)
-    for arg in command[1:]:
+    for i, arg in enumerate(command[1:], start=1):
         if arg.startswith("-") and arg != "-c":
             assert arg in local, f"the image runs Envoy with {arg}, make run does not"
+            value = command[i + 1] if i + 1 < len(command) and not command[i + 1].startswith("-") else None
+            if value is not None:
+                assert local[local.index(arg) + 1] == value, f"the image runs Envoy with {arg} {value}"
 
 
 def test_files_envoy_reads_are_in_the_image_or_mounted():

@@ -143,7 +143,7 @@ class Envoy:
         log, access_log = work / "envoy.log", work / "envoy-access.log"
         with log.open("wb") as err, access_log.open("wb") as out:
             proc = subprocess.Popen(
-                [str(ENVOY), "-c", str(config), "--disable-hot-restart", "--log-level", "warn",
+                [str(ENVOY), "-c", str(config), "--disable-hot-restart", "--log-level", "warn", "--concurrency", "1",
                  "--file-flush-interval-msec", "200",
                  "--admin-address-path", str(admin_file)],
                 cwd=work, stdout=out, stderr=err, env={**os.environ, **(env or {})},
