@@ -58,9 +58,10 @@ bench: setup
 	scripts/system-deps.sh bench
 	$(PY) bench/run.py $(BENCH_ARGS)
 
-# Re-pin Python dependencies from requirements.in.
+# Re-pin Python dependencies from requirements.in; --allow-unsafe pins setuptools too (grpcio-tools
+# needs it, and the image's code-generation stage installs it under these constraints).
 lock:
-	$(PY) -m pip install --quiet pip-tools && $(VENV)/bin/pip-compile -q --strip-extras --no-header --no-emit-find-links -o requirements.lock requirements.in
+	$(PY) -m pip install --quiet pip-tools==7.6.2 && $(VENV)/bin/pip-compile -q --strip-extras --no-header --no-emit-find-links --allow-unsafe -o requirements.lock requirements.in
 
 clean:
 	rm -rf $(VENV) .tools gen data .pytest_cache openapi/ui/node_modules
