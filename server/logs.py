@@ -23,7 +23,7 @@ import time
 ACCESS = "server.access"
 FLUSH_SECONDS = 0.2
 
-_RESERVED = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+_RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 _encode = json.JSONEncoder(default=str).encode
 
 
@@ -36,29 +36,20 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         # Structured fields passed as logging's `extra=` become top-level keys.
-        fields = vars(record)
-        if extra := fields.keys() - _RESERVED:
-            entry.update((k, v) for k, v in fields.items() if k in extra and not k.startswith("_"))
+        entry.update({k: v for k, v in vars(record).items() if k not in _RESERVED and not k.startswith("_")})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return _encode(entry)
 
 
 class BatchingHandler(logging.StreamHandler):
-    """A StreamHandler whose access lines wait in the stream's buffer for the next flush."""
+    """A StreamHandler on a buffered stream: every record is written and flushed at once, as by
+    any StreamHandler, while access lines (`write`) wait in the buffer for the next flush."""
 
     def write(self, line: str) -> None:
         """An access line, already formatted."""
         with self.lock:
             self.stream.write(line)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.stream.write(self.format(record) + "\n")
-            if record.name != ACCESS:
-                self.flush()
-        except Exception:
-            self.handleError(record)
 
     def start_flushing(self, interval: float = FLUSH_SECONDS) -> None:
         def flush_regularly():
@@ -102,7 +93,3 @@ def configure(level: str = "INFO") -> None:
     _batching = handler
     root.setLevel(level)
     logging.getLogger("apscheduler").setLevel(max(logging.getLevelName(level), logging.WARNING))
-    # Records carry no caller location, thread or process names: the JSON line shows none of them,
-    # and finding them is a third of the cost of a record.
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False

@@ -11,7 +11,7 @@ import contextlib
 import datetime as dt
 import logging
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import peewee
 from playhouse import migrate as pw_migrate
@@ -183,15 +183,7 @@ class Prepared:
         if compiled is None:
             compiled = self._compiled[key] = self._compile()
         sql, slots, make = compiled
-        params = [values[v] if is_param else v for is_param, v in slots]
-        # What Database.execute_sql does (its statement log included, when enabled); the wrapper
-        # turns driver errors into peewee's, also while SQLite steps through the rows.
-        if _PEEWEE_LOG.isEnabledFor(logging.DEBUG):
-            _PEEWEE_LOG.debug((sql, params))
-        with _DB_ERRORS:
-            cursor = db.obj.cursor()
-            cursor.execute(sql, params)
-            rows = fetch(cursor)
+        cursor, rows = _execute(sql, [values[v] if is_param else v for is_param, v in slots], fetch)
         return make(cursor.description, rows)
 
     def __call__(self, **values) -> list[peewee.Model]:
@@ -228,12 +220,19 @@ class PreparedInsert:
         if sql is None:
             sql = self._compiled[type(db.obj)] = self._compile()
         data = row.__data__
-        params = [f.db_value(data.get(f.name)) for f in self._fields]
-        if _PEEWEE_LOG.isEnabledFor(logging.DEBUG):
-            _PEEWEE_LOG.debug((sql, params))
-        with _DB_ERRORS:
-            db.obj.cursor().execute(sql, params)
+        _execute(sql, [f.db_value(data.get(f.name)) for f in self._fields])
         row._dirty.clear()
+
+
+def _execute(sql: str, params: list, fetch: Callable | None = None) -> tuple:
+    """What Database.execute_sql does (its statement log included, when enabled), then `fetch`:
+    driver errors become peewee's, also while SQLite steps through the rows. (cursor, fetched)"""
+    if _PEEWEE_LOG.isEnabledFor(logging.DEBUG):
+        _PEEWEE_LOG.debug((sql, params))
+    with _DB_ERRORS:
+        cursor = db.obj.cursor()
+        cursor.execute(sql, params)
+        return cursor, fetch(cursor) if fetch is not None else None
 
 
 def _fetch_all(cursor) -> list[tuple]:
