@@ -142,3 +142,24 @@ def test_prepared_insert_stores_what_save_would(database):
         with storage.db.atomic():
             insert(Payment(id="pay_c", email="a@example.com", amount=1, created_at=at, updated_at=at,
                            expires_at=at, request_id="r-1", created_by="usr_1"))
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_prepared_queries_are_planned_once_per_postgresql_connection(database):
+    at = dt.datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+    _payment("pay_a", at)
+
+    def prepared_here() -> set[str]:
+        return {name for (name,) in storage.db.execute_sql("SELECT name FROM pg_prepared_statements")}
+
+    assert _BY_EMAIL.first(email="a@example.com", limit=1).id == "pay_a"
+    assert any(name.startswith("payments_q") for name in prepared_here())
+    before = prepared_here()
+    with storage.db.atomic() as txn:  # a rolled-back transaction does not take the statement with it
+        assert _BY_EMAIL(email="a@example.com", limit=5)[0].id == "pay_a"
+        txn.rollback()
+    assert prepared_here() == before
+    assert _BY_EMAIL.first(email="a@example.com", limit=1).id == "pay_a"
+    storage.release_connection()  # what an outage does: the next call gets a new connection
+    assert _BY_EMAIL.first(email="a@example.com", limit=1).id == "pay_a"
+    assert _BY_EMAIL.first(email="nobody@example.com", limit=1) is None
