@@ -299,3 +299,34 @@ def test_readme_kustomize_edits_set_images_instance_and_api_host(tmp_path):
     # ConfigMap names carry a content hash, so an edit rolls the pods that use them.
     original = support.find(support.render_k8s(), "Deployment", "swagger-ui")["spec"]["template"]["spec"]
     assert support.container(original, "openapi")["envFrom"] != support.container(swagger, "openapi")["envFrom"]
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_pods_take_connections_only_on_the_ports_their_services_send_to(objects):
+    """Every pod is isolated by a NetworkPolicy that allows, from anywhere, exactly the ports its
+    Services target: the server's own port is not among them (Envoy reaches it over loopback, the
+    kubelet's probes from the node, which NetworkPolicy always allows)."""
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    assert set(deployments) == {"payments", "swagger-ui"}
+    allowed_by = {}
+    for name, deployment in deployments.items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        mine = [p for p in policies if _selects(p["spec"]["podSelector"]["matchLabels"], labels)]
+        assert mine, f"no NetworkPolicy selects the {name} pods"
+        allowed = allowed_by[name] = set()
+        for policy in mine:
+            assert policy["spec"]["policyTypes"] == ["Ingress"]
+            for rule in policy["spec"]["ingress"]:
+                assert "from" not in rule  # public: the load balancer's clients
+                allowed |= {(p["port"], p["protocol"]) for p in rule["ports"]}
+        targets = {(p["targetPort"], "TCP") for s in objects if s["kind"] == "Service"
+                   and _selects(s["spec"]["selector"], labels) for p in s["spec"]["ports"]}
+        assert targets and allowed == targets, (name, allowed, targets)
+        named = {p["name"] for c in deployment["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+        assert {port for port, _ in allowed} <= named, (name, allowed, named)
+    server = support.container(deployments["payments"]["spec"]["template"]["spec"], "server")
+    assert {(p["name"], "TCP") for p in server["ports"]}.isdisjoint(allowed_by["payments"])
