@@ -102,15 +102,18 @@ def main() -> int:
         if not wait_for(lambda: port_in_use(probe_host, int(port))):
             return 1
         # Envoy flushes its JSON access log (stdout) every second rather than every 10 s.
+        # CORS: Envoy allows no browser origin unless told; here, the local Swagger UI's.
+        ui_origins = f"http://{UI_ADDR[0]}:{UI_ADDR[1]},http://localhost:{UI_ADDR[1]}"
+        envoy_env = {**os.environ, "PAYMENTS_CORS_ORIGINS": os.environ.get("PAYMENTS_CORS_ORIGINS") or ui_origins}
         procs.append(subprocess.Popen([str(ENVOY), "-c", "envoy/envoy.yaml", "--log-level", "warn",
                                        "--disable-hot-restart", "--concurrency", "1",
-                                       "--file-flush-interval-msec", "1000"], cwd=ROOT))
+                                       "--file-flush-interval-msec", "1000"], cwd=ROOT, env=envoy_env))
         if not wait_for(lambda: http_ok(f"{API_URL}/ready")):
             return 1
         ui = serve_swagger_ui()
         log("ready:")
         log(f"  REST (JSON)           {API_URL}/v1/...   e.g. POST {API_URL}/v1/auth/register")
-        log("  gRPC through Envoy    127.0.0.1:8080     grpcurl -plaintext 127.0.0.1:8080 list")
+        log("  gRPC through Envoy    127.0.0.1:8080     reflection there needs a token: -H 'authorization: Bearer …'")
         log(f"  gRPC direct (server)  {listen}")
         log(f"  readiness             {API_URL}/ready")
         log(f"  Envoy admin           {ADMIN_URL} (loopback only)")

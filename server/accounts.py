@@ -16,6 +16,7 @@ import peewee
 
 from server import passwords
 from server.errors import AlreadyExists, InvalidArgument, Unauthenticated
+from server.login_throttle import LoginThrottle
 from server.payments import email_problem, normalize_email
 from server.principal import ADMIN, CUSTOMER
 from server.storage import User, db
@@ -38,6 +39,7 @@ class Accounts:
     def __init__(self, issuer: TokenIssuer, clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(UTC)):
         self.issuer = issuer
         self.clock = clock
+        self.throttle = LoginThrottle()
 
     @staticmethod
     def _validate(email: str, password: str, reason: str) -> str:
@@ -76,9 +78,14 @@ class Accounts:
         return User.get_by_id(existing.id)
 
     def login(self, email: str, password: str) -> Login:
-        user = User.get_or_none(User.email == normalize_email(email)) if email else None
+        email = normalize_email(email)
+        now = self.clock()
+        self.throttle.check(email, now)  # before the hash: a refused attempt costs nothing
+        user = User.get_or_none(User.email == email) if email else None
         ok = passwords.verify_password(user.password_hash if user else None, password)
         if not ok or user is None:
+            self.throttle.failed(email, now)
             raise Unauthenticated("wrong email or password", reason="BAD_CREDENTIALS")
+        self.throttle.succeeded(email)
         token = self.issuer.issue(subject=user.id, email=user.email, role=user.role)
         return Login(access_token=token, expires_in=self.issuer.ttl_seconds)

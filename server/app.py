@@ -7,13 +7,12 @@ import dataclasses
 import datetime as dt
 import logging
 import threading
-from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server import storage, tokens, turns
+from server import capacity, storage, tokens, turns
 from server.accounts import Accounts
 from server.calls import CallInterceptor
 from server.config import Settings
@@ -24,6 +23,11 @@ from server.pb import payments_pb2_grpc as pb_grpc
 from server.servicers import AuthServicer, PaymentServicer
 
 log = logging.getLogger("server")
+
+# Request headers: Envoy admits up to 16 KiB (max_request_headers_kb in envoy/envoy.yaml) and adds
+# its own; grpc counts 32 bytes more per header than Envoy. So the server takes 32 KiB: whatever
+# Envoy admits passes, and a client on the gRPC port directly gets one answer for every size.
+MAX_METADATA_BYTES = 32 * 1024
 
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["PaymentService"].full_name,
@@ -38,6 +42,7 @@ class App:
     health: health.HealthServicer
     port: int
     rules: PaymentRules
+    lanes: capacity.Lanes | None = None
     scheduler: object | None = None
     _stopped: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -53,6 +58,8 @@ class App:
         if self.scheduler is not None:
             self.scheduler.shutdown(timeout=grace)  # running jobs stop after their current batch
         self.server.stop(grace).wait()
+        if self.lanes is not None:
+            self.lanes.shutdown()
         if storage.db.obj is not None and not storage.db.is_closed():
             storage.db.close()
         log.info("stopped")
@@ -76,16 +83,26 @@ def build(settings: Settings) -> App:
     if not settings.page_token_secret:
         log.warning("PAYMENTS_PAGE_TOKEN_SECRET is not set: page tokens work only within this process")
 
+    lanes = capacity.Lanes.create(worker_threads=settings.worker_threads,
+                                  max_concurrent_rpcs=settings.max_concurrent_rpcs,
+                                  auth_threads=settings.auth_threads, max_streams=settings.max_streams,
+                                  stream_max_seconds=settings.stream_max_seconds)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="rpc"),
-        interceptors=[CallInterceptor(verifier, None if storage.is_postgres(database) else turns.Turns())],
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-        options=[("grpc.so_reuseport", 0)],
+        lanes.payments,
+        interceptors=[CallInterceptor(verifier, None if storage.is_postgres(database) else turns.Turns(), lanes)],
+        # The lanes bound each kind of call; grpc's own cap only backs them up.
+        maximum_concurrent_rpcs=lanes.total + 64,
+        options=[
+            ("grpc.so_reuseport", 0),
+            # One limit for request headers, with no band in between: grpc's default soft limit
+            # (8 KiB) refused requests between it and the hard limit at random.
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+        ],
     )
     pb_grpc.add_PaymentServiceServicer_to_server(PaymentServicer(rules), server)
     pb_grpc.add_AuthServiceServicer_to_server(AuthServicer(accounts), server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True,
-                                            experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2))
+    health_servicer = health.HealthServicer(experimental_non_blocking=True, experimental_thread_pool=lanes.health)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(settings.listen_addr)
@@ -103,4 +120,5 @@ def build(settings: Settings) -> App:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("listening", extra={"addr": settings.listen_addr, "port": port,
                                  "database": "postgresql" if storage.is_postgres(database) else "sqlite"})
-    return App(settings=settings, server=server, health=health_servicer, port=port, rules=rules, scheduler=scheduler)
+    return App(settings=settings, server=server, health=health_servicer, port=port, rules=rules, lanes=lanes,
+               scheduler=scheduler)

@@ -1,6 +1,7 @@
-"""What happens around every call, in one wrapper per method: the access log, the token check
-(server/auth.py), the rejection of undecodable requests (server/decoding.py) and, on SQLite, a
-turn with the database (server/turns.py), in that order.
+"""What happens around every call, in one wrapper per method: the lane it runs in
+(server/capacity.py), the access log, the token check (server/auth.py), the rejection of
+undecodable requests (server/decoding.py) and of text no field accepts (server/textcheck.py)
+and, on SQLite, a turn with the database (server/turns.py), in that order.
 
 One interceptor rather than four, and each method's wrapper built once (at its first call)
 rather than on every call: grpc runs an interceptor for every call, and four of them, each
@@ -14,19 +15,30 @@ import time
 
 import grpc
 
-from server import auth, decoding, logs, turns
+from server import auth, capacity, decoding, errors, logs, textcheck, turns
 from server.status import abort, mapped_errors
 from server.tokens import TokenVerifier
 
 _HEALTH = "/grpc.health.v1.Health/"
+_WATCH = "/grpc.health.v1.Health/Watch"
+_AUTH = "/payments.v1.AuthService/"
+
+
+def busy(kind: str) -> errors.ResourceExhausted:
+    return errors.ResourceExhausted(f"the server is busy with {kind} calls; retry shortly", reason="SERVER_BUSY",
+                                    metadata={"lane": kind})
 
 
 class CallInterceptor(grpc.ServerInterceptor):
-    """`database_turns`: the turns payment calls take with the database (SQLite), or None."""
+    """`database_turns`: the turns payment calls take with the database (SQLite), or None.
+    `lanes`: where each kind of call runs (server/capacity.py); payment calls run in the
+    server's own pool, which is lanes.payments."""
 
-    def __init__(self, verifier: TokenVerifier, database_turns: turns.Turns | None = None):
+    def __init__(self, verifier: TokenVerifier, database_turns: turns.Turns | None = None,
+                 lanes: capacity.Lanes | None = None):
         self._verifier = verifier
         self._turns = database_turns
+        self._lanes = lanes
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}  # by method: the wrapped handler
 
     def intercept_service(self, continuation, handler_call_details):
@@ -39,22 +51,36 @@ class CallInterceptor(grpc.ServerInterceptor):
             wrapped = self._handlers[method] = self._wrap(method, handler)
         return wrapped
 
+    def _lane(self, method: str) -> tuple[str, capacity.Lane | None]:
+        lanes = self._lanes
+        if lanes is None or not auth.is_public(method):
+            return "payment", None  # the server's own pool (lanes.payments)
+        if method.startswith(_AUTH):
+            return "sign-up and login", lanes.auth
+        if method.startswith(_HEALTH):
+            return "health", lanes.health
+        return "streaming", lanes.streams
+
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        kind, lane = self._lane(method)
         if handler.unary_unary is None:
             # Streams are reflection and health Watch, both public; a protected stream would be
             # served without a token check, so refuse to serve it at all.
             if not auth.is_public(method):
                 raise RuntimeError(f"protected method {method} is not unary")
-            return handler
+            return self._wrap_stream(method, handler, kind, lane)
         behavior, verifier = handler.unary_unary, self._verifier
         public = auth.is_public(method)
         turn = self._turns if self._turns is not None and turns.takes_turns(method) else None
         # Health checks (Envoy every few seconds, kubelet probes) would drown the log at INFO.
         level = logging.DEBUG if method.startswith(_HEALTH) else logging.INFO
+        shedding = capacity.shedding
 
         def call(request, context):
             start, failed = time.perf_counter(), False
             try:
+                if shedding():  # beyond its lane's bound: answered at once, before any work
+                    abort(context, busy(kind))
                 acting = None
                 if not public:
                     with mapped_errors(context):
@@ -62,6 +88,8 @@ class CallInterceptor(grpc.ServerInterceptor):
                 try:
                     if request is decoding.UNDECODABLE:  # judged only once the caller is known
                         abort(context, decoding.rejection())
+                    if (problem := textcheck.first_problem(request)) is not None:
+                        abort(context, problem)
                     if turn is None:
                         return behavior(request, context)
                     turn.take()
@@ -80,9 +108,56 @@ class CallInterceptor(grpc.ServerInterceptor):
                 logs.access(level, method, code.name if code is not None else "UNKNOWN" if failed else "OK",
                             round((time.perf_counter() - start) * 1000, 2))
 
+        if lane is not None:
+            call.experimental_thread_pool = lane
         return grpc.unary_unary_rpc_method_handler(
             call,
             request_deserializer=decoding.tolerant(handler.request_deserializer)
             if handler.request_deserializer is not None else None,
             response_serializer=handler.response_serializer,
         )
+
+    def _wrap_stream(self, method: str, handler: grpc.RpcMethodHandler, kind: str,
+                     lane: capacity.Lane | None) -> grpc.RpcMethodHandler:
+        """Public streams: each in its lane, ended after the lanes' stream_max_seconds.
+        Health Watch holds no thread (grpc's non-blocking form), so a count bounds it instead."""
+        lanes = self._lanes
+        if lanes is None:
+            return handler
+        deadlines, seconds = lanes.deadlines, lanes.stream_max_seconds
+        if method == _WATCH and handler.unary_stream is not None:
+            behavior, watches = handler.unary_stream, lanes.watches
+
+            def watch(request, context, send_response_callback=None):
+                if capacity.shedding() or not watches.take():
+                    abort(context, busy("health watch"))
+                key = deadlines.after(seconds, context.cancel)
+
+                def closed():
+                    watches.give()
+                    deadlines.forget(key)
+
+                if not context.add_callback(closed):
+                    closed()
+                return behavior(request, context, send_response_callback=send_response_callback)
+
+            watch.experimental_non_blocking = getattr(behavior, "experimental_non_blocking", False)
+            watch.experimental_thread_pool = lane
+            return grpc.unary_stream_rpc_method_handler(watch, request_deserializer=handler.request_deserializer,
+                                                        response_serializer=handler.response_serializer)
+        if handler.stream_stream is None:
+            raise RuntimeError(f"public stream {method} has an unexpected shape")
+        behavior = handler.stream_stream
+
+        def stream(request_iterator, context):
+            if capacity.shedding():
+                abort(context, busy(kind))
+            key = deadlines.after(seconds, context.cancel)
+            try:
+                yield from behavior(request_iterator, context)
+            finally:
+                deadlines.forget(key)
+
+        stream.experimental_thread_pool = lane
+        return grpc.stream_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
+                                                     response_serializer=handler.response_serializer)

@@ -50,6 +50,17 @@ class PermissionDenied(DomainError):
     reason = "PERMISSION_DENIED"
 
 
+class ResourceExhausted(DomainError):
+    """Too much of something right now (a busy lane, too many failed logins); `retry_after`
+    seconds is when trying again makes sense (sent as RetryInfo and a `retry-after` header)."""
+
+    reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, reason: str, retry_after: int = 1, metadata=None):
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.retry_after = max(1, int(retry_after))
+
+
 class Unavailable(DomainError):
     reason = "UNAVAILABLE"
 

@@ -49,9 +49,10 @@ CURRENCIES = frozenset(
     VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG""".split()
 )
 
-_EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_PAYMENT_ID = re.compile(r"^pay_[a-z2-7]{26}$")
+# Always fullmatch: `$` also matches before a trailing newline, which let "order-1\n" through.
+_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+", re.ASCII)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}", re.ASCII)
+_PAYMENT_ID = re.compile(r"pay_[a-z2-7]{26}", re.ASCII)
 
 
 def new_payment_id() -> str:
@@ -65,7 +66,7 @@ def email_problem(email: str) -> str | None:
         return "is required"
     if len(email) > MAX_EMAIL:
         return f"must be at most {MAX_EMAIL} characters"
-    if not _EMAIL.match(email):
+    if not _EMAIL.fullmatch(email):
         return "is not a valid email address"
     return None
 
@@ -99,7 +100,7 @@ class PaymentDraft:
             violations.append(("currency", "must be an ISO 4217 currency code in upper case, such as IDR or USD"))
         if len(self.description) > MAX_DESCRIPTION:
             violations.append(("description", f"must be at most {MAX_DESCRIPTION} characters"))
-        if self.request_id and not _REQUEST_ID.match(self.request_id):
+        if self.request_id and not _REQUEST_ID.fullmatch(self.request_id):
             violations.append(("request_id", "must be 1-64 characters of A-Z a-z 0-9 . _ : -"))
         if violations:
             raise InvalidArgument([(f"payment.{f}", d) for f, d in violations], reason="INVALID_PAYMENT")
@@ -185,7 +186,7 @@ class PaymentRules:
 
     def get(self, caller: Caller, payment_id: str) -> Payment:
         # Someone else's payment is NOT_FOUND, exactly like a missing one: ids are not probeable.
-        if not _PAYMENT_ID.match(payment_id or ""):
+        if not _PAYMENT_ID.fullmatch(payment_id or ""):
             raise not_found(payment_id)
         row = self._get_query[caller.is_admin].first(caller_email=caller.email, id=payment_id)
         if row is None:

@@ -11,7 +11,7 @@ import functools
 import logging
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -28,6 +28,7 @@ _CODES = {
     errors.AlreadyExists: code_pb2.ALREADY_EXISTS,
     errors.Unauthenticated: code_pb2.UNAUTHENTICATED,
     errors.PermissionDenied: code_pb2.PERMISSION_DENIED,
+    errors.ResourceExhausted: code_pb2.RESOURCE_EXHAUSTED,
     errors.Unavailable: code_pb2.UNAVAILABLE,
     errors.Internal: code_pb2.INTERNAL,
 }
@@ -46,7 +47,13 @@ def to_status(error: errors.DomainError) -> grpc.Status:
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in error.violations
         ])))
-    return rpc_status.to_status(status_pb2.Status(code=code, message=error.message, details=details))
+    if isinstance(error, errors.ResourceExhausted):
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=error.retry_after))))
+    status = rpc_status.to_status(status_pb2.Status(code=code, message=error.message, details=details))
+    if isinstance(error, errors.ResourceExhausted):
+        # A trailers-only answer: Envoy's transcoder passes these on as HTTP response headers.
+        status = status._replace(trailing_metadata=status.trailing_metadata + (("retry-after", str(error.retry_after)),))
+    return status
 
 
 def abort(context: grpc.ServicerContext, error: errors.DomainError):
@@ -74,6 +81,14 @@ class mapped_errors:
         context = self.context
         if isinstance(error, errors.DomainError):
             abort(context, error)
+        if isinstance(error, storage.DATA_ERRORS):
+            # A value the database refused (too long, out of range) that validation let through:
+            # still the client's input, so INVALID_ARGUMENT, never INTERNAL. server/textcheck.py and
+            # the rules are meant to stop every such value first; the log line says one slipped by.
+            log.warning("database refused a value", extra={"error": type(error).__name__})
+            abort(context, errors.InvalidArgument(
+                [("request", "a value is too long or out of range for the field it is stored in")],
+                reason="INVALID_VALUE"))
         if isinstance(error, storage.OUTAGE_ERRORS):
             log.warning("database unavailable", exc_info=(kind, error, trace))
             storage.release_connection()

@@ -31,6 +31,8 @@ UTC = dt.timezone.utc
 
 # What a database outage looks like to peewee; the gRPC layer maps these to UNAVAILABLE.
 OUTAGE_ERRORS = (peewee.OperationalError, peewee.InterfaceError)
+# Values the database refused: a client's input, however it got past validation.
+DATA_ERRORS = (peewee.DataError,)
 
 
 class UTCDateTimeField(peewee.DateTimeField):

@@ -7,17 +7,21 @@ Tests never share users or payments, so they can run in any order against the on
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 
 import grpc
 import pytest
 
-from tests.e2e.rest import Client
+from tests.e2e.rest import Client, loopback_address
 from tests.e2e.stack import ADMIN_EMAIL, ADMIN_PASSWORD, Envoy, Server, running_stack
 
 PASSWORD = "correct horse battery"
-# Origins allowed by configuration (PAYMENTS_CORS_ORIGINS), beyond the built-in loopback ones.
-CORS_ORIGINS = ("https://docs.payments.example", "https://swagger.payments.example:8443")
+# Origins allowed by configuration (PAYMENTS_CORS_ORIGINS): Envoy allows no other. The last is
+# where test_swagger_ui.py serves the page (a loopback port of its own, as `make run` serves it).
+UI_PORT = 18000 + os.getpid() % 1000
+UI_ORIGIN = f"http://127.0.0.1:{UI_PORT}"
+CORS_ORIGINS = ("https://docs.payments.example", "https://swagger.payments.example:8443", UI_ORIGIN)
 
 
 @dataclasses.dataclass
@@ -60,13 +64,15 @@ def new_email(tag: str = "user") -> str:
 
 @pytest.fixture
 def make_user(api):
-    """Register (over REST) and log in a fresh customer."""
+    """Register (over REST) and log in a fresh customer, each from an address of its own (Envoy
+    limits sign-ups and logins per client address)."""
 
     def make(tag: str = "user") -> User:
         email = new_email(tag)
-        reg = api.post("/v1/auth/register", {"email": email, "password": PASSWORD})
+        own = api.from_address(loopback_address())
+        reg = own.post("/v1/auth/register", {"email": email, "password": PASSWORD})
         assert reg.status == 200, reg.text
-        login = api.post("/v1/auth/login", {"email": email, "password": PASSWORD})
+        login = own.post("/v1/auth/login", {"email": email, "password": PASSWORD})
         assert login.status == 200, login.text
         return User(email, login.json["access_token"], reg.json["user_id"])
 
@@ -75,7 +81,7 @@ def make_user(api):
 
 @pytest.fixture
 def admin(api) -> User:
-    login = api.post("/v1/auth/login", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+    login = api.from_address(loopback_address()).post("/v1/auth/login", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
     assert login.status == 200, login.text
     return User(ADMIN_EMAIL, login.json["access_token"])
 

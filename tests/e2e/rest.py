@@ -5,7 +5,14 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
+import random
 from urllib.parse import urlsplit
+
+
+def loopback_address() -> str:
+    """A random address of 127.0.0.0/8 (all of it is loopback on Linux): a client of its own to
+    Envoy's per-address sign-up and login limits."""
+    return f"127.{random.randrange(1, 255)}.{random.randrange(256)}.{random.randrange(1, 255)}"
 
 
 @dataclasses.dataclass
@@ -38,9 +45,15 @@ class Response:
 
 
 class Client:
-    def __init__(self, base_url: str):
+    """`source`: the local address requests come from (default: the kernel's choice, 127.0.0.1)."""
+
+    def __init__(self, base_url: str, source: str | None = None):
         parts = urlsplit(base_url)
         self.host, self.port = parts.hostname, parts.port
+        self.source = source
+
+    def from_address(self, source: str) -> "Client":
+        return Client(f"http://{self.host}:{self.port}", source)
 
     def request(self, method: str, path: str, body=None, *, token: str | None = None,
                 headers: dict[str, str] | None = None, raw: bytes | None = None) -> Response:
@@ -51,7 +64,8 @@ class Client:
             hdrs.setdefault("Content-Type", "application/json")
         if token is not None:
             hdrs["Authorization"] = f"Bearer {token}"
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=15)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=15,
+                                          source_address=(self.source, 0) if self.source else None)
         try:
             conn.request(method, path, body=data, headers=hdrs)
             r = conn.getresponse()

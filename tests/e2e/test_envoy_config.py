@@ -40,9 +40,12 @@ def test_rendered_config_differs_only_in_ports():
 def test_admin_is_loopback_and_backend_is_the_sidecar():
     config = yaml.safe_load(CONFIG.read_text())
     assert config["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9901}
-    [cluster] = config["static_resources"]["clusters"]
-    [endpoint] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 50051}
+    clusters = config["static_resources"]["clusters"]
+    assert [c["name"] for c in clusters] == ["payments_grpc", "payments_auth", "payments_streams"]
+    for cluster in clusters:  # one server, three connection pools with their own circuit breakers
+        [endpoint] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 50051}
+        assert cluster["circuit_breakers"]["thresholds"][0]["max_requests"] <= 256
     [listener] = config["static_resources"]["listeners"]
     assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 8080}
 
@@ -64,6 +67,5 @@ def test_jwt_rules_fail_closed_and_read_only_the_authorization_header():
     assert public == [
         {"path": "/v1/auth/register"}, {"path": "/v1/auth/login"},
         {"path": "/payments.v1.AuthService/Register"}, {"path": "/payments.v1.AuthService/Login"},
-        {"prefix": "/grpc.health.v1.Health/"}, {"prefix": "/grpc.reflection.v1.ServerReflection/"},
-        {"prefix": "/grpc.reflection.v1alpha.ServerReflection/"}, {"path": "/ready"},
+        {"prefix": "/grpc.health.v1.Health/"}, {"path": "/ready"},
     ]

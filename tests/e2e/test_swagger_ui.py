@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import sync_playwright
 
+from tests.e2e.conftest import UI_PORT
+
 ROOT = Path(__file__).resolve().parents[2]
 SITE = ROOT / "openapi"  # the directory `make run` serves: the document and ui/
 ARTIFACTS = ROOT / "test-artifacts"
@@ -39,7 +41,7 @@ def ui_origin():
     assert (SITE / "ui" / "node_modules" / "swagger-ui-dist" / "swagger-ui-bundle.js").exists(), \
         "Swagger UI is not installed: run `make setup`"
     handler = functools.partial(_QuietHandler, directory=str(SITE))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", UI_PORT), handler)  # an origin Envoy allows
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"

@@ -42,7 +42,7 @@ CASES = [
     ("page size as words", "GET", "/v1/payments?page_size=many", None, 400, "page_size"),
     ("forged page token", "GET", "/v1/payments?page_token=%25%25%25", None, 400, "page_token"),
     ("empty create body", "POST", "/v1/payments", b"", 400, "payment.email"),
-    ("very long id", "GET", "/v1/payments/" + "a" * 4000, None, 404, "not found"),
+    ("very long id", "GET", "/v1/payments/" + "a" * 4000, None, 400, "at most 2048 characters"),
 ]
 
 

@@ -1,0 +1,62 @@
+"""Text that no field of any request accepts, refused before any rule or query sees it.
+
+Every string field of every request, at any depth, is checked the same way, so a new RPC or a
+new field is covered without anyone remembering to: no control characters (C0, DEL, C1: a NUL
+is an error in PostgreSQL's driver and a silent truncation in others; line breaks in a field
+the API stores split log lines and CSV exports) and nothing longer than MAX_TEXT characters
+(the longest field any rule accepts is shorter). The rules then apply each field's own
+pattern and length (server/payments.py, server/accounts.py, server/passwords.py).
+"""
+
+from __future__ import annotations
+
+import re
+
+from google.protobuf.descriptor import FieldDescriptor
+
+from server import errors
+
+MAX_TEXT = 2048
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_STRING, _MESSAGE = FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE
+
+
+def _problem(value: str) -> str | None:
+    if len(value) > MAX_TEXT:
+        return f"must be at most {MAX_TEXT} characters"
+    if (bad := _CONTROL.search(value)) is not None:
+        return f"must not contain control characters (found U+{ord(bad.group()):04X})"
+    return None
+
+
+def _violations(message, prefix: str, out: list) -> None:
+    for field, value in message.ListFields():  # only fields that are set: cheap for small requests
+        name = prefix + field.name
+        if field.type == _STRING:
+            for item in (value if field.is_repeated else (value,)):
+                if (why := _problem(item)) is not None:
+                    out.append((name, why))
+        elif field.type == _MESSAGE:
+            if field.message_type.GetOptions().map_entry:
+                for key, item in value.items():
+                    if isinstance(key, str) and (why := _problem(key)) is not None:
+                        out.append((f"{name}[key]", why))
+                    if isinstance(item, str):
+                        if (why := _problem(item)) is not None:
+                            out.append((f"{name}[{key!r}]", why))
+                    elif hasattr(item, "ListFields"):
+                        _violations(item, f"{name}.", out)
+            elif field.is_repeated:
+                for i, item in enumerate(value):
+                    _violations(item, f"{name}[{i}].", out)
+            else:
+                _violations(value, f"{name}.", out)
+
+
+def first_problem(message) -> errors.InvalidArgument | None:
+    """INVALID_ARGUMENT naming every string field that holds text no field accepts, or None."""
+    if not hasattr(message, "ListFields"):
+        return None
+    out: list[tuple[str, str]] = []
+    _violations(message, "", out)
+    return errors.InvalidArgument(out, reason="INVALID_TEXT") if out else None
