@@ -8,6 +8,7 @@ and FAIL under CI (CI=true), so CI can never pass while silently skipping them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import os
@@ -41,22 +42,30 @@ def _admin_pg(url: str) -> peewee.PostgresqlDatabase:
     return peewee.PostgresqlDatabase("postgres", **params)
 
 
-@pytest.fixture(scope="session")
-def pg_session_url():
-    """A database of this pytest run's own (payments_test_<pid>), so runs never share tables."""
+@contextlib.contextmanager
+def own_pg_database(name: str):
+    """A PostgreSQL database of this name, created empty and dropped afterwards; yields its URL."""
     base = require_postgres()
-    name = f"payments_test_{os.getpid()}"
     admin = _admin_pg(base)
     admin.connect()
     admin.connection().autocommit = True
     admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}"')
     admin.execute_sql(f'CREATE DATABASE "{name}"')
     admin.close()
-    yield base.rsplit("/", 1)[0] + "/" + name
-    admin.connect()
-    admin.connection().autocommit = True
-    admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+    try:
+        yield base.rsplit("/", 1)[0] + "/" + name
+    finally:
+        admin.connect()
+        admin.connection().autocommit = True
+        admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def pg_session_url():
+    """A database of this pytest run's own (payments_test_<pid>), so runs never share tables."""
+    with own_pg_database(f"payments_test_{os.getpid()}") as url:
+        yield url
 
 
 class Clock:

@@ -13,6 +13,7 @@ import uuid
 import grpc
 import pytest
 
+from tests.conftest import own_pg_database
 from tests.e2e.rest import Client, loopback_address
 from tests.e2e.stack import ADMIN_EMAIL, ADMIN_PASSWORD, Envoy, Server, running_stack
 
@@ -43,6 +44,15 @@ class Stack:
 def stack(tmp_path_factory, keys_dir):
     work = tmp_path_factory.mktemp("e2e")
     with running_stack(work, keys_dir, {"PAYMENTS_CORS_ORIGINS": ", ".join(CORS_ORIGINS)}) as (server, envoy):
+        yield Stack(server, envoy, keys_dir)
+
+
+@pytest.fixture(scope="session")
+def pg_stack(tmp_path_factory, keys_dir):
+    """The same stack on PostgreSQL (a database of its own), for the suites that run on both."""
+    work = tmp_path_factory.mktemp("e2e-pg")
+    with own_pg_database(f"payments_test_{os.getpid()}_e2e") as url, \
+            running_stack(work, keys_dir, {"PAYMENTS_CORS_ORIGINS": ", ".join(CORS_ORIGINS)}, url) as (server, envoy):
         yield Stack(server, envoy, keys_dir)
 
 

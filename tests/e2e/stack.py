@@ -185,10 +185,10 @@ def prepare_workdir(work: Path, keys: Path) -> None:
 
 
 @contextlib.contextmanager
-def running_stack(work: Path, keys: Path, envoy_env: dict[str, str] | None = None):
-    """A server and the real Envoy in front of it, stopped on exit."""
+def running_stack(work: Path, keys: Path, envoy_env: dict[str, str] | None = None, database_url: str = ""):
+    """A server (SQLite, or PostgreSQL at database_url) and the real Envoy in front of it, stopped on exit."""
     prepare_workdir(work, keys)
-    server = Server.start(work)
+    server = Server.start(work, server_env(work, DATABASE_URL=database_url) if database_url else None)
     try:
         envoy = Envoy.start(work, server.port, env=envoy_env)
     except BaseException:

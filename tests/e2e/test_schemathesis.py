@@ -19,6 +19,8 @@ import hypothesis
 import pytest
 import schemathesis
 from schemathesis import GenerationMode
+from tests.e2e.rest import Client, loopback_address
+from tests.e2e.stack import ADMIN_EMAIL, ADMIN_PASSWORD
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -57,11 +59,16 @@ def load_schema(*phases: str):
     return schema
 
 
-@pytest.fixture
-def auth_headers(admin):
-    # An admin token reaches every operation (confirm, the email filter, payments for any email),
-    # so generated requests get past authorization and exercise validation and success paths.
-    return {"Authorization": f"Bearer {admin.token}"}
+@pytest.fixture(params=["sqlite", "postgres"])
+def target(request):
+    """The stack on each database, and an admin token of that stack: an admin reaches every
+    operation (confirm, the email filter, payments for any email), so generated requests get past
+    authorization and exercise validation, storage and success paths."""
+    stack = request.getfixturevalue("stack" if request.param == "sqlite" else "pg_stack")
+    login = Client(stack.url).from_address(loopback_address()).post(
+        "/v1/auth/login", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+    assert login.status == 200, login.text
+    return stack.url, {"Authorization": f"Bearer {login.json['access_token']}"}
 
 
 # Loaded from the file at import; the stack's address is given per call (ports are chosen at run time).
@@ -71,16 +78,18 @@ schema = load_schema("examples", "coverage", "fuzzing")
 @schema.parametrize()
 @hypothesis.settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
                      suppress_health_check=list(hypothesis.HealthCheck))
-def test_every_answer_matches_the_document(case, stack, auth_headers):
-    case.call_and_validate(base_url=stack.url, headers=auth_headers, checks=CHECKS, timeout=15)
+def test_every_answer_matches_the_document(case, target):
+    url, auth_headers = target
+    case.call_and_validate(base_url=url, headers=auth_headers, checks=CHECKS, timeout=15)
 
 
-def test_linked_workflows_match_the_document(stack, auth_headers):
+def test_linked_workflows_match_the_document(target):
+    url, auth_headers = target
     workflow = load_schema("stateful").as_state_machine()
 
     class AuthenticatedWorkflow(workflow):
         def get_call_kwargs(self, case):
-            return {"base_url": stack.url, "headers": auth_headers, "timeout": 15}
+            return {"base_url": url, "headers": auth_headers, "timeout": 15}
 
         def validate_response(self, response, case, additional_checks=None, **kwargs):
             case.validate_response(response, checks=CHECKS)
