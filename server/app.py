@@ -24,10 +24,13 @@ from server.servicers import AuthServicer, PaymentServicer
 
 log = logging.getLogger("server")
 
-# Request headers: Envoy admits up to 16 KiB (max_request_headers_kb in envoy/envoy.yaml) and adds
-# its own; grpc counts 32 bytes more per header than Envoy. So the server takes 32 KiB: whatever
-# Envoy admits passes, and a client on the gRPC port directly gets one answer for every size.
-MAX_METADATA_BYTES = 32 * 1024
+# Request headers: one limit, 16 KiB of names and values, here and at Envoy (max_request_headers_kb
+# in envoy/envoy.yaml). grpc counts 32 bytes more per header than Envoy does, and Envoy adds a few
+# headers of its own (x-forwarded-for, x-request-id, ...): the server allows for both (up to
+# Envoy's 100 headers), so whatever Envoy admits passes, and a client on this port directly gets
+# the same limit. Soft and hard limit are equal: grpc refuses requests between them at random.
+HEADER_LIMIT_BYTES = 16 * 1024
+MAX_METADATA_BYTES = HEADER_LIMIT_BYTES + 100 * 32 + 1024
 
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["PaymentService"].full_name,
