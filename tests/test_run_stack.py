@@ -66,8 +66,17 @@ def test_make_run_serves_rest_grpc_and_swagger_ui_and_stops_cleanly(stack):
                       json.dumps({"email": "runner@example.com", "password": "correct horse battery"}),
                       "http://127.0.0.1:8080/v1/auth/register")
     assert json.loads(register.stdout)["role"] == "customer"
-    listed = inside(stack, str(GRPCURL), "-plaintext", "127.0.0.1:8080", "list")
+    login = inside(stack, "curl", "-s", "-H", "content-type: application/json", "-d",
+                   json.dumps({"email": "runner@example.com", "password": "correct horse battery"}),
+                   "http://127.0.0.1:8080/v1/auth/login")
+    token = json.loads(login.stdout)["access_token"]
+    # Reflection through Envoy needs a token; on the server's own port it does not.
+    listed = inside(stack, str(GRPCURL), "-plaintext", "-H", f"authorization: Bearer {token}", "127.0.0.1:8080", "list")
     assert "payments.v1.PaymentService" in listed.stdout.split()
+    # The local Swagger UI's origin is the one CORS origin make run allows.
+    preflight = inside(stack, "curl", "-s", "-i", "-X", "OPTIONS", "-H", "Origin: http://127.0.0.1:8081",
+                       "-H", "Access-Control-Request-Method: POST", "http://127.0.0.1:8080/v1/auth/login")
+    assert "access-control-allow-origin: http://127.0.0.1:8081" in preflight.stdout.lower()
     direct = inside(stack, str(GRPCURL), "-plaintext", "127.0.0.1:50051", "list")
     assert "payments.v1.AuthService" in direct.stdout.split()
 

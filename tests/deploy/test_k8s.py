@@ -151,6 +151,28 @@ def test_service_exposes_envoy_only(objects, api_pod):
     assert [(p["port"], ports[p["targetPort"]]) for p in service["spec"]["ports"]] == [(80, support.envoy_listener_port())]
 
 
+def test_the_service_keeps_client_addresses_for_the_login_limits(objects):
+    """Envoy limits sign-ups and logins per TCP peer: the load balancer must not hide the client."""
+    assert support.find(objects, "Service", "payments")["spec"]["externalTrafficPolicy"] == "Local"
+
+
+def _quantity_bytes(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
+
+
+def test_envoys_heap_limit_fits_the_sidecars_memory_limit(api_pod):
+    """The overload manager acts before the kubelet's OOM kill: the heap it watches is at most 80%
+    of the container's memory limit (the rest is Envoy's code, stacks and the allocator's slack)."""
+    monitors = {m["name"]: m["typed_config"] for m in support.envoy_config()["overload_manager"]["resource_monitors"]}
+    heap = int(monitors["envoy.resource_monitors.fixed_heap"]["max_heap_size_bytes"])
+    limit = _quantity_bytes(support.container(api_pod, "envoy")["resources"]["limits"]["memory"])
+    assert 0.5 * limit <= heap <= 0.8 * limit, (heap, limit)
+    actions = {a["name"] for a in support.envoy_config()["overload_manager"]["actions"]}
+    assert {"envoy.overload_actions.shrink_heap", "envoy.overload_actions.stop_accepting_requests",
+            "envoy.overload_actions.reset_high_memory_stream"} <= actions
+
+
 def test_images_run_their_own_commands(api_pod):
     """No command/args override: the pods run the images' CMDs, which test_images ties to make run
     and to the Envoy config the end-to-end tests run."""

@@ -129,3 +129,24 @@ def test_native_grpc_logins_share_the_limit(edge):
             codes.append(e.value.code())
     assert set(codes) <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+
+
+def test_more_logins_at_once_than_the_server_hashes_are_refused_at_once_as_busy(edge):
+    """From many addresses, so no rate limit applies: Envoy's auth cluster admits 32 at a time
+    (its circuit breaker) and answers the rest 429 SERVER_BUSY at once, JSON, with retry-after."""
+    addresses = [loopback_address() for _ in range(90)]
+
+    def login(address: str):
+        return edge.api.from_address(address).post("/v1/auth/login", {"email": f"busy-{address}@example.com",
+                                                                       "password": "not the password"})
+
+    with concurrent.futures.ThreadPoolExecutor(len(addresses)) as pool:
+        answers = list(pool.map(login, addresses))
+    statuses = [a.status for a in answers]
+    assert set(statuses) <= {401, 429}, statuses
+    busy = [a for a in answers if a.status == 429]
+    assert busy, "every login was admitted at once"
+    for answer in busy[:5]:
+        code, reason, _ = answer.error()
+        assert (code, reason) == (RESOURCE_EXHAUSTED, "SERVER_BUSY")
+        assert answer.headers.get("retry-after") == "1"
