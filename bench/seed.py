@@ -5,7 +5,7 @@ paging benchmark.
 
 The database generates the rows itself (a recursive CTE on SQLite, generate_series on
 PostgreSQL), so a million rows take seconds. They are spread over 10,000 payers, one of whom
-(--email, default bench@example.com) owns --share of them, so a customer's page 1,000 is as deep
+(--email, default bench@example.com, account --owner, default usr_bench) owns --share of them, so a customer's page 1,000 is as deep
 as an admin's. Timestamps go back one second per row from now (plus random microseconds, in the
 server's fixed text form); ids have the server's format; the schema is the server's own
 (storage.open_database), so the server reads the table exactly as if it had written it.
@@ -23,17 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from server import config, storage  # noqa: E402
 
-COLUMNS = ("id, email, amount, currency, description, status, failure_reason, created_by, "
+COLUMNS = ("id, email, owner_id, amount, currency, description, status, failure_reason, created_by, "
            "created_at, updated_at, expires_at")
 
 # Payment ids are "pay_" + 26 chars of [a-z2-7]; hex digits 0, 1, 8, 9 are mapped into that set.
 SQLITE = f"""
 WITH RECURSIVE seq(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM seq WHERE n < :rows - 1),
-gen AS MATERIALIZED (SELECT n, unixepoch('now') - n AS at, abs(random()) % 1000000 AS us FROM seq)
+gen AS MATERIALIZED (SELECT n, unixepoch('now') - n AS at, abs(random()) % 1000000 AS us,
+                           abs(random()) % 1000000 < :share * 1000000 AS mine, abs(random()) % 10000 AS payer
+                    FROM seq)
 INSERT INTO payments ({COLUMNS})
 SELECT 'pay_' || replace(replace(replace(replace(lower(hex(randomblob(13))), '0', 'k'), '1', 'm'), '8', 'n'), '9', 'p'),
-       CASE WHEN abs(random()) % 1000000 < :share * 1000000 THEN :email
-            ELSE 'payer' || (abs(random()) % 10000) || '@example.com' END,
+       CASE WHEN mine THEN :email ELSE 'payer' || payer || '@example.com' END,
+       CASE WHEN mine THEN :owner ELSE 'usr_payer' || payer END,
        1 + abs(random()) % 10000000, 'IDR', 'seeded',
        CASE n % 3 WHEN 0 THEN 'pending' WHEN 1 THEN 'success' ELSE 'failed' END,
        CASE n % 3 WHEN 2 THEN 'cancelled' END,
@@ -47,18 +49,20 @@ FROM gen
 POSTGRES = f"""
 INSERT INTO payments ({COLUMNS})
 SELECT 'pay_' || translate(substr(md5(random()::text || n::text), 1, 26), '0189', 'kmnp'),
-       CASE WHEN random() < %(share)s THEN %(email)s ELSE 'payer' || floor(random() * 10000)::int || '@example.com' END,
+       CASE WHEN mine THEN %(email)s ELSE 'payer' || payer || '@example.com' END,
+       CASE WHEN mine THEN %(owner)s ELSE 'usr_payer' || payer END,
        1 + floor(random() * 10000000)::bigint, 'IDR', 'seeded',
        CASE n %% 3 WHEN 0 THEN 'pending' WHEN 1 THEN 'success' ELSE 'failed' END,
        CASE n %% 3 WHEN 2 THEN 'cancelled' END,
        'usr_seed', at, at, at + interval '1 day'
 FROM (SELECT n, date_trunc('second', now() AT TIME ZONE 'UTC') - n * interval '1 second'
-                + floor(random() * 1000000) * interval '1 microsecond' AS at
+                + floor(random() * 1000000) * interval '1 microsecond' AS at,
+             random() < %(share)s AS mine, floor(random() * 10000)::int AS payer
       FROM generate_series(0, %(rows)s - 1) AS n) AS gen
 """
 
 
-def seed_sqlite(database, count: int, email: str, share: float) -> None:
+def seed_sqlite(database, count: int, email: str, owner: str, share: float) -> None:
     """A bulk load before the server starts: no journal, a big cache, and the secondary indexes
     built once at the end (one sort each) instead of maintained row by row."""
     database.execute_sql("PRAGMA journal_mode = OFF")
@@ -69,12 +73,12 @@ def seed_sqlite(database, count: int, email: str, share: float) -> None:
     for name in indexes:
         database.execute_sql(f'DROP INDEX "{name}"')
     with database.atomic():
-        database.execute_sql(SQLITE, {"rows": count, "email": email, "share": share})
+        database.execute_sql(SQLITE, {"rows": count, "email": email, "owner": owner, "share": share})
     database.create_tables([storage.Payment], safe=True)  # the server's own index definitions
     database.execute_sql("PRAGMA journal_mode = WAL")
 
 
-def seed(settings: config.Settings, count: int, email: str, share: float) -> float:
+def seed(settings: config.Settings, count: int, email: str, share: float, owner: str = "usr_bench") -> float:
     """Insert `count` rows; returns the seconds it took.
 
     PostgreSQL is ANALYZEd afterwards, as its autovacuum would do soon after such a load; SQLite
@@ -85,10 +89,10 @@ def seed(settings: config.Settings, count: int, email: str, share: float) -> flo
     with database.connection_context():
         if storage.is_postgres(database):
             with database.atomic():
-                database.execute_sql(POSTGRES, {"rows": count, "email": email, "share": share})
+                database.execute_sql(POSTGRES, {"rows": count, "email": email, "owner": owner, "share": share})
             database.execute_sql("ANALYZE")
         else:
-            seed_sqlite(database, count, email, share)
+            seed_sqlite(database, count, email, owner, share)
     database.close()
     return time.perf_counter() - start
 
@@ -97,12 +101,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--email", default="bench@example.com")
+    parser.add_argument("--owner", default="usr_bench")
     parser.add_argument("--share", type=float, default=0.1)
     parser.add_argument("--database-url", default="")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     args = parser.parse_args()
     settings = dataclasses.replace(config.Settings(), database_url=args.database_url, data_dir=args.data_dir)
-    took = seed(settings, args.rows, args.email, args.share)
+    took = seed(settings, args.rows, args.email, args.share, args.owner)
     print(f"seeded {args.rows} payments in {took:.1f}s")
     return 0
 

@@ -23,7 +23,7 @@ from server import storage
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from server.paging import PageTokens
 from server.principal import Caller
-from server.storage import Payment
+from server.storage import Payment, User
 
 UTC = dt.timezone.utc
 
@@ -129,6 +129,19 @@ def not_found(payment_id: str) -> NotFound:
     return NotFound(f"payment {payment_id!r} not found", reason="PAYMENT_NOT_FOUND", metadata={"id": payment_id})
 
 
+def settled(payment_id: str) -> FailedPrecondition:
+    return FailedPrecondition(f"payment {payment_id!r} moved money (success) and is never deleted",
+                              reason="PAYMENT_SETTLED", metadata={"id": payment_id})
+
+
+def as_created(row: Payment) -> Payment:
+    """The payment as the create that made it answered (AIP-155, Stripe: a replay gets the first
+    answer, not the payment as it is now). That answer is fixed by the row: a new payment is
+    PENDING, unchanged since its creation, and not deleted."""
+    data = dict(row.__data__, status=PENDING, failure_reason=None, updated_at=row.created_at, deleted_at=None)
+    return Payment(**data)
+
+
 class PaymentRules:
     """The payment operations, each checked against the caller.
 
@@ -149,14 +162,21 @@ class PaymentRules:
         self._get_query = {is_admin: self._prepared(("get", is_admin), lambda param, a=is_admin: self._visible(a, param)
                                                     .where(Payment.id == param("id")).limit(1))
                            for is_admin in (False, True)}
+        self._any_query = self._prepared(("any",), lambda param: Payment.select().where(Payment.id == param("id"))
+                                         .limit(1))
+        self._account_query = self._prepared(("account",), lambda param: User.select(User.id).where(
+            User.email == param("email")).limit(1))
 
     # --- reads -----------------------------------------------------------------------------
 
     @staticmethod
-    def _visible(is_admin: bool, param):
-        """Live payments; a customer's only their own (the caller's email is a query parameter)."""
-        query = Payment.select().where(Payment.deleted_at.is_null())
-        return query if is_admin else query.where(Payment.email == param("caller_email"))
+    def _visible(is_admin: bool, param, show_deleted: bool = False):
+        """Live payments (and deleted ones, for an admin who asks); a customer's only those of
+        their own account (the caller's id is a query parameter), whatever their email says."""
+        query = Payment.select()
+        if not show_deleted:
+            query = query.where(Payment.deleted_at.is_null())
+        return query if is_admin else query.where(Payment.owner_id == param("caller_id"))
 
     def _prepared(self, key: tuple, build) -> storage.Prepared:
         """The query of one shape, its SQL built by `build` the first time (storage.Prepared)."""
@@ -165,11 +185,12 @@ class PaymentRules:
             prepared = self._queries[key] = storage.Prepared(build)
         return prepared
 
-    def _list_query(self, is_admin: bool, status: bool, email: bool, after: bool) -> storage.Prepared:
+    def _list_query(self, is_admin: bool, status: bool, email: bool, after: bool,
+                    show_deleted: bool = False) -> storage.Prepared:
         """The page query of one shape (caller kind, which filters, first page or later)."""
 
         def build(param):
-            query = self._visible(is_admin, param)
+            query = self._visible(is_admin, param, show_deleted)
             if status:
                 query = query.where(Payment.status == param("status"))
             if email:
@@ -182,18 +203,19 @@ class PaymentRules:
                                     < peewee.Tuple(param("after_at"), param("after_id")))
             return query.order_by(Payment.created_at.desc(), Payment.id.desc()).limit(param("limit"))
 
-        return self._prepared(("list", is_admin, status, email, after), build)
+        return self._prepared(("list", is_admin, status, email, after, show_deleted), build)
 
     def get(self, caller: Caller, payment_id: str) -> Payment:
         # Someone else's payment is NOT_FOUND, exactly like a missing one: ids are not probeable.
         if not _PAYMENT_ID.fullmatch(payment_id or ""):
             raise not_found(payment_id)
-        row = self._get_query[caller.is_admin].first(caller_email=caller.email, id=payment_id)
+        row = self._get_query[caller.is_admin].first(caller_id=caller.subject, id=payment_id)
         if row is None:
             raise not_found(payment_id)
         return row
 
-    def list(self, caller: Caller, *, page_size: int = 0, page_token: str = "", status: str = "", email: str = "") -> Page:
+    def list(self, caller: Caller, *, page_size: int = 0, page_token: str = "", status: str = "", email: str = "",
+             show_deleted: bool = False) -> Page:
         violations = []
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
             violations.append(("page_size", f"must be between 1 and {MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})"))
@@ -206,15 +228,18 @@ class PaymentRules:
             raise InvalidArgument(violations, reason="INVALID_LIST_REQUEST")
         if email and not caller.is_admin and email != caller.email:
             raise PermissionDenied("only admins may list another payer's payments", reason="EMAIL_FILTER_FORBIDDEN")
+        if show_deleted and not caller.is_admin:
+            raise PermissionDenied("only admins may list deleted payments", reason="SHOW_DELETED_FORBIDDEN")
         size = page_size or DEFAULT_PAGE_SIZE
         now = self.clock()
-        scope = self.page_tokens.scope(caller.subject, caller.role, caller.email, status, email)
+        scope = self.page_tokens.scope(caller.subject, caller.role, caller.email, status, email,
+                                       "deleted" if show_deleted else "")
 
-        values = {"caller_email": caller.email, "status": status, "email": email, "limit": size + 1}
+        values = {"caller_id": caller.subject, "status": status, "email": email, "limit": size + 1}
         if page_token:
             after_at, values["after_id"] = self.page_tokens.decode(page_token, scope, now)
             values["after_at"] = Payment.created_at.db_value(after_at)
-        query = self._list_query(caller.is_admin, bool(status), bool(email), bool(page_token))
+        query = self._list_query(caller.is_admin, bool(status), bool(email), bool(page_token), show_deleted)
         rows = query(**values)
         next_token = ""
         if len(rows) > size:
@@ -236,10 +261,12 @@ class PaymentRules:
             earlier = self._by_request_id(caller, draft.request_id)
             if earlier is not None:
                 return self._replay(earlier, fingerprint, draft.request_id)
+        owner_id = caller.subject if not caller.is_admin else self._account_of(draft.email)
         now = self.clock()
         row = Payment(
             id=new_payment_id(),
             email=draft.email,
+            owner_id=owner_id,
             amount=draft.amount,
             currency=draft.currency,
             description=draft.description,
@@ -262,6 +289,14 @@ class PaymentRules:
             return self._replay(earlier, fingerprint, draft.request_id)
         return row
 
+    def _account_of(self, email: str) -> str:
+        """The account that holds `email` now: an admin's payment for an email belongs to it."""
+        account = self._account_query.first(email=email)
+        if account is None:
+            raise FailedPrecondition(f"no account holds {email!r}: the payer registers first",
+                                     reason="NO_ACCOUNT", metadata={"email": email})
+        return account.id
+
     def _by_request_id(self, caller: Caller, request_id: str) -> Payment | None:
         return _BY_REQUEST_ID.first(subject=caller.subject, request_id=request_id)
 
@@ -279,19 +314,44 @@ class PaymentRules:
                 reason="PAYMENT_DELETED",
                 metadata={"request_id": request_id},
             )
-        return earlier
+        return as_created(earlier)
 
     def delete(self, caller: Caller, payment_id: str) -> None:
-        """Soft delete: hidden at once, purged by the retention job later."""
+        """Soft delete: hidden at once, purged by the retention job later. Never a payment that
+        moved money: one conditional UPDATE, so a confirm racing it either wins (and the payment
+        stays) or finds it deleted (and cannot confirm it)."""
         row = self.get(caller, payment_id)
+        if row.status == SUCCESS:
+            raise settled(payment_id)
         now = self.clock()
         changed = (
             Payment.update(deleted_at=now, updated_at=now)
-            .where((Payment.id == row.id) & Payment.deleted_at.is_null())
+            .where((Payment.id == row.id) & Payment.deleted_at.is_null() & (Payment.status != SUCCESS))
             .execute()
         )
-        if not changed:  # deleted concurrently
+        if not changed:  # confirmed or deleted concurrently
+            current = self._any_query.first(id=row.id)
+            if current is not None and current.status == SUCCESS and current.deleted_at is None:
+                raise settled(payment_id)
             raise not_found(payment_id)
+
+    def undelete(self, caller: Caller, payment_id: str) -> Payment:
+        """Bring back a deleted payment the purge has not reached (admins; AIP-164)."""
+        if not caller.is_admin:
+            raise PermissionDenied("only admins may undelete payments", reason="ADMIN_ONLY")
+        if not _PAYMENT_ID.fullmatch(payment_id or ""):
+            raise not_found(payment_id)
+        changed = (
+            Payment.update(deleted_at=None, updated_at=self.clock())
+            .where((Payment.id == payment_id) & Payment.deleted_at.is_null(False))
+            .execute()
+        )
+        if not changed:
+            if self._any_query.first(id=payment_id) is None:
+                raise not_found(payment_id)
+            raise FailedPrecondition(f"payment {payment_id!r} is not deleted", reason="PAYMENT_NOT_DELETED",
+                                     metadata={"id": payment_id})
+        return self.get(caller, payment_id)
 
     def confirm(self, caller: Caller, payment_id: str) -> Payment:
         if not caller.is_admin:
@@ -353,7 +413,8 @@ class PaymentRules:
         The request_id of a purged payment is forgotten with it (idempotency records are columns
         of the payment), so a retry after the retention window creates a new payment.
         """
-        old = Payment.deleted_at.is_null(False) & (Payment.deleted_at < before)
+        # Never a payment that moved money (one deleted before that was refused stays, undeletable).
+        old = Payment.deleted_at.is_null(False) & (Payment.deleted_at < before) & (Payment.status != SUCCESS)
         targets = [r.id for r in Payment.select(Payment.id).where(old).order_by(Payment.deleted_at).limit(limit)]
         if not targets:
             return 0

@@ -51,6 +51,8 @@ def payment_fields(row: Payment) -> dict:
         "created_at": _ts(data["created_at"]),
         "updated_at": _ts(data["updated_at"]),
         "expires_at": _ts(data["expires_at"]),
+        "owner_id": data.get("owner_id") or "",
+        "deleted_at": _ts(data.get("deleted_at")),
     }
 
 
@@ -78,6 +80,7 @@ class PaymentServicer(pb_grpc.PaymentServiceServicer):
             # An enum number this server does not know stays visible to the rules, which reject it.
             status=_STATUS_FROM_PB.get(request.status, str(request.status)) if request.status else "",
             email=request.email,
+            show_deleted=request.show_deleted,
         )
         # Dicts, not pb.Payment messages: the response would copy each message into itself.
         return pb.ListPaymentsResponse(payments=[payment_fields(r) for r in page.payments],
@@ -99,6 +102,10 @@ class PaymentServicer(pb_grpc.PaymentServiceServicer):
     @handles_errors
     def CancelPayment(self, request, context):
         return payment_to_pb(self.rules.cancel(auth.caller(), request.id))
+
+    @handles_errors
+    def UndeletePayment(self, request, context):
+        return payment_to_pb(self.rules.undelete(auth.caller(), request.id))
 
 
 class AuthServicer(pb_grpc.AuthServiceServicer):

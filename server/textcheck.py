@@ -24,6 +24,8 @@ _STRING, _MESSAGE = FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE
 def _problem(value: str) -> str | None:
     if len(value) > MAX_TEXT:
         return f"must be at most {MAX_TEXT} characters"
+    if value.isprintable():  # C code, and true for nearly every real value: no control character
+        return None
     if (bad := _CONTROL.search(value)) is not None:
         return f"must not contain control characters (found U+{ord(bad.group()):04X})"
     return None

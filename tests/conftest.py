@@ -129,9 +129,20 @@ def settings(request, tmp_path, keys_dir, backend) -> config.Settings:
     )
 
 
+def seed_accounts() -> None:
+    """Accounts for the callers the tests use (ALICE, BOB, ADMIN_CALLER), with their token
+    subjects as ids: a payment an admin makes for alice@example.com belongs to ALICE's account."""
+    long_ago = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
+    for caller in (ALICE, BOB, ADMIN_CALLER):
+        storage.User.insert(id=caller.subject, email=caller.email, password_hash="!", role=caller.role,
+                            created_at=long_ago).on_conflict_ignore().execute()
+
+
 @pytest.fixture
 def database(settings):
     db = storage.open_database(settings)
+    with db.connection_context():
+        seed_accounts()
     yield db
     if not db.is_closed():
         db.close()
@@ -170,6 +181,8 @@ def running_server(settings):
     from server import app
 
     running = app.build(settings)
+    with storage.db.connection_context():
+        seed_accounts()
     yield running
     running.stop(grace=0.5)
 

@@ -32,6 +32,7 @@ ERRORS = {
     "DeletePayment": {"400", "401", "403", "404"},
     "ConfirmPayment": {"400", "401", "403", "404", "413"},
     "CancelPayment": {"400", "401", "403", "404", "413"},
+    "UndeletePayment": {"400", "401", "403", "404", "413"},
     "Register": {"400", "409", "413", "429"},  # 429: Envoy's rate limit on the auth route
     "Login": {"400", "401", "413", "429"},
 }
@@ -123,7 +124,8 @@ def test_json_encoding_matches_the_transcoder(doc):
 def test_output_only_fields_are_read_only(doc):
     payment = doc["definitions"]["v1Payment"]
     read_only = {name for name, prop in payment["properties"].items() if prop.get("readOnly")}
-    assert read_only == {"id", "status", "failure_reason", "created_at", "updated_at", "expires_at"}
+    assert read_only == {"id", "status", "failure_reason", "created_at", "updated_at", "expires_at", "owner_id",
+                         "deleted_at"}
     assert payment["required"] == ["email", "amount"]
 
 

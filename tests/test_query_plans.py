@@ -45,7 +45,7 @@ def nodes(plan: dict):
         yield from nodes(child)
 
 
-@pytest.mark.parametrize("caller, index", [(ALICE, "payments_email_created_at_id"),
+@pytest.mark.parametrize("caller, index", [(ALICE, "payments_owner_id_created_at_id"),
                                            (ADMIN_CALLER, "payments_created_at_id")])
 def test_a_later_page_is_one_range_scan_of_the_keyset_index(rules, database, caplog, caller, index):
     for n in range(30):

@@ -52,14 +52,15 @@ def test_create_get_list_confirm_cancel_delete(stubs, auth_md):
 
 def test_list_pages_with_tokens_and_filters(stubs, auth_md):
     admin = auth_md(ADMIN_CALLER)
-    ids = [create(stubs, admin, email=f"payer{i % 2}@example.com").id for i in range(5)]
+    ids = [create(stubs, admin, email=("alice@example.com", "bob@example.com")[i % 2]).id for i in range(5)]
     first = stubs.payments.ListPayments(pb.ListPaymentsRequest(page_size=2), metadata=admin)
     second = stubs.payments.ListPayments(pb.ListPaymentsRequest(page_size=2, page_token=first.next_page_token), metadata=admin)
     third = stubs.payments.ListPayments(pb.ListPaymentsRequest(page_size=2, page_token=second.next_page_token), metadata=admin)
     assert [p.id for page in (first, second, third) for p in page.payments] == ids[::-1]
     assert third.next_page_token == ""
-    only = stubs.payments.ListPayments(pb.ListPaymentsRequest(email="payer1@example.com", status=pb.Payment.PENDING), metadata=admin)
-    assert {p.email for p in only.payments} == {"payer1@example.com"} and len(only.payments) == 2
+    only = stubs.payments.ListPayments(pb.ListPaymentsRequest(email="bob@example.com", status=pb.Payment.PENDING), metadata=admin)
+    assert {p.email for p in only.payments} == {"bob@example.com"} and len(only.payments) == 2
+    assert {p.owner_id for p in only.payments} == {BOB.subject}
 
 
 def test_idempotent_create_over_the_wire(stubs, auth_md):

@@ -41,7 +41,7 @@ def test_every_rpc_with_a_string_field_is_fuzzed():
     """The list above covers every RPC that has one (a check on the descriptor walk)."""
     methods = {m for _, m, _ in CASES}
     assert methods == {"CreatePayment", "ListPayments", "GetPayment", "DeletePayment", "ConfirmPayment",
-                       "CancelPayment", "Register", "Login"}, methods
+                       "CancelPayment", "UndeletePayment", "Register", "Login"}, methods
     assert ("PaymentService", "CreatePayment", ("payment", "description")) in CASES
 
 
