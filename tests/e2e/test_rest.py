@@ -304,3 +304,30 @@ def test_success_responses_carry_no_grpc_headers(api, make_user):
 def test_readiness_route(api):
     r = api.get("/ready")
     assert r.status == 200
+
+
+def test_settled_payments_stay_and_admins_undelete_over_rest(api, make_user, admin):
+    user = make_user("undelete")
+    paid = api.post("/v1/payments", {"email": user.email, "amount": "500"}, token=user.token).json
+    assert paid["owner_id"] == user.user_id
+    assert api.post(f"/v1/payments/{paid['id']}:confirm", {}, token=admin.token).status == 200
+    refused = api.delete(f"/v1/payments/{paid['id']}", token=user.token)
+    assert refused.status == 400 and refused.error()[:2] == (GRPC_FAILED_PRECONDITION, "PAYMENT_SETTLED")
+
+    gone = api.post("/v1/payments", {"email": user.email, "amount": "600"}, token=user.token).json
+    assert api.delete(f"/v1/payments/{gone['id']}", token=user.token).status == 200
+    listed = api.get(f"/v1/payments?show_deleted=true&email={user.email}", token=admin.token)
+    assert listed.status == 200, listed.text
+    [deleted] = [p for p in listed.json["payments"] if p["id"] == gone["id"]]
+    assert deleted["deleted_at"]
+    assert api.get("/v1/payments?show_deleted=true", token=user.token).error()[:2] == (
+        GRPC_PERMISSION_DENIED, "SHOW_DELETED_FORBIDDEN")
+    assert api.post(f"/v1/payments/{gone['id']}:undelete", {}, token=user.token).status == 403
+    back = api.post(f"/v1/payments/{gone['id']}:undelete", {}, token=admin.token)
+    assert back.status == 200 and "deleted_at" not in back.json, back.text
+    assert api.get(f"/v1/payments/{gone['id']}", token=user.token).status == 200
+
+
+def test_an_admins_payment_for_an_unregistered_email_is_400_no_account(api, admin):
+    r = api.post("/v1/payments", {"email": "not-registered-yet@example.com", "amount": "5"}, token=admin.token)
+    assert r.status == 400 and r.error()[:2] == (GRPC_FAILED_PRECONDITION, "NO_ACCOUNT")
