@@ -23,7 +23,7 @@ from server import storage
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from server.paging import PageTokens
 from server.principal import Caller
-from server.storage import Payment, User
+from server.storage import Payment, PaymentEvent, User
 
 UTC = dt.timezone.utc
 
@@ -123,6 +123,27 @@ _BY_REQUEST_ID = storage.Prepared(lambda param: Payment.select().where(
 
 
 _INSERT = storage.PreparedInsert(Payment)
+_INSERT_EVENT = storage.PreparedInsert(PaymentEvent)
+SYSTEM = "system"  # the actor_role of the service's own changes (expiry)
+CREATED, CONFIRMED, DELETED, UNDELETED = "created", "confirmed", "deleted", "undeleted"
+
+
+def new_event_id() -> str:
+    return "evt_" + base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+
+
+def record(payment_id: str, action: str, from_status: str | None, to_status: str, at: dt.datetime,
+           caller: Caller | None, failure_reason: str | None = None) -> None:
+    """One history event; call it inside the transaction of the change it records."""
+    _INSERT_EVENT(PaymentEvent(id=new_event_id(), payment_id=payment_id, at=at, action=action,
+                               from_status=from_status, to_status=to_status, failure_reason=failure_reason,
+                               actor_id=caller.subject if caller else "", actor_role=caller.role if caller else SYSTEM))
+
+
+@dataclasses.dataclass(frozen=True)
+class EventPage:
+    events: list[PaymentEvent]
+    next_page_token: str
 
 
 def not_found(payment_id: str) -> NotFound:
@@ -281,6 +302,7 @@ class PaymentRules:
         try:
             with storage.db.atomic():
                 _INSERT(row)
+                record(row.id, CREATED, None, PENDING, now, caller)
         except peewee.IntegrityError:
             # A concurrent retry with the same request_id won the insert: answer as a replay.
             earlier = self._by_request_id(caller, draft.request_id) if draft.request_id else None
@@ -324,11 +346,14 @@ class PaymentRules:
         if row.status == SUCCESS:
             raise settled(payment_id)
         now = self.clock()
-        changed = (
-            Payment.update(deleted_at=now, updated_at=now)
-            .where((Payment.id == row.id) & Payment.deleted_at.is_null() & (Payment.status != SUCCESS))
-            .execute()
-        )
+        with storage.db.atomic():
+            changed = (
+                Payment.update(deleted_at=now, updated_at=now)
+                .where((Payment.id == row.id) & Payment.deleted_at.is_null() & (Payment.status != SUCCESS))
+                .execute()
+            )
+            if changed:
+                record(row.id, DELETED, row.status, row.status, now, caller, row.failure_reason)
         if not changed:  # confirmed or deleted concurrently
             current = self._any_query.first(id=row.id)
             if current is not None and current.status == SUCCESS and current.deleted_at is None:
@@ -341,12 +366,18 @@ class PaymentRules:
             raise PermissionDenied("only admins may undelete payments", reason="ADMIN_ONLY")
         if not _PAYMENT_ID.fullmatch(payment_id or ""):
             raise not_found(payment_id)
-        changed = (
-            Payment.update(deleted_at=None, updated_at=self.clock())
-            .where((Payment.id == payment_id) & Payment.deleted_at.is_null(False))
-            .execute()
-        )
-        if not changed:
+        now = self.clock()
+        with storage.db.atomic():
+            changed = (
+                Payment.update(deleted_at=None, updated_at=now)
+                .where((Payment.id == payment_id) & Payment.deleted_at.is_null(False))
+                .returning(Payment.status, Payment.failure_reason)
+                .execute()
+            )
+            restored = list(changed)
+            for status, failure_reason in ((r.status, r.failure_reason) for r in restored):
+                record(payment_id, UNDELETED, status, status, now, caller, failure_reason)
+        if not restored:
             if self._any_query.first(id=payment_id) is None:
                 raise not_found(payment_id)
             raise FailedPrecondition(f"payment {payment_id!r} is not deleted", reason="PAYMENT_NOT_DELETED",
@@ -364,16 +395,19 @@ class PaymentRules:
     def _leave_pending(self, caller: Caller, payment_id: str, status: str, reason: str | None) -> Payment:
         row = self.get(caller, payment_id)
         now = self.clock()
-        changed = (
-            Payment.update(status=status, failure_reason=reason, updated_at=now)
-            .where(
-                (Payment.id == row.id)
-                & (Payment.status == PENDING)
-                & (Payment.expires_at > now)
-                & Payment.deleted_at.is_null()
+        with storage.db.atomic():
+            changed = (
+                Payment.update(status=status, failure_reason=reason, updated_at=now)
+                .where(
+                    (Payment.id == row.id)
+                    & (Payment.status == PENDING)
+                    & (Payment.expires_at > now)
+                    & Payment.deleted_at.is_null()
+                )
+                .execute()
             )
-            .execute()
-        )
+            if changed:
+                record(row.id, CONFIRMED if status == SUCCESS else CANCELLED, PENDING, status, now, caller, reason)
         if changed:
             return self.get(caller, payment_id)
         # Lost a race, or the payment is not pending (any more), or it is overdue.
@@ -401,11 +435,16 @@ class PaymentRules:
             targets = [r.id for r in (sub.limit(limit) if limit else sub)]
         if not targets:
             return 0
-        return (
-            Payment.update(status=FAILED, failure_reason=EXPIRED, updated_at=now)
-            .where(due & Payment.id.in_(targets))
-            .execute()
-        )
+        with storage.db.atomic():
+            expired = [r.id for r in (
+                Payment.update(status=FAILED, failure_reason=EXPIRED, updated_at=now)
+                .where(due & Payment.id.in_(targets))
+                .returning(Payment.id)
+                .execute()
+            )]
+            for pid in expired:
+                record(pid, EXPIRED, PENDING, FAILED, now, None, EXPIRED)
+        return len(expired)
 
     def purge_deleted(self, before: dt.datetime, *, limit: int) -> int:
         """Remove for good up to `limit` payments soft-deleted before `before`; returns how many.
@@ -418,4 +457,34 @@ class PaymentRules:
         targets = [r.id for r in Payment.select(Payment.id).where(old).order_by(Payment.deleted_at).limit(limit)]
         if not targets:
             return 0
-        return Payment.delete().where(old & Payment.id.in_(targets)).execute()
+        with storage.db.atomic():  # the history goes with the payment, never before it
+            purged = [r.id for r in Payment.delete().where(old & Payment.id.in_(targets)).returning(Payment.id).execute()]
+            if purged:
+                PaymentEvent.delete().where(PaymentEvent.payment_id.in_(purged)).execute()
+        return len(purged)
+
+    def events(self, caller: Caller, payment_id: str, *, page_size: int = 0, page_token: str = "") -> EventPage:
+        """A payment's history, oldest first, paged like list(); the payment's own access rules
+        (an admin also reads the history of a deleted payment)."""
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument([("page_size", f"must be between 1 and {MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})")],
+                                  reason="INVALID_LIST_REQUEST")
+        if caller.is_admin:
+            if not _PAYMENT_ID.fullmatch(payment_id or "") or self._any_query.first(id=payment_id) is None:
+                raise not_found(payment_id)
+        else:
+            self.get(caller, payment_id)
+        size, now = page_size or DEFAULT_PAGE_SIZE, self.clock()
+        scope = self.page_tokens.scope(caller.subject, caller.role, "events", payment_id)
+        query = PaymentEvent.select().where(PaymentEvent.payment_id == payment_id)
+        if page_token:
+            _, after = self.page_tokens.decode(page_token, scope, now)
+            if not after.isdigit():
+                raise InvalidArgument([("page_token", "is not a page token of this listing")], reason="INVALID_PAGE_TOKEN")
+            query = query.where(PaymentEvent.number > int(after))
+        rows = list(query.order_by(PaymentEvent.number).limit(size + 1))
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = self.page_tokens.encode(rows[-1].at, str(rows[-1].number), scope, now)
+        return EventPage(rows, token)

@@ -16,7 +16,7 @@ from server.payments import PaymentDraft, PaymentRules
 from server.pb import payments_pb2 as pb
 from server.pb import payments_pb2_grpc as pb_grpc
 from server.status import handles_errors
-from server.storage import Payment
+from server.storage import Payment, PaymentEvent
 
 _STATUS_TO_PB = {"pending": pb.Payment.PENDING, "success": pb.Payment.SUCCESS, "failed": pb.Payment.FAILED}
 _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
@@ -53,6 +53,23 @@ def payment_fields(row: Payment) -> dict:
         "expires_at": _ts(data["expires_at"]),
         "owner_id": data.get("owner_id") or "",
         "deleted_at": _ts(data.get("deleted_at")),
+    }
+
+
+_ACTION_TO_PB = {name.lower(): value for name, value in pb.PaymentEvent.Action.items() if value}
+
+
+def event_fields(event: PaymentEvent) -> dict:
+    return {
+        "id": event.id,
+        "payment_id": event.payment_id,
+        "time": _ts(event.at),
+        "action": _ACTION_TO_PB[event.action],
+        "from_status": _STATUS_TO_PB.get(event.from_status or "", pb.Payment.STATUS_UNSPECIFIED),
+        "to_status": _STATUS_TO_PB[event.to_status],
+        "failure_reason": _REASON_TO_PB.get(event.failure_reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
+        "actor_id": event.actor_id,
+        "actor_role": event.actor_role,
     }
 
 
@@ -102,6 +119,13 @@ class PaymentServicer(pb_grpc.PaymentServiceServicer):
     @handles_errors
     def CancelPayment(self, request, context):
         return payment_to_pb(self.rules.cancel(auth.caller(), request.id))
+
+    @handles_errors
+    def ListPaymentEvents(self, request, context):
+        page = self.rules.events(auth.caller(), request.payment_id, page_size=request.page_size,
+                                 page_token=request.page_token)
+        return pb.ListPaymentEventsResponse(events=[event_fields(e) for e in page.events],
+                                            next_page_token=page.next_page_token)
 
     @handles_errors
     def UndeletePayment(self, request, context):

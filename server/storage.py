@@ -119,6 +119,27 @@ Payment.add_index(Payment.index(Payment.deleted_at, name="payments_deleted_at_se
 Payment.add_index(Payment.index(Payment.id, name="payments_unowned").where(Payment.owner_id.is_null()))
 
 
+class PaymentEvent(BaseModel):
+    """The append-only history of a payment: one row per change (created, confirmed, cancelled,
+    expired, deleted, undeleted), written in the transaction that makes the change, so there is
+    exactly one per change and none for a change that rolled back. Kept as long as the payment."""
+
+    number = peewee.BigAutoField()  # the order of events (per payment and overall)
+    id = peewee.CharField(max_length=40, unique=True)  # opaque, for the API
+    payment_id = peewee.CharField(max_length=40)
+    at = UTCDateTimeField()
+    action = peewee.CharField(max_length=16)
+    from_status = peewee.CharField(max_length=16, null=True)
+    to_status = peewee.CharField(max_length=16)
+    failure_reason = peewee.CharField(max_length=16, null=True)
+    actor_id = peewee.CharField(max_length=40, default="")  # empty: the service itself (expiry)
+    actor_role = peewee.CharField(max_length=16)  # customer, admin or system
+
+    class Meta:
+        table_name = "payment_events"
+        indexes = ((("payment_id", "number"), False),)
+
+
 class User(BaseModel):
     """Callers of the API. The earlier brief's unique index on email belongs here."""
 
@@ -154,7 +175,7 @@ class JobRun(BaseModel):
         primary_key = peewee.CompositeKey("job", "tick_at")
 
 
-MODELS: Sequence[type[BaseModel]] = (Payment, User, JobRun)
+MODELS: Sequence[type[BaseModel]] = (Payment, PaymentEvent, User, JobRun)
 
 
 class Prepared:
@@ -222,7 +243,8 @@ class PreparedInsert:
 
     def __init__(self, model: type[peewee.Model]):
         self.model = model
-        self._fields = list(model._meta.sorted_fields)
+        # Every column but an auto-increment key, which the database numbers itself.
+        self._fields = [f for f in model._meta.sorted_fields if not isinstance(f, peewee.AutoField)]
         self._compiled: dict[type, str] = {}
 
     def _compile(self) -> str:

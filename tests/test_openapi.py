@@ -33,6 +33,7 @@ ERRORS = {
     "ConfirmPayment": {"400", "401", "403", "404", "413"},
     "CancelPayment": {"400", "401", "403", "404", "413"},
     "UndeletePayment": {"400", "401", "403", "404", "413"},
+    "ListPaymentEvents": {"400", "401", "403", "404"},
     "Register": {"400", "409", "413", "429"},  # 429: Envoy's rate limit on the auth route
     "Login": {"400", "401", "413", "429"},
 }

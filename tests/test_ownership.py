@@ -13,7 +13,7 @@ from server.errors import FailedPrecondition, NotFound, PermissionDenied
 from server.payments import FAILED, PENDING, SUCCESS, PaymentDraft
 from server.principal import CUSTOMER, Caller
 from server.servicers import payment_fields
-from server.storage import Payment, User
+from server.storage import Payment, PaymentEvent, User
 from tests.conftest import ADMIN_CALLER, ALICE, BOB
 
 
@@ -159,3 +159,86 @@ def test_a_replay_after_a_confirm_returns_the_first_answer(rules, clock):
     rules.cancel(BOB, cancelled.id)
     assert rules.create(BOB, draft(email=BOB.email, request_id="order-78")).status == PENDING
     assert rules.get(BOB, cancelled.id).status == FAILED
+
+
+# --- the history ------------------------------------------------------------------------------
+
+def actions(rules, caller, pid) -> list[tuple[str, str, str]]:
+    page = rules.events(caller, pid, page_size=100)
+    return [(e.action, e.actor_role, e.to_status) for e in page.events]
+
+
+def test_every_change_is_one_event_in_order_with_who_made_it(rules, clock):
+    paid = rules.create(ALICE, draft(amount=1))
+    clock.advance(seconds=1)
+    rules.confirm(ADMIN_CALLER, paid.id)
+    cancelled = rules.create(ALICE, draft(amount=2))
+    rules.cancel(ALICE, cancelled.id)
+    rules.delete(ALICE, cancelled.id)
+    rules.undelete(ADMIN_CALLER, cancelled.id)
+    overdue = rules.create(ALICE, draft(amount=3))
+    assert rules.expire_due(clock() + rules.payment_ttl + dt.timedelta(seconds=1)) == 1
+    assert actions(rules, ALICE, paid.id) == [("created", "customer", PENDING), ("confirmed", "admin", SUCCESS)]
+    assert actions(rules, ALICE, cancelled.id) == [("created", "customer", PENDING), ("cancelled", "customer", FAILED),
+                                                   ("deleted", "customer", FAILED), ("undeleted", "admin", FAILED)]
+    assert actions(rules, ALICE, overdue.id) == [("created", "customer", PENDING), ("expired", "system", FAILED)]
+    [created, confirmed] = rules.events(ALICE, paid.id).events
+    assert confirmed.actor_id == ADMIN_CALLER.subject and confirmed.from_status == PENDING
+    assert confirmed.at > created.at
+    # Paged, and only the payment's own readers: someone else's payment's history is NOT_FOUND.
+    first = rules.events(ALICE, cancelled.id, page_size=3)
+    rest = rules.events(ALICE, cancelled.id, page_size=3, page_token=first.next_page_token)
+    assert [e.action for e in first.events + rest.events] == ["created", "cancelled", "deleted", "undeleted"]
+    assert rest.next_page_token == ""
+    with pytest.raises(NotFound):
+        rules.events(BOB, paid.id)
+    with pytest.raises(Exception):
+        rules.events(ALICE, paid.id, page_token=first.next_page_token)  # another payment's token
+
+
+def test_a_purged_payment_takes_its_history_and_a_rolled_back_change_leaves_none(rules, clock):
+    gone = rules.create(ALICE, draft())
+    rules.delete(ALICE, gone.id)
+    assert rules.purge_deleted(clock() + dt.timedelta(seconds=1), limit=10) == 1
+    assert PaymentEvent.select().where(PaymentEvent.payment_id == gone.id).count() == 0
+    kept = rules.create(ALICE, draft(amount=7))
+    with pytest.raises(RuntimeError):
+        with storage.db.atomic():
+            rules.cancel(ALICE, kept.id)
+            raise RuntimeError("the caller's transaction fails after the change")
+    assert actions(rules, ALICE, kept.id) == [("created", "customer", PENDING)]
+    assert rules.get(ALICE, kept.id).status == PENDING
+
+
+def test_racing_confirm_cancel_expiry_and_delete_leave_one_event_per_change(rules, clock):
+    ids = [rules.create(ALICE, draft(amount=200 + i)).id for i in range(25)]
+    later = clock() + rules.payment_ttl + dt.timedelta(seconds=1)
+
+    def attempt(job):
+        kind, pid = job
+        try:
+            if kind == "confirm":
+                rules.confirm(ADMIN_CALLER, pid)
+            elif kind == "cancel":
+                rules.cancel(ALICE, pid)
+            elif kind == "delete":
+                rules.delete(ALICE, pid)
+            else:
+                rules.expire_due(later, ids=[pid])
+        except (FailedPrecondition, NotFound):
+            pass
+
+    jobs = [(kind, pid) for pid in ids for kind in ("confirm", "cancel", "delete", "expire")]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(attempt, jobs))
+    for pid in ids:
+        row = Payment.get_by_id(pid)
+        events = [e.action for e in PaymentEvent.select().where(PaymentEvent.payment_id == pid)
+                  .order_by(PaymentEvent.number)]
+        assert events[0] == "created" and events.count("created") == 1
+        settles = [a for a in events if a in ("confirmed", "cancelled", "expired")]
+        expected = {SUCCESS: ["confirmed"], PENDING: []}.get(row.status, [row.failure_reason])
+        assert settles == expected, (pid, row.status, row.failure_reason, events)
+        assert events.count("deleted") == (1 if row.deleted_at else 0), (pid, events)
+        assert not (row.status == SUCCESS and row.deleted_at), pid
+    storage.end_call()

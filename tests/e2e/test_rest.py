@@ -331,3 +331,16 @@ def test_settled_payments_stay_and_admins_undelete_over_rest(api, make_user, adm
 def test_an_admins_payment_for_an_unregistered_email_is_400_no_account(api, admin):
     r = api.post("/v1/payments", {"email": "not-registered-yet@example.com", "amount": "5"}, token=admin.token)
     assert r.status == 400 and r.error()[:2] == (GRPC_FAILED_PRECONDITION, "NO_ACCOUNT")
+
+
+def test_a_payments_history_over_rest(api, make_user, admin):
+    user = make_user("history")
+    paid = api.post("/v1/payments", {"email": user.email, "amount": "900"}, token=user.token).json
+    assert api.post(f"/v1/payments/{paid['id']}:confirm", {}, token=admin.token).status == 200
+    events = api.get(f"/v1/payments/{paid['id']}/events", token=user.token)
+    assert events.status == 200, events.text
+    assert [(e["action"], e["actor_role"], e["to_status"]) for e in events.json["events"]] == [
+        ("CREATED", "customer", "PENDING"), ("CONFIRMED", "admin", "SUCCESS")]
+    assert events.json["events"][1]["from_status"] == "PENDING"
+    other = make_user("history-other")
+    assert api.get(f"/v1/payments/{paid['id']}/events", token=other.token).status == 404
