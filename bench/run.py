@@ -110,8 +110,9 @@ class Bench:
         s = config.Settings()
         issuer = tokens.TokenIssuer(tokens.load_private_key(keys / "jwt-private.pem"), issuer=s.jwt_issuer,
                                     audience=s.jwt_audience, ttl_seconds=3600)
-        self.token = issuer.issue(subject="usr_bench", email=EMAIL, role="customer")
-        self.admin_token = issuer.issue(subject="usr_bench_admin", email="bench-admin@example.com", role="admin")
+        (user, email, role, sid), (admin, admin_email, admin_role, admin_sid) = seed.CALLERS
+        self.token = issuer.issue(subject=user, email=email, role=role, session_id=sid)
+        self.admin_token = issuer.issue(subject=admin, email=admin_email, role=admin_role, session_id=admin_sid)
         self.rows: list[Row] = []
 
     def env(self, **extra):
@@ -187,6 +188,7 @@ class Bench:
         settings = dataclasses.replace(config.Settings(), database_url=database_url, data_dir=data_dir)
         print(f"{label}: seeding {self.args.rows:,} payments ...", flush=True)
         took = seed.seed(settings, self.args.rows, EMAIL, share=self.args.share)
+        seed.seed_callers(settings)
         print(f"{label}: seeded in {took:.0f}s", flush=True)
         env = self.env(PAYMENTS_DATA_DIR=str(data_dir), PAYMENTS_PAGE_TOKEN_SECRET="bench-page-token-secret")
         if database_url:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import sys
 import time
 from pathlib import Path
@@ -95,6 +96,24 @@ def seed(settings: config.Settings, count: int, email: str, share: float, owner:
             seed_sqlite(database, count, email, owner, share)
     database.close()
     return time.perf_counter() - start
+
+
+# The benchmark's callers: (account id, email, role, session id). Every protected call checks the
+# session its token names, as in production, so the accounts and sessions exist for real.
+CALLERS = (("usr_bench", "bench@example.com", "customer", "ses_bench"),
+           ("usr_bench_admin", "bench-admin@example.com", "admin", "ses_bench_admin"))
+
+
+def seed_callers(settings: config.Settings, callers=CALLERS) -> None:
+    database = storage.open_database(settings)
+    now = dt.datetime.now(dt.timezone.utc)
+    with database.connection_context():
+        for user_id, email, role, session_id in callers:
+            storage.User.insert(id=user_id, email=email, password_hash="!", role=role,
+                                created_at=now - dt.timedelta(days=400)).on_conflict_ignore().execute()
+            storage.Session.insert(id=session_id, user_id=user_id, created_at=now,
+                                   expires_at=now + dt.timedelta(days=1)).on_conflict_ignore().execute()
+    database.close()
 
 
 def main() -> int:

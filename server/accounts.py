@@ -17,6 +17,8 @@ import peewee
 from server import passwords
 from server.errors import AlreadyExists, InvalidArgument, Unauthenticated
 from server.login_throttle import LoginThrottle
+from server.principal import Caller
+from server.sessions import Grant, Sessions
 from server.payments import email_problem, normalize_email
 from server.principal import ADMIN, CUSTOMER
 from server.storage import User, db
@@ -33,13 +35,17 @@ def new_user_id() -> str:
 class Login:
     access_token: str
     expires_in: int
+    refresh_token: str = ""
+    refresh_expires_in: int = 0
 
 
 class Accounts:
-    def __init__(self, issuer: TokenIssuer, clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(UTC)):
+    def __init__(self, issuer: TokenIssuer, clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(UTC),
+                 sessions: Sessions | None = None):
         self.issuer = issuer
         self.clock = clock
         self.throttle = LoginThrottle()
+        self.sessions = sessions or Sessions(30 * 24 * 3600, clock)
 
     @staticmethod
     def _validate(email: str, password: str, reason: str) -> str:
@@ -83,9 +89,38 @@ class Accounts:
         self.throttle.check(email, now)  # before the hash: a refused attempt costs nothing
         user = User.get_or_none(User.email == email) if email else None
         ok = passwords.verify_password(user.password_hash if user else None, password)
-        if not ok or user is None:
+        # A disabled account gets the same answer as a wrong password: nothing to learn from it.
+        if not ok or user is None or user.disabled_at is not None:
             self.throttle.failed(email, now)
             raise Unauthenticated("wrong email or password", reason="BAD_CREDENTIALS")
         self.throttle.succeeded(email)
-        token = self.issuer.issue(subject=user.id, email=user.email, role=user.role)
-        return Login(access_token=token, expires_in=self.issuer.ttl_seconds)
+        return self._login(self.sessions.start(user))
+
+    def refresh(self, refresh_token: str) -> Login:
+        """A new access token and refresh token for a refresh token (which is then spent); the
+        account's current role goes into the new access token."""
+        return self._login(self.sessions.refresh(refresh_token))
+
+    def logout(self, caller: Caller) -> None:
+        self.sessions.revoke(caller.session_id, "logout")
+
+    def _login(self, grant: Grant) -> Login:
+        user = grant.user
+        token = self.issuer.issue(subject=user.id, email=user.email, role=user.role, session_id=grant.session_id)
+        return Login(access_token=token, expires_in=self.issuer.ttl_seconds, refresh_token=grant.refresh_token,
+                     refresh_expires_in=grant.refresh_expires_in)
+
+    def disable(self, email: str) -> User:
+        """Operators: no more logins or refreshes, and every session ends (server/cli.py)."""
+        user = User.get_or_none(User.email == normalize_email(email))
+        if user is None:
+            raise InvalidArgument([("email", "no account has this email")], reason="NO_ACCOUNT")
+        User.update(disabled_at=self.clock()).where(User.id == user.id).execute()
+        self.sessions.revoke_user(user.id, "account disabled")
+        return user
+
+    def revoke_sessions(self, email: str) -> int:
+        user = User.get_or_none(User.email == normalize_email(email))
+        if user is None:
+            raise InvalidArgument([("email", "no account has this email")], reason="NO_ACCOUNT")
+        return self.sessions.revoke_user(user.id, "revoked by an operator")

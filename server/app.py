@@ -18,6 +18,7 @@ from server.calls import CallInterceptor
 from server.config import Settings
 from server.paging import PageTokens
 from server.payments import PaymentRules
+from server.sessions import SessionCheck, Sessions
 from server.pb import payments_pb2 as pb
 from server.pb import payments_pb2_grpc as pb_grpc
 from server.servicers import AuthServicer, PaymentServicer
@@ -75,7 +76,8 @@ def build(settings: Settings) -> App:
                                               audience=settings.jwt_audience)
     issuer = tokens.TokenIssuer(tokens.load_private_key(settings.jwt_private_key_file), issuer=settings.jwt_issuer,
                                 audience=settings.jwt_audience, ttl_seconds=settings.jwt_ttl_seconds)
-    accounts = Accounts(issuer)
+    sessions = Sessions(settings.refresh_ttl_seconds)
+    accounts = Accounts(issuer, sessions=sessions)
     if settings.admin_email and settings.admin_password:
         accounts.ensure_admin(settings.admin_email, settings.admin_password)
         log.info("admin account ensured", extra={"email": settings.admin_email})
@@ -92,7 +94,8 @@ def build(settings: Settings) -> App:
                                   stream_max_seconds=settings.stream_max_seconds)
     server = grpc.server(
         lanes.payments,
-        interceptors=[CallInterceptor(verifier, None if storage.is_postgres(database) else turns.Turns(), lanes)],
+        interceptors=[CallInterceptor(verifier, None if storage.is_postgres(database) else turns.Turns(), lanes,
+                                      SessionCheck(settings.revocation_check_seconds))],
         # The lanes bound each kind of call; grpc's own cap only backs them up.
         maximum_concurrent_rpcs=lanes.total + 64,
         options=[

@@ -18,6 +18,7 @@ from server.tokens import TokenVerifier
 PUBLIC_METHODS = frozenset({
     "/payments.v1.AuthService/Register",
     "/payments.v1.AuthService/Login",
+    "/payments.v1.AuthService/Refresh",  # its own proof is the refresh token
 })
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                    "/grpc.reflection.v1.ServerReflection/")

@@ -17,6 +17,7 @@ import grpc
 
 from server import auth, capacity, decoding, errors, logs, textcheck, turns
 from server.status import abort, mapped_errors
+from server.sessions import SessionCheck
 from server.tokens import TokenVerifier
 
 _HEALTH = "/grpc.health.v1.Health/"
@@ -35,8 +36,9 @@ class CallInterceptor(grpc.ServerInterceptor):
     server's own pool, which is lanes.payments."""
 
     def __init__(self, verifier: TokenVerifier, database_turns: turns.Turns | None = None,
-                 lanes: capacity.Lanes | None = None):
+                 lanes: capacity.Lanes | None = None, sessions: SessionCheck | None = None):
         self._verifier = verifier
+        self._sessions = sessions
         self._turns = database_turns
         self._lanes = lanes
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}  # by method: the wrapped handler
@@ -69,7 +71,7 @@ class CallInterceptor(grpc.ServerInterceptor):
             if not auth.is_public(method):
                 raise RuntimeError(f"protected method {method} is not unary")
             return self._wrap_stream(method, handler, kind, lane)
-        behavior, verifier = handler.unary_unary, self._verifier
+        behavior, verifier, sessions = handler.unary_unary, self._verifier, self._sessions
         public = auth.is_public(method)
         turn = self._turns if self._turns is not None and turns.takes_turns(method) else None
         # Health checks (Envoy every few seconds, kubelet probes) would drown the log at INFO.
@@ -84,7 +86,10 @@ class CallInterceptor(grpc.ServerInterceptor):
                 acting = None
                 if not public:
                     with mapped_errors(context):
-                        acting = auth.acting_as(auth.authenticate(verifier, context.invocation_metadata()))
+                        who = auth.authenticate(verifier, context.invocation_metadata())
+                        if sessions is not None:  # revoked, disabled, deleted or re-roled: refused
+                            sessions.check(who)
+                        acting = auth.acting_as(who)
                 try:
                     if request is decoding.UNDECODABLE:  # judged only once the caller is known
                         abort(context, decoding.rejection())

@@ -1,7 +1,9 @@
 """Operator commands: `python -m server.cli keys` creates a signing key pair (or adds one for a
 rotation); `python -m server.cli create-admin EMAIL` creates or promotes an admin, reading the
 password from PAYMENTS_ADMIN_PASSWORD or a prompt (never from the command line, where it would
-land in shell history and process lists)."""
+land in shell history and process lists); `disable-account EMAIL` stops an account's logins and
+ends its sessions; `revoke-sessions EMAIL` ends its sessions only (both reach running servers
+within PAYMENTS_REVOCATION_CHECK_SECONDS)."""
 
 from __future__ import annotations
 
@@ -21,8 +23,29 @@ def main(argv: list[str] | None = None) -> int:
     keys.add_argument("--if-missing", action="store_true", help="do nothing if the private key exists")
     admin = sub.add_parser("create-admin", help="create or promote an admin account")
     admin.add_argument("email")
+    for name, text in (("disable-account", "no more logins or refreshes for an account, and end its sessions"),
+                       ("revoke-sessions", "end every session of an account (it can log in again)")):
+        sub.add_parser(name, help=text).add_argument("email")
     args = parser.parse_args(argv)
     settings = config.load()
+
+    if args.command in ("disable-account", "revoke-sessions"):
+        from server.accounts import Accounts
+        from server.errors import InvalidArgument
+        from server.sessions import Sessions
+
+        storage.open_database(settings)
+        accounts = Accounts(None, sessions=Sessions(settings.refresh_ttl_seconds))
+        try:
+            if args.command == "disable-account":
+                user = accounts.disable(args.email)
+                print(f"disabled {user.email} ({user.id}); its sessions are revoked")
+            else:
+                print(f"revoked {accounts.revoke_sessions(args.email)} session(s) of {args.email}")
+        except InvalidArgument as e:
+            print(f"error: {e.message}", file=sys.stderr)
+            return 1
+        return 0
 
     if args.command == "keys":
         key_file: Path = settings.jwt_private_key_file

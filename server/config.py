@@ -39,7 +39,9 @@ class Settings:
     jwks_file: Path = Path("keys/jwks.json")
     jwt_issuer: str = "payments"
     jwt_audience: str = "payments-api"
-    jwt_ttl_seconds: int = 900
+    jwt_ttl_seconds: int = 300  # access tokens: short, a refresh token gets the next one
+    refresh_ttl_seconds: int = 30 * 24 * 3600  # a session's refresh tokens end this long after login
+    revocation_check_seconds: float = 5.0  # logout, disable, delete or a role change reach every call within this
     admin_email: str = ""
     admin_password: str = dataclasses.field(default="", repr=False)
     # jobs (APScheduler, in-process)
@@ -124,6 +126,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         jwt_issuer=env.get("PAYMENTS_JWT_ISSUER", d.jwt_issuer),
         jwt_audience=env.get("PAYMENTS_JWT_AUDIENCE", d.jwt_audience),
         jwt_ttl_seconds=_int(env, "PAYMENTS_JWT_TTL_SECONDS", d.jwt_ttl_seconds, 30),
+        refresh_ttl_seconds=_int(env, "PAYMENTS_REFRESH_TTL_SECONDS", d.refresh_ttl_seconds, 60),
+        revocation_check_seconds=_float(env, "PAYMENTS_REVOCATION_CHECK_SECONDS", d.revocation_check_seconds),
         admin_email=env.get("PAYMENTS_ADMIN_EMAIL", ""),
         admin_password=env.get("PAYMENTS_ADMIN_PASSWORD", ""),
         jobs_enabled=_bool(env, "PAYMENTS_JOBS_ENABLED", d.jobs_enabled),

@@ -57,7 +57,8 @@ class PageTokens:
         def bad(why: str) -> InvalidArgument:
             return InvalidArgument([("page_token", why)], reason="INVALID_PAGE_TOKEN")
 
-        if len(token) > 512 or token.count(".") != 1:
+        # Ours are ASCII (compare_digest refuses to compare other text: it raised, as INTERNAL).
+        if len(token) > 512 or token.count(".") != 1 or not token.isascii():
             raise bad("is not a page token from this API")
         body_text, sig = token.split(".")
         try:

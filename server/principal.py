@@ -14,6 +14,7 @@ class Caller:
     subject: str  # the user's id (JWT `sub`); scopes idempotency keys
     email: str
     role: str
+    session_id: str = ""  # the login the token belongs to (JWT `sid`): what revocation ends
 
     @property
     def is_admin(self) -> bool:

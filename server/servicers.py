@@ -143,5 +143,18 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
 
     @handles_errors
     def Login(self, request, context):
-        login = self.accounts.login(request.email, request.password)
-        return pb.LoginResponse(access_token=login.access_token, token_type="Bearer", expires_in=login.expires_in)
+        return _login_pb(self.accounts.login(request.email, request.password))
+
+    @handles_errors
+    def Refresh(self, request, context):
+        return _login_pb(self.accounts.refresh(request.refresh_token))
+
+    @handles_errors
+    def Logout(self, request, context):
+        self.accounts.logout(auth.caller())
+        return empty_pb2.Empty()
+
+
+def _login_pb(login) -> pb.LoginResponse:
+    return pb.LoginResponse(access_token=login.access_token, token_type="Bearer", expires_in=login.expires_in,
+                            refresh_token=login.refresh_token, refresh_expires_in=login.refresh_expires_in)

@@ -148,9 +148,37 @@ class User(BaseModel):
     password_hash = peewee.CharField(max_length=255)
     role = peewee.CharField(max_length=16, default="customer")
     created_at = UTCDateTimeField()
+    disabled_at = UTCDateTimeField(null=True)  # set: no login, no refresh, every session ends
 
     class Meta:
         table_name = "users"
+
+
+class Session(BaseModel):
+    """One login: what its access tokens (claim `sid`) and refresh tokens belong to. Revoking it
+    (logout, reuse of a refresh token, an operator) ends them all (server/sessions.py)."""
+
+    id = peewee.CharField(primary_key=True, max_length=48)
+    user_id = peewee.CharField(max_length=40, index=True)
+    created_at = UTCDateTimeField()
+    expires_at = UTCDateTimeField()  # the refresh tokens' absolute end: log in again after it
+    revoked_at = UTCDateTimeField(null=True)
+    revoke_reason = peewee.CharField(max_length=64, null=True)
+
+    class Meta:
+        table_name = "sessions"
+
+
+class RefreshToken(BaseModel):
+    """A refresh token, by its SHA-256 (the token itself is never stored). Used once."""
+
+    hash = peewee.CharField(primary_key=True, max_length=64)
+    session_id = peewee.CharField(max_length=48, index=True)
+    issued_at = UTCDateTimeField()
+    used_at = UTCDateTimeField(null=True)
+
+    class Meta:
+        table_name = "refresh_tokens"
 
 
 class JobRun(BaseModel):
@@ -175,7 +203,7 @@ class JobRun(BaseModel):
         primary_key = peewee.CompositeKey("job", "tick_at")
 
 
-MODELS: Sequence[type[BaseModel]] = (Payment, PaymentEvent, User, JobRun)
+MODELS: Sequence[type[BaseModel]] = (Payment, PaymentEvent, User, Session, RefreshToken, JobRun)
 
 
 class Prepared:

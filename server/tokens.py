@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,8 @@ from server.principal import ROLES, Caller
 
 UTC = dt.timezone.utc
 ALGORITHM = "ES256"
+ACCESS_TOKEN_TYPE = "at+jwt"  # RFC 9068
+CLIENT_ID = "payments-api-clients"  # RFC 9068 asks for one; every client of this API is a public client
 LEEWAY_SECONDS = 30
 VERIFIED_CACHE_SIZE = 10_000
 
@@ -79,19 +82,23 @@ class TokenIssuer:
         self.kid = public_jwk(private_key.public_key())["kid"]
         self.issuer, self.audience, self.ttl_seconds, self.clock = issuer, audience, ttl_seconds, clock
 
-    def issue(self, *, subject: str, email: str, role: str) -> str:
+    def issue(self, *, subject: str, email: str, role: str, session_id: str) -> str:
+        """An access token (RFC 9068: typ at+jwt, a jti of its own, client_id) for a session."""
         now = int(self.clock().timestamp())
         claims = {
             "iss": self.issuer,
             "aud": self.audience,
             "sub": subject,
+            "client_id": CLIENT_ID,
             "email": email,
             "role": role,
+            "sid": session_id,
+            "jti": secrets.token_urlsafe(16),
             "iat": now,
             "nbf": now,
             "exp": now + self.ttl_seconds,
         }
-        return jwt.encode(claims, self._key, algorithm=ALGORITHM, headers={"kid": self.kid, "typ": "JWT"})
+        return jwt.encode(claims, self._key, algorithm=ALGORITHM, headers={"kid": self.kid, "typ": ACCESS_TOKEN_TYPE})
 
 
 class TokenVerifier:
@@ -140,6 +147,9 @@ class TokenVerifier:
             raise bad("malformed") from None
         if header.get("alg") != ALGORITHM:
             raise bad(f"algorithm must be {ALGORITHM}")
+        # Explicit typing (RFC 8725 3.11): only an access token is one, whatever else this key signs.
+        if str(header.get("typ", "")).lower() not in (ACCESS_TOKEN_TYPE, "application/" + ACCESS_TOKEN_TYPE):
+            raise bad(f"typ must be {ACCESS_TOKEN_TYPE}")
         key = self._keys.get(header.get("kid"))
         if key is None:
             raise bad("unknown signing key")
@@ -151,7 +161,7 @@ class TokenVerifier:
                 audience=self.audience,
                 issuer=self.issuer,
                 leeway=LEEWAY_SECONDS,
-                options={"require": ["exp", "iat", "iss", "aud", "sub"]},
+                options={"require": ["exp", "iat", "iss", "aud", "sub", "jti"]},
             )
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("token has expired", reason="TOKEN_EXPIRED") from None
@@ -164,7 +174,9 @@ class TokenVerifier:
             raise bad("wrong issuer") from None
         except jwt.PyJWTError:
             raise bad("signature or claims do not verify") from None
-        role, email, sub = claims.get("role"), claims.get("email"), claims.get("sub")
+        role, email, sub, sid = claims.get("role"), claims.get("email"), claims.get("sub"), claims.get("sid")
         if role not in ROLES or not isinstance(email, str) or not email or not isinstance(sub, str):
             raise bad("missing or unknown role, email or subject")
-        return Caller(subject=sub, email=email, role=role), float(claims["exp"])
+        if not isinstance(sid, str) or not sid:
+            raise bad("no session")
+        return Caller(subject=sub, email=email, role=role, session_id=sid), float(claims["exp"])

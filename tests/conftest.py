@@ -126,16 +126,32 @@ def settings(request, tmp_path, keys_dir, backend) -> config.Settings:
         jobs_enabled=False,
         page_token_secret=b"test-page-token-secret",
         grace_seconds=1.0,
+        revocation_check_seconds=0.5,  # the bound test_sessions.py holds the server to
     )
+
+
+def session_id_of(caller: Caller) -> str:
+    return f"ses_test_{caller.subject}"
 
 
 def seed_accounts() -> None:
     """Accounts for the callers the tests use (ALICE, BOB, ADMIN_CALLER), with their token
-    subjects as ids: a payment an admin makes for alice@example.com belongs to ALICE's account."""
+    subjects as ids (a payment an admin makes for alice@example.com belongs to ALICE's account),
+    and the live session each token_for token names."""
     long_ago = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
     for caller in (ALICE, BOB, ADMIN_CALLER):
         storage.User.insert(id=caller.subject, email=caller.email, password_hash="!", role=caller.role,
                             created_at=long_ago).on_conflict_ignore().execute()
+        storage.Session.insert(id=session_id_of(caller), user_id=caller.subject, created_at=long_ago,
+                               expires_at=dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc)).on_conflict_ignore().execute()
+
+
+def seed_accounts_into(settings: config.Settings) -> None:
+    """seed_accounts() in the database of a server running in another process (its tables exist)."""
+    database = storage.make_database(settings)
+    with database.bind_ctx(storage.MODELS), database.connection_context():
+        seed_accounts()
+    database.close()
 
 
 @pytest.fixture
@@ -170,7 +186,9 @@ def issuer(keys_dir) -> tokens.TokenIssuer:
 @pytest.fixture(scope="session")
 def token_for(issuer):
     def make(caller: Caller) -> str:
-        return issuer.issue(subject=caller.subject, email=caller.email, role=caller.role)
+        """A token of the session seed_accounts() makes (the server checks it on every call)."""
+        return issuer.issue(subject=caller.subject, email=caller.email, role=caller.role,
+                            session_id=session_id_of(caller))
 
     return make
 

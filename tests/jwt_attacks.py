@@ -21,7 +21,7 @@ ISS, AUD = "payments", "payments-api"
 def claims(**over):
     now = int(time.time())
     c = {"iss": ISS, "aud": AUD, "sub": "usr_alice", "email": "alice@example.com", "role": "customer",
-         "iat": now, "nbf": now, "exp": now + 600}
+         "sid": "ses_test_usr_alice", "jti": "attack", "iat": now, "nbf": now, "exp": now + 600}
     c.update(over)
     return {k: v for k, v in c.items() if v is not None}
 
@@ -33,7 +33,8 @@ def _b64(data: bytes) -> str:
 def sign(private_pem: bytes, payload: dict, kid: str | None = None) -> str:
     key = serialization.load_pem_private_key(private_pem, password=None)
     kid = kid or public_jwk(key.public_key())["kid"]
-    return jwt.encode(payload, key, algorithm="ES256", headers={"kid": kid})
+    # A well-formed access token in every way but the one each attack breaks.
+    return jwt.encode(payload, key, algorithm="ES256", headers={"kid": kid, "typ": "at+jwt"})
 
 
 def attacks(private_pem: bytes, public_jwks: dict) -> dict[str, str]:

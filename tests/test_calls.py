@@ -5,6 +5,7 @@ real channel is covered by tests/test_service.py, tests/test_turns.py and tests/
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 
 import grpc
@@ -12,7 +13,7 @@ import pytest
 
 from server import auth, calls, config, decoding, errors, logs, status, tokens, turns
 from server.pb import payments_pb2 as pb
-from tests.conftest import ALICE
+from tests.conftest import ALICE, session_id_of
 
 GET = "/payments.v1.PaymentService/GetPayment"
 LOGIN = "/payments.v1.AuthService/Login"
@@ -84,7 +85,7 @@ def test_the_handler_sees_the_verified_caller_and_the_next_call_does_not(verifie
                                                                     or pb.Payment(id="pay_x")))
     ctx = FakeContext([("authorization", f"Bearer {token_for(ALICE)}")])
     assert handler.unary_unary(pb.GetPaymentRequest(), ctx) == pb.Payment(id="pay_x")
-    assert seen == [ALICE]
+    assert seen == [dataclasses.replace(ALICE, session_id=session_id_of(ALICE))]
     with pytest.raises(LookupError):
         auth.caller()  # taken back when the call ended
 

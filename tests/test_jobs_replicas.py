@@ -23,7 +23,8 @@ import pytest
 from server import storage
 from server.pb import payments_pb2 as pb
 from server.pb import payments_pb2_grpc as pb_grpc
-from tests.conftest import ALICE, ROOT, _reset_postgres
+from server import config
+from tests.conftest import ALICE, ROOT, _reset_postgres, seed_accounts_into
 from tests.jobs_support import wait_for
 
 REPLICAS = 3
@@ -94,6 +95,7 @@ def replicas(pg_session_url, keys_dir, tmp_path):
                                    tmp_path / f"replica{i}.log"))
         for r in started:
             wait_for(r.listening_port, timeout=30, what=f"replica {r.index} to listen")
+        seed_accounts_into(config.load(env))  # the sessions behind token_for's tokens
         yield started
     finally:
         for r in started:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCUMENT = ROOT / "openapi" / "payments.swagger.json"
 STATUS_REF = "#/definitions/googleRpcStatus"
 
-PUBLIC_OPERATIONS = {"Register", "Login"}
+PUBLIC_OPERATIONS = {"Register", "Login", "Refresh"}
 # The error statuses each operation really answers (besides 503 and default, on every operation).
 ERRORS = {
     "CreatePayment": {"400", "401", "403", "409", "413"},
@@ -36,6 +36,8 @@ ERRORS = {
     "ListPaymentEvents": {"400", "401", "403", "404"},
     "Register": {"400", "409", "413", "429"},  # 429: Envoy's rate limit on the auth route
     "Login": {"400", "401", "413", "429"},
+    "Refresh": {"400", "401", "413", "429"},
+    "Logout": {"400", "401", "403", "413", "429"},
 }
 
 

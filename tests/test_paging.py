@@ -24,7 +24,8 @@ def _reason(fn):
     return e.value.violations[0][1]
 
 
-@pytest.mark.parametrize("forged", ["", "abc", "a.b", "a.b.c", "!!!.???", "x" * 600, "eyJ2IjoxfQ.AAAA"])
+@pytest.mark.parametrize("forged", ["", "abc", "a.b", "a.b.c", "!!!.???", "x" * 600, "eyJ2IjoxfQ.AAAA",
+                                    "000000.\xa0", "eyJ2IjoxfQ.é"])  # non-ASCII: found by test_text_fuzz
 def test_garbage_is_invalid_argument(forged):
     _reason(lambda: PageTokens(b"k" * 32).decode(forged, "scope", NOW))
 

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from server.pb import payments_pb2 as pb
-from tests.conftest import ALICE, ROOT
+from tests.conftest import ALICE, ROOT, seed_accounts_into
 
 GRPCURL = ROOT / ".tools" / "bin" / "grpcurl"
 
@@ -49,6 +49,7 @@ def server_process(settings, tmp_path):
     except grpc.FutureTimeoutError:
         proc.kill()
         pytest.fail("server did not start:\n" + log.read_text())
+    seed_accounts_into(settings)  # the sessions behind token_for's tokens
     proc.port, proc.channel, proc.log = port, channel, log
     yield proc
     channel.close()

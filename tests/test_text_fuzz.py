@@ -41,7 +41,7 @@ def test_every_rpc_with_a_string_field_is_fuzzed():
     """The list above covers every RPC that has one (a check on the descriptor walk)."""
     methods = {m for _, m, _ in CASES}
     assert methods == {"CreatePayment", "ListPayments", "GetPayment", "DeletePayment", "ConfirmPayment",
-                       "CancelPayment", "UndeletePayment", "ListPaymentEvents", "Register", "Login"}, methods
+                       "CancelPayment", "UndeletePayment", "ListPaymentEvents", "Register", "Login", "Refresh"}, methods
     assert ("PaymentService", "CreatePayment", ("payment", "description")) in CASES
 
 
@@ -56,6 +56,8 @@ def baseline(method: str, payment_id: str) -> object:
     }.get(method)
     if request_type is not None:
         return request_type()
+    if method == "Refresh":
+        return pb.RefreshRequest(refresh_token="rt_" + "a" * 32)
     if method == "ListPaymentEvents":
         return pb.ListPaymentEventsRequest(payment_id=payment_id)
     return getattr(pb, f"{method}Request")(id=payment_id)

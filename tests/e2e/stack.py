@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from server import config
 from tests.e2e.envoyconf import CONFIG, ROOT, render
 
 ENVOY = ROOT / ".venv" / "bin" / "envoy"
@@ -113,6 +114,10 @@ class Server:
                                     stdout=out, stderr=subprocess.STDOUT)
         try:
             port = wait_until("server", lambda: listening_port(log), proc, log, timeout)
+            # The accounts and sessions behind tests.conftest's token_for tokens, in this server's database.
+            from tests.conftest import seed_accounts_into
+
+            seed_accounts_into(config.load(env or server_env(work)))
         except BaseException:
             _stop(proc)
             raise

@@ -65,7 +65,8 @@ def test_jwt_rules_fail_closed_and_read_only_the_authorization_header():
     assert jwt["rules"][-1] == {"match": {"prefix": "/"}, "requires": {"provider_name": "payments"}}
     public = [r["match"] for r in jwt["rules"] if "requires" not in r]
     assert public == [
-        {"path": "/v1/auth/register"}, {"path": "/v1/auth/login"},
+        {"path": "/v1/auth/register"}, {"path": "/v1/auth/login"}, {"path": "/v1/auth/refresh"},
         {"path": "/payments.v1.AuthService/Register"}, {"path": "/payments.v1.AuthService/Login"},
+        {"path": "/payments.v1.AuthService/Refresh"},
         {"prefix": "/grpc.health.v1.Health/"}, {"path": "/ready"},
     ]
