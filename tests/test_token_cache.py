@@ -3,6 +3,7 @@ or let a different token (same claims, other signature) through."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 
@@ -39,10 +40,10 @@ def later(monkeypatch, seconds: float) -> None:
 
 def test_a_remembered_token_still_expires(pair, monkeypatch):
     issuer, verifier = pair
-    token = issuer.issue(subject=ALICE.subject, email=ALICE.email, role=ALICE.role)
-    assert verifier.verify(token) == verifier.verify(token) == ALICE
+    token = issuer.issue(subject=ALICE.subject, email=ALICE.email, role=ALICE.role, session_id="ses_1")
+    assert verifier.verify(token) == verifier.verify(token) == dataclasses.replace(ALICE, session_id="ses_1")
     later(monkeypatch, TTL + tokens.LEEWAY_SECONDS - 5)
-    assert verifier.verify(token) == ALICE  # within the leeway, as without the cache
+    assert verifier.verify(token) == dataclasses.replace(ALICE, session_id="ses_1")  # within the leeway, as without the cache
     later(monkeypatch, TTL + tokens.LEEWAY_SECONDS + 5)
     with pytest.raises(Unauthenticated) as e:
         verifier.verify(token)
@@ -51,8 +52,8 @@ def test_a_remembered_token_still_expires(pair, monkeypatch):
 
 def test_a_remembered_token_does_not_vouch_for_a_tampered_copy(pair):
     issuer, verifier = pair
-    token = issuer.issue(subject=ALICE.subject, email=ALICE.email, role=ALICE.role)
-    assert verifier.verify(token) == ALICE
+    token = issuer.issue(subject=ALICE.subject, email=ALICE.email, role=ALICE.role, session_id="ses_1")
+    assert verifier.verify(token) == dataclasses.replace(ALICE, session_id="ses_1")
     head, body, sig = token.split(".")
     forged = f"{head}.{body}.{sig[:-4]}{'AAAA' if sig[-4:] != 'AAAA' else 'BBBB'}"
     with pytest.raises(Unauthenticated):

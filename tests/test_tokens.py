@@ -16,18 +16,19 @@ def verifier(keys_dir):
 
 
 def test_issued_token_verifies_to_its_caller(issuer, verifier):
-    caller = verifier.verify(issuer.issue(subject="usr_1", email="a@example.com", role="admin"))
+    caller = verifier.verify(issuer.issue(subject="usr_1", email="a@example.com", role="admin", session_id="ses_1"))
     assert (caller.subject, caller.email, caller.role, caller.is_admin) == ("usr_1", "a@example.com", "admin", True)
 
 
 def test_token_has_the_promised_claims_and_kid(issuer, keys_dir):
     import jwt
 
-    token = issuer.issue(subject="usr_1", email="a@example.com", role="customer")
+    token = issuer.issue(subject="usr_1", email="a@example.com", role="customer", session_id="ses_1")
     header = jwt.get_unverified_header(token)
     body = jwt.decode(token, options={"verify_signature": False})
     assert header["alg"] == "ES256" and header["kid"] == json.loads((keys_dir / "jwks.json").read_text())["keys"][0]["kid"]
-    assert {"iss", "aud", "sub", "email", "role", "iat", "exp"} <= set(body)
+    assert header["typ"] == "at+jwt"  # RFC 9068
+    assert {"iss", "aud", "sub", "client_id", "email", "role", "sid", "jti", "iat", "exp"} <= set(body)
     assert body["exp"] - body["iat"] == issuer.ttl_seconds
 
 
@@ -65,13 +66,13 @@ def test_rotation_keeps_old_tokens_valid(tmp_path):
     priv, jwks = tmp_path / "k.pem", tmp_path / "jwks.json"
     tokens.create_key_pair(priv, jwks)
     old = tokens.TokenIssuer(tokens.load_private_key(priv), issuer="i", audience="a", ttl_seconds=60)
-    old_token = old.issue(subject="s", email="e@example.com", role="customer")
+    old_token = old.issue(subject="s", email="e@example.com", role="customer", session_id="ses_1")
     tokens.create_key_pair(tmp_path / "k2.pem", jwks)  # add the new key
     new = tokens.TokenIssuer(tokens.load_private_key(tmp_path / "k2.pem"), issuer="i", audience="a", ttl_seconds=60)
     verifier = tokens.TokenVerifier.from_file(jwks, issuer="i", audience="a")
     assert len(json.loads(jwks.read_text())["keys"]) == 2 and old.kid != new.kid
     assert verifier.verify(old_token).subject == "s"
-    assert verifier.verify(new.issue(subject="t", email="e@example.com", role="customer")).subject == "t"
+    assert verifier.verify(new.issue(subject="t", email="e@example.com", role="customer", session_id="ses_1")).subject == "t"
 
 
 def test_private_key_file_is_owner_only(tmp_path):

@@ -42,13 +42,15 @@ class Forge:
 
     def claims(self, **override) -> dict:
         now = int(time.time())
-        claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "usr_forged", "email": "forged@example.com",
-                  "role": "admin", "iat": now, "nbf": now, "exp": now + 600}
+        # ALICE's identity and live session (seeded by the test stack): a forgery changes one thing.
+        claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "usr_alice", "email": "alice@example.com",
+                  "role": "customer", "sid": "ses_test_usr_alice", "jti": "forged", "iat": now, "nbf": now,
+                  "exp": now + 600}
         claims.update(override)
         return {k: v for k, v in claims.items() if v is not None}
 
     def sign(self, claims: dict, key=None, kid: str | None = None) -> str:
-        return jwt.encode(claims, key or self.key, algorithm="ES256", headers={"kid": kid or self.kid})
+        return jwt.encode(claims, key or self.key, algorithm="ES256", headers={"kid": kid or self.kid, "typ": "at+jwt"})
 
     def valid(self) -> str:
         return self.sign(self.claims())
