@@ -172,7 +172,7 @@ class Bench:
 
     def start_baseline(self) -> Target:
         server = self.stack.enter_context(stopping(Server.start(
-            self.work, self.env(), [sys.executable, str(ROOT / "bench" / "empty_server.py")])))
+            self.work, self.env(), [sys.executable, str(ROOT / "bench" / "empty_server.py")], test_accounts=False)))
         envoy = self.stack.enter_context(stopping(Envoy.start(self.envoy_dir("baseline"), server.port)))
         return Target("baseline", server, envoy, "pay_" + "a" * 26)
 
@@ -193,7 +193,7 @@ class Bench:
         env = self.env(PAYMENTS_DATA_DIR=str(data_dir), PAYMENTS_PAGE_TOKEN_SECRET="bench-page-token-secret")
         if database_url:
             env["DATABASE_URL"] = database_url
-        server = self.stack.enter_context(stopping(Server.start(self.work, env)))
+        server = self.stack.enter_context(stopping(Server.start(self.work, env, test_accounts=False)))
         envoy = self.stack.enter_context(stopping(Envoy.start(self.envoy_dir(label), server.port)))
         return Target(label, server, envoy, self.create_one(server.port))
 

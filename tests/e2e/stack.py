@@ -106,18 +106,19 @@ class Server:
 
     @classmethod
     def start(cls, work: Path, env: dict[str, str] | None = None, argv: list[str] | None = None,
-              timeout: float = START_TIMEOUT) -> "Server":
-        """Start `python -m server` (or argv) with server_env(work) (or env); each start logs to its own file."""
+              timeout: float = START_TIMEOUT, test_accounts: bool = True) -> "Server":
+        """Start `python -m server` (or argv) with server_env(work) (or env); each start logs to its own file.
+        `test_accounts`: add the accounts and sessions behind tests.conftest's token_for tokens."""
         log = work / f"server-{next(_starts)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(argv or [sys.executable, "-m", "server"], cwd=ROOT, env=env or server_env(work),
                                     stdout=out, stderr=subprocess.STDOUT)
         try:
             port = wait_until("server", lambda: listening_port(log), proc, log, timeout)
-            # The accounts and sessions behind tests.conftest's token_for tokens, in this server's database.
-            from tests.conftest import seed_accounts_into
+            if test_accounts:
+                from tests.conftest import seed_accounts_into
 
-            seed_accounts_into(config.load(env or server_env(work)))
+                seed_accounts_into(config.load(env or server_env(work)))
         except BaseException:
             _stop(proc)
             raise
