@@ -2,8 +2,13 @@
 
 Every replica runs the scheduler (APScheduler, in-process); server.ticks makes each tick of a job
 run in exactly one of them. A run works in bounded batches - each a SELECT of at most
-PAYMENTS_JOB_BATCH_SIZE ids and one UPDATE or DELETE of those rows, committed on its own - so a
-backlog of a million rows never holds a long lock or blocks API calls.
+PAYMENTS_JOB_BATCH_SIZE ids and one UPDATE or DELETE of those rows by primary key, committed on
+its own - and shares the database politely: after each batch it pauses as long as the batch took
+(so API writers get the write lock at least half the time), it stops when its time budget is
+spent (RUN_BUDGET_FRACTION of its interval, at most RUN_BUDGET_SECONDS; the rest waits for the
+next tick, so a backlog drains in time linear in its size), and on SQLite the two jobs never run
+write batches at the same time (one write lock; purge used to fail "database is locked" whenever
+its tick met expire's).
 Each run logs one JSON line (job, tick, rows changed, batches, duration) and never raises into
 the scheduler or the server: a failed run is logged and the next tick retries.
 
@@ -25,7 +30,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from server import ticks
+from server import storage, ticks
 from server.config import Settings
 from server.payments import PaymentRules
 
@@ -49,18 +54,36 @@ class Progress:
     batches: list[int] = dataclasses.field(default_factory=list)
     other_rows: dict[str, int] = dataclasses.field(default_factory=dict)
     interrupted: bool = False
+    deadline: float | None = None  # time.monotonic() by which the run stops taking batches
+    deferred: bool = False  # stopped at the deadline with work left for the next tick
+
+
+RUN_BUDGET_FRACTION = 0.5
+RUN_BUDGET_SECONDS = 30.0
+PAUSE_RATIO = 1.0  # pause after a batch for this many times its duration
+MIN_PAUSE_SECONDS = 0.005
+# SQLite has one write lock: the jobs take turns with their write batches (API calls still
+# interleave between batches). PostgreSQL locks rows, so its jobs need no such turn.
+_SQLITE_JOB_WRITES = threading.Lock()
 
 
 def drain(step: Callable[[int], int], limit: int, progress: Progress, stopping: threading.Event | None = None,
           *, count_as: str | None = None) -> None:
     """Call step(limit) - one bounded batch, returning the rows it changed - until a batch comes
-    back short, or until the server is stopping.
+    back short, the run's deadline passes, or the server is stopping; pausing after each batch.
 
     A short batch means nothing more was due when it ran. (An expiry batch can also come back
     short because a confirm or cancel won some of its rows; the rest then waits for the next tick.)
     """
+    stopping = stopping or threading.Event()
     while True:
-        changed = step(limit)
+        started = time.monotonic()
+        if storage.is_postgres():
+            changed = step(limit)
+        else:
+            with _SQLITE_JOB_WRITES:
+                changed = step(limit)
+        took = time.monotonic() - started
         if count_as is None:
             progress.rows += changed
             progress.batches.append(changed)
@@ -68,7 +91,13 @@ def drain(step: Callable[[int], int], limit: int, progress: Progress, stopping: 
             progress.other_rows[count_as] = progress.other_rows.get(count_as, 0) + changed
         if changed < limit:
             return
-        if stopping is not None and stopping.is_set():
+        if stopping.is_set():
+            progress.interrupted = True
+            return
+        if progress.deadline is not None and time.monotonic() >= progress.deadline:
+            progress.deferred = True
+            return
+        if stopping.wait(max(took * PAUSE_RATIO, MIN_PAUSE_SECONDS)):
             progress.interrupted = True
             return
 
@@ -91,10 +120,16 @@ def purge(rules: PaymentRules, now: dt.datetime, *, retention: dt.timedelta, bat
     records go with them), then job_runs history older than HISTORY_RETENTION."""
     progress = progress or Progress()
     drain(lambda limit: rules.purge_deleted(now - retention, limit=limit), batch_size, progress, stopping)
-    if not progress.interrupted:
+    if not progress.interrupted and not progress.deferred:
         drain(lambda limit: ticks.purge_history(now - HISTORY_RETENTION, limit=limit), batch_size, progress,
               stopping, count_as="history_rows")
+    if progress.rows:
+        with _SQLITE_JOB_WRITES:
+            progress.other_rows["pages_returned"] = storage.give_back_space(GIVE_BACK_PAGES)
     return progress
+
+
+GIVE_BACK_PAGES = 4096  # 16 MiB of 4 KiB pages per purge run, in one short statement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +168,8 @@ class Runner:
         now = self.clock()
         tick_at = ticks.tick_slot(now, job.interval_seconds)
         fields = {"job": job.name, "tick_at": tick_at.isoformat(), "replica": self.replica}
-        progress = Progress()
+        progress = Progress(deadline=time.monotonic() + min(job.interval_seconds * RUN_BUDGET_FRACTION,
+                                                            RUN_BUDGET_SECONDS))
         try:
             with ticks.exclusive(job.name) as mine:
                 if not mine:
@@ -164,7 +200,8 @@ class Runner:
 
     @staticmethod
     def _summary(progress: Progress, started: float) -> dict:
-        return {"rows": progress.rows, "batches": len(progress.batches), **progress.other_rows,
+        return {"rows": progress.rows, "batches": len(progress.batches), "deferred": progress.deferred,
+                **progress.other_rows,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 2)}
 
 

@@ -435,10 +435,14 @@ class PaymentRules:
             targets = [r.id for r in (sub.limit(limit) if limit else sub)]
         if not targets:
             return 0
+        # The UPDATE finds its rows by id and checks the condition on each (row_check): SQLite,
+        # without statistics, otherwise scanned the whole overdue range of the status/expiry index
+        # per batch, holding the write lock (138 ms a batch at the start of a 300,000-row backlog).
+        still_due = (storage.row_check(Payment.status) == PENDING) & (storage.row_check(Payment.expires_at) <= now)
         with storage.db.atomic():
             expired = [r.id for r in (
                 Payment.update(status=FAILED, failure_reason=EXPIRED, updated_at=now)
-                .where(due & Payment.id.in_(targets))
+                .where(Payment.id.in_(targets) & still_due)
                 .returning(Payment.id)
                 .execute()
             )]
@@ -457,8 +461,11 @@ class PaymentRules:
         targets = [r.id for r in Payment.select(Payment.id).where(old).order_by(Payment.deleted_at).limit(limit)]
         if not targets:
             return 0
+        still_old = (storage.row_check(Payment.deleted_at).is_null(False) & (storage.row_check(Payment.deleted_at) < before)
+                     & (storage.row_check(Payment.status) != SUCCESS))
         with storage.db.atomic():  # the history goes with the payment, never before it
-            purged = [r.id for r in Payment.delete().where(old & Payment.id.in_(targets)).returning(Payment.id).execute()]
+            purged = [r.id for r in Payment.delete().where(Payment.id.in_(targets) & still_old)
+                      .returning(Payment.id).execute()]
             if purged:
                 PaymentEvent.delete().where(PaymentEvent.payment_id.in_(purged)).execute()
         return len(purged)

@@ -89,6 +89,11 @@ class mapped_errors:
             abort(context, errors.InvalidArgument(
                 [("request", "a value is too long or out of range for the field it is stored in")],
                 reason="INVALID_VALUE"))
+        if isinstance(error, storage.OUTAGE_ERRORS) and storage.is_busy(error):
+            # SQLite's write lock held past busy_timeout: the database is there, only busy (the
+            # jobs pause between batches so that API writers should never wait this long).
+            log.warning("database busy", extra={"error": str(error)})
+            abort(context, errors.Unavailable("the payments database is busy; retry shortly", reason="DATABASE_BUSY"))
         if isinstance(error, storage.OUTAGE_ERRORS):
             log.warning("database unavailable", exc_info=(kind, error, trace))
             storage.release_connection()

@@ -409,7 +409,13 @@ def make_database(settings: Settings) -> peewee.Database:
     return peewee.SqliteDatabase(
         str(path),
         pragmas={
+            # Before any table exists in a new file: purged space can go back to the file system
+            # (jobs.purge runs give_back_space); on an older file this pragma alone does nothing.
+            "auto_vacuum": "incremental",
             "journal_mode": "wal",  # readers never block the writer
+            # The WAL is truncated back to this after a checkpoint (it grew to 400 MB under jobs
+            # plus load and stayed that size).
+            "journal_size_limit": 64 * 1024 * 1024,
             "synchronous": "normal",  # durable across process crashes in WAL mode
             "busy_timeout": 5000,  # writers queue instead of failing with "database is locked"
             "foreign_keys": 1,
@@ -484,6 +490,32 @@ def _schema_lock(database: peewee.Database):
         yield
     finally:
         database.execute_sql("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK_KEY,))
+
+
+def is_busy(error: Exception) -> bool:
+    """A SQLite lock wait that ran out (busy_timeout), as opposed to a database that is gone."""
+    return not is_postgres() and "locked" in str(error)
+
+
+def row_check(field: peewee.Field):
+    """The column as a condition checked on rows found otherwise (by primary key), never used to
+    find them. On SQLite that is `+column`, its documented way to take a term out of index
+    selection (the unary + changes no value); on PostgreSQL `COALESCE(column, column)`, the same
+    value in a form no index matches. tests/test_query_plans.py pins the job statements' plans."""
+    if is_postgres():
+        return peewee.fn.COALESCE(field, field)
+    return peewee.NodeList((peewee.SQL("+"), field), glue="")
+
+
+def give_back_space(pages: int) -> int:
+    """SQLite: return up to `pages` free pages of the file to the file system (incremental
+    auto-vacuum: a few milliseconds, no long lock). Files made before auto_vacuum was set keep
+    their free pages for reuse (a one-off VACUUM switches them). PostgreSQL: autovacuum's job."""
+    if is_postgres():
+        return 0
+    before = db.execute_sql("PRAGMA freelist_count").fetchone()[0]
+    db.execute_sql(f"PRAGMA incremental_vacuum({int(pages)})")
+    return before - db.execute_sql("PRAGMA freelist_count").fetchone()[0]
 
 
 def is_postgres(database: peewee.Database | None = None) -> bool:

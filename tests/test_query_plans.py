@@ -61,3 +61,47 @@ def test_a_later_page_is_one_range_scan_of_the_keyset_index(rules, database, cap
         assert "created_at" not in node.get("Filter", ""), node
     else:  # SQLite: the range is in the SEARCH, no full SCAN and no temp B-tree sort
         assert "(created_at,id)<(?,?)" in text and "SCAN" not in text and "TEMP B-TREE" not in text, text
+
+
+def executed_write(caplog, action, verb: str) -> tuple[str, tuple]:
+    """The last `verb` (UPDATE or DELETE) on payments that `action` ran, with its parameters."""
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="peewee"):
+        action()
+    queries = [r.msg for r in caplog.records if r.name == "peewee" and isinstance(r.msg, tuple)
+               and r.msg[0].lstrip().upper().startswith(verb) and '"payments"' in r.msg[0]]
+    assert queries, f"no {verb} on payments was logged"
+    sql, params = queries[-1]
+    return sql, tuple(params)
+
+
+def assert_by_primary_key(database, sql: str, params: tuple) -> None:
+    from server import storage
+
+    if storage.is_postgres(database):
+        database.execute_sql("ANALYZE payments")  # as autovacuum would: the plan must not hinge on missing statistics
+    text = plan(database, sql, params)
+    if '"Plan"' in text:  # PostgreSQL
+        assert "payments_pkey" in text, text
+    else:  # SQLite: one primary-key search per id, no other index of payments
+        assert "(id=?)" in text and "payments_status" not in text and "deleted_at" not in text, text
+
+
+def test_the_expiry_batch_updates_by_primary_key(rules, database, caplog):
+    import datetime as dt
+
+    for n in range(40):
+        rules.create(ALICE, PaymentDraft(email=ALICE.email, amount=100 + n))
+    later = rules.clock() + rules.payment_ttl + dt.timedelta(seconds=1)
+    sql, params = executed_write(caplog, lambda: rules.expire_due(later, limit=10), "UPDATE")
+    assert_by_primary_key(database, sql, params)
+
+
+def test_the_purge_batch_deletes_by_primary_key(rules, database, caplog):
+    import datetime as dt
+
+    for n in range(40):
+        rules.delete(ALICE, rules.create(ALICE, PaymentDraft(email=ALICE.email, amount=100 + n)).id)
+    later = rules.clock() + dt.timedelta(seconds=1)
+    sql, params = executed_write(caplog, lambda: rules.purge_deleted(later, limit=10), "DELETE")
+    assert_by_primary_key(database, sql, params)
