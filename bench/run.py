@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import grpc  # noqa: E402
 
+import churn  # noqa: E402
 import loadgen  # noqa: E402
 import seed  # noqa: E402
 from server import config, tokens  # noqa: E402
@@ -265,8 +266,8 @@ def stopping(process):
         process.stop()
 
 
-def postgres_url() -> str:
-    """A database of the bench's own on the local PostgreSQL that `make test` uses."""
+def postgres_url(name: str = "payments_bench") -> str:
+    """A fresh database of the bench's own on the local PostgreSQL that `make test` uses."""
     base = subprocess.run([str(ROOT / "scripts" / "pg-test-db.sh")], capture_output=True, text=True, check=True).stdout.strip()
     import peewee
 
@@ -275,10 +276,11 @@ def postgres_url() -> str:
     admin = peewee.PostgresqlDatabase("postgres", **params)
     admin.connect()
     admin.connection().autocommit = True
-    admin.execute_sql('DROP DATABASE IF EXISTS "payments_bench" WITH (FORCE)')
-    admin.execute_sql('CREATE DATABASE "payments_bench"')
+    name = name.replace("-", "_")
+    admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.execute_sql(f'CREATE DATABASE "{name}"')
     admin.close()
-    return base.rsplit("/", 1)[0] + "/payments_bench"
+    return base.rsplit("/", 1)[0] + "/" + name
 
 
 def main() -> int:
@@ -291,6 +293,8 @@ def main() -> int:
     parser.add_argument("--postgres", action="store_true", help="also run on PostgreSQL (scripts/pg-test-db.sh)")
     parser.add_argument("--operations", nargs="*", default=["GetPayment", "ListPayments", "CreatePayment"])
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
+    parser.add_argument("--churn-rows", type=int, nargs="*", default=[100_000, 200_000],
+                        help="backlog sizes of the job-churn case (bench/churn.py); none to skip it")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the servers and Envoys this run started are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -309,8 +313,13 @@ def main() -> int:
         bench.paired_cases(targets + services)
         for target in services:
             bench.paging(target)
+        databases = [("SQLite", lambda name: "")] + ([("PostgreSQL", postgres_url)] if args.postgres else [])
+        churned = [churn.run(bench, label, rows, url_for) for label, url_for in databases for rows in args.churn_rows]
         print()
         print(bench.report())
+        if churned:
+            print()
+            print(churn.report(churned))
     return 0
 
 
