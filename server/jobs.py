@@ -3,8 +3,10 @@
 Every replica runs the scheduler (APScheduler, in-process); server.ticks makes each tick of a job
 run in exactly one of them. A run works in bounded batches - each a SELECT of at most
 PAYMENTS_JOB_BATCH_SIZE ids and one UPDATE or DELETE of those rows by primary key, committed on
-its own - and shares the database politely: after each batch it pauses as long as the batch took
-(so API writers get the write lock at least half the time), it stops when its time budget is
+its own - and shares the database politely: a batch that takes over BATCH_BUDGET_SECONDS halves
+the next one (a fast one doubles it back, up to the batch size); after each batch it pauses as
+long as the batch took (so API writers get the write lock at least half the time); it stops when
+its time budget is
 spent (RUN_BUDGET_FRACTION of its interval, at most RUN_BUDGET_SECONDS; the rest waits for the
 next tick, so a backlog drains in time linear in its size), and on SQLite the two jobs never run
 write batches at the same time (one write lock; purge used to fail "database is locked" whenever
@@ -55,12 +57,15 @@ class Progress:
     other_rows: dict[str, int] = dataclasses.field(default_factory=dict)
     interrupted: bool = False
     deadline: float | None = None  # time.monotonic() by which the run stops taking batches
+    batch_budget: float | None = None  # seconds a batch may take before the next one is halved
     deferred: bool = False  # stopped at the deadline with work left for the next tick
 
 
 RUN_BUDGET_FRACTION = 0.5
 RUN_BUDGET_SECONDS = 30.0
 PAUSE_RATIO = 1.0  # pause after a batch for this many times its duration
+BATCH_BUDGET_SECONDS = 0.1  # a batch that takes longer halves the next one (down to MIN_BATCH)
+MIN_BATCH = 50
 MIN_PAUSE_SECONDS = 0.005
 # SQLite has one write lock: the jobs take turns with their write batches (API calls still
 # interleave between batches). PostgreSQL locks rows, so its jobs need no such turn.
@@ -76,21 +81,27 @@ def drain(step: Callable[[int], int], limit: int, progress: Progress, stopping: 
     short because a confirm or cancel won some of its rows; the rest then waits for the next tick.)
     """
     stopping = stopping or threading.Event()
+    size = limit  # this batch's size: halved after a slow batch, grown back after fast ones
     while True:
         started = time.monotonic()
         if storage.is_postgres():
-            changed = step(limit)
+            changed = step(size)
         else:
             with _SQLITE_JOB_WRITES:
-                changed = step(limit)
+                changed = step(size)
         took = time.monotonic() - started
         if count_as is None:
             progress.rows += changed
             progress.batches.append(changed)
         else:
             progress.other_rows[count_as] = progress.other_rows.get(count_as, 0) + changed
-        if changed < limit:
+        if changed < size:
             return
+        if progress.batch_budget is not None:
+            if took > progress.batch_budget:
+                size = max(MIN_BATCH, size // 2)
+            elif took < progress.batch_budget / 4:
+                size = min(limit, size * 2)
         if stopping.is_set():
             progress.interrupted = True
             return
@@ -169,7 +180,8 @@ class Runner:
         tick_at = ticks.tick_slot(now, job.interval_seconds)
         fields = {"job": job.name, "tick_at": tick_at.isoformat(), "replica": self.replica}
         progress = Progress(deadline=time.monotonic() + min(job.interval_seconds * RUN_BUDGET_FRACTION,
-                                                            RUN_BUDGET_SECONDS))
+                                                            RUN_BUDGET_SECONDS),
+                            batch_budget=BATCH_BUDGET_SECONDS)
         try:
             with ticks.exclusive(job.name) as mine:
                 if not mine:

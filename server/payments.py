@@ -446,8 +446,11 @@ class PaymentRules:
                 .returning(Payment.id)
                 .execute()
             )]
-            for pid in expired:
-                record(pid, EXPIRED, PENDING, FAILED, now, None, EXPIRED)
+            if expired:  # one INSERT for the batch's events, not one per row
+                PaymentEvent.insert_many([
+                    {"id": new_event_id(), "payment_id": pid, "at": now, "action": EXPIRED, "from_status": PENDING,
+                     "to_status": FAILED, "failure_reason": EXPIRED, "actor_id": "", "actor_role": SYSTEM}
+                    for pid in expired]).execute()
         return len(expired)
 
     def purge_deleted(self, before: dt.datetime, *, limit: int) -> int:
