@@ -6,9 +6,9 @@ PAYMENTS_JOB_BATCH_SIZE ids and one UPDATE or DELETE of those rows by primary ke
 its own - and shares the database politely: a batch that takes over BATCH_BUDGET_SECONDS halves
 the next one (a fast one doubles it back, up to the batch size); after each batch it pauses as
 long as the batch took (so API writers get the write lock at least half the time); it stops when
-its time budget is
-spent (RUN_BUDGET_FRACTION of its interval, at most RUN_BUDGET_SECONDS; the rest waits for the
-next tick, so a backlog drains in time linear in its size), and on SQLite the two jobs never run
+its time budget is spent (RUN_BUDGET_FRACTION of its interval, at most RUN_BUDGET_SECONDS; the
+rest waits for the next tick, so a backlog drains in time linear in its size), and on SQLite the
+two jobs never run
 write batches at the same time (one write lock; purge used to fail "database is locked" whenever
 its tick met expire's).
 Each run logs one JSON line (job, tick, rows changed, batches, duration) and never raises into
