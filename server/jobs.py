@@ -8,9 +8,8 @@ the next one (a fast one doubles it back, up to the batch size); after each batc
 long as the batch took (so API writers get the write lock at least half the time); it stops when
 its time budget is spent (RUN_BUDGET_FRACTION of its interval, at most RUN_BUDGET_SECONDS; the
 rest waits for the next tick, so a backlog drains in time linear in its size), and on SQLite the
-two jobs never run
-write batches at the same time (one write lock; purge used to fail "database is locked" whenever
-its tick met expire's).
+two jobs never run write batches at the same time (one write lock; purge used to fail "database
+is locked" whenever its tick met expire's).
 Each run logs one JSON line (job, tick, rows changed, batches, duration) and never raises into
 the scheduler or the server: a failed run is logged and the next tick retries.
 
