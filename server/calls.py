@@ -1,5 +1,6 @@
 """What happens around every call, in one wrapper per method: the lane it runs in
-(server/capacity.py), the access log, the token check (server/auth.py), the rejection of
+(server/capacity.py), the access log, the token and session check (server/auth.py,
+server/sessions.py), the rejection of
 undecodable requests (server/decoding.py) and of text no field accepts (server/textcheck.py)
 and, on SQLite, a turn with the database (server/turns.py), in that order.
 
