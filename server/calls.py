@@ -1,8 +1,8 @@
 """What happens around every call, in one wrapper per method: the lane it runs in
 (server/capacity.py), the access log, the token and session check (server/auth.py,
-server/sessions.py), the rejection of
-undecodable requests (server/decoding.py) and of text no field accepts (server/textcheck.py)
-and, on SQLite, a turn with the database (server/turns.py), in that order.
+server/sessions.py), the rejection of undecodable requests (server/decoding.py) and of text no
+field accepts (server/textcheck.py) and, on SQLite, a turn with the database (server/turns.py),
+in that order.
 
 One interceptor rather than four, and each method's wrapper built once (at its first call)
 rather than on every call: grpc runs an interceptor for every call, and four of them, each
