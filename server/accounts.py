@@ -6,10 +6,8 @@ or not the email exists, so the API cannot be used to find out who has an accoun
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime as dt
-import secrets
 from typing import Callable
 
 import peewee
@@ -19,7 +17,7 @@ from server.errors import AlreadyExists, InvalidArgument, Unauthenticated
 from server.login_throttle import LoginThrottle
 from server.principal import Caller
 from server.sessions import Grant, Sessions
-from server.payments import email_problem, normalize_email
+from server.payments import email_problem, normalize_email, opaque_id
 from server.principal import ADMIN, CUSTOMER
 from server.storage import User, db
 from server.tokens import TokenIssuer
@@ -28,7 +26,7 @@ UTC = dt.timezone.utc
 
 
 def new_user_id() -> str:
-    return "usr_" + base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+    return opaque_id("usr_")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,15 +110,17 @@ class Accounts:
 
     def disable(self, email: str) -> User:
         """Operators: no more logins or refreshes, and every session ends (server/cli.py)."""
-        user = User.get_or_none(User.email == normalize_email(email))
-        if user is None:
-            raise InvalidArgument([("email", "no account has this email")], reason="NO_ACCOUNT")
+        user = self._account(email)
         User.update(disabled_at=self.clock()).where(User.id == user.id).execute()
         self.sessions.revoke_user(user.id, "account disabled")
         return user
 
     def revoke_sessions(self, email: str) -> int:
+        return self.sessions.revoke_user(self._account(email).id, "revoked by an operator")
+
+    @staticmethod
+    def _account(email: str) -> User:
         user = User.get_or_none(User.email == normalize_email(email))
         if user is None:
             raise InvalidArgument([("email", "no account has this email")], reason="NO_ACCOUNT")
-        return self.sessions.revoke_user(user.id, "revoked by an operator")
+        return user

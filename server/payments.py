@@ -55,9 +55,13 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}", re.ASCII)
 _PAYMENT_ID = re.compile(r"pay_[a-z2-7]{26}", re.ASCII)
 
 
-def new_payment_id() -> str:
+def opaque_id(prefix: str) -> str:
     """128 random bits in lower-case base32: unguessable, unique, and leaking no order or count."""
-    return "pay_" + base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+    return prefix + base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+
+
+def new_payment_id() -> str:
+    return opaque_id("pay_")
 
 
 def email_problem(email: str) -> str | None:
@@ -128,16 +132,17 @@ SYSTEM = "system"  # the actor_role of the service's own changes (expiry)
 CREATED, CONFIRMED, DELETED, UNDELETED = "created", "confirmed", "deleted", "undeleted"
 
 
-def new_event_id() -> str:
-    return "evt_" + base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+def _event(payment_id: str, action: str, from_status: str | None, to_status: str, at: dt.datetime,
+           caller: Caller | None, failure_reason: str | None) -> dict:
+    return {"id": opaque_id("evt_"), "payment_id": payment_id, "at": at, "action": action,
+            "from_status": from_status, "to_status": to_status, "failure_reason": failure_reason,
+            "actor_id": caller.subject if caller else "", "actor_role": caller.role if caller else SYSTEM}
 
 
 def record(payment_id: str, action: str, from_status: str | None, to_status: str, at: dt.datetime,
            caller: Caller | None, failure_reason: str | None = None) -> None:
     """One history event; call it inside the transaction of the change it records."""
-    _INSERT_EVENT(PaymentEvent(id=new_event_id(), payment_id=payment_id, at=at, action=action,
-                               from_status=from_status, to_status=to_status, failure_reason=failure_reason,
-                               actor_id=caller.subject if caller else "", actor_role=caller.role if caller else SYSTEM))
+    _INSERT_EVENT(PaymentEvent(**_event(payment_id, action, from_status, to_status, at, caller, failure_reason)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,8 +380,8 @@ class PaymentRules:
                 .execute()
             )
             restored = list(changed)
-            for status, failure_reason in ((r.status, r.failure_reason) for r in restored):
-                record(payment_id, UNDELETED, status, status, now, caller, failure_reason)
+            for r in restored:
+                record(payment_id, UNDELETED, r.status, r.status, now, caller, r.failure_reason)
         if not restored:
             if self._any_query.first(id=payment_id) is None:
                 raise not_found(payment_id)
@@ -447,10 +452,8 @@ class PaymentRules:
                 .execute()
             )]
             if expired:  # one INSERT for the batch's events, not one per row
-                PaymentEvent.insert_many([
-                    {"id": new_event_id(), "payment_id": pid, "at": now, "action": EXPIRED, "from_status": PENDING,
-                     "to_status": FAILED, "failure_reason": EXPIRED, "actor_id": "", "actor_role": SYSTEM}
-                    for pid in expired]).execute()
+                PaymentEvent.insert_many([_event(pid, EXPIRED, PENDING, FAILED, now, None, EXPIRED)
+                                          for pid in expired]).execute()
         return len(expired)
 
     def purge_deleted(self, before: dt.datetime, *, limit: int) -> int:

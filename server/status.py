@@ -47,13 +47,12 @@ def to_status(error: errors.DomainError) -> grpc.Status:
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in error.violations
         ])))
-    if isinstance(error, errors.ResourceExhausted):
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=error.retry_after))))
+    if not isinstance(error, errors.ResourceExhausted):
+        return rpc_status.to_status(status_pb2.Status(code=code, message=error.message, details=details))
+    details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=error.retry_after))))
     status = rpc_status.to_status(status_pb2.Status(code=code, message=error.message, details=details))
-    if isinstance(error, errors.ResourceExhausted):
-        # A trailers-only answer: Envoy's transcoder passes these on as HTTP response headers.
-        status = status._replace(trailing_metadata=status.trailing_metadata + (("retry-after", str(error.retry_after)),))
-    return status
+    # A trailers-only answer: Envoy's transcoder passes these on as HTTP response headers.
+    return status._replace(trailing_metadata=status.trailing_metadata + (("retry-after", str(error.retry_after)),))
 
 
 def abort(context: grpc.ServicerContext, error: errors.DomainError):
