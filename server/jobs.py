@@ -120,7 +120,8 @@ def expire(rules: PaymentRules, now: dt.datetime, *, batch_size: int, progress: 
     cancelled at the same moment keeps that status.
     """
     progress = progress or Progress()
-    drain(lambda limit: rules.expire_due(now, limit=limit), batch_size, progress, stopping)
+    resume: dict = {}
+    drain(lambda limit: rules.expire_due(now, limit=limit, resume=resume), batch_size, progress, stopping)
     return progress
 
 
@@ -129,7 +130,9 @@ def purge(rules: PaymentRules, now: dt.datetime, *, retention: dt.timedelta, bat
     """Remove for good the payments soft-deleted more than `retention` ago (their idempotency
     records go with them), then job_runs history older than HISTORY_RETENTION."""
     progress = progress or Progress()
-    drain(lambda limit: rules.purge_deleted(now - retention, limit=limit), batch_size, progress, stopping)
+    resume: dict = {}
+    drain(lambda limit: rules.purge_deleted(now - retention, limit=limit, resume=resume), batch_size, progress,
+          stopping)
     if not progress.interrupted and not progress.deferred:
         drain(lambda limit: ticks.purge_history(now - HISTORY_RETENTION, limit=limit), batch_size, progress,
               stopping, count_as="history_rows")

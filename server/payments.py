@@ -151,6 +151,20 @@ class EventPage:
     next_page_token: str
 
 
+def _after(query, key: peewee.Field, limit: int | None, resume: dict | None) -> list[str]:
+    """The ids of the next batch, in (key, id) order, from after the batch before (kept in
+    `resume`). On PostgreSQL the rows a batch changed stay in the index as dead entries until
+    vacuum, and a batch that started from the beginning again stepped over all of them: a
+    200,000-row backlog drained 2.9 times slower than one of 100,000."""
+    if resume and "key" in resume:
+        query = query.where(peewee.Tuple(key, Payment.id) > peewee.Tuple(key.db_value(resume["key"]), resume["id"]))
+    query = query.order_by(key, Payment.id)
+    rows = list((query.limit(limit) if limit else query).tuples())
+    if rows and resume is not None:
+        resume["id"], resume["key"] = rows[-1]
+    return [pid for pid, _ in rows]
+
+
 def not_found(payment_id: str) -> NotFound:
     return NotFound(f"payment {payment_id!r} not found", reason="PAYMENT_NOT_FOUND", metadata={"id": payment_id})
 
@@ -426,18 +440,20 @@ class PaymentRules:
             metadata={"id": payment_id, "status": current.status},
         )
 
-    def expire_due(self, now: dt.datetime, *, ids: Iterable[str] | None = None, limit: int | None = None) -> int:
+    def expire_due(self, now: dt.datetime, *, ids: Iterable[str] | None = None, limit: int | None = None,
+                   resume: dict | None = None) -> int:
         """Fail pending payments whose expires_at has passed; returns how many changed.
 
         One conditional UPDATE: a payment confirmed or cancelled at the same moment keeps that
-        status. `limit` bounds one batch (the expiry job loops over batches).
+        status. `limit` bounds one batch (the expiry job loops over batches); `resume`, a dict
+        the job keeps for its run, makes each batch start after the last one (see _after).
         """
         due = (Payment.status == PENDING) & (Payment.expires_at <= now)
         if ids is not None:
             targets = list(ids)
         else:
-            sub = Payment.select(Payment.id).where(due).order_by(Payment.expires_at)
-            targets = [r.id for r in (sub.limit(limit) if limit else sub)]
+            targets = _after(Payment.select(Payment.id, Payment.expires_at).where(due), Payment.expires_at,
+                             limit, resume)
         if not targets:
             return 0
         # The UPDATE finds its rows by id and checks the condition on each (row_check): SQLite,
@@ -445,18 +461,18 @@ class PaymentRules:
         # per batch, holding the write lock (138 ms a batch at the start of a 300,000-row backlog).
         still_due = (storage.row_check(Payment.status) == PENDING) & (storage.row_check(Payment.expires_at) <= now)
         with storage.db.atomic():
-            expired = [r.id for r in (
+            expired = [pid for (pid,) in (
                 Payment.update(status=FAILED, failure_reason=EXPIRED, updated_at=now)
-                .where(Payment.id.in_(targets) & still_due)
+                .where(storage.among(Payment.id, targets) & still_due)
                 .returning(Payment.id)
+                .tuples()
                 .execute()
             )]
             if expired:  # one INSERT for the batch's events, not one per row
-                PaymentEvent.insert_many([_event(pid, EXPIRED, PENDING, FAILED, now, None, EXPIRED)
-                                          for pid in expired]).execute()
+                _INSERT_EVENT.many([_event(pid, EXPIRED, PENDING, FAILED, now, None, EXPIRED) for pid in expired])
         return len(expired)
 
-    def purge_deleted(self, before: dt.datetime, *, limit: int) -> int:
+    def purge_deleted(self, before: dt.datetime, *, limit: int, resume: dict | None = None) -> int:
         """Remove for good up to `limit` payments soft-deleted before `before`; returns how many.
 
         The request_id of a purged payment is forgotten with it (idempotency records are columns
@@ -464,16 +480,16 @@ class PaymentRules:
         """
         # Never a payment that moved money (one deleted before that was refused stays, undeletable).
         old = Payment.deleted_at.is_null(False) & (Payment.deleted_at < before) & (Payment.status != SUCCESS)
-        targets = [r.id for r in Payment.select(Payment.id).where(old).order_by(Payment.deleted_at).limit(limit)]
+        targets = _after(Payment.select(Payment.id, Payment.deleted_at).where(old), Payment.deleted_at, limit, resume)
         if not targets:
             return 0
         still_old = (storage.row_check(Payment.deleted_at).is_null(False) & (storage.row_check(Payment.deleted_at) < before)
                      & (storage.row_check(Payment.status) != SUCCESS))
         with storage.db.atomic():  # the history goes with the payment, never before it
-            purged = [r.id for r in Payment.delete().where(Payment.id.in_(targets) & still_old)
-                      .returning(Payment.id).execute()]
+            purged = [pid for (pid,) in Payment.delete().where(storage.among(Payment.id, targets) & still_old)
+                      .returning(Payment.id).tuples().execute()]
             if purged:
-                PaymentEvent.delete().where(PaymentEvent.payment_id.in_(purged)).execute()
+                PaymentEvent.delete().where(storage.among(PaymentEvent.payment_id, purged)).execute()
         return len(purged)
 
     def events(self, caller: Caller, payment_id: str, *, page_size: int = 0, page_token: str = "") -> EventPage:

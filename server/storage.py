@@ -104,7 +104,7 @@ class Payment(BaseModel):
             (("created_at", "id"), False),  # keyset paging over everything (admins)
             (("email", "created_at", "id"), False),  # keyset paging by payer email (admins' filter)
             (("owner_id", "created_at", "id"), False),  # keyset paging of one customer's own
-            (("status", "expires_at"), False),  # the expiry job's scan
+            (("status", "expires_at", "id"), False),  # the expiry job's scan, batch after batch
             (("status", "created_at", "id"), False),  # status filter
             (("created_by", "request_id"), True),  # idempotency; NULL request_ids never clash
         )
@@ -113,8 +113,10 @@ class Payment(BaseModel):
 # Only soft-deleted rows are indexed by deleted_at (the retention job's scan). An index over every
 # row, nearly all NULL, lured planners into answering "deleted_at IS NULL" from it and sorting
 # every live row: on SQLite without statistics, each admin page of a million rows took 0.6 s.
-Payment.add_index(Payment.index(Payment.deleted_at, name="payments_deleted_at_set")
+Payment.add_index(Payment.index(Payment.deleted_at, Payment.id, name="payments_deleted_set")
                   .where(Payment.deleted_at.is_null(False)))
+# Indexes a newer one replaced: dropped by migrate_schema.
+OBSOLETE_INDEXES = ("payments_status_expires_at", "payments_deleted_at_set")
 # And only unowned rows by id (the start-up backfill's scan; see backfill_owners).
 Payment.add_index(Payment.index(Payment.id, name="payments_unowned").where(Payment.owner_id.is_null()))
 
@@ -290,6 +292,20 @@ class PreparedInsert:
         data = row.__data__
         _execute(sql, [f.db_value(data.get(f.name)) for f in self._fields])
         row._dirty.clear()
+
+    def many(self, rows: Sequence[dict]) -> None:
+        """Insert `rows` (dicts of every column) in one statement: the single-row VALUES group
+        repeated. insert_many builds the same SQL value by value, about 0.2 ms per row (a
+        500-row expiry batch spent 85 ms of Python in it, holding the GIL the API threads need)."""
+        if not rows:
+            return
+        sql = self._compiled.get(type(db.obj))
+        if sql is None:
+            sql = self._compiled[type(db.obj)] = self._compile()
+        head, _, values = sql.rpartition(" VALUES ")
+        group, tail = values[:values.index(")") + 1], values[values.index(")") + 1:]  # tail: PG's RETURNING
+        _execute(f"{head} VALUES {', '.join([group] * len(rows))}{tail}",
+                 [f.db_value(row.get(f.name)) for row in rows for f in self._fields])
 
 
 class _PgStatement:
@@ -475,6 +491,8 @@ def migrate_schema(database: peewee.Database, models: Iterable[type[BaseModel]] 
                     pw_migrate.migrate(migrator.add_column(table, field.column_name, field))
         # New tables, and every missing index (CREATE ... IF NOT EXISTS), after the columns exist.
         database.create_tables(list(models), safe=True)
+        for name in OBSOLETE_INDEXES:
+            database.execute_sql(f"DROP INDEX IF EXISTS {name}")
 
 
 _SCHEMA_LOCK_KEY = 0x7061796D656E7473  # "payments": the schema migration's advisory lock
@@ -505,6 +523,15 @@ def row_check(field: peewee.Field):
     if is_postgres():
         return peewee.fn.COALESCE(field, field)
     return peewee.NodeList((peewee.SQL("+"), field), glue="")
+
+
+def among(field: peewee.Field, values: Sequence[str]):
+    """`field IN (values)` for text values, with the placeholders written at once: peewee's
+    in_() builds a 500-value list value by value (about 25 ms of Python per job batch)."""
+    if not values:
+        return peewee.SQL("1 = 0")
+    marks = ", ".join([db.param] * len(values))
+    return peewee.NodeList((field, peewee.SQL(f"IN ({marks})", list(values))))
 
 
 def give_back_space(pages: int) -> int:

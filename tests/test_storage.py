@@ -29,7 +29,7 @@ def test_tables_have_the_earlier_schema_and_the_new_fields(database):
 def test_indexes_for_every_query(database):
     idx = _indexes("payments")
     assert idx[("created_by", "request_id")] is True
-    for cols in (("created_at", "id"), ("email", "created_at", "id"), ("status", "expires_at"), ("deleted_at",)):
+    for cols in (("created_at", "id"), ("email", "created_at", "id"), ("status", "expires_at", "id"), ("deleted_at", "id")):
         assert cols in idx, cols
     assert _indexes("users")[("email",)] is True
 
@@ -59,6 +59,16 @@ def test_start_up_adds_columns_a_newer_model_has(settings):
     database = storage.open_database(settings)  # what a server start does
     assert {"role", "created_at"} <= _columns("users")
     assert _indexes("users")[("email",)] is True
+    database.close()
+
+
+def test_start_up_drops_the_indexes_newer_ones_replaced(settings):
+    database = storage.open_database(settings)
+    database.execute_sql("CREATE INDEX payments_status_expires_at ON payments (status, expires_at)")
+    database.close()
+    database = storage.open_database(settings)  # what a server start does
+    names = {i.name for i in storage.db.get_indexes("payments")}
+    assert "payments_status_expires_at" not in names and "payments_status_expires_at_id" in names
     database.close()
 
 
