@@ -19,7 +19,7 @@ from pathlib import Path
 import loadgen
 import seed
 
-from server import config, storage
+from server.infra import config, storage
 
 OVERDUE, DELETED = 0.3, 0.2
 TICK_SECONDS = 5

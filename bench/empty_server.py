@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
 
-from server import config  # noqa: E402
-from server.pb import payments_pb2 as pb  # noqa: E402
-from server.pb import payments_pb2_grpc as pb_grpc  # noqa: E402
+from server.infra import config  # noqa: E402
+from server.edge.pb import payments_pb2 as pb  # noqa: E402
+from server.edge.pb import payments_pb2_grpc as pb_grpc  # noqa: E402
 
 
 class EmptyPayments(pb_grpc.PaymentServiceServicer):

@@ -42,9 +42,9 @@ import grpc  # noqa: E402
 import churn  # noqa: E402
 import loadgen  # noqa: E402
 import seed  # noqa: E402
-from server import config, tokens  # noqa: E402
-from server.pb import payments_pb2 as pb  # noqa: E402
-from server.pb import payments_pb2_grpc as pb_grpc  # noqa: E402
+from server.infra import config, tokens  # noqa: E402
+from server.edge.pb import payments_pb2 as pb  # noqa: E402
+from server.edge.pb import payments_pb2_grpc as pb_grpc  # noqa: E402
 from tests.e2e.stack import Envoy, Server, prepare_workdir, server_env  # noqa: E402
 
 EMAIL = "bench@example.com"

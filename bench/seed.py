@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server import config, storage  # noqa: E402
+from server.infra import config, storage  # noqa: E402
 
 COLUMNS = ("id, email, owner_id, amount, currency, description, status, failure_reason, created_by, "
            "created_at, updated_at, expires_at")

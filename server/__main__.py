@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 
-from server import config, logs
+from server.infra import config, logs
 
 
 def main() -> int:
@@ -17,7 +17,7 @@ def main() -> int:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
-    from server import app  # after logging is set up, so start-up logs are JSON too
+    from server.edge import app  # after logging is set up, so start-up logs are JSON too
 
     try:
         running = app.build(settings)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
 import sys
 from pathlib import Path
 
-from server import config, storage, tokens
+from server.infra import config, storage, tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = config.load()
 
     if args.command in ("disable-account", "revoke-sessions"):
-        from server.accounts import Accounts
-        from server.errors import InvalidArgument
-        from server.sessions import Sessions
+        from server.domain.accounts import Accounts
+        from server.domain.errors import InvalidArgument
+        from server.domain.sessions import Sessions
 
         storage.open_database(settings)
         accounts = Accounts(None, sessions=Sessions(settings.refresh_ttl_seconds))
@@ -56,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"created signing key {kid}: {key_file} (private, keep secret), {settings.jwks_file} (public)")
         return 0
 
-    password = os.environ.get("PAYMENTS_ADMIN_PASSWORD") or getpass.getpass("admin password: ")
-    from server.accounts import Accounts
+    password = settings.admin_password or getpass.getpass("admin password: ")
+    from server.domain.accounts import Accounts
 
     storage.open_database(settings)
     issuer = tokens.TokenIssuer(tokens.load_private_key(settings.jwt_private_key_file), issuer=settings.jwt_issuer,

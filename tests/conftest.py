@@ -18,10 +18,10 @@ import grpc
 import peewee
 import pytest
 
-from server import config, storage, tokens
-from server.paging import PageTokens
-from server.payments import PaymentRules
-from server.principal import ADMIN, CUSTOMER, Caller
+from server.infra import config, storage, tokens
+from server.domain.paging import PageTokens
+from server.domain.payments import PaymentRules
+from server.domain.caller import ADMIN, CUSTOMER, Caller
 
 UTC = dt.timezone.utc
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,7 +196,7 @@ def token_for(issuer):
 @pytest.fixture
 def running_server(settings):
     """A real server (app.build) on a free loopback port; it binds storage.db to its database."""
-    from server import app
+    from server.edge import app
 
     running = app.build(settings)
     with storage.db.connection_context():
@@ -214,7 +214,7 @@ def channel(running_server):
 
 @pytest.fixture
 def stubs(channel):
-    from server.pb import payments_pb2_grpc as pb_grpc
+    from server.edge.pb import payments_pb2_grpc as pb_grpc
 
     return dataclasses.make_dataclass("Stubs", ["payments", "auth"])(
         pb_grpc.PaymentServiceStub(channel), pb_grpc.AuthServiceStub(channel)

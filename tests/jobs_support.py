@@ -6,9 +6,9 @@ import datetime as dt
 import time
 from typing import Callable, TypeVar
 
-from server import storage
-from server.payments import FAILED, PENDING, new_payment_id
-from server.storage import Payment
+from server.infra import storage
+from server.domain.payments import FAILED, PENDING, new_payment_id
+from server.infra.storage import Payment
 
 T = TypeVar("T")
 

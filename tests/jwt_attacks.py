@@ -13,7 +13,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server.tokens import public_jwk
+from server.infra.tokens import public_jwk
 
 ISS, AUD = "payments", "payments-api"
 

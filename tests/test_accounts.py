@@ -1,9 +1,9 @@
 import pytest
 
-from server import passwords
-from server.accounts import Accounts
-from server.errors import AlreadyExists, InvalidArgument, Unauthenticated
-from server.storage import User
+from server.infra import passwords
+from server.domain.accounts import Accounts
+from server.domain.errors import AlreadyExists, InvalidArgument, Unauthenticated
+from server.infra.storage import User
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The call wrapper (server/calls.py) on its own: built once per method, the token before the body,
+"""The call wrapper (server/edge/interceptor.py) on its own: built once per method, the token before the body,
 the caller handed to the handler and taken back, every outcome logged. The same wrapper over a
 real channel is covered by tests/test_service.py, tests/test_turns.py and tests/test_process.py."""
 
@@ -11,8 +11,11 @@ import logging
 import grpc
 import pytest
 
-from server import auth, calls, config, decoding, errors, logs, status, tokens, turns
-from server.pb import payments_pb2 as pb
+from server.domain import errors
+from server.edge import auth, decoding, status
+from server.edge.interceptor import CallInterceptor
+from server.infra import config, logs, sqlite_turns, tokens
+from server.edge.pb import payments_pb2 as pb
 from tests.conftest import ALICE, session_id_of
 
 GET = "/payments.v1.PaymentService/GetPayment"
@@ -57,7 +60,7 @@ def wrapped(interceptor, method, handler):
 
 
 def test_each_method_is_wrapped_once_and_unknown_methods_are_not_remembered(verifier):
-    interceptor = calls.CallInterceptor(verifier)
+    interceptor = CallInterceptor(verifier)
     looked_up = []
 
     def continuation(details):
@@ -72,7 +75,7 @@ def test_each_method_is_wrapped_once_and_unknown_methods_are_not_remembered(veri
 
 
 def test_a_protected_stream_is_refused_and_a_public_one_served_as_it_is(verifier):
-    interceptor = calls.CallInterceptor(verifier)
+    interceptor = CallInterceptor(verifier)
     stream = grpc.stream_stream_rpc_method_handler(lambda requests, context: iter(()))
     with pytest.raises(RuntimeError, match="not unary"):
         wrapped(interceptor, "/payments.v1.PaymentService/Watch", stream)
@@ -81,7 +84,7 @@ def test_a_protected_stream_is_refused_and_a_public_one_served_as_it_is(verifier
 
 def test_the_handler_sees_the_verified_caller_and_the_next_call_does_not(verifier, token_for):
     seen = []
-    handler = wrapped(calls.CallInterceptor(verifier), GET, unary(lambda request, context: seen.append(auth.caller())
+    handler = wrapped(CallInterceptor(verifier), GET, unary(lambda request, context: seen.append(auth.caller())
                                                                     or pb.Payment(id="pay_x")))
     ctx = FakeContext([("authorization", f"Bearer {token_for(ALICE)}")])
     assert handler.unary_unary(pb.GetPaymentRequest(), ctx) == pb.Payment(id="pay_x")
@@ -91,7 +94,7 @@ def test_the_handler_sees_the_verified_caller_and_the_next_call_does_not(verifie
 
 
 def test_the_token_is_judged_before_the_body(verifier, token_for):
-    handler = wrapped(calls.CallInterceptor(verifier), GET, unary(lambda request, context: pb.Payment()))
+    handler = wrapped(CallInterceptor(verifier), GET, unary(lambda request, context: pb.Payment()))
     garbage = handler.request_deserializer(b"\xff\xff\xff")
     assert garbage is decoding.UNDECODABLE
     no_token = FakeContext()
@@ -105,14 +108,14 @@ def test_the_token_is_judged_before_the_body(verifier, token_for):
 
 
 def test_public_methods_need_no_token_and_payment_calls_hold_a_turn(verifier, token_for):
-    database_turns = turns.Turns(2)
+    database_turns = sqlite_turns.Turns(2)
     free_during = []
 
     def behavior(request, context):
         free_during.append(database_turns.free())
         return pb.Payment()
 
-    interceptor = calls.CallInterceptor(verifier, database_turns)
+    interceptor = CallInterceptor(verifier, database_turns)
     login = wrapped(interceptor, LOGIN, unary(behavior))
     assert login.unary_unary(pb.GetPaymentRequest(), FakeContext()) == pb.Payment()  # no token needed
     get = wrapped(interceptor, GET, unary(behavior))
@@ -129,7 +132,7 @@ def test_public_methods_need_no_token_and_payment_calls_hold_a_turn(verifier, to
 def test_every_call_is_logged_with_its_outcome(verifier, token_for, monkeypatch, caplog, behavior, code):
     monkeypatch.setattr(logs, "_batching", None)
     caplog.set_level(logging.INFO, logger=logs.ACCESS)
-    handler = wrapped(calls.CallInterceptor(verifier), GET, unary(behavior))
+    handler = wrapped(CallInterceptor(verifier), GET, unary(behavior))
     try:
         handler.unary_unary(pb.GetPaymentRequest(), FakeContext([("authorization", f"Bearer {token_for(ALICE)}")]))
     except (Aborted, ZeroDivisionError):

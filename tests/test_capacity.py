@@ -4,7 +4,7 @@ import threading
 import time
 from concurrent import futures
 
-from server import capacity
+from server.edge import capacity
 
 
 def test_a_full_lane_sheds_calls_at_once_and_counts_exactly():

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from server import config
+from server.infra import config
 
 
 def test_defaults_are_safe_and_local():

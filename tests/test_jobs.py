@@ -13,10 +13,10 @@ import threading
 import peewee
 import pytest
 
-from server import jobs, storage, ticks
-from server.errors import FailedPrecondition
-from server.payments import CANCELLED, EXPIRED, FAILED, PENDING, SUCCESS, PaymentDraft, PaymentRules
-from server.storage import JobRun, Payment
+from server.infra import job_claims, jobs, storage
+from server.domain.errors import FailedPrecondition
+from server.domain.payments import CANCELLED, EXPIRED, FAILED, PENDING, SUCCESS, PaymentDraft, PaymentRules
+from server.infra.storage import JobRun, Payment
 from tests.conftest import ADMIN_CALLER, ALICE
 from tests.jobs_support import insert_payments
 
@@ -227,7 +227,7 @@ def test_purge_removes_old_job_history(rules, clock):
     now = clock.now
     for days in (1, 6, 8, 30):
         at = now - dt.timedelta(days=days)
-        assert ticks.claim("expire", at, "host:1", at)
+        assert job_claims.claim("expire", at, "host:1", at)
     progress = jobs.purge(rules, now, retention=RETENTION, batch_size=1)
     assert progress.other_rows == {"history_rows": 2}
     assert sorted((now - r.started_at).days for r in JobRun.select()) == [1, 6]

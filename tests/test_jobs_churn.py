@@ -13,9 +13,9 @@ import datetime as dt
 import threading
 import time
 
-from server import jobs, storage
-from server.payments import FAILED, PENDING, PaymentDraft, new_payment_id
-from server.storage import Payment
+from server.infra import jobs, storage
+from server.domain.payments import FAILED, PENDING, PaymentDraft, new_payment_id
+from server.infra.storage import Payment
 from tests.conftest import ALICE
 
 OVERDUE, DELETED = 6000, 3000

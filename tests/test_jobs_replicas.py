@@ -20,10 +20,10 @@ import grpc
 import peewee
 import pytest
 
-from server import storage
-from server.pb import payments_pb2 as pb
-from server.pb import payments_pb2_grpc as pb_grpc
-from server import config
+from server.infra import storage
+from server.edge.pb import payments_pb2 as pb
+from server.edge.pb import payments_pb2_grpc as pb_grpc
+from server.infra import config
 from tests.conftest import ALICE, ROOT, _reset_postgres, seed_accounts_into
 from tests.jobs_support import wait_for
 

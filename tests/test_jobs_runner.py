@@ -1,4 +1,4 @@
-"""One tick of a job (server.jobs.Runner) and the scheduler around it: a tick slot runs once, the
+"""One tick of a job (server.infra.jobs.Runner) and the scheduler around it: a tick slot runs once, the
 PostgreSQL advisory lock makes other replicas skip and is always released - also when the job
 fails or its pooled connection dies - every run logs one JSON line, and shutdown stops a
 running job after its current batch."""
@@ -13,8 +13,8 @@ import threading
 import peewee
 import pytest
 
-from server import jobs, logs, storage, ticks
-from server.storage import JobRun
+from server.infra import job_claims, jobs, logs, storage
+from server.infra.storage import JobRun
 
 UTC = dt.timezone.utc
 pg_only = pytest.mark.parametrize("backend", ["postgres"])
@@ -37,7 +37,7 @@ class Counting:
 
 
 def job_records(caplog):
-    return [r for r in caplog.records if r.name == "server.jobs" and r.levelno >= logging.INFO]
+    return [r for r in caplog.records if r.name == "server.infra.jobs" and r.levelno >= logging.INFO]
 
 
 def other_connection(settings) -> peewee.PostgresqlDatabase:
@@ -52,20 +52,20 @@ def advisory_locks(conn) -> int:
 
 @pytest.fixture
 def caplog_jobs(caplog):
-    caplog.set_level(logging.INFO, logger="server.jobs")
+    caplog.set_level(logging.INFO, logger="server.infra.jobs")
     return caplog
 
 
 def test_tick_slots_are_aligned_to_the_interval():
     at = dt.datetime(2026, 1, 1, 12, 0, 59, 999999, tzinfo=UTC)
-    assert ticks.tick_slot(at, 60) == dt.datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-    assert ticks.tick_slot(at + dt.timedelta(microseconds=1), 60) == dt.datetime(2026, 1, 1, 12, 1, tzinfo=UTC)
-    assert ticks.tick_slot(at, 3600) == dt.datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    assert job_claims.tick_slot(at, 60) == dt.datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    assert job_claims.tick_slot(at + dt.timedelta(microseconds=1), 60) == dt.datetime(2026, 1, 1, 12, 1, tzinfo=UTC)
+    assert job_claims.tick_slot(at, 3600) == dt.datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
 def test_lock_keys_are_fixed_per_job():
-    assert ticks.lock_key("expire") == ticks.lock_key("expire") != ticks.lock_key("purge")
-    assert -(2**63) <= ticks.lock_key("purge") < 2**63
+    assert job_claims.lock_key("expire") == job_claims.lock_key("expire") != job_claims.lock_key("purge")
+    assert -(2**63) <= job_claims.lock_key("purge") < 2**63
 
 
 def test_a_tick_slot_runs_once_even_when_replicas_tick_at_different_moments(database, clock):
@@ -120,7 +120,7 @@ def test_a_database_outage_fails_the_run_without_raising(database, clock, caplog
     def unreachable(*a, **kw):
         raise peewee.OperationalError("could not connect to server")
 
-    monkeypatch.setattr(ticks, "claim", unreachable)
+    monkeypatch.setattr(job_claims, "claim", unreachable)
     assert jobs.Runner(clock).tick(jobs.Job("expire", 60, Counting())) == "failed"
     [record] = job_records(caplog_jobs)
     assert record.getMessage() == "job failed" and record.outcome == "failed"
@@ -129,7 +129,7 @@ def test_a_database_outage_fails_the_run_without_raising(database, clock, caplog
 @pg_only
 def test_a_replica_holding_the_lock_makes_the_others_skip(database, settings, clock):
     other = other_connection(settings)
-    key = ticks.lock_key("expire")
+    key = job_claims.lock_key("expire")
     assert other.execute_sql("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
     work = Counting()
     runner = jobs.Runner(clock, replica="b:1")

@@ -11,9 +11,9 @@ import logging
 import grpc
 import pytest
 
-from server import jobs
-from server.pb import payments_pb2 as pb
-from server.storage import JobRun, Payment
+from server.infra import jobs
+from server.edge.pb import payments_pb2 as pb
+from server.infra.storage import JobRun, Payment
 from tests.conftest import ADMIN_CALLER, ALICE, rich_status
 from tests.jobs_support import wait_for
 
@@ -93,7 +93,7 @@ class TestScheduledInRunningServer:
                                    payment_ttl_seconds=1, delete_retention_seconds=0, job_batch_size=50)
 
     def test_jobs_expire_and_purge_on_schedule(self, running_server, stubs, auth_md, caplog):
-        caplog.set_level(logging.INFO, logger="server.jobs")
+        caplog.set_level(logging.INFO, logger="server.infra.jobs")
         rules = running_server.rules
         rules.expire_due = _FailOnce(rules.expire_due)
         pending = create(stubs, auth_md)
@@ -115,7 +115,7 @@ class TestScheduledInRunningServer:
         # The failed run was logged, the server kept serving, and a later tick did the work.
         def logged(message, job):
             return [r for r in caplog.records
-                    if r.name == "server.jobs" and r.getMessage() == message and r.job == job]
+                    if r.name == "server.infra.jobs" and r.getMessage() == message and r.job == job]
 
         # (A run logs once it has recorded itself, just after its changes are visible.)
         wait_for(lambda: sum(r.rows for r in logged("job run", "expire")) == 1 + doomed_expired

@@ -4,9 +4,9 @@ import datetime as dt
 
 import pytest
 
-from server import login_throttle
-from server.errors import ResourceExhausted
-from server.login_throttle import FREE_FAILURES, MAX_DELAY_SECONDS, LoginThrottle
+from server.domain import login_throttle
+from server.domain.errors import ResourceExhausted
+from server.domain.login_throttle import FREE_FAILURES, MAX_DELAY_SECONDS, LoginThrottle
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 

@@ -17,7 +17,7 @@ from google.api import annotations_pb2
 from jsonschema import Draft4Validator
 from openapi_spec_validator import OpenAPIV2SpecValidator, validate
 
-from server.pb import payments_pb2
+from server.edge.pb import payments_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENT = ROOT / "openapi" / "payments.swagger.json"

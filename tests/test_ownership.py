@@ -8,12 +8,12 @@ import datetime as dt
 
 import pytest
 
-from server import storage
-from server.errors import FailedPrecondition, NotFound, PermissionDenied
-from server.payments import FAILED, PENDING, SUCCESS, PaymentDraft
-from server.principal import CUSTOMER, Caller
-from server.servicers import payment_fields
-from server.storage import Payment, PaymentEvent, User
+from server.infra import storage
+from server.domain.errors import FailedPrecondition, NotFound, PermissionDenied
+from server.domain.payments import FAILED, PENDING, SUCCESS, PaymentDraft
+from server.domain.caller import CUSTOMER, Caller
+from server.edge.servicers import payment_fields
+from server.infra.storage import Payment, PaymentEvent, User
 from tests.conftest import ADMIN_CALLER, ALICE, BOB
 
 

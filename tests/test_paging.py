@@ -2,8 +2,8 @@ import datetime as dt
 
 import pytest
 
-from server.errors import InvalidArgument
-from server.paging import PageTokens
+from server.domain.errors import InvalidArgument
+from server.domain.paging import PageTokens
 
 UTC = dt.timezone.utc
 NOW = dt.datetime(2026, 5, 1, 10, 0, tzinfo=UTC)

@@ -4,9 +4,9 @@ import datetime as dt
 
 import pytest
 
-from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from server.payments import MAX_AMOUNT, PaymentDraft, new_payment_id
-from server.storage import Payment
+from server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from server.domain.payments import MAX_AMOUNT, PaymentDraft, new_payment_id
+from server.infra.storage import Payment
 from tests.conftest import ADMIN_CALLER, ALICE, BOB
 
 

@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 
-from server.pb import payments_pb2 as pb
+from server.edge.pb import payments_pb2 as pb
 from tests.conftest import ALICE, ROOT, seed_accounts_into
 
 GRPCURL = ROOT / ".tools" / "bin" / "grpcurl"
@@ -85,7 +85,7 @@ def test_logs_are_json_lines_with_method_code_duration_and_no_secrets(server_pro
 
 
 def pb_stub(channel):
-    from server.pb import payments_pb2_grpc
+    from server.edge.pb import payments_pb2_grpc
 
     return payments_pb2_grpc.PaymentServiceStub(channel)
 
@@ -123,8 +123,8 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(server_process, settings,
     assert results, "calls completed before the drain"
     assert set(errors) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, errors
     assert any(line["message"] == "shutting down" for line in log_lines(server_process.log))
-    from server import storage
-    from server.storage import Payment
+    from server.infra import storage
+    from server.infra.storage import Payment
 
     storage.open_database(settings)
     stored = {row.id for row in Payment.select(Payment.id)}

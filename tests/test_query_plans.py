@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from server.payments import PaymentDraft
+from server.domain.payments import PaymentDraft
 from tests.conftest import ADMIN_CALLER, ALICE
 
 
@@ -27,7 +27,7 @@ def executed_sql(caplog, action) -> tuple[str, tuple]:
 
 
 def plan(database, sql: str, params: tuple) -> str:
-    from server import storage
+    from server.infra import storage
 
     if storage.is_postgres(database):
         database.execute_sql("SET enable_seqscan = off")  # tiny test tables: ask whether the index *can* serve it
@@ -76,7 +76,7 @@ def executed_write(caplog, action, verb: str) -> tuple[str, tuple]:
 
 
 def assert_by_primary_key(database, sql: str, params: tuple) -> None:
-    from server import storage
+    from server.infra import storage
 
     if storage.is_postgres(database):
         database.execute_sql("ANALYZE payments")  # as autovacuum would: the plan must not hinge on missing statistics

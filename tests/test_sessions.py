@@ -10,8 +10,8 @@ import grpc
 import jwt
 import pytest
 
-from server import storage
-from server.pb import payments_pb2 as pb
+from server.infra import storage
+from server.edge.pb import payments_pb2 as pb
 from tests.conftest import rich_status
 
 PASSWORD = "correct horse battery"
@@ -91,8 +91,8 @@ def test_logout_ends_the_session_within_the_bound(stubs, settings):
 
 
 def test_a_disabled_deleted_or_re_roled_account_loses_access_within_the_bound(stubs, settings, running_server):
-    from server.accounts import Accounts
-    from server.sessions import Sessions
+    from server.domain.accounts import Accounts
+    from server.domain.sessions import Sessions
 
     disabled = login(stubs, "disabled@example.com")
     Accounts(None, sessions=Sessions(settings.refresh_ttl_seconds)).disable("disabled@example.com")
@@ -115,7 +115,7 @@ def test_a_disabled_deleted_or_re_roled_account_loses_access_within_the_bound(st
 
 
 def test_a_token_without_a_session_or_of_another_type_is_refused(stubs, issuer, keys_dir):
-    from server import tokens
+    from server.infra import tokens
 
     key = tokens.load_private_key(keys_dir / "jwt-private.pem")
     now = int(time.time())

@@ -5,8 +5,8 @@ import datetime as dt
 import peewee
 import pytest
 
-from server import storage
-from server.storage import Payment, User
+from server.infra import storage
+from server.infra.storage import Payment, User
 
 UTC = dt.timezone.utc
 

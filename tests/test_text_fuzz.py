@@ -13,7 +13,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.pb import payments_pb2 as pb
+from server.edge.pb import payments_pb2 as pb
 from tests.conftest import ADMIN_CALLER, ALICE, rich_status
 
 SERVICES = [pb.DESCRIPTOR.services_by_name["PaymentService"], pb.DESCRIPTOR.services_by_name["AuthService"]]

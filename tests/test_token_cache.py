@@ -10,8 +10,8 @@ import time
 import jwt.api_jwt
 import pytest
 
-from server import tokens
-from server.errors import Unauthenticated
+from server.infra import tokens
+from server.domain.errors import Unauthenticated
 from tests.conftest import ALICE
 
 TTL = 60

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from server import tokens
-from server.errors import PermissionDenied, Unauthenticated
+from server.infra import tokens
+from server.domain.errors import PermissionDenied, Unauthenticated
 from tests import jwt_attacks
 
 UTC = dt.timezone.utc

@@ -1,4 +1,4 @@
-"""On SQLite, payment calls take turns (server/turns.py): two at a time, while sign-up and login
+"""On SQLite, payment calls take turns (server/infra/sqlite_turns.py): two at a time, while sign-up and login
 never wait for a turn."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import threading
 import grpc
 import pytest
 
-from server.pb import payments_pb2 as pb
-from server.turns import TURNS
+from server.edge.pb import payments_pb2 as pb
+from server.infra.sqlite_turns import TURNS
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])

@@ -12,7 +12,9 @@ import pytest
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from server import auth, errors, logs, servicers, status
+from server.domain import errors
+from server.edge import auth, servicers, status
+from server.infra import logs
 from tests.conftest import ROOT
 
 

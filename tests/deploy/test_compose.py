@@ -109,7 +109,7 @@ def test_only_envoys_port_is_published_and_only_on_loopback(services):
 
 
 def test_keys_volume_is_made_by_the_keys_command_and_mounted_read_only(services):
-    from server import config
+    from server.infra import config
 
     defaults = config.Settings()
     server_dir = support.final_stage("server").workdir
@@ -143,7 +143,7 @@ def test_postgres_profile_with_the_documented_database_url():
     assert (url.hostname, url.port) == ("postgres", 5432)
     assert (url.username, url.password, url.path.lstrip("/")) == (
         env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"])
-    from server import config
+    from server.infra import config
 
     assert config.load({"DATABASE_URL": documented[0]}).database_url == documented[0]
 

@@ -151,7 +151,7 @@ def test_envoy_image_exposes_the_listener_port():
 
 def test_server_image_layout_matches_the_servers_relative_defaults():
     """The server's defaults (keys/, data/, gen/python next to server/) hold in the image's WORKDIR."""
-    from server import config
+    from server.infra import config
 
     final = support.final_stage("server")
     assert final.workdir == PurePosixPath("/app")
@@ -259,4 +259,4 @@ def test_dockerignore_admits_every_copy_source_and_nothing_secret():
     for path in ("keys/jwt-private.pem", "data/payments.db", ".venv/bin/python", "gen/payments.pb",
                  "server/__pycache__/app.cpython-311.pyc"):
         assert excluded(path), path
-    assert not excluded("server/app.py")
+    assert not excluded("server/edge/app.py")

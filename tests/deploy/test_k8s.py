@@ -183,7 +183,7 @@ def test_images_run_their_own_commands(api_pod):
 
 
 def test_mounted_files_are_where_the_images_read_them(api_pod):
-    from server import config
+    from server.infra import config
 
     volumes = {v["name"]: v for v in api_pod["volumes"]}
     server, envoy = support.container(api_pod, "server"), support.container(api_pod, "envoy")

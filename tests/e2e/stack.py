@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from server import config
+from server.infra import config
 from tests.e2e.envoyconf import CONFIG, ROOT, render
 
 ENVOY = ROOT / ".venv" / "bin" / "envoy"

@@ -16,9 +16,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server import tokens
-from server.pb import payments_pb2 as pb
-from server.pb import payments_pb2_grpc as pb_grpc
+from server.infra import tokens
+from server.edge.pb import payments_pb2 as pb
+from server.edge.pb import payments_pb2_grpc as pb_grpc
 
 ISSUER, AUDIENCE = "payments", "payments-api"
 

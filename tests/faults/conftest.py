@@ -8,8 +8,8 @@ import dataclasses
 import grpc
 import pytest
 
-from server.pb import payments_pb2 as pb
-from server.pb import payments_pb2_grpc as pb_grpc
+from server.edge.pb import payments_pb2 as pb
+from server.edge.pb import payments_pb2_grpc as pb_grpc
 from tests.e2e.rest import Client
 from tests.e2e.stack import Envoy, Server, prepare_workdir
 

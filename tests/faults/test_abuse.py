@@ -2,7 +2,7 @@
 
 Envoy limits sign-up and login per client address and per Envoy (envoy.yaml, local_ratelimit on
 the AuthService route, which REST and native gRPC logins both end on), before the server spends a
-password hash; the server slows failed logins per email (server/login_throttle.py). Payment calls
+password hash; the server slows failed logins per email (server/domain/login_throttle.py). Payment calls
 have no such limit and keep working. Clients are told apart by their address: each test client
 binds an address of its own in 127.0.0.0/8.
 """
@@ -16,9 +16,9 @@ import grpc
 import pytest
 import yaml
 
-from server import login_throttle
-from server.pb import payments_pb2 as pb
-from server.pb import payments_pb2_grpc as pb_grpc
+from server.domain import login_throttle
+from server.edge.pb import payments_pb2 as pb
+from server.edge.pb import payments_pb2_grpc as pb_grpc
 from tests.conftest import ALICE
 from tests.e2e.envoyconf import CONFIG
 from tests.e2e.rest import loopback_address

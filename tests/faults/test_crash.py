@@ -8,8 +8,8 @@ import time
 
 import grpc
 
-from server import storage
-from server.storage import Payment
+from server.infra import storage
+from server.infra.storage import Payment
 from tests.conftest import ALICE
 from tests.faults.conftest import create_request, payment_stub
 from tests.e2e.stack import Server, server_env

@@ -11,7 +11,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from server.pb import payments_pb2 as pb
+from server.edge.pb import payments_pb2 as pb
 from tests.conftest import ALICE, rich_status
 from tests.e2e.rest import Client
 from tests.faults.conftest import create_request, payment_stub

@@ -10,8 +10,8 @@ from __future__ import annotations
 import grpc
 import yaml
 
-from server.app import HEADER_LIMIT_BYTES, MAX_METADATA_BYTES
-from server.pb import payments_pb2 as pb
+from server.edge.app import HEADER_LIMIT_BYTES, MAX_METADATA_BYTES
+from server.edge.pb import payments_pb2 as pb
 from tests.conftest import ALICE
 from tests.e2e.envoyconf import CONFIG
 from tests.faults.conftest import payment_stub

@@ -10,8 +10,8 @@ import time
 
 import grpc
 
-from server import config, storage
-from server.storage import Payment
+from server.infra import config, storage
+from server.infra.storage import Payment
 from tests.conftest import ALICE
 from tests.e2e.rest import Client
 from tests.faults.conftest import create_request, payment_stub

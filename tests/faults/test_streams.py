@@ -1,4 +1,4 @@
-"""No number of idle streams stops payment calls (server/capacity.py, the streams cluster in
+"""No number of idle streams stops payment calls (server/edge/capacity.py, the streams cluster in
 envoy/envoy.yaml).
 
 Several hundred idle streams on every public streaming method (server reflection v1 and
@@ -14,7 +14,7 @@ import time
 import grpc
 import pytest
 
-from server.pb import payments_pb2 as pb
+from server.edge.pb import payments_pb2 as pb
 from tests.conftest import ALICE
 from tests.e2e.rest import loopback_address
 from tests.faults.conftest import create_request, payment_stub

@@ -15,7 +15,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from server import errors, storage
+from server.domain import errors
+from server.infra import storage
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class mapped_errors:
             abort(context, error)
         if isinstance(error, storage.DATA_ERRORS):
             # A value the database refused (too long, out of range) that validation let through:
-            # still the client's input, so INVALID_ARGUMENT, never INTERNAL. server/textcheck.py and
+            # still the client's input, so INVALID_ARGUMENT, never INTERNAL. server/edge/textcheck.py and
             # the rules are meant to stop every such value first; the log line says one slipped by.
             log.warning("database refused a value", extra={"error": type(error).__name__})
             abort(context, errors.InvalidArgument(

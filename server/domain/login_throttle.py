@@ -18,7 +18,7 @@ import dataclasses
 import datetime as dt
 import threading
 
-from server.errors import ResourceExhausted
+from server.domain.errors import ResourceExhausted
 
 FREE_FAILURES = 5
 MAX_DELAY_SECONDS = 30

@@ -21,7 +21,7 @@ from playhouse import migrate as pw_migrate
 from playhouse.db_url import parse as parse_db_url
 from playhouse.pool import PooledPostgresqlDatabase
 
-from server.config import Settings
+from server.infra.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class User(BaseModel):
 
 class Session(BaseModel):
     """One login: what its access tokens (claim `sid`) and refresh tokens belong to. Revoking it
-    (logout, reuse of a refresh token, an operator) ends them all (server/sessions.py)."""
+    (logout, reuse of a refresh token, an operator) ends them all (server/domain/sessions.py)."""
 
     id = peewee.CharField(primary_key=True, max_length=48)
     user_id = peewee.CharField(max_length=40, index=True)

@@ -25,7 +25,7 @@ def takes_turns(method: str) -> bool:
 
 
 class Turns:
-    """`count` turns, held for the whole of a payment call (server/calls.py): take() waits for
+    """`count` turns, held for the whole of a payment call (server/edge/interceptor.py): take() waits for
     one, give() hands it back. The turns are tokens in a SimpleQueue, whose get and put are C
     code; threading.BoundedSemaphore is Python code around a Condition, and with 16 threads
     queueing for two turns it cost a twentieth of a GetPayment."""

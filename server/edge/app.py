@@ -12,16 +12,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server import capacity, storage, tokens, turns
-from server.accounts import Accounts
-from server.calls import CallInterceptor
-from server.config import Settings
-from server.paging import PageTokens
-from server.payments import PaymentRules
-from server.sessions import SessionCheck, Sessions
-from server.pb import payments_pb2 as pb
-from server.pb import payments_pb2_grpc as pb_grpc
-from server.servicers import AuthServicer, PaymentServicer
+from server.edge import capacity
+from server.infra import sqlite_turns, storage, tokens
+from server.domain.accounts import Accounts
+from server.edge.interceptor import CallInterceptor
+from server.infra.config import Settings
+from server.domain.paging import PageTokens
+from server.domain.payments import PaymentRules
+from server.domain.sessions import SessionCheck, Sessions
+from server.edge.pb import payments_pb2 as pb
+from server.edge.pb import payments_pb2_grpc as pb_grpc
+from server.edge.servicers import AuthServicer, PaymentServicer
 
 log = logging.getLogger("server")
 
@@ -94,7 +95,7 @@ def build(settings: Settings) -> App:
                                   stream_max_seconds=settings.stream_max_seconds)
     server = grpc.server(
         lanes.payments,
-        interceptors=[CallInterceptor(verifier, None if storage.is_postgres(database) else turns.Turns(), lanes,
+        interceptors=[CallInterceptor(verifier, None if storage.is_postgres(database) else sqlite_turns.Turns(), lanes,
                                       SessionCheck(settings.revocation_check_seconds))],
         # The lanes bound each kind of call; grpc's own cap only backs them up.
         maximum_concurrent_rpcs=lanes.total + 64,
@@ -118,7 +119,7 @@ def build(settings: Settings) -> App:
 
     scheduler = None
     if settings.jobs_enabled:
-        from server import jobs
+        from server.infra import jobs
 
         scheduler = jobs.start(settings, rules)
 

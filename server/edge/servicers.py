@@ -1,7 +1,7 @@
 """The gRPC servicers: thin translations between protobuf messages and the rules.
 
 Each method reads the request, asks PaymentRules or Accounts, and builds the response; errors
-are mapped by server.status. The caller comes from the auth interceptor (server.auth).
+are mapped by server.edge.status. The caller comes from the auth interceptor (server.edge.auth).
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import datetime as dt
 
 from google.protobuf import empty_pb2
 
-from server import auth
-from server.accounts import Accounts
-from server.payments import PaymentDraft, PaymentRules
-from server.pb import payments_pb2 as pb
-from server.pb import payments_pb2_grpc as pb_grpc
-from server.status import handles_errors
-from server.storage import Payment, PaymentEvent
+from server.edge import auth
+from server.domain.accounts import Accounts
+from server.domain.payments import PaymentDraft, PaymentRules
+from server.edge.pb import payments_pb2 as pb
+from server.edge.pb import payments_pb2_grpc as pb_grpc
+from server.edge.status import handles_errors
+from server.infra.storage import Payment, PaymentEvent
 
 _STATUS_TO_PB = {"pending": pb.Payment.PENDING, "success": pb.Payment.SUCCESS, "failed": pb.Payment.FAILED}
 _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}

@@ -1,16 +1,16 @@
 """The generated protobuf modules, imported from gen/python (made by `make gen`).
 
 Generated code lives outside server/ so it is never mistaken for handwritten code; this module
-is the one place that knows where it is. PAYMENTS_GEN_DIR overrides it (the image uses that).
+is the one place that imports them (server.infra.config says where they are).
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
-GEN_DIR = Path(os.environ.get("PAYMENTS_GEN_DIR") or Path(__file__).resolve().parent.parent / "gen" / "python")
+from server.infra.config import generated_code_dir
+
+GEN_DIR = generated_code_dir()
 if not (GEN_DIR / "payments" / "v1" / "payments_pb2.py").exists():
     raise ImportError(f"generated code not found in {GEN_DIR}: run `make gen`")
 if str(GEN_DIR) not in sys.path:

@@ -1,5 +1,5 @@
 """The payment rules: validation, who may touch which payment, the status lifecycle and
-idempotent creation. No gRPC here; failures are server.errors exceptions.
+idempotent creation. No gRPC here; failures are server.domain.errors exceptions.
 
 Lifecycle: a payment is created pending and leaves pending exactly once, by one conditional
 UPDATE ... WHERE status = 'pending', so a confirm, a cancel and the expiry job racing on the same
@@ -19,11 +19,11 @@ from typing import Callable, Iterable
 
 import peewee
 
-from server import storage
-from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from server.paging import PageTokens
-from server.principal import Caller
-from server.storage import Payment, PaymentEvent, User
+from server.infra import storage
+from server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from server.domain.paging import PageTokens
+from server.domain.caller import Caller
+from server.infra.storage import Payment, PaymentEvent, User
 
 UTC = dt.timezone.utc
 

@@ -20,10 +20,10 @@ import threading
 import time
 from typing import Callable
 
-from server import storage
-from server.errors import Unauthenticated
-from server.principal import Caller
-from server.storage import RefreshToken, Session, User
+from server.infra import storage
+from server.domain.errors import Unauthenticated
+from server.domain.caller import Caller
+from server.infra.storage import RefreshToken, Session, User
 
 UTC = dt.timezone.utc
 

@@ -1,7 +1,7 @@
 """What happens around every call, in one wrapper per method: the lane it runs in
-(server/capacity.py), the access log, the token and session check (server/auth.py,
-server/sessions.py), the rejection of undecodable requests (server/decoding.py) and of text no
-field accepts (server/textcheck.py) and, on SQLite, a turn with the database (server/turns.py),
+(server/edge/capacity.py), the access log, the token and session check (server/edge/auth.py,
+server/domain/sessions.py), the rejection of undecodable requests (server/edge/decoding.py) and of text no
+field accepts (server/edge/textcheck.py) and, on SQLite, a turn with the database (server/infra/sqlite_turns.py),
 in that order.
 
 One interceptor rather than four, and each method's wrapper built once (at its first call)
@@ -16,10 +16,12 @@ import time
 
 import grpc
 
-from server import auth, capacity, decoding, errors, logs, textcheck, turns
-from server.status import abort, mapped_errors
-from server.sessions import SessionCheck
-from server.tokens import TokenVerifier
+from server.domain import errors
+from server.edge import auth, capacity, decoding, textcheck
+from server.infra import logs, sqlite_turns
+from server.edge.status import abort, mapped_errors
+from server.domain.sessions import SessionCheck
+from server.infra.tokens import TokenVerifier
 
 _HEALTH = "/grpc.health.v1.Health/"
 _WATCH = "/grpc.health.v1.Health/Watch"
@@ -33,10 +35,10 @@ def busy(kind: str) -> errors.ResourceExhausted:
 
 class CallInterceptor(grpc.ServerInterceptor):
     """`database_turns`: the turns payment calls take with the database (SQLite), or None.
-    `lanes`: where each kind of call runs (server/capacity.py); payment calls run in the
+    `lanes`: where each kind of call runs (server/edge/capacity.py); payment calls run in the
     server's own pool, which is lanes.payments."""
 
-    def __init__(self, verifier: TokenVerifier, database_turns: turns.Turns | None = None,
+    def __init__(self, verifier: TokenVerifier, database_turns: sqlite_turns.Turns | None = None,
                  lanes: capacity.Lanes | None = None, sessions: SessionCheck | None = None):
         self._verifier = verifier
         self._sessions = sessions
@@ -74,7 +76,7 @@ class CallInterceptor(grpc.ServerInterceptor):
             return self._wrap_stream(method, handler, kind, lane)
         behavior, verifier, sessions = handler.unary_unary, self._verifier, self._sessions
         public = auth.is_public(method)
-        turn = self._turns if self._turns is not None and turns.takes_turns(method) else None
+        turn = self._turns if self._turns is not None and sqlite_turns.takes_turns(method) else None
         # Health checks (Envoy every few seconds, kubelet probes) would drown the log at INFO.
         level = logging.DEBUG if method.startswith(_HEALTH) else logging.INFO
         shedding = capacity.shedding

@@ -12,15 +12,15 @@ from typing import Callable
 
 import peewee
 
-from server import passwords
-from server.errors import AlreadyExists, InvalidArgument, Unauthenticated
-from server.login_throttle import LoginThrottle
-from server.principal import Caller
-from server.sessions import Grant, Sessions
-from server.payments import email_problem, normalize_email, opaque_id
-from server.principal import ADMIN, CUSTOMER
-from server.storage import User, db
-from server.tokens import TokenIssuer
+from server.infra import passwords
+from server.domain.errors import AlreadyExists, InvalidArgument, Unauthenticated
+from server.domain.login_throttle import LoginThrottle
+from server.domain.caller import Caller
+from server.domain.sessions import Grant, Sessions
+from server.domain.payments import email_problem, normalize_email, opaque_id
+from server.domain.caller import ADMIN, CUSTOMER
+from server.infra.storage import User, db
+from server.infra.tokens import TokenIssuer
 
 UTC = dt.timezone.utc
 

@@ -22,8 +22,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server.errors import PermissionDenied, Unauthenticated
-from server.principal import ROLES, Caller
+from server.domain.errors import PermissionDenied, Unauthenticated
+from server.domain.caller import ROLES, Caller
 
 UTC = dt.timezone.utc
 ALGORITHM = "ES256"

@@ -32,8 +32,8 @@ from typing import Iterator
 
 import peewee
 
-from server import storage
-from server.storage import JobRun
+from server.infra import storage
+from server.infra.storage import JobRun
 
 log = logging.getLogger(__name__)
 

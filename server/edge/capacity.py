@@ -18,7 +18,7 @@ and health Watch, which holds no thread, is bounded by a count of open watches. 
 stream is ended after PAYMENTS_STREAM_MAX_SECONDS (Envoy ends them earlier at the edge).
 
 grpc takes a method's pool from its behaviour's `experimental_thread_pool` attribute
-(grpc/_server.py, `_select_thread_pool_for_behavior`): that is how server/calls.py puts each
+(grpc/_server.py, `_select_thread_pool_for_behavior`): that is how server/edge/interceptor.py puts each
 method in its lane. A lane is a ThreadPoolExecutor, so that attribute is honoured.
 """
 

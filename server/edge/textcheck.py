@@ -5,7 +5,7 @@ new field is covered without anyone remembering to: no control characters (C0, D
 is an error in PostgreSQL's driver and a silent truncation in others; line breaks in a field
 the API stores split log lines and CSV exports) and nothing longer than MAX_TEXT characters
 (the longest field any rule accepts is shorter). The rules then apply each field's own
-pattern and length (server/payments.py, server/accounts.py, server/passwords.py).
+pattern and length (server/domain/payments.py, server/domain/accounts.py, server/infra/passwords.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import re
 
 from google.protobuf.descriptor import FieldDescriptor
 
-from server import errors
+from server.domain import errors
 
 MAX_TEXT = 2048
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

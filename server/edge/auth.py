@@ -3,7 +3,7 @@
 The server verifies the bearer token itself, even behind Envoy (which checks it too): a client
 that reaches the gRPC port directly gets the same answers, and no header that only Envoy should
 set is ever trusted. Public methods are listed explicitly; everything else needs a token.
-server/calls.py runs `authenticate` before the handler and hands the caller over with
+server/edge/interceptor.py runs `authenticate` before the handler and hands the caller over with
 `acting_as`; the handler reads it with `caller()`.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextvars
 
-from server import errors
-from server.principal import Caller
-from server.tokens import TokenVerifier
+from server.domain import errors
+from server.domain.caller import Caller
+from server.infra.tokens import TokenVerifier
 
 PUBLIC_METHODS = frozenset({
     "/payments.v1.AuthService/Register",
@@ -27,7 +27,7 @@ _caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller")
 
 
 def caller() -> Caller:
-    """The verified caller of the current call (set by server/calls.py for the handler's thread)."""
+    """The verified caller of the current call (set by server/edge/interceptor.py for the handler's thread)."""
     return _caller.get()
 
 

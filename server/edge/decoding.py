@@ -3,13 +3,13 @@
 grpc answers a request its deserializer rejects with INTERNAL ("Exception deserializing
 request!"), which Envoy's transcoder shows REST clients as a 500. The usual cause is text that
 is not UTF-8 in a string field (a REST path or query parameter with %FF, which the transcoder
-copies into the message as it is). server/calls.py lets the deserializer fail softly (`tolerant`)
+copies into the message as it is). server/edge/interceptor.py lets the deserializer fail softly (`tolerant`)
 and answers such calls with INVALID_ARGUMENT and a BadRequest detail instead (`rejection`).
 """
 
 from __future__ import annotations
 
-from server import errors
+from server.domain import errors
 
 
 class _Undecodable:

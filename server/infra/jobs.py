@@ -1,6 +1,6 @@
 """Scheduled jobs: expire overdue pending payments, purge what is no longer needed.
 
-Every replica runs the scheduler (APScheduler, in-process); server.ticks makes each tick of a job
+Every replica runs the scheduler (APScheduler, in-process); server.infra.job_claims makes each tick of a job
 run in exactly one of them. A run works in bounded batches - each a SELECT of at most
 PAYMENTS_JOB_BATCH_SIZE ids and one UPDATE or DELETE of those rows by primary key, committed on
 its own - and shares the database politely: a batch that takes over BATCH_BUDGET_SECONDS halves
@@ -31,9 +31,9 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from server import storage, ticks
-from server.config import Settings
-from server.payments import PaymentRules
+from server.infra import job_claims, storage
+from server.infra.config import Settings
+from server.domain.payments import PaymentRules
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def purge(rules: PaymentRules, now: dt.datetime, *, retention: dt.timedelta, bat
     drain(lambda limit: rules.purge_deleted(now - retention, limit=limit, resume=resume), batch_size, progress,
           stopping)
     if not progress.interrupted and not progress.deferred:
-        drain(lambda limit: ticks.purge_history(now - HISTORY_RETENTION, limit=limit), batch_size, progress,
+        drain(lambda limit: job_claims.purge_history(now - HISTORY_RETENTION, limit=limit), batch_size, progress,
               stopping, count_as="history_rows")
     if progress.rows:
         with _SQLITE_JOB_WRITES:
@@ -171,7 +171,7 @@ class Runner:
     def __init__(self, clock: Callable[[], dt.datetime], *, replica: str | None = None,
                  stopping: threading.Event | None = None):
         self.clock = clock
-        self.replica = replica or ticks.replica_id()
+        self.replica = replica or job_claims.replica_id()
         self.stopping = stopping or threading.Event()
 
     def tick(self, job: Job) -> str:
@@ -179,17 +179,17 @@ class Runner:
         lock or already ran this tick)."""
         started = time.perf_counter()
         now = self.clock()
-        tick_at = ticks.tick_slot(now, job.interval_seconds)
+        tick_at = job_claims.tick_slot(now, job.interval_seconds)
         fields = {"job": job.name, "tick_at": tick_at.isoformat(), "replica": self.replica}
         progress = Progress(deadline=time.monotonic() + min(job.interval_seconds * RUN_BUDGET_FRACTION,
                                                             RUN_BUDGET_SECONDS),
                             batch_budget=BATCH_BUDGET_SECONDS)
         try:
-            with ticks.exclusive(job.name) as mine:
+            with job_claims.exclusive(job.name) as mine:
                 if not mine:
                     log.debug("job skipped", extra={**fields, "reason": "locked"})
                     return SKIPPED
-                if not ticks.claim(job.name, tick_at, self.replica, now):
+                if not job_claims.claim(job.name, tick_at, self.replica, now):
                     log.debug("job skipped", extra={**fields, "reason": "tick already run"})
                     return SKIPPED
                 try:
@@ -197,18 +197,18 @@ class Runner:
                 except Exception:
                     self._record_failure(job, tick_at, progress)
                     raise
-                outcome = ticks.INTERRUPTED if progress.interrupted else ticks.OK
-                ticks.finish(job.name, tick_at, outcome=outcome, rows=progress.rows, now=self.clock())
+                outcome = job_claims.INTERRUPTED if progress.interrupted else job_claims.OK
+                job_claims.finish(job.name, tick_at, outcome=outcome, rows=progress.rows, now=self.clock())
         except Exception:
             log.error("job failed", exc_info=True, extra={**fields, **self._summary(progress, started),
-                                                          "outcome": ticks.FAILED})
-            return ticks.FAILED
+                                                          "outcome": job_claims.FAILED})
+            return job_claims.FAILED
         log.info("job run", extra={**fields, **self._summary(progress, started), "outcome": outcome})
         return outcome
 
     def _record_failure(self, job: Job, tick_at: dt.datetime, progress: Progress) -> None:
         try:
-            ticks.finish(job.name, tick_at, outcome=ticks.FAILED, rows=progress.rows, now=self.clock())
+            job_claims.finish(job.name, tick_at, outcome=job_claims.FAILED, rows=progress.rows, now=self.clock())
         except Exception:  # the database may be the reason the run failed; the log line says it
             log.debug("cannot record the failed run", exc_info=True)
 

@@ -1,6 +1,6 @@
 """Domain errors: what went wrong in words the API promises, with no transport attached.
 
-The payment rules raise these; server/status.py alone turns them into gRPC status codes with
+The payment rules raise these; server/edge/status.py alone turns them into gRPC status codes with
 google.rpc details, so the mapping lives in one place and the rules never import grpc.
 Each error carries a stable UPPER_SNAKE `reason` (the ErrorInfo reason clients may branch on).
 """

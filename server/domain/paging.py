@@ -16,7 +16,7 @@ import hmac
 import json
 import secrets
 
-from server.errors import InvalidArgument
+from server.domain.errors import InvalidArgument
 
 UTC = dt.timezone.utc
 _VERSION = 1

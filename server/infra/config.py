@@ -92,6 +92,17 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+# Where `make gen` writes the Python stubs: gen/python at the repository root.
+GENERATED_CODE_DIR = Path(__file__).resolve().parents[2] / "gen" / "python"
+
+
+def generated_code_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where the generated protobuf modules are: PAYMENTS_GEN_DIR (the image sets it), else gen/python.
+    Apart from Settings, because the stubs are imported before any settings are loaded."""
+    env = os.environ if env is None else env
+    return Path(env.get("PAYMENTS_GEN_DIR") or GENERATED_CODE_DIR)
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from the environment; unset variables keep the safe defaults."""
     env = os.environ if env is None else env
