@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import grpc  # noqa: E402
+from playhouse.db_url import parse as parse_db_url  # noqa: E402
 
 import churn  # noqa: E402
 import loadgen  # noqa: E402
@@ -271,7 +272,7 @@ def postgres_url(name: str = "payments_bench") -> str:
     base = subprocess.run([str(ROOT / "scripts" / "pg-test-db.sh")], capture_output=True, text=True, check=True).stdout.strip()
     import peewee
 
-    params = seed.storage.parse_db_url(base)
+    params = parse_db_url(base)
     params.pop("database")
     admin = peewee.PostgresqlDatabase("postgres", **params)
     admin.connect()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import grpc
 import peewee
+from playhouse.db_url import parse as parse_db_url
+from playhouse.pool import PooledPostgresqlDatabase
 import pytest
 
 from server.infra import config, storage, tokens
@@ -37,7 +39,7 @@ def require_postgres() -> str:
 
 
 def _admin_pg(url: str) -> peewee.PostgresqlDatabase:
-    params = storage.parse_db_url(url)
+    params = parse_db_url(url)
     params.pop("database")
     return peewee.PostgresqlDatabase("postgres", **params)
 
@@ -96,7 +98,7 @@ def clock() -> Clock:
 
 def _reset_postgres(url: str) -> None:
     """Drop the tables so each test starts from an empty, freshly migrated schema."""
-    params = storage.parse_db_url(url)
+    params = parse_db_url(url)
     name = params.pop("database")
     pg = peewee.PostgresqlDatabase(name, **params)
     with pg.connection_context():
@@ -162,7 +164,7 @@ def database(settings):
     yield db
     if not db.is_closed():
         db.close()
-    if isinstance(db, storage.PooledPostgresqlDatabase):
+    if isinstance(db, PooledPostgresqlDatabase):
         db.close_all()
 
 

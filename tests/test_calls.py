@@ -127,7 +127,7 @@ def test_public_methods_need_no_token_and_payment_calls_hold_a_turn(verifier, to
 @pytest.mark.parametrize("behavior, code", [
     (lambda request, context: pb.Payment(), "OK"),
     (lambda request, context: status.abort(context, errors.NotFound("gone")), "NOT_FOUND"),
-    (lambda request, context: 1 / 0, "UNKNOWN"),  # grpc answers an escaped exception with UNKNOWN
+    (lambda request, context: 1 / 0, "INTERNAL"),  # anything unexpected: INTERNAL, mapped here, logged once
 ])
 def test_every_call_is_logged_with_its_outcome(verifier, token_for, monkeypatch, caplog, behavior, code):
     monkeypatch.setattr(logs, "_batching", None)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import grpc
 import peewee
+from playhouse.db_url import parse as parse_db_url
 import pytest
 
-from server.infra import storage
 from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
 from server.infra import config
@@ -103,7 +103,7 @@ def replicas(pg_session_url, keys_dir, tmp_path):
 
 
 def job_runs(url: str) -> list[tuple[str, str, str, str]]:
-    params = storage.parse_db_url(url)
+    params = parse_db_url(url)
     db = peewee.PostgresqlDatabase(params.pop("database"), **params)
     with db.connection_context():
         rows = db.execute_sql("SELECT job, tick_at, replica, outcome FROM job_runs").fetchall()

@@ -11,6 +11,7 @@ import logging
 import threading
 
 import peewee
+from playhouse.db_url import parse as parse_db_url
 import pytest
 
 from server.infra import job_claims, jobs, logs, storage
@@ -42,7 +43,7 @@ def job_records(caplog):
 
 def other_connection(settings) -> peewee.PostgresqlDatabase:
     """A plain connection of its own: another replica's session."""
-    params = storage.parse_db_url(settings.database_url)
+    params = parse_db_url(settings.database_url)
     return peewee.PostgresqlDatabase(params.pop("database"), **params)
 
 

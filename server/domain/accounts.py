@@ -17,12 +17,11 @@ from server.domain.errors import AlreadyExists, InvalidArgument, Unauthenticated
 from server.domain.login_throttle import LoginThrottle
 from server.domain.caller import Caller
 from server.domain.sessions import Grant, Sessions
-from server.domain.payments import email_problem, normalize_email, opaque_id
+from server.domain.ids import opaque_id
+from server.domain.validation import email_problem, normalize_email
 from server.domain.caller import ADMIN, CUSTOMER
 from server.infra.storage import User, db
 from server.infra.tokens import TokenIssuer
-
-UTC = dt.timezone.utc
 
 
 def new_user_id() -> str:
@@ -38,7 +37,7 @@ class Login:
 
 
 class Accounts:
-    def __init__(self, issuer: TokenIssuer, clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(UTC),
+    def __init__(self, issuer: TokenIssuer, clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
                  sessions: Sessions | None = None):
         self.issuer = issuer
         self.clock = clock

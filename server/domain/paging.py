@@ -18,7 +18,6 @@ import secrets
 
 from server.domain.errors import InvalidArgument
 
-UTC = dt.timezone.utc
 _VERSION = 1
 
 
@@ -46,7 +45,7 @@ class PageTokens:
 
     def encode(self, created_at: dt.datetime, row_id: str, scope: str, now: dt.datetime) -> str:
         body = json.dumps(
-            {"v": _VERSION, "c": created_at.astimezone(UTC).isoformat(), "i": row_id, "s": scope, "t": int(now.timestamp())},
+            {"v": _VERSION, "c": created_at.astimezone(dt.UTC).isoformat(), "i": row_id, "s": scope, "t": int(now.timestamp())},
             separators=(",", ":"),
         ).encode()
         return f"{_b64(body)}.{self._sign(body)}"

@@ -11,25 +11,18 @@ session's access: every protected call checks its session (`SessionCheck`), at m
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime as dt
 import hashlib
-import secrets
 import threading
 import time
 from typing import Callable
 
 from server.infra import storage
 from server.domain.errors import Unauthenticated
+from server.domain.ids import opaque_id
 from server.domain.caller import Caller
 from server.infra.storage import RefreshToken, Session, User
-
-UTC = dt.timezone.utc
-
-
-def _random(prefix: str) -> str:
-    return prefix + base64.b32encode(secrets.token_bytes(20)).decode().rstrip("=").lower()
 
 
 def _hash(token: str) -> str:
@@ -51,19 +44,19 @@ class Grant:
 
 
 class Sessions:
-    def __init__(self, refresh_ttl_seconds: int, clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(UTC)):
+    def __init__(self, refresh_ttl_seconds: int, clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)):
         self.refresh_ttl = dt.timedelta(seconds=refresh_ttl_seconds)
         self.clock = clock
 
     def _new_refresh_token(self, session_id: str, now: dt.datetime) -> str:
-        token = _random("rt_")
+        token = opaque_id("rt_", random_bytes=20)
         RefreshToken.create(hash=_hash(token), session_id=session_id, issued_at=now)
         return token
 
     def start(self, user: User) -> Grant:
         now = self.clock()
         with storage.db.atomic():
-            session = Session.create(id=_random("ses_"), user_id=user.id, created_at=now,
+            session = Session.create(id=opaque_id("ses_", random_bytes=20), user_id=user.id, created_at=now,
                                      expires_at=now + self.refresh_ttl)
             token = self._new_refresh_token(session.id, now)
         return Grant(user, session.id, token, int(self.refresh_ttl.total_seconds()))
@@ -161,7 +154,7 @@ class SessionCheck:
         revoked_at, expires_at, current_role, disabled_at = row
         if revoked_at is not None:
             return "logged out or revoked"
-        if Session.expires_at.python_value(expires_at) <= dt.datetime.now(UTC):
+        if Session.expires_at.python_value(expires_at) <= dt.datetime.now(dt.UTC):
             return "expired"
         if disabled_at is not None:
             return "the account is disabled"

@@ -1,8 +1,10 @@
 """What happens around every call, in one wrapper per method: the lane it runs in
 (server/edge/capacity.py), the access log, the token and session check (server/edge/auth.py,
 server/domain/sessions.py), the rejection of undecodable requests (server/edge/decoding.py) and of text no
-field accepts (server/edge/textcheck.py) and, on SQLite, a turn with the database (server/infra/sqlite_turns.py),
-in that order.
+field accepts (server/edge/textcheck.py), on SQLite a turn with the database
+(server/infra/sqlite_turns.py), and then, for whatever the servicer raised, its status
+(server/edge/status.py) and the return of the call's database connection, in that order. The
+servicers themselves only translate messages.
 
 One interceptor rather than four, and each method's wrapper built once (at its first call)
 rather than on every call: grpc runs an interceptor for every call, and four of them, each
@@ -21,6 +23,7 @@ from server.edge import auth, capacity, decoding, textcheck
 from server.infra import logs, sqlite_turns
 from server.edge.status import abort, mapped_errors
 from server.domain.sessions import SessionCheck
+from server.infra.storage import end_call
 from server.infra.tokens import TokenVerifier
 
 _HEALTH = "/grpc.health.v1.Health/"
@@ -98,13 +101,14 @@ class CallInterceptor(grpc.ServerInterceptor):
                         abort(context, decoding.rejection())
                     if (problem := textcheck.first_problem(request)) is not None:
                         abort(context, problem)
-                    if turn is None:
-                        return behavior(request, context)
-                    turn.take()
-                    try:
-                        return behavior(request, context)
-                    finally:
-                        turn.give()
+                    with mapped_errors(context):  # the servicers raise domain errors; statuses are made here
+                        if turn is None:
+                            return behavior(request, context)
+                        turn.take()
+                        try:
+                            return behavior(request, context)
+                        finally:
+                            turn.give()
                 finally:
                     if acting is not None:
                         auth.done(acting)
@@ -112,6 +116,7 @@ class CallInterceptor(grpc.ServerInterceptor):
                 failed = True
                 raise
             finally:
+                end_call()  # the call's pooled database connection goes back (PostgreSQL)
                 code = context.code()
                 logs.access(level, method, code.name if code is not None else "UNKNOWN" if failed else "OK",
                             round((time.perf_counter() - start) * 1000, 2))

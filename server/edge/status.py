@@ -7,7 +7,6 @@ google.rpc.Status as JSON with the matching HTTP status.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import grpc
@@ -104,17 +103,3 @@ class mapped_errors:
         log.error("unexpected error", exc_info=(kind, error, trace))
         abort(context, errors.Internal("internal error"))
         return False
-
-
-def handles_errors(method):
-    """Decorator form of mapped_errors for servicer methods (request, context)."""
-
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            with mapped_errors(context):
-                return method(self, request, context)
-        finally:
-            storage.end_call()
-
-    return wrapper

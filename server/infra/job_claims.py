@@ -37,8 +37,6 @@ from server.infra.storage import JobRun
 
 log = logging.getLogger(__name__)
 
-UTC = dt.timezone.utc
-
 RUNNING, OK, FAILED, INTERRUPTED = "running", "ok", "failed", "interrupted"
 
 
@@ -57,7 +55,7 @@ def lock_key(job: str) -> int:
 def tick_slot(now: dt.datetime, interval_seconds: int) -> dt.datetime:
     """The start of the slot `now` falls in: a multiple of the interval since the epoch."""
     epoch = int(now.timestamp())
-    return dt.datetime.fromtimestamp(epoch - epoch % interval_seconds, UTC)
+    return dt.datetime.fromtimestamp(epoch - epoch % interval_seconds, dt.UTC)
 
 
 @contextlib.contextmanager

@@ -37,13 +37,12 @@ from server.domain.payments import PaymentRules
 
 log = logging.getLogger(__name__)
 
-UTC = dt.timezone.utc
 EXPIRE, PURGE = "expire", "purge"
 SKIPPED = "skipped"
 # How long job_runs rows are kept (they are only needed to claim ticks; the rest is history).
 HISTORY_RETENTION = dt.timedelta(days=7)
 # Fire times are multiples of the interval since this instant, so all replicas tick together.
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 @dataclasses.dataclass
@@ -229,12 +228,12 @@ class Scheduler:
         self._idle = threading.Condition()
         self._running = 0
         self._scheduler = BackgroundScheduler(
-            timezone=UTC,
+            timezone=dt.UTC,
             executors={"default": ThreadPoolExecutor(max_workers=max(1, len(jobs)))},
         )
         for job in jobs:
             self._scheduler.add_job(
-                self._tick, IntervalTrigger(seconds=job.interval_seconds, start_date=_EPOCH, timezone=UTC),
+                self._tick, IntervalTrigger(seconds=job.interval_seconds, start_date=_EPOCH, timezone=dt.UTC),
                 args=(job,), id=job.name, name=job.name,
                 coalesce=True,  # ticks missed while the process was busy or paused run once, not many times
                 max_instances=1,  # a run that outlasts its interval is not overlapped by the next tick

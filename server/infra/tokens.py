@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from server.domain.errors import PermissionDenied, Unauthenticated
 from server.domain.caller import ROLES, Caller
 
-UTC = dt.timezone.utc
 ALGORITHM = "ES256"
 ACCESS_TOKEN_TYPE = "at+jwt"  # RFC 9068
 CLIENT_ID = "payments-api-clients"  # RFC 9068 asks for one; every client of this API is a public client
@@ -77,7 +76,7 @@ def create_key_pair(private_key_file: Path, jwks_file: Path) -> str:
 
 class TokenIssuer:
     def __init__(self, private_key: ec.EllipticCurvePrivateKey, *, issuer: str, audience: str, ttl_seconds: int,
-                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(UTC)):
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)):
         self._key = private_key
         self.kid = public_jwk(private_key.public_key())["kid"]
         self.issuer, self.audience, self.ttl_seconds, self.clock = issuer, audience, ttl_seconds, clock

@@ -1,0 +1,188 @@
+"""The tables, as peewee models: payments, their history, accounts, sessions and job claims.
+
+Columns are only ever added (see database.migrate_schema), so an older replica keeps working
+against a newer schema during a rolling update. The models are bound to `db`, a proxy that
+database.open_database points at SQLite or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Sequence
+
+import peewee
+
+db = peewee.DatabaseProxy()
+
+
+class UTCDateTimeField(peewee.DateTimeField):
+    """A timestamp stored as naive UTC with fixed microsecond precision.
+
+    The fixed text form matters on SQLite, where timestamps are strings: Python drops ".000000"
+    when microseconds are zero, and mixed forms would break ordering and keyset paging.
+    Values come back timezone-aware (UTC).
+    """
+
+    def db_value(self, value):
+        if value is None:
+            return None
+        if isinstance(value, dt.datetime):
+            if value.tzinfo is not None:
+                value = value.astimezone(dt.UTC).replace(tzinfo=None)
+            return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+        return super().db_value(value)
+
+    def python_value(self, value):
+        if value is None:
+            return None
+        if isinstance(value, str) and len(value) == 26:  # our own fixed form (SQLite)
+            try:  # ten times faster than peewee's strptime formats
+                return dt.datetime.fromisoformat(value + "+00:00")
+            except ValueError:
+                pass
+        elif isinstance(value, dt.datetime):  # PostgreSQL: naive UTC
+            return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+        value = super().python_value(value)
+        if isinstance(value, dt.datetime) and value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+
+class Payment(BaseModel):
+    """The earlier REST service's payments collection (id, email, amount, status, created_at)
+    plus what a payment lifecycle needs. `amount` is an integer of minor units; `status` keeps the
+    earlier lowercase words (pending/success/failed)."""
+
+    id = peewee.CharField(primary_key=True, max_length=40)
+    email = peewee.CharField(max_length=254)
+    # The customer account the payment belongs to: what grants a customer access, never the email.
+    # NULL only for rows from before accounts owned payments whose email had no account then.
+    owner_id = peewee.CharField(max_length=40, null=True)
+    amount = peewee.BigIntegerField()
+    currency = peewee.CharField(max_length=3, default="IDR")
+    description = peewee.CharField(max_length=500, default="")
+    status = peewee.CharField(max_length=16, default="pending")
+    failure_reason = peewee.CharField(max_length=16, null=True)
+    # Idempotency: unique per creator (the token's subject), so two callers never collide.
+    created_by = peewee.CharField(max_length=64, default="")
+    request_id = peewee.CharField(max_length=64, null=True)
+    request_hash = peewee.CharField(max_length=64, null=True)
+    created_at = UTCDateTimeField()
+    updated_at = UTCDateTimeField()
+    expires_at = UTCDateTimeField()
+    deleted_at = UTCDateTimeField(null=True)  # indexed only where set: see below the class
+
+    class Meta:
+        table_name = "payments"
+        indexes = (
+            (("created_at", "id"), False),  # keyset paging over everything (admins)
+            (("email", "created_at", "id"), False),  # keyset paging by payer email (admins' filter)
+            (("owner_id", "created_at", "id"), False),  # keyset paging of one customer's own
+            (("status", "expires_at", "id"), False),  # the expiry job's scan, batch after batch
+            (("status", "created_at", "id"), False),  # status filter
+            (("created_by", "request_id"), True),  # idempotency; NULL request_ids never clash
+        )
+
+
+# Only soft-deleted rows are indexed by deleted_at (the retention job's scan). An index over every
+# row, nearly all NULL, lured planners into answering "deleted_at IS NULL" from it and sorting
+# every live row: on SQLite without statistics, each admin page of a million rows took 0.6 s.
+Payment.add_index(Payment.index(Payment.deleted_at, Payment.id, name="payments_deleted_set")
+                  .where(Payment.deleted_at.is_null(False)))
+# Indexes a newer one replaced: dropped by migrate_schema.
+OBSOLETE_INDEXES = ("payments_status_expires_at", "payments_deleted_at_set")
+# And only unowned rows by id (the start-up backfill's scan; see backfill_owners).
+Payment.add_index(Payment.index(Payment.id, name="payments_unowned").where(Payment.owner_id.is_null()))
+
+
+class PaymentEvent(BaseModel):
+    """The append-only history of a payment: one row per change (created, confirmed, cancelled,
+    expired, deleted, undeleted), written in the transaction that makes the change, so there is
+    exactly one per change and none for a change that rolled back. Kept as long as the payment."""
+
+    number = peewee.BigAutoField()  # the order of events (per payment and overall)
+    id = peewee.CharField(max_length=40, unique=True)  # opaque, for the API
+    payment_id = peewee.CharField(max_length=40)
+    at = UTCDateTimeField()
+    action = peewee.CharField(max_length=16)
+    from_status = peewee.CharField(max_length=16, null=True)
+    to_status = peewee.CharField(max_length=16)
+    failure_reason = peewee.CharField(max_length=16, null=True)
+    actor_id = peewee.CharField(max_length=40, default="")  # empty: the service itself (expiry)
+    actor_role = peewee.CharField(max_length=16)  # customer, admin or system
+
+    class Meta:
+        table_name = "payment_events"
+        indexes = ((("payment_id", "number"), False),)
+
+
+class User(BaseModel):
+    """Callers of the API. The earlier brief's unique index on email belongs here."""
+
+    id = peewee.CharField(primary_key=True, max_length=40)
+    email = peewee.CharField(max_length=254, unique=True)
+    password_hash = peewee.CharField(max_length=255)
+    role = peewee.CharField(max_length=16, default="customer")
+    created_at = UTCDateTimeField()
+    disabled_at = UTCDateTimeField(null=True)  # set: no login, no refresh, every session ends
+
+    class Meta:
+        table_name = "users"
+
+
+class Session(BaseModel):
+    """One login: what its access tokens (claim `sid`) and refresh tokens belong to. Revoking it
+    (logout, reuse of a refresh token, an operator) ends them all (server/domain/sessions.py)."""
+
+    id = peewee.CharField(primary_key=True, max_length=48)
+    user_id = peewee.CharField(max_length=40, index=True)
+    created_at = UTCDateTimeField()
+    expires_at = UTCDateTimeField()  # the refresh tokens' absolute end: log in again after it
+    revoked_at = UTCDateTimeField(null=True)
+    revoke_reason = peewee.CharField(max_length=64, null=True)
+
+    class Meta:
+        table_name = "sessions"
+
+
+class RefreshToken(BaseModel):
+    """A refresh token, by its SHA-256 (the token itself is never stored). Used once."""
+
+    hash = peewee.CharField(primary_key=True, max_length=64)
+    session_id = peewee.CharField(max_length=48, index=True)
+    issued_at = UTCDateTimeField()
+    used_at = UTCDateTimeField(null=True)
+
+    class Meta:
+        table_name = "refresh_tokens"
+
+
+class JobRun(BaseModel):
+    """One tick of a scheduled job, claimed by the replica that runs it.
+
+    The primary key (job, tick_at) is what makes a tick run once across replicas: the first
+    replica to insert the row owns the tick, every other one gets an IntegrityError and skips.
+    `tick_at` is the start of the tick's time slot (a multiple of the job's interval since the
+    epoch), so replicas whose schedulers are not aligned still agree on it.
+    """
+
+    job = peewee.CharField(max_length=32)
+    tick_at = UTCDateTimeField()
+    replica = peewee.CharField(max_length=128)  # host:pid of the claiming process
+    started_at = UTCDateTimeField(index=True)
+    finished_at = UTCDateTimeField(null=True)
+    outcome = peewee.CharField(max_length=16, default="running")  # running, ok, failed, interrupted
+    rows = peewee.BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "job_runs"
+        primary_key = peewee.CompositeKey("job", "tick_at")
+
+
+MODELS: Sequence[type[BaseModel]] = (Payment, PaymentEvent, User, Session, RefreshToken, JobRun)
