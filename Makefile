@@ -43,9 +43,9 @@ keys: $(VENV)/.installed
 	$(PY) -m server.cli keys --if-missing
 
 # The whole stack in the foreground (Ctrl-C stops it): server on 127.0.0.1:50051, Envoy (REST and
-# gRPC) on :8080, Swagger UI on 127.0.0.1:8081; SQLite in data/. scripts/run_stack.py prints the URLs.
+# gRPC) on :8080, Swagger UI on 127.0.0.1:8081; SQLite in data/. devstack (python -m devstack) prints the URLs.
 run: setup keys
-	$(PY) scripts/run_stack.py
+	$(PY) -m devstack
 
 # Every test; PostgreSQL is started (scripts/pg-test-db.sh) so the storage and service suites run on it too.
 test: setup

@@ -81,7 +81,7 @@ def drained(log: Path) -> float | None:
 
 def run(bench, label: str, rows: int, database_url_for) -> ChurnRow:
     """One backlog size on one database (database_url_for(name) gives a fresh URL, or '' for SQLite)."""
-    from tests.e2e.stack import Server
+    from devstack.stack import Server
 
     name = f"churn-{label}-{rows}"
     url = database_url_for(name)
@@ -94,7 +94,7 @@ def run(bench, label: str, rows: int, database_url_for) -> ChurnRow:
     create = {"payment": {"email": seed.CALLERS[0][1], "amount": "1250", "currency": "IDR", "request_id": "{{.UUID}}"}}
     c, seconds = bench.args.concurrency, bench.args.seconds
 
-    server = Server.start(bench.work, {**env, "PAYMENTS_JOBS_ENABLED": "false"}, test_accounts=False)
+    server = Server.start(bench.work, {**env, "PAYMENTS_JOBS_ENABLED": "false"})
     try:
         addr = f"127.0.0.1:{server.port}"
         loadgen.ghz(addr, "CreatePayment", create, bench.token, seconds=1, concurrency=c)  # warm
@@ -105,7 +105,7 @@ def run(bench, label: str, rows: int, database_url_for) -> ChurnRow:
 
     server = Server.start(bench.work, {**env, "PAYMENTS_JOBS_ENABLED": "true", "PAYMENTS_DELETE_RETENTION_SECONDS":
                                        str(30 * 86400), "PAYMENTS_EXPIRE_INTERVAL_SECONDS": str(TICK_SECONDS),
-                                       "PAYMENTS_PURGE_INTERVAL_SECONDS": str(TICK_SECONDS)}, test_accounts=False)
+                                       "PAYMENTS_PURGE_INTERVAL_SECONDS": str(TICK_SECONDS)})
     windows: list[loadgen.Result] = []
     try:
         addr = f"127.0.0.1:{server.port}"

@@ -46,7 +46,7 @@ import seed  # noqa: E402
 from server.infra import config, tokens  # noqa: E402
 from server.edge.pb import payments_pb2 as pb  # noqa: E402
 from server.edge.pb import payments_pb2_grpc as pb_grpc  # noqa: E402
-from tests.e2e.stack import Envoy, Server, prepare_workdir, server_env  # noqa: E402
+from devstack.stack import Envoy, Server, prepare_workdir, server_env  # noqa: E402
 
 EMAIL = "bench@example.com"
 PATHS = ("gRPC direct", "gRPC via Envoy", "REST via Envoy")
@@ -174,7 +174,7 @@ class Bench:
 
     def start_baseline(self) -> Target:
         server = self.stack.enter_context(stopping(Server.start(
-            self.work, self.env(), [sys.executable, str(ROOT / "bench" / "empty_server.py")], test_accounts=False)))
+            self.work, self.env(), [sys.executable, str(ROOT / "bench" / "empty_server.py")])))
         envoy = self.stack.enter_context(stopping(Envoy.start(self.envoy_dir("baseline"), server.port)))
         return Target("baseline", server, envoy, "pay_" + "a" * 26)
 
@@ -195,7 +195,7 @@ class Bench:
         env = self.env(PAYMENTS_DATA_DIR=str(data_dir), PAYMENTS_PAGE_TOKEN_SECRET="bench-page-token-secret")
         if database_url:
             env["DATABASE_URL"] = database_url
-        server = self.stack.enter_context(stopping(Server.start(self.work, env, test_accounts=False)))
+        server = self.stack.enter_context(stopping(Server.start(self.work, env)))
         envoy = self.stack.enter_context(stopping(Envoy.start(self.envoy_dir(label), server.port)))
         return Target(label, server, envoy, self.create_one(server.port))
 

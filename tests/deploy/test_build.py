@@ -20,9 +20,9 @@ from pathlib import Path, PurePosixPath
 import pytest
 from google.protobuf import descriptor_pb2
 
-from tests.deploy import support
-from tests.deploy.support import ROOT
-from tests.e2e.stack import listening_port, wait_until
+from tests.support import deploy as support
+from tests.support.deploy import ROOT
+from tests.support.stack import listening_port, wait_until
 
 # The first Go build with the image's flags (static, -trimpath) compiles the plugin's dependencies
 # once on a fresh machine; later runs take seconds.

@@ -7,8 +7,8 @@ import subprocess
 
 import yaml
 
-from tests.deploy import support
-from tests.deploy.support import ROOT
+from tests.support import deploy as support
+from tests.support.deploy import ROOT
 
 
 def test_cloudbuild_config_is_valid():

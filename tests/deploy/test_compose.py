@@ -14,8 +14,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from tests.deploy import support
-from tests.deploy.support import ROOT
+from tests.support import deploy as support
+from tests.support.deploy import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSECHECK = ROOT / ".tools" / "bin" / "composecheck"

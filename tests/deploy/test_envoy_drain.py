@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests.deploy import support
-from tests.e2e.stack import Envoy, http_status, running_stack
+from tests.support import deploy as support
+from tests.support.stack import Envoy, http_status, running_stack
 
 
 @pytest.fixture

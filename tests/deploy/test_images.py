@@ -13,8 +13,8 @@ from pathlib import PurePosixPath
 import pytest
 from packaging.requirements import Requirement
 
-from tests.deploy import support
-from tests.deploy.support import ROOT
+from tests.support import deploy as support
+from tests.support.deploy import ROOT
 
 
 @pytest.mark.parametrize("kind", sorted(support.DOCKERFILES))
@@ -62,9 +62,9 @@ def _make_run_commands() -> list[list[str | None]]:
     makefile = (ROOT / "Makefile").read_text()
     recipe = re.search(r"^run:.*\n((?:\t.*\n)+)", makefile, flags=re.M)
     assert recipe, "no run target in the Makefile"
-    launcher = re.search(r"(scripts/\S+\.py)", recipe[1])
-    assert launcher, f"make run does not call a launcher script: {recipe[1]!r}"
-    tree = ast.parse((ROOT / launcher[1]).read_text())
+    launcher = re.search(r"-m (\w+)", recipe[1])
+    assert launcher, f"make run does not run a launcher module: {recipe[1]!r}"
+    tree = ast.parse((ROOT / launcher[1] / "__main__.py").read_text())
     commands = []
     for node in ast.walk(tree):
         if isinstance(node, ast.List) and node.elts:
@@ -85,7 +85,7 @@ def test_server_image_runs_the_make_run_entry_point():
 
 
 def test_envoy_image_runs_the_config_make_run_and_the_end_to_end_tests_run():
-    from tests.e2e.envoyconf import CONFIG
+    from devstack.envoyconf import CONFIG
 
     final = support.final_stage("envoy")
     command = support.image_command("envoy")

@@ -13,8 +13,8 @@ from pathlib import PurePosixPath
 import kubernetes_validate
 import pytest
 
-from tests.deploy import support
-from tests.deploy.support import ROOT
+from tests.support import deploy as support
+from tests.support.deploy import ROOT
 
 # The oldest Kubernetes the manifests need (native sidecars and the preStop sleep action are on
 # by default from 1.33, GKE's oldest supported minor) and the newest the validator knows.

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.deploy.support import ROOT
+from tests.support.deploy import ROOT
 
 
 def _name(raw: str) -> str:

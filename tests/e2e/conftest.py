@@ -14,8 +14,8 @@ import grpc
 import pytest
 
 from tests.conftest import own_pg_database
-from tests.e2e.rest import Client, loopback_address
-from tests.e2e.stack import ADMIN_EMAIL, ADMIN_PASSWORD, Envoy, Server, running_stack
+from tests.support.rest import Client, loopback_address
+from tests.support.stack import ADMIN_EMAIL, ADMIN_PASSWORD, Envoy, Server, running_stack
 
 PASSWORD = "correct horse battery"
 # Origins allowed by configuration (PAYMENTS_CORS_ORIGINS): Envoy allows no other. The last is

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tests.e2e.rest import Client
-from tests.e2e.stack import http_status, running_stack
+from tests.support.rest import Client
+from tests.support.stack import http_status, running_stack
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import subprocess
 
 import yaml
 
-from tests.e2e.envoyconf import CONFIG, render
-from tests.e2e.stack import ENVOY, prepare_workdir
+from devstack.envoyconf import CONFIG, render
+from tests.support.stack import ENVOY, prepare_workdir
 
 
 def test_envoy_yaml_is_valid_for_the_pinned_envoy(tmp_path, keys_dir):

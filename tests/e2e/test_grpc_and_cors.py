@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from tests.e2e.conftest import CORS_ORIGINS
-from tests.e2e.envoyconf import ROOT
+from devstack.envoyconf import ROOT
 
 GRPCURL = ROOT / ".tools" / "bin" / "grpcurl"
 

@@ -19,8 +19,8 @@ import hypothesis
 import pytest
 import schemathesis
 from schemathesis import GenerationMode
-from tests.e2e.rest import Client, loopback_address
-from tests.e2e.stack import ADMIN_EMAIL, ADMIN_PASSWORD
+from tests.support.rest import Client, loopback_address
+from tests.support.stack import ADMIN_EMAIL, ADMIN_PASSWORD
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,

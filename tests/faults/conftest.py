@@ -10,8 +10,8 @@ import pytest
 
 from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
-from tests.e2e.rest import Client
-from tests.e2e.stack import Envoy, Server, prepare_workdir
+from tests.support.rest import Client
+from tests.support.stack import Envoy, Server, prepare_workdir
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ from server.domain import login_throttle
 from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
 from tests.conftest import ALICE
-from tests.e2e.envoyconf import CONFIG
-from tests.e2e.rest import loopback_address
+from devstack.envoyconf import CONFIG
+from tests.support.rest import loopback_address
 
 RESOURCE_EXHAUSTED = 8
 PASSWORD = "correct horse battery"

@@ -12,7 +12,7 @@ from server.infra import storage
 from server.infra.storage import Payment
 from tests.conftest import ALICE
 from tests.faults.conftest import create_request, payment_stub
-from tests.e2e.stack import Server, server_env
+from tests.support.stack import Server, server_env
 
 CLIENTS = 6
 ACKS_BEFORE_KILL = 40

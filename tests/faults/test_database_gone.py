@@ -2,7 +2,7 @@
 Envoy) with a clear message, the process stays up, and it recovers by itself, without a
 restart, once the database is back.
 
-The database is a private instance (tests/faults/private_pg.py): stopping the cluster the
+The database is a private instance (tests/support/private_pg.py): stopping the cluster the
 other suites share would break them.
 """
 
@@ -13,10 +13,10 @@ import pytest
 
 from server.edge.pb import payments_pb2 as pb
 from tests.conftest import ALICE, rich_status
-from tests.e2e.rest import Client
+from tests.support.rest import Client
 from tests.faults.conftest import create_request, payment_stub
-from tests.faults.private_pg import PrivatePostgres
-from tests.e2e.stack import Envoy, Server, server_env
+from tests.support.private_pg import PrivatePostgres
+from tests.support.stack import Envoy, Server, server_env
 
 THREADS = 4
 

@@ -13,7 +13,7 @@ import yaml
 from server.edge.app import HEADER_LIMIT_BYTES, MAX_METADATA_BYTES
 from server.edge.pb import payments_pb2 as pb
 from tests.conftest import ALICE
-from tests.e2e.envoyconf import CONFIG
+from devstack.envoyconf import CONFIG
 from tests.faults.conftest import payment_stub
 
 SIZES_KB = list(range(1, 65))

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from tests.conftest import ALICE, rich_status
-from tests.e2e.rest import Response
+from tests.support.rest import Response
 
 GOOD = b'{"email": "alice@example.com", "amount": "1250"}'
 LIMIT = 65536  # envoy.yaml: max_request_body_size

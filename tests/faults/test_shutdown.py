@@ -13,12 +13,12 @@ import grpc
 from server.infra import config, storage
 from server.infra.storage import Payment
 from tests.conftest import ALICE
-from tests.e2e.rest import Client
+from tests.support.rest import Client
 from tests.faults.conftest import create_request, payment_stub
-from tests.e2e.stack import Envoy, Server, server_env
+from tests.support.stack import Envoy, Server, server_env
 
 # CANCELLED: grpc core's answer to calls it had received but not yet dispatched when shutdown
-# began (see tests/test_process.py). Through Envoy's transcoder that is HTTP 499.
+# began (see tests/service/test_process.py). Through Envoy's transcoder that is HTTP 499.
 RETRYABLE_GRPC = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 RETRYABLE_HTTP = {503, 499}
 ACKS_BEFORE_SIGTERM = 30

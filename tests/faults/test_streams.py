@@ -16,9 +16,9 @@ import pytest
 
 from server.edge.pb import payments_pb2 as pb
 from tests.conftest import ALICE
-from tests.e2e.rest import loopback_address
+from tests.support.rest import loopback_address
 from tests.faults.conftest import create_request, payment_stub
-from tests.faults.idle_streams import REFLECTION_V1, REFLECTION_V1ALPHA, WATCH, IdleStreams
+from tests.support.idle_streams import REFLECTION_V1, REFLECTION_V1ALPHA, WATCH, IdleStreams
 
 DEADLINE = 5.0  # seconds: an ordinary call's deadline; every call below must finish within it
 STREAMS = 300  # per method and per path

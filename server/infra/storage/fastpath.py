@@ -219,7 +219,7 @@ def row_check(field: peewee.Field):
     """The column as a condition checked on rows found otherwise (by primary key), never used to
     find them. On SQLite that is `+column`, its documented way to take a term out of index
     selection (the unary + changes no value); on PostgreSQL `COALESCE(column, column)`, the same
-    value in a form no index matches. tests/test_query_plans.py pins the job statements' plans."""
+    value in a form no index matches. tests/unit/test_query_plans.py pins the job statements' plans."""
     if is_postgres():
         return peewee.fn.COALESCE(field, field)
     return peewee.NodeList((peewee.SQL("+"), field), glue="")

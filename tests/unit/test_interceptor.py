@@ -1,6 +1,6 @@
 """The call wrapper (server/edge/interceptor.py) on its own: built once per method, the token before the body,
 the caller handed to the handler and taken back, every outcome logged. The same wrapper over a
-real channel is covered by tests/test_service.py, tests/test_turns.py and tests/test_process.py."""
+real channel is covered by tests/service/test_service.py, tests/service/test_turns.py and tests/service/test_process.py."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ import pytest
 
 from server.infra import tokens
 from server.domain.errors import PermissionDenied, Unauthenticated
-from tests import jwt_attacks
+from tests.support import jwt_attacks
 
 UTC = dt.timezone.utc
 

@@ -1,10 +1,12 @@
-"""`make run`: the gRPC server, Envoy in front of it and Swagger UI, in the foreground.
+"""`make run` (`python -m devstack`): the gRPC server, Envoy in front of it and Swagger UI, in
+the foreground.
 
 Starts `python -m server` and Envoy (envoy/envoy.yaml, working directory = the repository root, so
 its relative paths keys/jwks.json and gen/payments.pb resolve), waits until Envoy's /ready says the
 server passes its gRPC health checks, prints the URLs, and stops everything on Ctrl-C or SIGTERM.
 Swagger UI (openapi/ui, see openapi/ui/package.json) is served as static files on port 8081 when
-it has been installed. Standard library only; the environment passes through to the server.
+it has been installed. The environment passes through to the server. The process handling is
+devstack/stack.py's, which the tests and benchmarks use too.
 """
 
 from __future__ import annotations
@@ -13,17 +15,13 @@ import functools
 import http.server
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-ENVOY = ROOT / ".venv" / "bin" / "envoy"
+from devstack.stack import ENVOY, ROOT, http_status, port_in_use, stop_process
+
 API_URL = "http://127.0.0.1:8080"
 ADMIN_URL = "http://127.0.0.1:9901"
 UI_ADDR = ("127.0.0.1", 8081)
@@ -33,20 +31,6 @@ START_TIMEOUT = 60.0
 
 def log(message: str) -> None:
     print(f"[run] {message}", file=sys.stderr, flush=True)
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def serve_swagger_ui() -> http.server.ThreadingHTTPServer | None:
@@ -108,7 +92,7 @@ def main() -> int:
         procs.append(subprocess.Popen([str(ENVOY), "-c", "envoy/envoy.yaml", "--log-level", "warn",
                                        "--disable-hot-restart", "--concurrency", "1",
                                        "--file-flush-interval-msec", "1000"], cwd=ROOT, env=envoy_env))
-        if not wait_for(lambda: http_ok(f"{API_URL}/ready")):
+        if not wait_for(lambda: http_status(f"{API_URL}/ready") == 200):
             return 1
         ui = serve_swagger_ui()
         log("ready:")
@@ -131,13 +115,7 @@ def main() -> int:
             ui.shutdown()
         # Envoy first, so nothing new reaches the server; then the server drains in-flight calls.
         for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_process(p, timeout=20)
         log("stopped")
 
 

@@ -15,7 +15,7 @@ from server.infra import jobs
 from server.edge.pb import payments_pb2 as pb
 from server.infra.storage import JobRun, Payment
 from tests.conftest import ADMIN_CALLER, ALICE, rich_status
-from tests.jobs_support import wait_for
+from tests.support.jobs import wait_for
 
 UTC = dt.timezone.utc
 

@@ -1,4 +1,4 @@
-"""`make run`'s launcher (scripts/run_stack.py) on its real fixed ports (50051, 8080, 9901, 8081).
+"""`make run`'s launcher (devstack/__main__.py) on its real fixed ports (50051, 8080, 9901, 8081).
 
 It runs in a network namespace of its own (`unshare -n`, root), so the fixed ports never clash with
 a developer's `make run` or with concurrent test runs; checks run inside the namespace (nsenter)
@@ -31,7 +31,7 @@ def stack(tmp_path):
     env = {**os.environ, "PAYMENTS_DATA_DIR": str(tmp_path / "data"), "PAYMENTS_JOBS_ENABLED": "false"}
     env.pop("DATABASE_URL", None)
     proc = subprocess.Popen(
-        ["unshare", "-n", "--", "sh", "-c", f"ip link set lo up && exec {sys.executable} scripts/run_stack.py"],
+        ["unshare", "-n", "--", "sh", "-c", f"ip link set lo up && exec {sys.executable} -m devstack"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"),
     )
     deadline = time.monotonic() + 90

@@ -19,7 +19,7 @@ from openapi_spec_validator import OpenAPIV2SpecValidator, validate
 
 from server.edge.pb import payments_pb2
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCUMENT = ROOT / "openapi" / "payments.swagger.json"
 STATUS_REF = "#/definitions/googleRpcStatus"
 

@@ -1,4 +1,6 @@
-"""A real stack for end-to-end tests: `python -m server` and the real Envoy, as processes.
+"""The stack as processes: `python -m server`, the real Envoy in front of it, and Swagger UI's
+static files. `make run` (devstack/__main__.py) runs it on the fixed ports; the end-to-end tests
+and the benchmarks run it on ports of their own.
 
 Every port is chosen by the kernel (port 0) and read back, so there is no window in which
 another process can take it: the server logs the port it bound, Envoy writes its admin address
@@ -8,21 +10,22 @@ holds keys/ and gen/, exactly as in the image, so the config's relative paths ar
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
+from devstack.envoyconf import CONFIG, ROOT, render
 from server.infra import config
-from tests.e2e.envoyconf import CONFIG, ROOT, render
 
 ENVOY = ROOT / ".venv" / "bin" / "envoy"
 ADMIN_EMAIL = "admin@example.com"
@@ -43,15 +46,22 @@ def wait_until(what: str, probe, proc: subprocess.Popen, log: Path, timeout: flo
     raise RuntimeError(f"{what}: not ready after {timeout}s\n{log.read_text()[-4000:]}")
 
 
-def _stop(proc: subprocess.Popen | None) -> None:
+def stop_process(proc: subprocess.Popen | None, timeout: float = 15) -> None:
+    """SIGTERM (a server drains its calls), then SIGKILL if it has not exited within `timeout`."""
     if proc is None or proc.poll() is not None:
         return
     proc.terminate()
     try:
-        proc.wait(timeout=15)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=5)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
 
 
 def http_status(url: str) -> int | None:
@@ -106,26 +116,24 @@ class Server:
 
     @classmethod
     def start(cls, work: Path, env: dict[str, str] | None = None, argv: list[str] | None = None,
-              timeout: float = START_TIMEOUT, test_accounts: bool = True) -> "Server":
+              timeout: float = START_TIMEOUT, then: Callable[[config.Settings], None] | None = None) -> "Server":
         """Start `python -m server` (or argv) with server_env(work) (or env); each start logs to its own file.
-        `test_accounts`: add the accounts and sessions behind tests.conftest's token_for tokens."""
+        `then(settings)` runs once it listens (the tests add their accounts with it)."""
         log = work / f"server-{next(_starts)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(argv or [sys.executable, "-m", "server"], cwd=ROOT, env=env or server_env(work),
                                     stdout=out, stderr=subprocess.STDOUT)
         try:
             port = wait_until("server", lambda: listening_port(log), proc, log, timeout)
-            if test_accounts:
-                from tests.conftest import seed_accounts_into
-
-                seed_accounts_into(config.load(env or server_env(work)))
+            if then is not None:
+                then(config.load(env or server_env(work)))
         except BaseException:
-            _stop(proc)
+            stop_process(proc)
             raise
         return cls(proc, port, log)
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
 
 @dataclasses.dataclass
@@ -173,12 +181,12 @@ class Envoy:
             envoy = cls(proc, port, admin, log, access_log)
             wait_until("envoy /ready", lambda: True if http_status(f"{envoy.url}/ready") == 200 else None, proc, log)
         except BaseException:
-            _stop(proc)
+            stop_process(proc)
             raise
         return envoy
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
 
 def prepare_workdir(work: Path, keys: Path) -> None:
@@ -188,20 +196,3 @@ def prepare_workdir(work: Path, keys: Path) -> None:
     shutil.copy(keys / "jwt-private.pem", work / "keys" / "jwt-private.pem")
     (work / "gen").mkdir(exist_ok=True)
     shutil.copy(ROOT / "gen" / "payments.pb", work / "gen" / "payments.pb")
-
-
-@contextlib.contextmanager
-def running_stack(work: Path, keys: Path, envoy_env: dict[str, str] | None = None, database_url: str = ""):
-    """A server (SQLite, or PostgreSQL at database_url) and the real Envoy in front of it, stopped on exit."""
-    prepare_workdir(work, keys)
-    server = Server.start(work, server_env(work, DATABASE_URL=database_url) if database_url else None)
-    try:
-        envoy = Envoy.start(work, server.port, env=envoy_env)
-    except BaseException:
-        server.stop()
-        raise
-    try:
-        yield server, envoy
-    finally:
-        envoy.stop()
-        server.stop()

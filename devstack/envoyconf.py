@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "envoy" / "envoy.yaml"
 
 # The literal text of each port in envoy.yaml; each must occur exactly once.

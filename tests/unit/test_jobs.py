@@ -18,7 +18,7 @@ from server.domain.errors import FailedPrecondition
 from server.domain.payments import CANCELLED, EXPIRED, FAILED, PENDING, SUCCESS, PaymentDraft, PaymentRules
 from server.infra.storage import JobRun, Payment
 from tests.conftest import ADMIN_CALLER, ALICE
-from tests.jobs_support import insert_payments
+from tests.support.jobs import insert_payments
 
 HOUR = dt.timedelta(hours=1)
 RETENTION = dt.timedelta(days=30)

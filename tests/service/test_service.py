@@ -9,7 +9,7 @@ from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.edge.pb import payments_pb2 as pb
-from tests import jwt_attacks
+from tests.support import jwt_attacks
 from tests.conftest import ADMIN_CALLER, ALICE, BOB, rich_status
 
 

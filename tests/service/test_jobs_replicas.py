@@ -25,7 +25,7 @@ from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
 from server.infra import config
 from tests.conftest import ALICE, ROOT, _reset_postgres, seed_accounts_into
-from tests.jobs_support import wait_for
+from tests.support.jobs import wait_for
 
 REPLICAS = 3
 TICKS_WANTED = 5  # per job, all three replicas up

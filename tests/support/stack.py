@@ -1,0 +1,38 @@
+"""The dev stack (devstack/stack.py) as the tests use it: servers that hold the test accounts
+behind tests.conftest's token_for tokens, and a server with Envoy in front of it."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from devstack import stack
+from devstack.stack import (ADMIN_EMAIL, ADMIN_PASSWORD, ENVOY, ROOT, Envoy, http_status, listening_port,  # noqa: F401
+                            prepare_workdir, server_env, stop_process, wait_until)
+
+
+class Server(stack.Server):
+    @classmethod
+    def start(cls, work: Path, env: dict[str, str] | None = None, argv: list[str] | None = None,
+              timeout: float = stack.START_TIMEOUT, test_accounts: bool = True) -> "Server":
+        """`test_accounts`: add the accounts and sessions behind tests.conftest's token_for tokens."""
+        from tests.conftest import seed_accounts_into
+
+        return super().start(work, env, argv, timeout, then=seed_accounts_into if test_accounts else None)
+
+
+@contextlib.contextmanager
+def running_stack(work: Path, keys: Path, envoy_env: dict[str, str] | None = None, database_url: str = ""):
+    """A server (SQLite, or PostgreSQL at database_url) and the real Envoy in front of it, stopped on exit."""
+    prepare_workdir(work, keys)
+    server = Server.start(work, server_env(work, DATABASE_URL=database_url) if database_url else None)
+    try:
+        envoy = Envoy.start(work, server.port, env=envoy_env)
+    except BaseException:
+        server.stop()
+        raise
+    try:
+        yield server, envoy
+    finally:
+        envoy.stop()
+        server.stop()
