@@ -5,9 +5,9 @@ import json
 
 import grpc
 import pytest
-from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from server.domain import errors
 from server.edge.pb import payments_pb2 as pb
 from tests.support import jwt_attacks
 from tests.conftest import ADMIN_CALLER, ALICE, BOB, rich_status
@@ -205,7 +205,23 @@ def test_reflection_lists_the_services(channel):
     assert {"payments.v1.PaymentService", "payments.v1.AuthService", "grpc.health.v1.Health"} <= names
 
 
-def test_status_codes_match_google_rpc_codes():
-    # the server builds google.rpc.Status with code_pb2 numbers; grpc reads them as StatusCode
-    assert code_pb2.NOT_FOUND == grpc.StatusCode.NOT_FOUND.value[0]
-    assert code_pb2.FAILED_PRECONDITION == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+@pytest.mark.parametrize("error, code", [
+    (errors.InvalidArgument([("f", "bad")], reason="R"), grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound("x"), grpc.StatusCode.NOT_FOUND),
+    (errors.FailedPrecondition("x"), grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.AlreadyExists("x"), grpc.StatusCode.ALREADY_EXISTS),
+    (errors.PermissionDenied("x"), grpc.StatusCode.PERMISSION_DENIED),
+    (errors.ResourceExhausted("x", reason="SERVER_BUSY"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
+    (errors.Internal("x"), grpc.StatusCode.INTERNAL),
+])
+def test_a_rule_s_error_reaches_the_client_as_its_status_code(stubs, auth_md, running_server, monkeypatch, error, code):
+    """The rules raise domain errors; the interceptor alone turns them into what a client reads."""
+    def failing(*a, **kw):
+        raise error
+
+    monkeypatch.setattr(running_server.rules, "get", failing)
+    with pytest.raises(grpc.RpcError) as e:
+        stubs.payments.GetPayment(pb.GetPaymentRequest(id="pay_x"), metadata=auth_md(ALICE))
+    got, info, _ = rich_status(e.value)
+    assert (got, e.value.details(), info.reason) == (code, error.message, error.reason)

@@ -73,9 +73,16 @@ def test_start_up_drops_the_indexes_newer_ones_replaced(settings):
     database.close()
 
 
-def test_open_is_idempotent(settings):
-    storage.open_database(settings).close()
-    storage.open_database(settings).close()
+def test_a_second_open_keeps_the_schema_and_the_rows(settings):
+    database = storage.open_database(settings)
+    at = dt.datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+    Payment.create(id="pay_a", email="a@example.com", amount=1, created_at=at, updated_at=at, expires_at=at)
+    schema = {t: (_columns(t), _indexes(t)) for t in ("payments", "payment_events", "users")}
+    database.close()
+    database = storage.open_database(settings)  # a restart
+    assert {t: (_columns(t), _indexes(t)) for t in schema} == schema
+    assert Payment.get_by_id("pay_a").amount == 1
+    database.close()
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
