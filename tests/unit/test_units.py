@@ -76,7 +76,7 @@ def test_public_methods_are_exactly_sign_up_login_refresh_health_and_reflection(
                for service in module.DESCRIPTOR.services_by_name.values() for m in service.methods}
     assert {m for m in methods if auth.is_public(m)} == {
         "/payments.v1.AuthService/Register", "/payments.v1.AuthService/Login", "/payments.v1.AuthService/Refresh",
-        "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
+        "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/List", "/grpc.health.v1.Health/Watch",
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"}
     assert "/payments.v1.AuthService/Logout" in methods and len(methods) > 8
     # grpcio-reflection serves only v1alpha; its v1 successor is admitted too, for clients that ask for it.
