@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.domain.accounts import Accounts
 
     storage.open_database(settings)
-    issuer = tokens.TokenIssuer(tokens.load_private_key(settings.jwt_private_key_file), issuer=settings.jwt_issuer,
-                                audience=settings.jwt_audience, ttl_seconds=settings.jwt_ttl_seconds)
+    issuer = tokens.TokenIssuer.from_settings(settings)
     user = Accounts(issuer).ensure_admin(args.email, password)
     print(f"admin {user.email} ({user.id}) is ready")
     return 0

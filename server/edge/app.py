@@ -75,8 +75,7 @@ def build(settings: Settings) -> App:
     database = storage.open_database(settings)
     verifier = tokens.TokenVerifier.from_file(settings.jwks_file, issuer=settings.jwt_issuer,
                                               audience=settings.jwt_audience)
-    issuer = tokens.TokenIssuer(tokens.load_private_key(settings.jwt_private_key_file), issuer=settings.jwt_issuer,
-                                audience=settings.jwt_audience, ttl_seconds=settings.jwt_ttl_seconds)
+    issuer = tokens.TokenIssuer.from_settings(settings)
     sessions = Sessions(settings.refresh_ttl_seconds)
     accounts = Accounts(issuer, sessions=sessions)
     if settings.admin_email and settings.admin_password:

@@ -81,6 +81,12 @@ class TokenIssuer:
         self.kid = public_jwk(private_key.public_key())["kid"]
         self.issuer, self.audience, self.ttl_seconds, self.clock = issuer, audience, ttl_seconds, clock
 
+    @classmethod
+    def from_settings(cls, settings) -> "TokenIssuer":
+        """The issuer the settings describe (the server and the operator CLI both use this)."""
+        return cls(load_private_key(settings.jwt_private_key_file), issuer=settings.jwt_issuer,
+                   audience=settings.jwt_audience, ttl_seconds=settings.jwt_ttl_seconds)
+
     def issue(self, *, subject: str, email: str, role: str, session_id: str) -> str:
         """An access token (RFC 9068: typ at+jwt, a jti of its own, client_id) for a session."""
         now = int(self.clock().timestamp())

@@ -26,7 +26,7 @@ def test_cloudbuild_builds_and_pushes_both_images_as_the_overlay_names_them():
         built[args[args.index("-f") + 1]] = args[args.index("-t") + 1]
     assert built == {"Dockerfile.server": "${_REPO}/server:${_TAG}", "Dockerfile.envoy": "${_REPO}/envoy:${_TAG}"}
     assert sorted(config["images"]) == sorted(built.values())
-    overlay = yaml.safe_load((ROOT / "k8s" / "kustomization.yaml").read_text())
+    overlay = yaml.safe_load((ROOT / "k8s" / "overlays" / "gke" / "kustomization.yaml").read_text())
     names = {i["name"]: i["newName"] for i in overlay["images"]}
     assert names["payments-server"].endswith("/payments/server")
     assert names["payments-envoy"].endswith("/payments/envoy")

@@ -291,8 +291,10 @@ def test_swagger_ui_is_the_release_make_run_serves(objects):
 # --- the README's kustomize edits ---
 
 def test_readme_kustomize_edits_set_images_instance_and_api_host(tmp_path):
-    work = tmp_path / "k8s"
-    shutil.copytree(ROOT / "k8s", work)
+    # As the README does it: a copy of the overlay beside it (untracked), edited there.
+    shutil.copytree(ROOT / "k8s", tmp_path / "k8s")
+    work = tmp_path / "k8s" / "overlays" / "local"
+    shutil.copytree(tmp_path / "k8s" / "overlays" / "gke", work)
     edits = [
         ["edit", "set", "image", "payments-server=europe-west1-docker.pkg.dev/acme/payments/server:abc123",
          "payments-envoy=europe-west1-docker.pkg.dev/acme/payments/envoy:abc123"],

@@ -198,8 +198,9 @@ def compose() -> dict:
 
 
 def render_k8s(directory: Path | None = None) -> list[dict]:
-    """`kustomize build` of k8s/ (the pinned kustomize in .tools/bin, built by `make setup`)."""
-    out = subprocess.run([str(KUSTOMIZE), "build", str(directory or ROOT / "k8s")],
+    """`kustomize build` of the GKE overlay, k8s/overlays/gke (the pinned kustomize in .tools/bin,
+    built by `make setup`)."""
+    out = subprocess.run([str(KUSTOMIZE), "build", str(directory or ROOT / "k8s" / "overlays" / "gke")],
                          check=True, capture_output=True, text=True).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
