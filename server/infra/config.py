@@ -1,6 +1,6 @@
 """Configuration: the environment, read once into one typed, immutable object.
 
-Nothing else in the server reads os.environ, so every knob is listed here and in the README's
+Nothing else in the server reads os.environ, so every knob is listed here and in docs/configuration.md's
 configuration table, and tests build a Settings directly instead of patching the environment.
 """
 

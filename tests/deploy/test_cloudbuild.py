@@ -1,4 +1,4 @@
-"""cloudbuild.yaml, which README's Google Cloud section runs: valid for Cloud Build, it builds both
+"""cloudbuild.yaml, which docs/deploy.md's Google Cloud steps run: valid for Cloud Build, it builds both
 Dockerfiles and pushes them under the names the Kubernetes overlay deploys."""
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def test_everything_lands_in_one_namespace(objects):
 # --- secrets ---
 
 def test_no_secret_is_inlined(objects):
-    assert not [o for o in objects if o["kind"] == "Secret"], "Secrets are created by README commands"
+    assert not [o for o in objects if o["kind"] == "Secret"], "Secrets are created by docs/deploy.md's commands"
     for obj in objects:
         if obj["kind"] == "ConfigMap":
             for key in obj["data"]:
@@ -75,7 +75,7 @@ def test_no_secret_is_inlined(objects):
 
 
 def test_secrets_referenced_are_the_ones_documented(api_pod):
-    """The base's header lists what the Secrets must hold; README's commands create exactly those."""
+    """The base's header lists what the Secrets must hold; docs/deploy.md's commands create exactly those."""
     header = (ROOT / "k8s" / "base" / "kustomization.yaml").read_text().split("apiVersion")[0]
     referenced: dict[str, set[str]] = {}
     for c in support.pod_containers(api_pod):
@@ -229,7 +229,7 @@ def test_replicas_autoscaling_and_disruption_budget(objects):
 
 
 def test_pool_sizes_fit_the_database_at_full_scale(objects, config_data):
-    """Every pod holds up to PAYMENTS_DB_POOL_SIZE connections; the README's Cloud SQL tier
+    """Every pod holds up to PAYMENTS_DB_POOL_SIZE connections; docs/deploy.md's Cloud SQL tier
     (db-custom-1-3840) allows 100, a few of which Cloud SQL keeps for itself."""
     hpa = support.find(objects, "HorizontalPodAutoscaler", "payments")["spec"]
     assert hpa["maxReplicas"] * int(config_data["PAYMENTS_DB_POOL_SIZE"]) <= 80
@@ -288,10 +288,10 @@ def test_swagger_ui_is_the_release_make_run_serves(objects):
     assert service["spec"]["type"] == "LoadBalancer"
 
 
-# --- the README's kustomize edits ---
+# --- docs/deploy.md's kustomize edits ---
 
 def test_readme_kustomize_edits_set_images_instance_and_api_host(tmp_path):
-    # As the README does it: a copy of the overlay beside it (untracked), edited there.
+    # As docs/deploy.md does it: a copy of the overlay beside it (untracked), edited there.
     shutil.copytree(ROOT / "k8s", tmp_path / "k8s")
     work = tmp_path / "k8s" / "overlays" / "local"
     shutil.copytree(tmp_path / "k8s" / "overlays" / "gke", work)
