@@ -1,8 +1,8 @@
 """`make run` (`python -m devstack`): the gRPC server, Envoy in front of it and Swagger UI, in
 the foreground.
 
-Starts `python -m server` and Envoy (envoy/envoy.yaml, working directory = the repository root, so
-its relative paths keys/jwks.json and gen/payments.pb resolve), waits until Envoy's /ready says the
+Starts `python -m server` and Envoy (envoy/envoy.yaml on loopback only, working directory = the
+repository root, so its relative paths keys/jwks.json and gen/payments.pb resolve), waits until Envoy's /ready says the
 server passes its gRPC health checks, prints the URLs, and stops everything on Ctrl-C or SIGTERM.
 Swagger UI (openapi/ui, see openapi/ui/package.json) is served as static files on port 8081 when
 it has been installed. The environment passes through to the server. The process handling is
@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 
+from devstack.envoyconf import CONFIG, render
 from devstack.stack import ENVOY, ROOT, http_status, port_in_use, stop_process
 
 API_URL = "http://127.0.0.1:8080"
@@ -89,7 +90,12 @@ def main() -> int:
         # CORS: Envoy allows no browser origin unless told; here, the local Swagger UI's.
         ui_origins = f"http://{UI_ADDR[0]}:{UI_ADDR[1]},http://localhost:{UI_ADDR[1]}"
         envoy_env = {**os.environ, "PAYMENTS_CORS_ORIGINS": os.environ.get("PAYMENTS_CORS_ORIGINS") or ui_origins}
-        procs.append(subprocess.Popen([str(ENVOY), "-c", "envoy/envoy.yaml", "--log-level", "warn",
+        # envoy/envoy.yaml as deployed, but listening on loopback only (its paths stay relative to ROOT).
+        config = ROOT / os.environ.get("PAYMENTS_DATA_DIR", "data") / "envoy-make-run.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(render(CONFIG.read_text(), listen_port=8080, admin_port=9901, backend_port=50051,
+                                 loopback_only=True))
+        procs.append(subprocess.Popen([str(ENVOY), "-c", str(config), "--log-level", "warn",
                                        "--disable-hot-restart", "--concurrency", "1",
                                        "--file-flush-interval-msec", "1000"], cwd=ROOT, env=envoy_env))
         if not wait_for(lambda: http_status(f"{API_URL}/ready") == 200):

@@ -57,10 +57,16 @@ def main(argv: list[str] | None = None) -> int:
 
     password = settings.admin_password or getpass.getpass("admin password: ")
     from server.domain.accounts import Accounts
+    from server.domain.errors import InvalidArgument
 
     storage.open_database(settings)
     issuer = tokens.TokenIssuer.from_settings(settings)
-    user = Accounts(issuer).ensure_admin(args.email, password)
+    try:
+        user = Accounts(issuer).ensure_admin(args.email, password)
+    except InvalidArgument as e:  # one line naming what is wrong, not a traceback
+        problems = "; ".join(f"{field} {why}" for field, why in e.violations)
+        print(f"error: {problems or e.message}", file=sys.stderr)
+        return 1
     print(f"admin {user.email} ({user.id}) is ready")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +81,36 @@ def test_make_run_serves_rest_grpc_and_swagger_ui_and_stops_cleanly(stack):
     direct = inside(stack, str(GRPCURL), "-plaintext", "127.0.0.1:50051", "list")
     assert "payments.v1.AuthService" in direct.stdout.split()
 
+    # The API listens on loopback only: a dev stack (with a dev admin) is not for the LAN.
+    listeners = inside(stack, "curl", "-sf", "http://127.0.0.1:9901/listeners?format=json")
+    addresses = {s["local_address"]["socket_address"]["address"] for s in json.loads(listeners.stdout)["listener_statuses"]}
+    assert addresses == {"127.0.0.1"}
+
     stack.send_signal(signal.SIGINT)
     assert stack.wait(timeout=40) == 0
     assert "stopped" in stack.log.read_text()
+
+
+def quick_start_blocks() -> list[str]:
+    """The shell blocks of the README's "Quick start" section, as written."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```sh\n(.*?)^```", section, flags=re.M | re.S)
+    assert len(blocks) >= 2, "the quick start has a REST and a gRPC block"
+    return blocks
+
+
+def test_the_readme_quick_start_runs_as_written(stack, tmp_path):
+    """Every command of the quick start, top to bottom in one shell, against a fresh `make run`;
+    any failing command (a login without a token, an HTTP error from the helper) stops it."""
+    script = tmp_path / "quick-start.sh"
+    script.write_text("set -euo pipefail\n" + "\n".join(quick_start_blocks()))
+    env = {**os.environ, "PAYMENTS_DATA_DIR": str(tmp_path / "data")}  # the stack's database, as make run's would be
+    done = subprocess.run(["nsenter", "-t", str(stack.pid), "-n", "bash", str(script)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert '"role":"customer"' in out.replace(" ", "") and "admin admin@example.com" in out
+    assert '"status":"SUCCESS"' in out.replace(" ", "")  # confirmed by the admin
+    assert '"failure_reason":"CANCELLED"' in out.replace(" ", "")  # the second one, cancelled
+    assert "payments.v1.PaymentService" in out and '"amount": "150000"' in out  # grpcurl list and Get

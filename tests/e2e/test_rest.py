@@ -344,3 +344,37 @@ def test_a_payments_history_over_rest(api, make_user, admin):
     assert events.json["events"][1]["from_status"] == "PENDING"
     other = make_user("history-other")
     assert api.get(f"/v1/payments/{paid['id']}/events", token=other.token).status == 404
+
+
+# --- what a newcomer gets wrong first ----------------------------------------------------------
+
+@pytest.mark.parametrize("method, path, allow", [
+    ("PUT", "/v1/payments", "GET, POST"),
+    ("PATCH", "/v1/payments/pay_abc", "GET, DELETE"),
+    ("POST", "/v1/payments/pay_abc/events", "GET"),
+    ("GET", "/v1/payments/pay_abc:confirm", "POST"),
+])
+def test_a_method_a_path_does_not_take_is_405_with_allow(api, make_user, method, path, allow):
+    r = api.request(method, path, token=make_user().token)
+    assert r.status == 405 and r.headers.get("allow") == allow, (r.status, r.headers, r.text)
+    code, reason, body = r.error()
+    assert (code, reason) == (12, "METHOD_NOT_ALLOWED") and "takes" in body["message"]
+
+
+def test_a_token_without_bearer_is_told_how_to_send_it(api, make_user):
+    r = api.request("GET", "/v1/payments", headers={"Authorization": make_user().token})
+    assert r.status == 401
+    code, reason, body = r.error()
+    assert reason == "INVALID_TOKEN" and "'Bearer <token>'" in body["message"]
+
+
+def test_a_mistyped_auth_route_is_not_found_not_a_token_problem(api):
+    r = api.post("/v1/auth/signup", {"email": "x@example.com", "password": "correct horse battery"})
+    assert r.status == 404, r.text
+    code, reason, body = r.error()
+    assert code == 5 and "token" not in body["message"].lower()
+
+
+def test_logout_still_needs_its_token(api):
+    r = api.post("/v1/auth/logout", {})
+    assert r.status == 401 and r.error()[1] == "MISSING_TOKEN"

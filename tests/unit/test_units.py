@@ -112,6 +112,16 @@ def test_cli_create_admin_reads_the_password_from_the_environment(settings, tmp_
     assert "admin boss@example.com" in out.stdout and "a long admin password" not in out.stdout + out.stderr
 
 
+def test_cli_create_admin_with_a_short_password_says_so_in_one_line(settings):
+    env = {**os.environ, "PAYMENTS_JWT_PRIVATE_KEY_FILE": str(settings.jwt_private_key_file),
+           "PAYMENTS_JWKS_FILE": str(settings.jwks_file), "PAYMENTS_DATA_DIR": str(settings.data_dir),
+           "PAYMENTS_ADMIN_PASSWORD": "short"}
+    out = subprocess.run([sys.executable, "-m", "server.cli", "create-admin", "boss@example.com"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: password") and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 @pytest.mark.parametrize("value", [
     dt.datetime(2026, 3, 1, 8, 0, 0, 5, tzinfo=dt.timezone.utc),
     dt.datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc),  # before the epoch: nanos stay positive
