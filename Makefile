@@ -20,6 +20,7 @@ $(VENV)/.installed: requirements.lock
 
 # Go tools at the versions pinned in tools/go.mod (go.sum checks their sources).
 $(GO_TOOLS) &: tools/go.mod tools/go.sum tools/composecheck/main.go
+	@echo "building the pinned Go tools into $(TOOLS) (the first time takes a minute or two)"
 	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install tool
 	touch $(GO_TOOLS)
 
@@ -43,8 +44,9 @@ keys: $(VENV)/.installed
 	$(PY) -m server.cli keys --if-missing
 
 # The whole stack in the foreground (Ctrl-C stops it): server on 127.0.0.1:50051, Envoy (REST and
-# gRPC) on :8080, Swagger UI on 127.0.0.1:8081; SQLite in data/. devstack (python -m devstack) prints the URLs.
-run: setup keys
+# gRPC) on 127.0.0.1:8080, Swagger UI on 127.0.0.1:8081; SQLite in data/. devstack (python -m devstack)
+# makes the dev key pair if it is missing and prints the URLs.
+run: setup
 	$(PY) -m devstack
 
 # Every test; PostgreSQL is started (scripts/pg-test-db.sh) so the storage and service suites run on it too.
