@@ -183,31 +183,3 @@ def test_prepared_queries_are_planned_once_per_postgresql_connection(database):
     storage.release_connection()  # what an outage does: the next call gets a new connection
     assert _BY_EMAIL.first(email="a@example.com", limit=1).id == "pay_a"
     assert _BY_EMAIL.first(email="nobody@example.com", limit=1) is None
-
-
-@pytest.mark.parametrize("backend", ["sqlite"])
-def test_the_service_s_own_sqlite_writers_wait_in_line_then_give_up_as_busy(database, monkeypatch):
-    import threading
-
-    from server.infra.storage import database as db_module
-
-    held, release = threading.Event(), threading.Event()
-
-    def job_batch():
-        with storage.writing():
-            held.set()
-            release.wait(5)
-
-    worker = threading.Thread(target=job_batch)
-    worker.start()
-    held.wait(5)
-    monkeypatch.setattr(db_module, "WRITE_WAIT_SECONDS", 0.2)
-    with pytest.raises(peewee.OperationalError) as e:  # past the wait: DATABASE_BUSY, not a hang
-        with storage.writing():
-            pass
-    assert storage.is_busy(e.value)
-    monkeypatch.setattr(db_module, "WRITE_WAIT_SECONDS", 5)
-    threading.Timer(0.1, release.set).start()
-    with storage.writing():  # in line: gets it the moment the batch ends
-        assert not worker.is_alive() or release.is_set()
-    worker.join(5)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -132,29 +131,6 @@ def _schema_lock(database: peewee.Database):
         yield
     finally:
         database.execute_sql("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK_KEY,))
-
-
-# SQLite has one write lock for the whole file, and a writer that finds it taken polls for it
-# (sleeps of up to 100 ms between tries), so an API create kept losing it to the next job batch:
-# a worst 5-second window's p99 of 0.6 s under job churn. The service's own writers (payment
-# changes and the jobs' batches) queue for it here instead, and the next in line gets it the
-# moment it is free. PostgreSQL locks rows and needs none of this.
-_SQLITE_WRITES = threading.RLock()
-WRITE_WAIT_SECONDS = 5.0  # SQLite's busy_timeout: past it, the call fails as DATABASE_BUSY
-
-
-@contextlib.contextmanager
-def writing():
-    """Around one write transaction of this process (SQLite: in line with the others)."""
-    if is_postgres():
-        yield
-        return
-    if not _SQLITE_WRITES.acquire(timeout=WRITE_WAIT_SECONDS):
-        raise peewee.OperationalError("database is locked (waited for the service's own writers)")
-    try:
-        yield
-    finally:
-        _SQLITE_WRITES.release()
 
 
 def is_busy(error: Exception) -> bool:

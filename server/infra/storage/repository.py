@@ -9,14 +9,12 @@ changes of one payment is settled by the database.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 from typing import NamedTuple, Sequence
 
 import peewee
 
 from server.domain.lifecycle import EXPIRED, FAILED, PENDING, SUCCESS
-from server.infra.storage.database import writing
 from server.infra.storage.fastpath import Prepared, PreparedInsert, among, row_check
 from server.infra.storage.models import Payment, PaymentEvent, User, db
 
@@ -120,12 +118,7 @@ class PaymentQueries:
         self._insert = PreparedInsert(Payment, PaymentRecord)
         self._insert_event = PreparedInsert(PaymentEvent)
 
-    @staticmethod
-    @contextlib.contextmanager
-    def transaction():
-        """One write transaction, in line with the service's other writers (database.writing)."""
-        with writing(), db.atomic():
-            yield
+    transaction = staticmethod(db.atomic)
 
     # --- reads -----------------------------------------------------------------------------
 
