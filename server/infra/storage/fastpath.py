@@ -1,7 +1,7 @@
 """The fast path: the only code that reaches into peewee's internals, so the hot calls skip the
 SQL building and row making that cost more than the database itself (numbers beside each part).
 
-Everything here runs the same SQL peewee would run, and tests/unit/test_fastpath.py holds each
+Everything here runs the same SQL peewee would run, and tests/unit/test_storage.py holds each
 part to peewee's own result.
 """
 
@@ -188,7 +188,7 @@ class _RecordMaker:
     plain text and integer columns need nothing), then the tuple made in one step. Peewee's own
     cursor wrapper, which makes a model per row, cost about 0.2 ms per query on the hot path, more
     than the query itself. One per SQL text, so the columns are always the same;
-    tests/unit/test_fastpath.py holds it to peewee's result."""
+    tests/unit/test_storage.py holds it to peewee's result."""
 
     def __init__(self, model: type[peewee.Model], record: type[tuple]):
         self.model, self.record = model, record
