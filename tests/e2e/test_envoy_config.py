@@ -74,3 +74,12 @@ def test_jwt_rules_fail_closed_and_read_only_the_authorization_header():
         {"path": "/payments.v1.AuthService/Refresh"},
         {"prefix": "/grpc.health.v1.Health/"}, {"path": "/ready"},
     ]
+
+
+def test_make_run_s_copy_differs_only_in_listening_on_loopback():
+    """make run renders envoy.yaml with loopback_only (its dev admin is nobody else's business)."""
+    text = CONFIG.read_text()
+    ours = render(text, listen_port=8080, admin_port=9901, backend_port=50051, loopback_only=True)
+    changed = [(a, b) for a, b in zip(text.splitlines(), ours.splitlines()) if a != b]
+    assert changed == [("      socket_address: {address: 0.0.0.0, port_value: 8080}",
+                        "      socket_address: {address: 127.0.0.1, port_value: 8080}")]
