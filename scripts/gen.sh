@@ -35,4 +35,6 @@ protoc=("$py" -m grpc_tools.protoc -I proto -I "$gw" -I "$site" -I "$wkt")
   --openapiv2_out="$out/openapi" \
   --openapiv2_opt=logtostderr=true,json_names_for_fields=false,enums_as_ints=false,disable_default_errors=true,allow_merge=true,merge_file_name=payments,omit_enum_default_value=true,simple_operation_ids=true,use_allof_for_refs=true,omit_array_item_type_when_ref_sibling=true,preserve_rpc_order=true \
   "${protos[@]#proto/}"
+# What the plugin cannot be told: an example for every error response, models without its prefixes.
+"$py" "$root/scripts/openapi_polish.py" "$out/openapi/payments.swagger.json"
 echo "generated: gen/python gen/payments.pb openapi/payments.swagger.json"

@@ -1,7 +1,8 @@
 """The committed OpenAPI document: generated from the proto (fresh), valid OpenAPI 2.0, and saying
 what the gateway serves.
 
-The document is only ever written by protoc-gen-openapiv2 (scripts/gen.sh); these tests catch a
+The document is only ever written by `make gen` (protoc-gen-openapiv2, then
+scripts/openapi_polish.py); these tests catch a
 proto change without `make gen`, a hand edit, or generator flags/options that drift from what
 Envoy's transcoder actually does (paths, field names, int64 and enum encoding, the error shape).
 """
@@ -9,6 +10,7 @@ Envoy's transcoder actually does (paths, field names, int64 and enum encoding, t
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from server.edge.pb import payments_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENT = ROOT / "openapi" / "payments.swagger.json"
-STATUS_REF = "#/definitions/googleRpcStatus"
+STATUS_REF = "#/definitions/Status"
 
 PUBLIC_OPERATIONS = {"Register", "Login", "Refresh"}
 # The error statuses each operation really answers (besides 503 and default, on every operation).
@@ -100,7 +102,7 @@ def test_every_operation_is_documented(doc):
 
 
 def test_error_responses_are_the_real_ones_in_the_google_rpc_status_shape(doc):
-    status = doc["definitions"]["googleRpcStatus"]["properties"]
+    status = doc["definitions"]["Status"]["properties"]
     assert (status["code"]["type"], status["message"]["type"], status["details"]["type"]) == ("integer", "string", "array")
     for _, _, op in operations(doc):
         codes = set(op["responses"])
@@ -112,20 +114,20 @@ def test_error_responses_are_the_real_ones_in_the_google_rpc_status_shape(doc):
 
 
 def test_json_encoding_matches_the_transcoder(doc):
-    payment = doc["definitions"]["v1Payment"]["properties"]
+    payment = doc["definitions"]["Payment"]["properties"]
     # Proto field names, exactly (print_options.preserve_proto_field_names).
     assert set(payment) == {f.name for f in payments_pb2.Payment.DESCRIPTOR.fields}
     # int64 is a JSON string; enums are their names, without the zero value (never printed).
     assert (payment["amount"]["type"], payment["amount"]["format"]) == ("string", "int64")
-    assert doc["definitions"]["v1LoginResponse"]["properties"]["expires_in"]["type"] == "string"
-    status = doc["definitions"]["v1PaymentStatus"]
+    assert doc["definitions"]["LoginResponse"]["properties"]["expires_in"]["type"] == "string"
+    status = doc["definitions"]["PaymentStatus"]
     assert (status["type"], status["enum"]) == ("string", ["PENDING", "SUCCESS", "FAILED"])
     assert doc["definitions"]["PaymentFailureReason"]["enum"] == ["CANCELLED", "EXPIRED"]
     assert payment["created_at"]["format"] == "date-time"
 
 
 def test_output_only_fields_are_read_only(doc):
-    payment = doc["definitions"]["v1Payment"]
+    payment = doc["definitions"]["Payment"]
     read_only = {name for name, prop in payment["properties"].items() if prop.get("readOnly")}
     assert read_only == {"id", "status", "failure_reason", "created_at", "updated_at", "expires_at", "owner_id",
                          "deleted_at"}
@@ -135,7 +137,7 @@ def test_output_only_fields_are_read_only(doc):
 def test_request_bodies_are_what_a_client_sends(doc):
     # body: "payment" -> the JSON body IS the payment, not {"payment": {...}}.
     (create_body,) = [p for p in doc["paths"]["/v1/payments"]["post"]["parameters"] if p["in"] == "body"]
-    assert create_body["schema"] == {"$ref": "#/definitions/v1Payment"}
+    assert create_body["schema"] == {"$ref": "#/definitions/Payment"}
     # body: "*" with the id in the path -> an empty JSON object.
     for action in ("confirm", "cancel"):
         params = doc["paths"][f"/v1/payments/{{id}}:{action}"]["post"]["parameters"]
@@ -156,3 +158,34 @@ def test_response_examples_match_their_schemas(doc):
             assert errors == [], (op["operationId"], code, errors)
             checked += 1
     assert checked >= 10
+
+
+HTTP_OF_CODE = {3: {"400", "413"}, 5: {"404"}, 6: {"409"}, 7: {"403"}, 8: {"429"}, 9: {"400"}, 14: {"503", "default"},
+                16: {"401"}}
+
+
+def test_every_error_example_is_a_real_error_shape(doc):
+    """Swagger UI shows these: a google.rpc.Status whose code fits the HTTP status, with one ErrorInfo
+    of this API's domain and a reason the service really sends, and never a generated placeholder."""
+    reasons = set(re.findall(r"`([A-Z][A-Z_]+)`", (ROOT / "docs" / "api.md").read_text()
+                             + (ROOT / "envoy" / "README.md").read_text()))
+    reasons -= {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "UNAUTHENTICATED",
+                "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL"}  # codes, not reasons
+    seen = 0
+    for _, _, op in operations(doc):
+        for status, response in op["responses"].items():
+            if status == "200":
+                continue
+            example = response["examples"]["application/json"]
+            assert set(example) == {"code", "message", "details"} and example["message"], (op["operationId"], status)
+            assert status in HTTP_OF_CODE[example["code"]], (op["operationId"], status, example["code"])
+            [info] = [d for d in example["details"] if d["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"]
+            assert info["domain"] == "payments.v1" and info["reason"] in reasons, (op["operationId"], status, info)
+            assert "additionalProp1" not in json.dumps(example) and example["message"] != "string"
+            seen += 1
+    assert seen > 60
+
+
+def test_models_carry_no_generator_prefixes(doc):
+    assert not [name for name in doc["definitions"]
+                if name.startswith(("v1", "googleRpc", "protobuf", "PaymentService"))]
