@@ -137,6 +137,8 @@ def test_access_log_is_json_and_never_holds_a_token(api, forge, stack):
         ours = [json.loads(line) for line in stack.envoy.access_log.read_text().splitlines() if agent in line]
     assert sorted((e["path"], e["status"], e["method"]) for e in ours) == [
         ("/v1/payments", 200, "GET"), ("/v1/payments", 401, "GET")]
+    [served] = [e for e in ours if e["status"] == 200]
+    assert str(served["upstream_ms"]).isdigit() and str(served["duration_ms"]).isdigit(), served  # no empty timings
     text = stack.envoy.access_log.read_text()
     assert token not in text and token.split(".")[2] not in text
 
