@@ -5,24 +5,42 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TOOLS := .tools/bin
-GO_TOOLS := $(TOOLS)/protoc-gen-openapiv2 $(TOOLS)/grpcurl $(TOOLS)/ghz $(TOOLS)/kustomize $(TOOLS)/composecheck
+# What `make run` needs (code generation, the README's grpcurl), and what only tests and benchmarks use.
+RUN_TOOLS := $(TOOLS)/protoc-gen-openapiv2 $(TOOLS)/grpcurl
+GO_TOOLS := $(RUN_TOOLS) $(TOOLS)/ghz $(TOOLS)/kustomize $(TOOLS)/composecheck
 SWAGGER_UI := openapi/ui/node_modules/.package-lock.json
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test gen bench keys setup lock clean server
+.PHONY: run test gen bench keys setup setup-run lock clean server
 
 setup: $(VENV)/.installed $(GO_TOOLS) gen/.stamp $(SWAGGER_UI)
+setup-run: $(VENV)/.installed $(RUN_TOOLS) gen/.stamp $(SWAGGER_UI)
 
 $(VENV)/.installed: requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	touch $@
 
-# Go tools at the versions pinned in tools/go.mod (go.sum checks their sources).
-$(GO_TOOLS) &: tools/go.mod tools/go.sum tools/composecheck/main.go
-	@echo "building the pinned Go tools into $(TOOLS) (the first time takes a minute or two)"
-	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install tool
-	touch $(GO_TOOLS)
+# One rule per tool, each at the version tools/go.mod pins (its tool directives; go.sum checks them).
+$(TOOLS)/protoc-gen-openapiv2: tools/go.mod tools/go.sum
+	@echo "building protoc-gen-openapiv2 into $(TOOLS) (pinned; the first build takes a while)"
+	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install github.com/grpc-ecosystem/grpc-gateway/v2/protoc-gen-openapiv2
+	touch $@
+$(TOOLS)/grpcurl: tools/go.mod tools/go.sum
+	@echo "building grpcurl into $(TOOLS) (pinned)"
+	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install github.com/fullstorydev/grpcurl/cmd/grpcurl
+	touch $@
+$(TOOLS)/ghz: tools/go.mod tools/go.sum
+	@echo "building ghz into $(TOOLS) (pinned; tests and benchmarks)"
+	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install github.com/bojand/ghz/cmd/ghz
+	touch $@
+$(TOOLS)/kustomize: tools/go.mod tools/go.sum
+	@echo "building kustomize into $(TOOLS) (pinned; deployment checks)"
+	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install sigs.k8s.io/kustomize/kustomize/v5
+	touch $@
+$(TOOLS)/composecheck: tools/go.mod tools/go.sum tools/composecheck/main.go
+	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install payments/tools/composecheck
+	touch $@
 
 # Swagger UI's own distribution (npm swagger-ui-dist, pinned by openapi/ui/package-lock.json);
 # --ignore-scripts: its analytics dependency's install script is never run.
@@ -30,12 +48,12 @@ $(SWAGGER_UI): openapi/ui/package.json openapi/ui/package-lock.json
 	cd openapi/ui && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 	touch $@
 
-gen/.stamp: $(VENV)/.installed $(GO_TOOLS) $(shell find proto -name '*.proto') scripts/gen.sh
+gen/.stamp: $(VENV)/.installed $(TOOLS)/protoc-gen-openapiv2 $(shell find proto -name '*.proto') scripts/gen.sh
 	scripts/gen.sh
 	touch $@
 
 # All generated code: Python stubs, Envoy's descriptor set, the OpenAPI document.
-gen: $(VENV)/.installed $(GO_TOOLS)
+gen: $(VENV)/.installed $(TOOLS)/protoc-gen-openapiv2
 	scripts/gen.sh
 	touch gen/.stamp
 
@@ -46,7 +64,7 @@ keys: $(VENV)/.installed
 # The whole stack in the foreground (Ctrl-C stops it): server on 127.0.0.1:50051, Envoy (REST and
 # gRPC) on 127.0.0.1:8080, Swagger UI on 127.0.0.1:8081; SQLite in data/. devstack (python -m devstack)
 # makes the dev key pair if it is missing and prints the URLs.
-run: setup
+run: setup-run
 	$(PY) -m devstack
 
 # Every test; PostgreSQL is started (scripts/pg-test-db.sh) so the storage and service suites run on it too.

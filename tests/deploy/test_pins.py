@@ -53,3 +53,13 @@ def test_every_package_the_image_installs_is_pinned_by_the_lock(step, tmp_path):
     assert installed, "pip would install nothing"
     unpinned = {name: version for name, version in installed.items() if pins.get(name) != version}
     assert not unpinned, f"installed at versions requirements.lock does not pin: {unpinned}"
+
+
+def test_every_pinned_go_tool_is_built_by_the_makefile_at_the_pinned_version():
+    """tools/go.mod's tool directives are the pins; the Makefile builds each one inside that module
+    (go install without @version: the module's own requirement)."""
+    gomod = (ROOT / "tools" / "go.mod").read_text()
+    tools = set(re.search(r"^tool \((.*?)^\)", gomod, flags=re.M | re.S)[1].split())
+    makefile = (ROOT / "Makefile").read_text()
+    built = set(re.findall(r"cd tools && GOBIN=\S+ go install (\S+)$", makefile, flags=re.M))
+    assert built == tools and not [t for t in built if "@" in t]
