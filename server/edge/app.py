@@ -10,7 +10,7 @@ import threading
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server.edge import capacity
 from server.infra import sqlite_turns, storage, tokens
@@ -22,6 +22,7 @@ from server.domain.payments import PaymentRules
 from server.domain.sessions import SessionCheck, Sessions
 from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
+from server.edge.reflection_pool import pool_for
 from server.edge.servicers import AuthServicer, PaymentServicer
 
 log = logging.getLogger("server")
@@ -110,7 +111,9 @@ def build(settings: Settings) -> App:
     pb_grpc.add_AuthServiceServicer_to_server(AuthServicer(accounts), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True, experimental_thread_pool=lanes.health)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server,
+        pool=pool_for(pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR))
     port = server.add_insecure_port(settings.listen_addr)
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.listen_addr}")

@@ -144,6 +144,10 @@ def test_grpcurl_lists_describes_and_calls_through_reflection(server_process, to
     assert {"payments.v1.PaymentService", "payments.v1.AuthService", "grpc.health.v1.Health"} <= set(services)
     described = grpcurl(addr, "describe", "payments.v1.PaymentService")
     assert "rpc CreatePayment" in described and "rpc ConfirmPayment" in described
+    # The REST mapping stays; the OpenAPI annotations (pages of examples) are not served.
+    assert "google.api.http" in described and "openapiv2" not in described and len(described) < 6000, described[:2000]
+    message = grpcurl(addr, "describe", "payments.v1.Payment")
+    assert "int64 amount" in message and "openapiv2" not in message
     auth = f"authorization: Bearer {token_for(ALICE)}"
     created = json.loads(grpcurl("-H", auth, "-d", json.dumps({"payment": {"email": "alice@example.com", "amount": "2500"}}),
                                  addr, "payments.v1.PaymentService/CreatePayment"))
