@@ -5,7 +5,8 @@ run in exactly one of them. A run works in bounded batches - each a SELECT of at
 PAYMENTS_JOB_BATCH_SIZE ids and one UPDATE or DELETE of those rows by primary key, committed on
 its own - and shares the database politely: a batch that takes over BATCH_BUDGET_SECONDS halves
 the next one (a fast one doubles it back, up to the batch size); after each batch it pauses as
-long as the batch took (so API writers get the write lock at least half the time); it stops when
+long as the batch took, twice as long on SQLite (whose writers poll for its one write lock, so they
+need the wider gaps: a worst churn window 3.2x the jobs-off p99 before, 1.9x after); it stops when
 its time budget is spent (RUN_BUDGET_FRACTION of its interval, at most RUN_BUDGET_SECONDS; the
 rest waits for the next tick, and each batch resumes where the last one ended, so a backlog
 drains in time linear in its size), and the two jobs never run write batches at the
@@ -63,6 +64,8 @@ class Progress:
 RUN_BUDGET_FRACTION = 0.5
 RUN_BUDGET_SECONDS = 30.0
 PAUSE_RATIO = 1.0  # pause after a batch for this many times its duration
+# SQLite: API writers poll for the one write lock (sleeps of up to 100 ms), so they need wider gaps.
+SQLITE_PAUSE_RATIO = 2.0
 BATCH_BUDGET_SECONDS = 0.1  # a batch that takes longer halves the next one (down to MIN_BATCH)
 MIN_BATCH = 50
 MIN_PAUSE_SECONDS = 0.005
@@ -106,7 +109,8 @@ def drain(step: Callable[[int], int], limit: int, progress: Progress, stopping: 
         if progress.deadline is not None and time.monotonic() >= progress.deadline:
             progress.deferred = True
             return
-        if stopping.wait(max(took * PAUSE_RATIO, MIN_PAUSE_SECONDS)):
+        pause = took * (PAUSE_RATIO if storage.is_postgres() else SQLITE_PAUSE_RATIO)
+        if stopping.wait(max(pause, MIN_PAUSE_SECONDS)):
             progress.interrupted = True
             return
 
