@@ -13,33 +13,24 @@ export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: run test gen bench keys setup setup-run lock clean server
 
-setup: $(VENV)/.installed $(GO_TOOLS) gen/.stamp $(SWAGGER_UI)
 setup-run: $(VENV)/.installed $(RUN_TOOLS) gen/.stamp $(SWAGGER_UI)
+setup: setup-run $(GO_TOOLS)
 
 $(VENV)/.installed: requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	touch $@
 
-# One rule per tool, each at the version tools/go.mod pins (its tool directives; go.sum checks them).
-$(TOOLS)/protoc-gen-openapiv2: tools/go.mod tools/go.sum
-	@echo "building protoc-gen-openapiv2 into $(TOOLS) (pinned; the first build takes a while)"
-	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install github.com/grpc-ecosystem/grpc-gateway/v2/protoc-gen-openapiv2
-	touch $@
-$(TOOLS)/grpcurl: tools/go.mod tools/go.sum
-	@echo "building grpcurl into $(TOOLS) (pinned)"
-	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install github.com/fullstorydev/grpcurl/cmd/grpcurl
-	touch $@
-$(TOOLS)/ghz: tools/go.mod tools/go.sum
-	@echo "building ghz into $(TOOLS) (pinned; tests and benchmarks)"
-	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install github.com/bojand/ghz/cmd/ghz
-	touch $@
-$(TOOLS)/kustomize: tools/go.mod tools/go.sum
-	@echo "building kustomize into $(TOOLS) (pinned; deployment checks)"
-	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install sigs.k8s.io/kustomize/kustomize/v5
-	touch $@
-$(TOOLS)/composecheck: tools/go.mod tools/go.sum tools/composecheck/main.go
-	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install payments/tools/composecheck
+# Each tool at the version tools/go.mod pins (its tool directives; go.sum checks them): go install
+# inside that module, without @version, builds the module's own requirement.
+PKG_protoc-gen-openapiv2 := github.com/grpc-ecosystem/grpc-gateway/v2/protoc-gen-openapiv2
+PKG_grpcurl := github.com/fullstorydev/grpcurl/cmd/grpcurl
+PKG_ghz := github.com/bojand/ghz/cmd/ghz
+PKG_kustomize := sigs.k8s.io/kustomize/kustomize/v5
+PKG_composecheck := payments/tools/composecheck
+$(GO_TOOLS): $(TOOLS)/%: tools/go.mod tools/go.sum tools/composecheck/main.go
+	@echo "building $* into $(TOOLS) (pinned by tools/go.mod; a first build takes a while)"
+	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install $(PKG_$*)
 	touch $@
 
 # Swagger UI's own distribution (npm swagger-ui-dist, pinned by openapi/ui/package-lock.json);

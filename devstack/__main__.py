@@ -22,6 +22,7 @@ import time
 
 from devstack.envoyconf import CONFIG, render
 from devstack.stack import ENVOY, ROOT, http_status, port_in_use, stop_process
+from server.infra import config
 
 API_URL = "http://127.0.0.1:8080"
 ADMIN_URL = "http://127.0.0.1:9901"
@@ -54,7 +55,12 @@ def main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
-    listen = os.environ.get("PAYMENTS_LISTEN_ADDR", "127.0.0.1:50051")
+    try:  # the server's own reading of the environment: its defaults, and its errors early
+        settings = config.load()
+    except config.ConfigError as e:
+        log(f"configuration error: {e}")
+        return 2
+    listen = settings.listen_addr
     host, _, port = listen.rpartition(":")
     if port != "50051":
         log(f"PAYMENTS_LISTEN_ADDR={listen}: envoy/envoy.yaml expects the server on port 50051")
@@ -91,11 +97,11 @@ def main() -> int:
         ui_origins = f"http://{UI_ADDR[0]}:{UI_ADDR[1]},http://localhost:{UI_ADDR[1]}"
         envoy_env = {**os.environ, "PAYMENTS_CORS_ORIGINS": os.environ.get("PAYMENTS_CORS_ORIGINS") or ui_origins}
         # envoy/envoy.yaml as deployed, but listening on loopback only (its paths stay relative to ROOT).
-        config = ROOT / os.environ.get("PAYMENTS_DATA_DIR", "data") / "envoy-make-run.yaml"
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(render(CONFIG.read_text(), listen_port=8080, admin_port=9901, backend_port=50051,
-                                 loopback_only=True))
-        procs.append(subprocess.Popen([str(ENVOY), "-c", str(config), "--log-level", "warn",
+        envoy_config = ROOT / settings.data_dir / "envoy-make-run.yaml"
+        envoy_config.parent.mkdir(parents=True, exist_ok=True)
+        envoy_config.write_text(render(CONFIG.read_text(), listen_port=8080, admin_port=9901, backend_port=50051,
+                                       loopback_only=True))
+        procs.append(subprocess.Popen([str(ENVOY), "-c", str(envoy_config), "--log-level", "warn",
                                        "--disable-hot-restart", "--concurrency", "1",
                                        "--file-flush-interval-msec", "1000"], cwd=ROOT, env=envoy_env))
         if not wait_for(lambda: http_status(f"{API_URL}/ready") == 200):

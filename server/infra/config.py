@@ -55,17 +55,21 @@ class Settings:
         return self.data_dir / "payments.db"
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def _number(env: Mapping[str, str], name: str, default, parse, kind: str, minimum):
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    return _number(env, name, default, int, "an integer", minimum)
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -80,16 +84,7 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if value < 0:
-        raise ConfigError(f"{name} must be >= 0, got {value}")
-    return value
+    return _number(env, name, default, float, "a number", 0)
 
 
 # Where `make gen` writes the Python stubs: gen/python at the repository root.

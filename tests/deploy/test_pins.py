@@ -61,5 +61,10 @@ def test_every_pinned_go_tool_is_built_by_the_makefile_at_the_pinned_version():
     gomod = (ROOT / "tools" / "go.mod").read_text()
     tools = set(re.search(r"^tool \((.*?)^\)", gomod, flags=re.M | re.S)[1].split())
     makefile = (ROOT / "Makefile").read_text()
-    built = set(re.findall(r"cd tools && GOBIN=\S+ go install (\S+)$", makefile, flags=re.M))
-    assert built == tools and not [t for t in built if "@" in t]
+    assert re.search(r"^\tcd tools && GOBIN=\S+ go install \$\(PKG_\$\*\)$", makefile, flags=re.M)
+    packages = dict(re.findall(r"^PKG_(\S+) := (\S+)$", makefile, flags=re.M))
+    go_tools = re.search(r"^GO_TOOLS := (.*)$", makefile, flags=re.M)[1].split()
+    run_tools = re.search(r"^RUN_TOOLS := (.*)$", makefile, flags=re.M)[1].split()
+    assert set(packages.values()) == tools and not [t for t in packages.values() if "@" in t]
+    listed = run_tools + [t for t in go_tools if t != "$(RUN_TOOLS)"]
+    assert {f"$(TOOLS)/{name}" for name in packages} == set(listed)  # every built tool has its package
