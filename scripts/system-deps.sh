@@ -2,7 +2,8 @@
 # Installs the Debian packages a target needs, when they are missing (as root, with apt-get);
 # otherwise says what to install. Usage: scripts/system-deps.sh test|bench
 #   test:  PostgreSQL (storage/service suites on PostgreSQL), Chromium (Swagger UI browser test,
-#          driven by Playwright with executable_path=/usr/bin/chromium), curl (a real HTTP client)
+#          driven by Playwright with executable_path=/usr/bin/chromium), curl (a real HTTP client),
+#          podman with runc and mmdebstrap (tests/containers: the images built and run for real)
 #   bench: wrk (REST load)
 set -euo pipefail
 need=()
@@ -11,6 +12,9 @@ case "${1:-}" in
     command -v pg_ctlcluster >/dev/null || need+=(postgresql)
     [ -x /usr/bin/chromium ] || need+=(chromium)
     command -v curl >/dev/null || need+=(curl ca-certificates)
+    command -v podman >/dev/null || need+=(podman)
+    command -v runc >/dev/null || need+=(runc)
+    command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
     ;;
   bench)
     command -v wrk >/dev/null || need+=(wrk)

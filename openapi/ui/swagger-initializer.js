@@ -2,18 +2,39 @@
 //
 // The document carries no host, so that one file serves every environment. This page is served
 // from its own origin (make run: http://127.0.0.1:8081), so the gateway's address is set here, in
-// memory, when the page loads: by default the page's own host name on port 8080, or the origin
-// given as ?api=http://127.0.0.1:PORT. Only loopback origins are accepted from the query string,
-// so a link cannot send the token a user pastes into "Authorize" to some other host. The gateway
-// allows these origins in its CORS policy.
+// memory, when the page loads, from the first of:
+//   config.json beside this page, {"api": "https://payments.example.com"}: what a deployment
+//     mounts (the Swagger UI image ships none; a missing file is not an error);
+//   ?api=http://127.0.0.1:PORT in the page's URL: loopback origins only, so a link cannot send
+//     the token a user pastes into "Authorize" to some other host;
+//   the page's own host name on port 8080 (make run, docker compose).
+// The gateway allows the page's origin in its CORS policy (PAYMENTS_CORS_ORIGINS).
 (function () {
   "use strict";
 
   var DOCUMENT = "../payments.swagger.json";
+  var CONFIG = "config.json";
   var DEFAULT_API_PORT = "8080";
   var LOOPBACK = /^https?:\/\/(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?$/;
+  var ORIGIN = /^https?:\/\/[A-Za-z0-9.:\[\]-]+$/;
 
-  function apiOrigin() {
+  function configuredOrigin() {
+    return fetch(CONFIG, { cache: "no-cache" })
+      .then(function (response) {
+        return response.ok ? response.json() : {};
+      })
+      .then(function (config) {
+        return typeof config.api === "string" && ORIGIN.test(config.api) ? new URL(config.api) : null;
+      })
+      .catch(function () {
+        return null;
+      });
+  }
+
+  function apiOrigin(configured) {
+    if (configured) {
+      return configured;
+    }
     var asked = new URLSearchParams(window.location.search).get("api");
     if (asked && LOOPBACK.test(asked)) {
       return new URL(asked);
@@ -26,8 +47,12 @@
   }
 
   window.addEventListener("load", function () {
-    var api = apiOrigin();
-    fetch(DOCUMENT, { cache: "no-cache" })
+    var api;
+    configuredOrigin()
+      .then(function (configured) {
+        api = apiOrigin(configured);
+        return fetch(DOCUMENT, { cache: "no-cache" });
+      })
       .then(function (response) {
         if (!response.ok) {
           throw new Error(DOCUMENT + ": HTTP " + response.status);

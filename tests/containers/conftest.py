@@ -1,0 +1,38 @@
+"""The containers layer: every image built by `make images`' own script (scripts/images.sh) from the
+unchanged Dockerfiles, once per session, then run with podman. Nothing here skips: a machine
+without podman fails these tests (scripts/system-deps.sh test installs it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.containers import Podman, api_pod, free_port
+
+ADMIN_EMAIL = "admin@example.com"
+ADMIN_PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="session")
+def podman(tmp_path_factory) -> Podman:
+    return Podman(tmp_path_factory.mktemp("podman"))
+
+
+@pytest.fixture(scope="session")
+def images(podman) -> str:
+    """The report of scripts/images.sh: one line per image with its size and build time."""
+    report = podman.build_images()
+    print(report)
+    return report
+
+
+@pytest.fixture(scope="session")
+def ui_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def pod(podman, images, tmp_path_factory, ui_port):
+    """The API pod, with an admin account and the Swagger UI container's origin allowed by CORS."""
+    with api_pod(podman, tmp_path_factory.mktemp("pod"), cors_origins=f"http://127.0.0.1:{ui_port}",
+                 env={"PAYMENTS_ADMIN_EMAIL": ADMIN_EMAIL, "PAYMENTS_ADMIN_PASSWORD": ADMIN_PASSWORD}) as p:
+        yield p
