@@ -7,25 +7,32 @@
 #   bench: wrk (REST load)
 set -euo pipefail
 need=()
+need_full=()
 case "${1:-}" in
   test)
     command -v pg_ctlcluster >/dev/null || need+=(postgresql)
     [ -x /usr/bin/chromium ] || need+=(chromium)
     command -v curl >/dev/null || need+=(curl ca-certificates)
-    command -v podman >/dev/null || need+=(podman)
-    command -v runc >/dev/null || need+=(runc)
-    command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+    # With their recommends (netavark, aardvark-dns, iptables, catatonit: pods publish ports).
+    for tool in podman buildah runc mmdebstrap; do
+      command -v $tool >/dev/null || need_full+=($tool)
+    done
     ;;
   bench)
     command -v wrk >/dev/null || need+=(wrk)
     ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;
 esac
-[ ${#need[@]} -eq 0 ] && exit 0
+[ ${#need[@]} -eq 0 ] && [ ${#need_full[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
-  echo "missing Debian packages: ${need[*]} (sudo apt-get install ${need[*]})" >&2
+  echo "missing Debian packages: ${need[*]} ${need_full[*]} (sudo apt-get install ${need[*]} ${need_full[*]})" >&2
   exit 1
 fi
-echo "installing Debian packages: ${need[*]}" >&2
+echo "installing Debian packages: ${need[*]} ${need_full[*]}" >&2
 apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+if [ ${#need[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+fi
+if [ ${#need_full[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_full[@]}" >&2
+fi

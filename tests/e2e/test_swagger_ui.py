@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import functools
 import http.server
-import json
-import os
 import threading
 import uuid
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import sync_playwright
 
 from tests.e2e.conftest import UI_PORT
+from tests.support.swagger_ui import Operation, authorize, browser  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE = ROOT / "openapi"  # the directory `make run` serves: the document and ui/
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PASSWORD = "correct horse battery"
 
 
@@ -50,18 +45,6 @@ def ui_origin():
     thread.join(timeout=5)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} missing: .ci/run installs Debian's chromium package")
-        pytest.skip(f"{CHROMIUM} missing: apt-get install chromium")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 @pytest.fixture
 def page(browser, ui_origin, stack):
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
@@ -74,51 +57,6 @@ def page(browser, ui_origin, stack):
     page.requested = requests
     yield page
     context.close()
-
-
-class Operation:
-    """One operation block of Swagger UI, used as a person would: expand, Try it out, Execute."""
-
-    def __init__(self, page, tag: str, operation_id: str):
-        self.page = page
-        self.block = page.locator(f"#operations-{tag}-{operation_id}")
-
-    def try_it_out(self) -> "Operation":
-        self.block.locator(".opblock-summary-control").click()
-        self.block.locator("button.try-out__btn").click()
-        return self
-
-    def execute(self, body: dict | None = None) -> tuple[int, dict]:
-        """Fill the body, press Execute, and read the status and JSON body the page shows."""
-        if body is not None:
-            self.block.locator("textarea.body-param__text").fill(json.dumps(body))
-        answer = self.block.locator(".live-responses-table")
-        clear = self.block.locator("button.btn-clear")
-        if clear.count():  # executed before: Clear the old answer so the new one is what is read
-            clear.click()
-            answer.wait_for(state="detached")
-        self.block.locator("button.execute").click()
-        row = answer.locator("tbody tr.response").first
-        row.wait_for()
-        status = int(row.locator("td.response-col_status").inner_text().strip())
-        shown = row.locator("td.response-col_description .highlight-code pre").first.inner_text()
-        return status, json.loads(shown)
-
-    def request_url(self) -> str:
-        return self.block.locator(".request-url pre").inner_text().strip()
-
-    def curl(self) -> str:
-        return self.block.locator(".curl-command").inner_text()
-
-
-def authorize(page, value: str) -> None:
-    page.locator(".auth-wrapper button.authorize").click()
-    dialog = page.locator(".modal-ux")
-    dialog.locator("input[type=text]").fill(value)
-    dialog.locator(".auth-btn-wrapper button.authorize").click()
-    # Swagger UI swaps Authorize for Logout once the value is stored.
-    dialog.get_by_role("button", name="Remove authorization").wait_for()
-    dialog.locator("button.btn-done").click()
 
 
 def test_register_login_authorize_create_and_list_from_swagger_ui(page, stack, ui_origin):
