@@ -11,7 +11,7 @@ GO_TOOLS := $(RUN_TOOLS) $(TOOLS)/ghz $(TOOLS)/kustomize $(TOOLS)/composecheck
 SWAGGER_UI := openapi/ui/node_modules/.package-lock.json
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test gen bench keys setup setup-run lock clean server
+.PHONY: run test gen bench images keys setup setup-run lock clean server
 
 setup-run: $(VENV)/.installed $(RUN_TOOLS) gen/.stamp $(SWAGGER_UI)
 setup: setup-run $(GO_TOOLS)
@@ -63,11 +63,20 @@ test: setup
 	scripts/system-deps.sh test
 	PAYMENTS_TEST_DATABASE_URL=$$(scripts/pg-test-db.sh) $(PY) -m pytest $(PYTEST_ARGS)
 
-# Benchmarks (not part of `make test`): ghz for gRPC, wrk (Debian package) for REST, a few minutes.
+# Benchmarks (not part of `make test`): ghz for gRPC, wrk (Debian package) for REST, a few minutes;
+# then the images' size, start-to-ready time and idle memory (bench/images.py).
 # BENCH_ARGS="--postgres" adds the PostgreSQL cases; see bench/run.py --help.
 bench: setup
 	scripts/system-deps.sh bench
 	$(PY) bench/run.py $(BENCH_ARGS)
+	scripts/system-deps.sh images
+	$(PY) bench/images.py
+
+# The three images from the Dockerfiles (docker where it runs, podman otherwise), tagged
+# payments-{server,envoy,swagger-ui}:local; scripts/images.sh says what it does on each engine.
+images:
+	scripts/system-deps.sh images
+	scripts/images.sh
 
 # Re-pin Python dependencies from requirements.in; --allow-unsafe pins setuptools too (grpcio-tools
 # needs it, and the image's code-generation stage installs it under these constraints).

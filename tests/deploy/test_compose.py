@@ -83,8 +83,11 @@ def test_the_checks_reject_a_broken_file(tmp_path, breakage):
 def test_images_are_built_from_the_dockerfiles(services):
     assert services["server"]["build"] == {"context": str(ROOT), "dockerfile": "Dockerfile.server"}
     assert services["envoy"]["build"] == {"context": str(ROOT), "dockerfile": "Dockerfile.envoy"}
-    for name in ("keys", "openapi"):
-        assert (services[name]["image"], services[name]["build"]) == (services["server"]["image"], services["server"]["build"])
+    assert services["swagger-ui"]["build"] == {"context": str(ROOT), "dockerfile": "Dockerfile.swagger-ui"}
+    # The image names are the ones `make images` (scripts/images.sh) tags.
+    for name in ("server", "envoy", "swagger-ui"):
+        assert services[name]["image"] == f"payments-{name}:local"
+    assert (services["keys"]["image"], services["keys"]["build"]) == (services["server"]["image"], services["server"]["build"])
 
 
 def test_envoy_shares_the_servers_network_namespace_and_finds_it_where_envoy_yaml_says(services):
@@ -120,8 +123,7 @@ def test_keys_volume_is_made_by_the_keys_command_and_mounted_read_only(services)
     assert _mounts(services["server"])[str(server_dir / defaults.jwt_private_key_file.parent)] == ("keys", True)
     jwks = next(p for p in support.envoy_file_paths() if p.endswith("jwks.json"))
     assert _mounts(services["envoy"])[str(envoy_dir / PurePosixPath(jwks).parent)] == ("keys", True)
-    for name in ("server", "openapi"):
-        assert services[name]["depends_on"]["keys"]["condition"] == "service_completed_successfully"
+    assert services["server"]["depends_on"]["keys"]["condition"] == "service_completed_successfully"
 
 
 def test_sqlite_by_default_in_the_images_data_volume(services):
@@ -148,36 +150,28 @@ def test_postgres_profile_with_the_documented_database_url():
     assert config.load({"DATABASE_URL": documented[0]}).database_url == documented[0]
 
 
-def test_swagger_ui_is_the_release_make_run_serves_and_gets_the_document(services):
-    package = json.loads((ROOT / "openapi" / "ui" / "package.json").read_text())
-    version = package["dependencies"]["swagger-ui-dist"]
+def test_swagger_ui_calls_the_api_where_compose_publishes_it(services):
+    """The Swagger UI image's default API address is the page's host on port 8080 (no config.json
+    mounted): that must be where Envoy is published, and the page's origin one Envoy allows."""
     ui = services["swagger-ui"]
-    assert ui["image"] == f"swaggerapi/swagger-ui:v{version}"
-    served = PurePosixPath(ui["environment"]["SWAGGER_JSON"])
-    volume, read_only = _mounts(ui)[str(served.parent)]
-    assert read_only
-    writer = services["openapi"]
-    written = support.final_stage("server").workdir / writer["command"][-1]
-    assert written.name == served.name
-    assert _mounts(writer)[str(written.parent)] == (volume, False)
-    # The image makes that directory for the server's user, so the empty volume is writable to it.
-    assert f"mkdir data keys {written.parent.name}" in support.final_stage("server").text
-    assert ui["depends_on"]["openapi"]["condition"] == "service_completed_successfully"
-    # "Try it out" goes where the API is published.
-    assert writer["environment"]["API_HOST"] == f"localhost:{support.envoy_listener_port()}"
+    assert "volumes" not in ui
+    initializer = (ROOT / "openapi" / "ui" / "swagger-initializer.js").read_text()
+    assert f'var DEFAULT_API_PORT = "{support.envoy_listener_port()}";' in initializer
+    published = ui["ports"][0]["published"]
+    origins = services["envoy"]["environment"]["PAYMENTS_CORS_ORIGINS"].split(",")
+    assert f"http://localhost:{published}" in origins and f"http://127.0.0.1:{published}" in origins
 
 
 def test_containers_are_locked_down(services):
     for name, service in services.items():
         assert service.get("cap_drop") == ["ALL"], name
         assert "no-new-privileges:true" in service.get("security_opt", []), name
-    for name in ("keys", "openapi", "server", "envoy"):
+    for name in ("keys", "server", "envoy", "swagger-ui"):
         assert services[name].get("read_only") is True, name
-    assert services["swagger-ui"]["user"] == "101:101"
 
 
 def test_server_healthcheck_targets_the_images_port(services):
-    """test_build runs this command against a real server; here: it targets the image's port."""
+    """tests/containers runs this command in the real container; here: it targets the image's port."""
     test = services["server"]["healthcheck"]["test"]
     port = support.final_stage("server").env()["PAYMENTS_LISTEN_ADDR"].rsplit(":", 1)[1]
     assert test[:3] == ["CMD", "python", "-c"] and f"127.0.0.1:{port}" in test[3]

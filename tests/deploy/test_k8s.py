@@ -206,8 +206,7 @@ def test_envoy_drains_before_the_server_stops(api_pod, config_data):
     envoy, server = support.container(api_pod, "envoy"), support.container(api_pod, "server")
     hook = envoy["lifecycle"]["preStop"]["exec"]["command"]
     script = hook[-1]
-    assert f"/dev/tcp/127.0.0.1/{support.envoy_admin_port()}" in script
-    assert "POST /healthcheck/fail" in script
+    assert f"--post-data= http://127.0.0.1:{support.envoy_admin_port()}/healthcheck/fail" in script
     envoy_wait = int(re.search(r"sleep (\d+)\s*$", script)[1])
     server_wait = server["lifecycle"]["preStop"]["sleep"]["seconds"]
     grace = float(config_data["PAYMENTS_GRACE_SECONDS"])
@@ -238,7 +237,7 @@ def test_pool_sizes_fit_the_database_at_full_scale(objects, config_data):
 # --- security and resources ---
 
 def test_pods_and_containers_are_locked_down(objects):
-    image_users = {"server": "10001", "envoy": "101", "openapi": "10001"}
+    image_users = {"server": "10001", "envoy": "101", "swagger-ui": "10001"}
     for obj in objects:
         if obj["kind"] != "Deployment":
             continue
@@ -254,14 +253,13 @@ def test_pods_and_containers_are_locked_down(objects):
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False, c["name"]
             assert sc["capabilities"] == {"drop": ["ALL"]}, c["name"]
-            # swagger-ui's image writes its own web root at start (commented in swagger-ui.yaml).
-            assert sc["readOnlyRootFilesystem"] is (c["name"] != "swagger-ui"), c["name"]
+            assert sc["readOnlyRootFilesystem"] is True, c["name"]
             if c["name"] in image_users:
                 assert str(sc["runAsUser"]) == image_users[c["name"]], c["name"]
             resources = c["resources"]
             assert resources["requests"].keys() >= {"cpu", "memory"}, c["name"]
             assert resources["limits"]["memory"] == resources["requests"]["memory"], c["name"]
-    for kind, user in (("server", "10001"), ("envoy", "101")):
+    for kind, user in (("server", "10001"), ("envoy", "101"), ("swagger-ui", "10001")):
         assert support.final_stage(kind).last("USER").args.split(":")[0] == user
 
 
@@ -273,17 +271,17 @@ def test_cloud_sql_proxy_starts_before_and_stops_after_the_server(api_pod):
     assert any(e["name"] == "INSTANCE_CONNECTION_NAME" and "configMapKeyRef" in e["valueFrom"] for e in proxy["env"])
 
 
-def test_swagger_ui_is_the_release_make_run_serves(objects):
-    version = json.loads((ROOT / "openapi" / "ui" / "package.json").read_text())["dependencies"]["swagger-ui-dist"]
+def test_swagger_ui_runs_the_projects_image_with_its_api_address_mounted(objects):
     pod = support.find(objects, "Deployment", "swagger-ui")["spec"]["template"]["spec"]
     ui = support.container(pod, "swagger-ui")
-    assert ui["image"] == f"swaggerapi/swagger-ui:v{version}"
-    served = PurePosixPath(next(e["value"] for e in ui["env"] if e["name"] == "SWAGGER_JSON"))
-    writer = support.container(pod, "openapi")
-    written = support.final_stage("server").workdir / writer["command"][-1]
-    volume = next(m["name"] for m in ui["volumeMounts"] if m["mountPath"] == str(served.parent))
-    assert {"name": volume, "mountPath": str(written.parent)} in writer["volumeMounts"]
-    assert written.name == served.name
+    assert ui["image"].rsplit("/", 1)[-1].split(":")[0] in ("payments-swagger-ui", "swagger-ui")
+    assert "initContainers" not in pod and ui["securityContext"]["readOnlyRootFilesystem"] is True
+    mount = next(m for m in ui["volumeMounts"] if m["name"] == "config")
+    # Where the image's page looks for it (Dockerfile.swagger-ui copies the page to /srv/ui/).
+    assert (mount["mountPath"], mount["subPath"]) == ("/srv/ui/config.json", "config.json")
+    config_map = next(v for v in pod["volumes"] if v["name"] == "config")["configMap"]["name"]
+    data = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == config_map)["data"]
+    assert json.loads(data["config.json"]) == {"api": "http://localhost:8080"}
     service = support.find(objects, "Service", "swagger-ui")
     assert service["spec"]["type"] == "LoadBalancer"
 
@@ -297,10 +295,11 @@ def test_readme_kustomize_edits_set_images_instance_and_api_host(tmp_path):
     shutil.copytree(tmp_path / "k8s" / "overlays" / "gke", work)
     edits = [
         ["edit", "set", "image", "payments-server=europe-west1-docker.pkg.dev/acme/payments/server:abc123",
-         "payments-envoy=europe-west1-docker.pkg.dev/acme/payments/envoy:abc123"],
+         "payments-envoy=europe-west1-docker.pkg.dev/acme/payments/envoy:abc123",
+         "payments-swagger-ui=europe-west1-docker.pkg.dev/acme/payments/swagger-ui:abc123"],
         ["edit", "set", "configmap", "cloud-sql", "--from-literal=INSTANCE_CONNECTION_NAME=acme:europe-west1:payments-db",
          "--from-literal=SERVICE_ACCOUNT=payments-sql@acme.iam.gserviceaccount.com"],
-        ["edit", "set", "configmap", "swagger-ui", "--from-literal=API_HOST=203.0.113.7"],
+        ["edit", "set", "configmap", "swagger-ui", '--from-literal=config.json={"api": "http://203.0.113.7"}'],
         ["edit", "set", "configmap", "envoy", "--from-literal=PAYMENTS_CORS_ORIGINS=http://198.51.100.9"],
     ]
     for edit in edits:
@@ -310,10 +309,10 @@ def test_readme_kustomize_edits_set_images_instance_and_api_host(tmp_path):
     swagger = support.find(objects, "Deployment", "swagger-ui")["spec"]["template"]["spec"]
     assert support.container(api, "server")["image"] == "europe-west1-docker.pkg.dev/acme/payments/server:abc123"
     assert support.container(api, "envoy")["image"] == "europe-west1-docker.pkg.dev/acme/payments/envoy:abc123"
-    assert support.container(swagger, "openapi")["image"] == "europe-west1-docker.pkg.dev/acme/payments/server:abc123"
+    assert support.container(swagger, "swagger-ui")["image"] == "europe-west1-docker.pkg.dev/acme/payments/swagger-ui:abc123"
     by_name = {o["metadata"]["name"].rsplit("-", 1)[0]: o for o in objects if o["kind"] == "ConfigMap"}
     assert by_name["cloud-sql"]["data"]["INSTANCE_CONNECTION_NAME"] == "acme:europe-west1:payments-db"
-    assert by_name["swagger-ui"]["data"]["API_HOST"] == "203.0.113.7"
+    assert json.loads(by_name["swagger-ui"]["data"]["config.json"]) == {"api": "http://203.0.113.7"}
     assert by_name["envoy"]["data"]["PAYMENTS_CORS_ORIGINS"] == "http://198.51.100.9"
     envoy_config = support.container(api, "envoy")["envFrom"][0]["configMapRef"]["name"]
     assert envoy_config == by_name["envoy"]["metadata"]["name"]  # hash changed: Envoy restarts with it
@@ -322,7 +321,7 @@ def test_readme_kustomize_edits_set_images_instance_and_api_host(tmp_path):
     assert api["serviceAccountName"] == "payments"
     # ConfigMap names carry a content hash, so an edit rolls the pods that use them.
     original = support.find(support.render_k8s(), "Deployment", "swagger-ui")["spec"]["template"]["spec"]
-    assert support.container(original, "openapi")["envFrom"] != support.container(swagger, "openapi")["envFrom"]
+    assert original["volumes"] != swagger["volumes"]
 
 
 def _selects(selector: dict, labels: dict) -> bool:

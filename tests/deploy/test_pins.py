@@ -29,10 +29,11 @@ def lock_pins() -> dict[str, str]:
 
 
 def image_pip_steps() -> list[list[str]]:
-    """The arguments of each `pip install` in Dockerfile.server, without --no-cache-dir."""
+    """The arguments of each `pip install` in Dockerfile.server, without the flags that change no
+    resolution (--no-cache-dir, --disable-pip-version-check)."""
     text = (ROOT / "Dockerfile.server").read_text()
     steps = [shlex.split(m[1]) for m in re.finditer(r"/bin/pip install ([^\n&\\]+)", text)]
-    return [[a for a in step if a != "--no-cache-dir"] for step in steps]
+    return [[a for a in step if a not in ("--no-cache-dir", "--disable-pip-version-check")] for step in steps]
 
 
 def test_the_image_has_pip_steps_and_each_is_constrained_by_the_lock():

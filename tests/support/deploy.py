@@ -1,8 +1,8 @@
 """What the deployment checks read: the Dockerfiles, the compose file, the rendered Kubernetes
 manifests and the Envoy config, parsed into plain Python values.
 
-There is no container engine on the machines that run the tests, so the checks work on these
-files and on running the same commands the images run.
+These are the checks a file can answer on its own (lint, pins, wiring between the files);
+tests/containers builds the images and runs them with podman.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".venv" / "bin"
 KUSTOMIZE = ROOT / ".tools" / "bin" / "kustomize"
-DOCKERFILES = {"server": ROOT / "Dockerfile.server", "envoy": ROOT / "Dockerfile.envoy"}
+DOCKERFILES = {kind: ROOT / f"Dockerfile.{kind}" for kind in ("server", "envoy", "swagger-ui")}
 ENVOY_CONFIG = ROOT / "envoy" / "envoy.yaml"
 
 

@@ -60,6 +60,19 @@ def test_committed_document_is_what_make_gen_writes(tmp_path):
     assert fresh == DOCUMENT.read_bytes(), "openapi/payments.swagger.json is stale or was edited: run `make gen`"
 
 
+def test_vendored_option_protos_are_the_pinned_grpc_gateway_modules():
+    """proto/vendor/grpc-gateway (what the images compile with, having no Go) is the module tools/go.mod
+    pins; `make gen` copies it there."""
+    module = Path(subprocess.run(["go", "list", "-m", "-f", "{{.Dir}}", "github.com/grpc-ecosystem/grpc-gateway/v2"],
+                                 cwd=ROOT / "tools", check=True, capture_output=True, text=True).stdout.strip())
+    vendor = ROOT / "proto" / "vendor" / "grpc-gateway"
+    vendored = sorted(p.relative_to(vendor).as_posix() for p in vendor.rglob("*") if p.is_file())
+    assert vendored == ["LICENSE", "protoc-gen-openapiv2/options/annotations.proto",
+                        "protoc-gen-openapiv2/options/openapiv2.proto"]
+    for name in vendored:
+        assert (vendor / name).read_bytes() == (module / name).read_bytes(), f"{name} is stale: run `make gen`"
+
+
 def test_document_is_valid_openapi_2(doc):
     validate(doc, cls=OpenAPIV2SpecValidator)
 
