@@ -8,8 +8,18 @@ import pytest
 
 from tests.support.containers import Podman, api_pod, free_port
 
+# The first test of a session builds the base and the images (about 3 minutes on a fresh machine,
+# seconds from podman's cache afterwards); pytest-timeout counts fixture setup in the test's time.
+BUILD_TIMEOUT = 1200
+
 ADMIN_EMAIL = "admin@example.com"
 ADMIN_PASSWORD = "correct horse battery staple"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.parent.name == "containers":
+            item.add_marker(pytest.mark.timeout(BUILD_TIMEOUT))
 
 
 @pytest.fixture(scope="session")
