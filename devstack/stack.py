@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -64,9 +65,11 @@ def port_in_use(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def http_status(url: str) -> int | None:
+def http_status(url: str, ca: Path | None = None) -> int | None:
+    """The status of GET url (None if nothing answers); `ca` verifies an https URL's certificate."""
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
     try:
-        with urllib.request.urlopen(url, timeout=2) as r:
+        with urllib.request.urlopen(url, timeout=2, context=context) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
@@ -143,15 +146,18 @@ class Envoy:
     admin: str
     log: Path
     access_log: Path
+    ca: Path | None = None  # set when the listener speaks TLS (envoy-tls.yaml)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https://localhost' if self.ca else 'http://127.0.0.1'}:{self.port}"
 
     @classmethod
-    def start(cls, work: Path, backend_port: int, env: dict[str, str] | None = None) -> "Envoy":
+    def start(cls, work: Path, backend_port: int, env: dict[str, str] | None = None,
+              source: Path = CONFIG, ca: Path | None = None) -> "Envoy":
+        """`source`: envoy.yaml, or envoy-tls.yaml with `ca` the authority of work/tls/tls.crt."""
         config = work / "envoy.yaml"
-        config.write_text(render(CONFIG.read_text(), listen_port=0, admin_port=0, backend_port=backend_port))
+        config.write_text(render(source.read_text(), listen_port=0, admin_port=0, backend_port=backend_port))
         admin_file = work / "envoy-admin.txt"
         admin_file.unlink(missing_ok=True)
         log, access_log = work / "envoy.log", work / "envoy-access.log"
@@ -178,8 +184,8 @@ class Envoy:
                 return port or None
 
             port = wait_until("envoy listener", listener_port, proc, log)
-            envoy = cls(proc, port, admin, log, access_log)
-            wait_until("envoy /ready", lambda: True if http_status(f"{envoy.url}/ready") == 200 else None, proc, log)
+            envoy = cls(proc, port, admin, log, access_log, ca)
+            wait_until("envoy /ready", lambda: True if http_status(f"{envoy.url}/ready", ca) == 200 else None, proc, log)
         except BaseException:
             stop_process(proc)
             raise

@@ -83,3 +83,23 @@ def test_make_run_s_copy_differs_only_in_listening_on_loopback():
     changed = [(a, b) for a, b in zip(text.splitlines(), ours.splitlines()) if a != b]
     assert changed == [("      socket_address: {address: 0.0.0.0, port_value: 8080}",
                         "      socket_address: {address: 127.0.0.1, port_value: 8080}")]
+
+
+def test_the_committed_tls_variant_is_what_make_gen_writes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("envoy_tls", CONFIG.parents[1] / "scripts" / "envoy_tls.py")
+    envoy_tls = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(envoy_tls)
+    committed = (CONFIG.parent / "envoy-tls.yaml").read_text()
+    assert committed == envoy_tls.with_tls(CONFIG.read_text()), "envoy/envoy-tls.yaml is stale: run `make gen`"
+    # The only differences: TLS on the one listener, and HSTS on routed responses.
+    plain, tls = yaml.safe_load(CONFIG.read_text()), yaml.safe_load(committed)
+    chain = tls["static_resources"]["listeners"][0]["filter_chains"][0]
+    context = chain.pop("transport_socket")["typed_config"]["common_tls_context"]
+    assert context["alpn_protocols"] == ["h2", "http/1.1"]
+    assert context["tls_params"]["tls_minimum_protocol_version"] == "TLSv1_2"
+    hcm = chain["filters"][0]["typed_config"]
+    hsts = hcm["route_config"].pop("response_headers_to_add")
+    assert hsts[0]["header"]["key"] == "strict-transport-security"
+    assert tls == plain
