@@ -3,8 +3,8 @@
 // The document carries no host, so that one file serves every environment. This page is served
 // from its own origin (make run: http://127.0.0.1:8081), so the gateway's address is set here, in
 // memory, when the page loads, from the first of:
-//   config.json beside this page, {"api": "https://payments.example.com"}: what a deployment
-//     mounts (the Swagger UI image ships none; a missing file is not an error);
+//   config/config.json under this page, {"api": "https://payments.example.com"}: what a
+//     deployment mounts as the directory config/ (the Swagger UI image ships none; a missing file is not an error);
 //   ?api=http://127.0.0.1:PORT in the page's URL: loopback origins only, so a link cannot send
 //     the token a user pastes into "Authorize" to some other host;
 //   the page's own host name on port 8080 (make run, docker compose).
@@ -13,7 +13,7 @@
   "use strict";
 
   var DOCUMENT = "../payments.swagger.json";
-  var CONFIG = "config.json";
+  var CONFIG = "config/config.json";
   var DEFAULT_API_PORT = "8080";
   var LOOPBACK = /^https?:\/\/(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?$/;
   var ORIGIN = /^https?:\/\/[A-Za-z0-9.:\[\]-]+$/;

@@ -20,12 +20,12 @@ PASSWORD = "correct horse battery"
 
 @pytest.fixture(scope="module")
 def ui(podman, images, pod, ui_port, tmp_path_factory):
-    config = tmp_path_factory.mktemp("swagger-ui") / "config.json"
+    config = tmp_path_factory.mktemp("swagger-ui") / "config.json"  # mounted as the directory ui/config/
     config.write_text(json.dumps({"api": pod.url}))
     name = f"payments-test-ui-{uuid.uuid4().hex[:8]}"
     podman("run", "-d", "--name", name, "--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges",
            "--user=10001:10001", "-p", f"127.0.0.1:{ui_port}:8080",
-           "-v", f"{config}:/srv/ui/config.json:ro", IMAGES["swagger-ui"])
+           "-v", f"{config.parent}:/srv/ui/config:ro", IMAGES["swagger-ui"])
     origin = f"http://127.0.0.1:{ui_port}"
     try:
         wait_ready(f"{origin}/ui/", timeout=20)
