@@ -113,9 +113,11 @@ def test_native_grpc_with_reflection_through_the_ingress_container(cloudrun_pod)
     addr, _ = cloudrun_pod
     email = f"run-{uuid.uuid4().hex[:8]}@example.com"
     body = json.dumps({"email": email, "password": PASSWORD})
-    subprocess.run([GRPCURL, "-plaintext", "-d", body, addr, "payments.v1.AuthService/Register"],
+    # Signing up needs no token, but reflection at the edge does: the first calls name their schema.
+    schema = ["-protoset", str(ROOT / "gen" / "payments.pb")]
+    subprocess.run([GRPCURL, "-plaintext", *schema, "-d", body, addr, "payments.v1.AuthService/Register"],
                    check=True, capture_output=True, timeout=30)
-    login = subprocess.run([GRPCURL, "-plaintext", "-d", body, addr, "payments.v1.AuthService/Login"],
+    login = subprocess.run([GRPCURL, "-plaintext", *schema, "-d", body, addr, "payments.v1.AuthService/Login"],
                            check=True, capture_output=True, text=True, timeout=30)
     token = json.loads(login.stdout)["accessToken"]
     listed = subprocess.run([GRPCURL, "-plaintext", "-H", f"authorization: Bearer {token}", addr, "list"],

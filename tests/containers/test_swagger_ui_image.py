@@ -22,6 +22,7 @@ PASSWORD = "correct horse battery"
 def ui(podman, images, pod, ui_port, tmp_path_factory):
     config = tmp_path_factory.mktemp("swagger-ui") / "config.json"  # mounted as the directory ui/config/
     config.write_text(json.dumps({"api": pod.url}))
+    config.parent.chmod(0o755)  # readable by the image's user, as a ConfigMap volume is
     name = f"payments-test-ui-{uuid.uuid4().hex[:8]}"
     podman("run", "-d", "--name", name, "--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges",
            "--user=10001:10001", "-p", f"127.0.0.1:{ui_port}:8080",
