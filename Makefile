@@ -39,11 +39,11 @@ $(SWAGGER_UI): openapi/ui/package.json openapi/ui/package-lock.json
 	cd openapi/ui && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 	touch $@
 
-gen/.stamp: $(VENV)/.installed $(TOOLS)/protoc-gen-openapiv2 $(shell find proto -name '*.proto') scripts/gen.sh envoy/envoy.yaml scripts/envoy_tls.py
+gen/.stamp: $(VENV)/.installed $(TOOLS)/protoc-gen-openapiv2 $(shell find proto -name '*.proto') scripts/gen.sh envoy/envoy.yaml scripts/envoy_variants.py
 	scripts/gen.sh
 	touch $@
 
-# All generated code: Python stubs, Envoy's descriptor set, the OpenAPI document, envoy-tls.yaml.
+# All generated code: Python stubs, Envoy's descriptor set, the OpenAPI document, the Envoy variants.
 gen: $(VENV)/.installed $(TOOLS)/protoc-gen-openapiv2
 	scripts/gen.sh
 	touch gen/.stamp

@@ -4,7 +4,8 @@
 #   gen/payments.pb     descriptor set for Envoy's grpc_json_transcoder (--include_imports: google/api,
 #                       google/rpc and protobuf types travel with it)
 #   openapi/payments.swagger.json   the OpenAPI v2 document (committed; tests prove it is fresh)
-#   envoy/envoy-tls.yaml            envoy.yaml with TLS on its listener (committed; scripts/envoy_tls.py)
+#   envoy/envoy-tls.yaml, envoy-cloudrun.yaml   envoy.yaml for GKE's TLS backends and behind Cloud Run
+#                                   (committed; scripts/envoy_variants.py)
 # and refreshes proto/vendor/grpc-gateway/ (the openapiv2 option protos payments.proto imports) from
 # the grpc-gateway module tools/go.mod pins, so the images compile the proto without Go.
 # Usage: scripts/gen.sh [--code-only] [OUT_DIR]   (OUT_DIR defaults to the repo; tests pass a temp
@@ -56,5 +57,5 @@ mkdir -p "$out/openapi"
 # What the plugin cannot be told: an example for every error response, models without its prefixes.
 "$py" "$root/scripts/openapi_polish.py" "$out/openapi/payments.swagger.json"
 mkdir -p "$out/envoy"
-"$py" "$root/scripts/envoy_tls.py" "$root/envoy/envoy.yaml" "$out/envoy/envoy-tls.yaml"
-echo "generated: gen/python gen/payments.pb openapi/payments.swagger.json envoy/envoy-tls.yaml"
+"$py" "$root/scripts/envoy_variants.py" "$root/envoy/envoy.yaml" "$out/envoy"
+echo "generated: gen/python gen/payments.pb openapi/payments.swagger.json envoy/envoy-tls.yaml envoy/envoy-cloudrun.yaml"

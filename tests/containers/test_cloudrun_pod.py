@@ -59,7 +59,7 @@ def cloudrun_pod(podman, images, tmp_path_factory):
         for m in container.get("volumeMounts", []):
             args += ["-v", f"{work / m['name']}:{m['mountPath']}:ro"]
         podman("run", "-d", "--pod", name, "--name", f"{name}-{container['name']}", *args,
-               IMAGES[container["name"]])
+               IMAGES[container["name"]], *container.get("args", []))
 
     order = json.loads(template["metadata"]["annotations"]["run.googleapis.com/container-dependencies"])
     assert order == {"envoy": ["server"]}

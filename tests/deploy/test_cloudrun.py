@@ -40,7 +40,8 @@ def test_a_knative_serving_v1_service(service, template):
     allowed = {"containers", "volumes", "serviceAccountName", "containerConcurrency", "timeoutSeconds"}
     assert set(template["spec"]) <= allowed
     for c in template["spec"]["containers"]:
-        assert set(c) <= {"name", "image", "ports", "env", "volumeMounts", "startupProbe", "livenessProbe", "resources"}
+        assert set(c) <= {"name", "image", "args", "ports", "env", "volumeMounts", "startupProbe", "livenessProbe",
+                          "resources"}
 
 
 def test_envoy_is_the_one_ingress_container_with_http2_end_to_end(template):
@@ -50,6 +51,15 @@ def test_envoy_is_the_one_ingress_container_with_http2_end_to_end(template):
     # h2c: Cloud Run speaks HTTP/2 cleartext to the container, so native gRPC works end to end.
     assert port == {"name": "h2c", "containerPort": support.envoy_listener_port()}
     assert with_ports[0]["image"].endswith("/payments/envoy:v1")
+
+
+def test_envoy_runs_the_variant_that_reads_the_client_from_the_front_end(template):
+    """Cloud Run's front end is Envoy's TCP peer: envoy-cloudrun.yaml trusts its X-Forwarded-For
+    (tests/e2e/test_cloudrun_edge.py); otherwise the image's own command, with the same flags."""
+    envoy = containers(template)["envoy"]
+    image_command = support.image_command("envoy")[1:]
+    assert envoy["args"] == [a.replace("envoy/envoy.yaml", "envoy/envoy-cloudrun.yaml") for a in image_command]
+    assert (ROOT / "envoy" / "envoy-cloudrun.yaml").exists()
 
 
 def test_envoy_waits_for_the_servers_startup_probe(template):

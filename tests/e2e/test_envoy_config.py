@@ -85,14 +85,19 @@ def test_make_run_s_copy_differs_only_in_listening_on_loopback():
                         "      socket_address: {address: 127.0.0.1, port_value: 8080}")]
 
 
-def test_the_committed_tls_variant_is_what_make_gen_writes():
+def test_the_committed_variants_are_what_make_gen_writes():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("envoy_tls", CONFIG.parents[1] / "scripts" / "envoy_tls.py")
-    envoy_tls = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(envoy_tls)
+    spec = importlib.util.spec_from_file_location("envoy_variants", CONFIG.parents[1] / "scripts" / "envoy_variants.py")
+    variants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variants)
+    for name, make in variants.VARIANTS.items():
+        assert (CONFIG.parent / name).read_text() == make(CONFIG.read_text()), f"envoy/{name} is stale: run `make gen`"
+    cloudrun = yaml.safe_load((CONFIG.parent / "envoy-cloudrun.yaml").read_text())
+    cloudrun_hcm = cloudrun["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert cloudrun_hcm.pop("xff_num_trusted_hops") == 1
+    assert cloudrun == yaml.safe_load(CONFIG.read_text())  # the one difference
     committed = (CONFIG.parent / "envoy-tls.yaml").read_text()
-    assert committed == envoy_tls.with_tls(CONFIG.read_text()), "envoy/envoy-tls.yaml is stale: run `make gen`"
     # The only differences: TLS on the one listener, and HSTS on routed responses.
     plain, tls = yaml.safe_load(CONFIG.read_text()), yaml.safe_load(committed)
     chain = tls["static_resources"]["listeners"][0]["filter_chains"][0]
