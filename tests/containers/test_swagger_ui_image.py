@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.containers import IMAGES, wait_ready
-from tests.support.swagger_ui import Operation, authorize, browser  # noqa: F401 (a fixture)
+from tests.support.swagger_ui import browser, open_page, sign_up_log_in_and_create  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "correct horse battery"
@@ -53,28 +53,12 @@ def test_the_container_serves_the_page_its_files_and_the_committed_document(ui):
 
 
 def test_try_it_out_from_the_image_against_the_pod(browser, ui, pod):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(20_000)
-    requested: list[str] = []
-    page.on("request", lambda r: requested.append(r.url))
+    context, page = open_page(browser, f"{ui}/")  # the redirect to ui/, then the page
     try:
-        page.goto(f"{ui}/")  # the redirect to ui/, then the page
-        page.wait_for_selector("#operations-Auth-Register")
-        email = f"ui-{uuid.uuid4().hex[:10]}@example.com"
-        status, _ = Operation(page, "Auth", "Register").try_it_out().execute({"email": email, "password": PASSWORD})
-        assert status == 200
-        login = Operation(page, "Auth", "Login").try_it_out()
-        status, tokens = login.execute({"email": email, "password": PASSWORD})
-        assert status == 200, tokens
-        assert login.request_url() == f"{pod.url}/v1/auth/login"  # the address config.json gave
-        authorize(page, f"Bearer {tokens['access_token']}")
-        create = Operation(page, "Payments", "CreatePayment").try_it_out()
-        status, payment = create.execute({"email": email, "amount": "990", "currency": "JPY",
-                                          "request_id": uuid.uuid4().hex})
-        assert status == 200, payment
-        assert (payment["email"], payment["amount"], payment["status"]) == (email, "990", "PENDING")
-        foreign = [u for u in requested if not u.startswith((ui + "/", pod.url + "/"))]
+        # The API address comes from the mounted config.json.
+        payment = sign_up_log_in_and_create(page, pod.url, f"ui-{uuid.uuid4().hex[:10]}@example.com")
+        assert payment["status"] == "PENDING", payment
+        foreign = [u for u in page.requested if not u.startswith((ui + "/", pod.url + "/"))]
         assert foreign == []
     finally:
         context.close()

@@ -14,7 +14,7 @@ import pytest
 
 from tests.faults.test_abuse import per_address_bucket
 from tests.support.rest import Client
-from tests.support.stack import ROOT, Envoy, Server, prepare_workdir
+from tests.support.stack import ROOT, running_stack
 
 VARIANT = ROOT / "envoy" / "envoy-cloudrun.yaml"
 FLOODER, OTHER = "203.0.113.66", "198.51.100.7"
@@ -22,17 +22,8 @@ FLOODER, OTHER = "203.0.113.66", "198.51.100.7"
 
 @pytest.fixture(scope="module")
 def front_end(tmp_path_factory, keys_dir):
-    work = tmp_path_factory.mktemp("cloudrun-edge")
-    prepare_workdir(work, keys_dir)
-    server = Server.start(work)
-    try:
-        envoy = Envoy.start(work, server.port, source=VARIANT)
-        try:
-            yield envoy
-        finally:
-            envoy.stop()
-    finally:
-        server.stop()
+    with running_stack(tmp_path_factory.mktemp("cloudrun-edge"), keys_dir, envoy_source=VARIANT) as (_, envoy):
+        yield envoy
 
 
 def login(api: Client, client: str, n: int = 0):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import UI_PORT
-from tests.support.swagger_ui import Operation, authorize, browser  # noqa: F401 (a fixture)
+from tests.support.swagger_ui import Operation, authorize, browser, open_page  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE = ROOT / "openapi"  # the directory `make run` serves: the document and ui/
@@ -47,14 +47,7 @@ def ui_origin():
 
 @pytest.fixture
 def page(browser, ui_origin, stack):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(20_000)
-    requests: list[str] = []
-    page.on("request", lambda r: requests.append(r.url))
-    page.goto(f"{ui_origin}/ui/?api={stack.url}")
-    page.wait_for_selector("#operations-Auth-Register")
-    page.requested = requests
+    context, page = open_page(browser, f"{ui_origin}/ui/?api={stack.url}")
     yield page
     context.close()
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.support.stack import ROOT, Envoy, Server, prepare_workdir
-from tests.support.swagger_ui import CHROMIUM, CHROMIUM_ARGS, Operation, authorize
+from tests.support.stack import ROOT, Envoy, running_stack
+from tests.support.swagger_ui import CHROMIUM, CHROMIUM_ARGS, open_page, sign_up_log_in_and_create
 from tests.support.tls import make_certificates
 
 GRPCURL = str(ROOT / ".tools" / "bin" / "grpcurl")
@@ -36,22 +36,17 @@ def tls_stack(tmp_path_factory, keys_dir):
     """server + Envoy on envoy-tls.yaml, and openapi/ served over HTTPS with the same certificate."""
     work = tmp_path_factory.mktemp("tls")
     ca, spki = make_certificates(work / "tls")
-    prepare_workdir(work, keys_dir)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(work / "tls" / "tls.crt", work / "tls" / "tls.key")
     ui = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(ROOT / "openapi")))
     ui.socket = context.wrap_socket(ui.socket, server_side=True)
     ui_origin = f"https://localhost:{ui.server_address[1]}"
     threading.Thread(target=ui.serve_forever, daemon=True).start()
-    server = Server.start(work)
     try:
-        envoy = Envoy.start(work, server.port, env={"PAYMENTS_CORS_ORIGINS": ui_origin}, source=TLS_CONFIG, ca=ca)
-        try:
+        with running_stack(work, keys_dir, envoy_env={"PAYMENTS_CORS_ORIGINS": ui_origin},
+                           envoy_source=TLS_CONFIG, ca=ca) as (_, envoy):
             yield envoy, ca, spki, ui_origin
-        finally:
-            envoy.stop()
     finally:
-        server.stop()
         ui.shutdown()
         ui.server_close()
 
@@ -124,19 +119,8 @@ def test_swagger_ui_over_https_calls_the_api_over_https(tls_stack):
         trusting = p.chromium.launch(executable_path=CHROMIUM,
                                      args=[*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={spki}"])
         try:
-            page = trusting.new_page(viewport={"width": 1280, "height": 1000})
-            page.set_default_timeout(20_000)
-            page.goto(f"{ui_origin}/ui/?api={envoy.url}")
-            page.wait_for_selector("#operations-Auth-Register")
-            email = f"tls-ui-{uuid.uuid4().hex[:8]}@example.com"
-            status, _ = Operation(page, "Auth", "Register").try_it_out().execute({"email": email, "password": PASSWORD})
-            assert status == 200
-            login = Operation(page, "Auth", "Login").try_it_out()
-            status, tokens = login.execute({"email": email, "password": PASSWORD})
-            assert status == 200 and login.request_url() == f"{envoy.url}/v1/auth/login"
-            authorize(page, f"Bearer {tokens['access_token']}")
-            status, payment = Operation(page, "Payments", "CreatePayment").try_it_out().execute(
-                {"email": email, "amount": "990", "currency": "JPY", "request_id": uuid.uuid4().hex})
-            assert status == 200 and payment["status"] == "PENDING", payment
+            _, page = open_page(trusting, f"{ui_origin}/ui/?api={envoy.url}")
+            payment = sign_up_log_in_and_create(page, envoy.url, f"tls-ui-{uuid.uuid4().hex[:8]}@example.com")
+            assert payment["status"] == "PENDING", payment
         finally:
             trusting.close()

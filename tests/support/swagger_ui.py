@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,32 @@ def authorize(page, value: str) -> None:
     # Swagger UI swaps Authorize for Logout once the value is stored.
     dialog.get_by_role("button", name="Remove authorization").wait_for()
     dialog.locator("button.btn-done").click()
+
+
+def open_page(browser, url: str):
+    """A new context and page at `url`, once Swagger UI has drawn the operations; page.requested
+    collects every URL the page loads. Returns (context, page): the caller closes the context."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    page.requested = []
+    page.on("request", lambda r: page.requested.append(r.url))
+    page.goto(url)
+    page.wait_for_selector("#operations-Auth-Register")
+    return context, page
+
+
+def sign_up_log_in_and_create(page, api_url: str, email: str, password: str = "correct horse battery") -> dict:
+    """Register, Login (straight to api_url), Authorize, CreatePayment: the payment the page shows."""
+    status, registered = Operation(page, "Auth", "Register").try_it_out().execute({"email": email, "password": password})
+    assert status == 200, registered
+    login = Operation(page, "Auth", "Login").try_it_out()
+    status, tokens = login.execute({"email": email, "password": password})
+    assert status == 200, tokens
+    assert login.request_url() == f"{api_url}/v1/auth/login"
+    authorize(page, f"Bearer {tokens['access_token']}")
+    status, payment = Operation(page, "Payments", "CreatePayment").try_it_out().execute(
+        {"email": email, "amount": "990", "currency": "JPY", "request_id": uuid.uuid4().hex})
+    assert status == 200, payment
+    assert (payment["email"], payment["amount"]) == (email, "990")
+    return payment
