@@ -30,6 +30,7 @@ fi
 opts=()
 if [ "$engine" = podman ]; then
   if [ -z "${CONTAINERS_CONF:-}" ]; then
+    mkdir -p "$root/.tools"
     export CONTAINERS_CONF=$root/.tools/containers.conf
     scripts/containers-conf.sh > "$CONTAINERS_CONF"
   fi
