@@ -1,7 +1,7 @@
 """The images' numbers: size, time from container start to ready, memory at idle (part of `make bench`).
 
 Builds with scripts/images.sh (cached after the first time), then, --rounds times, starts the API pod
-(server + Envoy, as tests/containers does) and the Swagger UI container, and times each from
+(server + Envoy with the manifest's security settings, tests/support/containers.py's ApiPod) and the Swagger UI container, and times each from
 `podman run` to its readiness answer (the server: grpc.health SERVING; Envoy: /ready 200, which needs
 the server; Swagger UI: /ui/ 200). Memory is each container's cgroup usage after 10 s at idle.
 Prints the median round.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,10 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.containers import IMAGES, ApiPod, Podman, free_port  # noqa: E402
+from tests.support.containers import IMAGES, ApiPod, Podman, free_port, grpc_health  # noqa: E402
 from devstack.stack import http_status  # noqa: E402
-
-GRPCURL = str(ROOT / ".tools" / "bin" / "grpcurl")
 
 
 def until(check, timeout: float = 60) -> float:
@@ -50,9 +47,10 @@ def round_once(podman: Podman, work: Path) -> dict[str, tuple[float, float]]:
     ui_port = free_port()
     try:
         start = time.monotonic()
-        pod_start = threading_start(pod)
-        server_ready = until(lambda: subprocess.run([GRPCURL, "-plaintext", pod.grpc_addr, "grpc.health.v1.Health/Check"],
-                                                   capture_output=True).returncode == 0)
+        pod.create()
+        pod_start = time.monotonic()
+        pod.run_containers()
+        server_ready = until(lambda: grpc_health(pod.grpc_addr) is not None)
         envoy_ready = until(lambda: http_status(f"{pod.url}/ready") == 200)
         ui_start = time.monotonic()
         podman("run", "-d", "--name", f"{pod.name}-ui", "--read-only", "--cap-drop=ALL", "--user=10001:10001",
@@ -67,20 +65,6 @@ def round_once(podman: Podman, work: Path) -> dict[str, tuple[float, float]]:
     finally:
         podman("rm", "-f", "-t", "1", f"{pod.name}-ui", check=False)
         pod.remove()
-
-
-def threading_start(pod: ApiPod) -> float:
-    """Creates the pod and starts both containers without waiting for readiness; returns the start."""
-    podman = pod.podman
-    podman("pod", "create", "--name", pod.name, "-p", f"127.0.0.1:{pod.api_port}:8080",
-           "-p", f"127.0.0.1:{pod.grpc_port}:50051")
-    started = time.monotonic()
-    podman("run", "-d", "--pod", pod.name, "--name", f"{pod.name}-server", "--read-only", "--tmpfs=/tmp",
-           "--user=10001:10001", "--cap-drop=ALL", "-v", f"{pod.work / 'keys'}:/app/keys:ro",
-           "-v", f"{pod.work / 'data'}:/app/data", IMAGES["server"])
-    podman("run", "-d", "--pod", pod.name, "--name", f"{pod.name}-envoy", "--read-only", "--user=101:101",
-           "--cap-drop=ALL", "-v", f"{pod.work / 'keys' / 'jwks.json'}:/app/keys/jwks.json:ro", IMAGES["envoy"])
-    return started
 
 
 def main() -> None:

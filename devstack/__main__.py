@@ -11,7 +11,6 @@ devstack/stack.py's, which the tests and benchmarks use too.
 
 from __future__ import annotations
 
-import functools
 import http.server
 import os
 import signal
@@ -21,7 +20,7 @@ import threading
 import time
 
 from devstack.envoyconf import CONFIG, render
-from devstack.stack import ENVOY, ROOT, http_status, port_in_use, stop_process
+from devstack.stack import ENVOY, ROOT, http_status, port_in_use, serve_files, stop_process
 from server.infra import config
 
 API_URL = "http://127.0.0.1:8080"
@@ -40,14 +39,7 @@ def serve_swagger_ui() -> http.server.ThreadingHTTPServer | None:
     if not (UI_DIR / "ui" / "index.html").exists() or not (UI_DIR / "ui" / "node_modules" / "swagger-ui-dist").exists():
         log("Swagger UI not installed (openapi/ui/node_modules missing): skipping it")
         return None
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):  # the API's access log is Envoy's; keep this one quiet
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(UI_ADDR, functools.partial(Quiet, directory=str(UI_DIR)))
-    threading.Thread(target=httpd.serve_forever, name="swagger-ui", daemon=True).start()
-    return httpd
+    return serve_files(UI_DIR, UI_ADDR)
 
 
 def main() -> int:

@@ -11,6 +11,8 @@ holds keys/ and gen/, exactly as in the image, so the config's relative paths ar
 from __future__ import annotations
 
 import dataclasses
+import functools
+import http.server
 import itertools
 import json
 import os
@@ -19,6 +21,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -57,6 +60,30 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 15) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=5)
+
+
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # the API's access log is Envoy's; keep this one quiet
+        pass
+
+
+def serve_files(directory: Path, address: tuple[str, int],
+                tls: ssl.SSLContext | None = None) -> http.server.ThreadingHTTPServer:
+    """Static files from `directory` on a thread of their own (make run's Swagger UI, and the tests'
+    pages), over TLS with `tls`; stop with .shutdown() and .server_close()."""
+    httpd = http.server.ThreadingHTTPServer(address, functools.partial(_QuietFiles, directory=str(directory)))
+    if tls is not None:
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, name=f"files:{address[1]}", daemon=True).start()
+    return httpd
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago, for what cannot bind port 0 and report it back
+    (PostgreSQL, published container ports)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def port_in_use(host: str, port: int) -> bool:

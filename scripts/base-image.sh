@@ -17,12 +17,8 @@ if timeout 60 "$engine" pull -q "$image" >/dev/null 2>&1; then
 fi
 echo "$image cannot be pulled: building a stand-in from the Debian archive (mmdebstrap)" >&2
 if ! command -v mmdebstrap >/dev/null; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "mmdebstrap is missing (sudo apt-get install mmdebstrap)" >&2
-    exit 1
-  fi
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >&2
+  echo "mmdebstrap is missing: scripts/system-deps.sh images installs it (make images runs that)" >&2
+  exit 1
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

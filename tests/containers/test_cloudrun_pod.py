@@ -16,10 +16,9 @@ import pytest
 import yaml
 
 from server.infra import tokens
-from tests.support.containers import IMAGES, free_port, wait_ready
+from tests.support.containers import GRPCURL, IMAGES, free_port, grpc_health, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
-GRPCURL = str(ROOT / ".tools" / "bin" / "grpcurl")
 PASSWORD = "correct horse battery"
 
 
@@ -66,8 +65,7 @@ def cloudrun_pod(podman, images, tmp_path_factory):
     try:
         run(containers["server"])
         deadline = time.monotonic() + 30
-        while subprocess.run([GRPCURL, "-plaintext", f"127.0.0.1:{ports['server']}", "grpc.health.v1.Health/Check"],
-                             capture_output=True).returncode != 0:
+        while grpc_health(f"127.0.0.1:{ports['server']}") is None:
             assert time.monotonic() < deadline, podman("logs", f"{name}-server").stderr[-2000:]
             time.sleep(0.3)
         run(containers["envoy"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -17,11 +16,10 @@ import yaml
 from server.infra import tokens
 from tests.containers.conftest import ADMIN_EMAIL, ADMIN_PASSWORD
 from tests.support import deploy
-from tests.support.containers import IMAGES, free_port, wait_ready
+from tests.support.containers import IMAGES, free_port, grpc_health, wait_ready
 from tests.support.rest import Client
 
 ROOT = Path(__file__).resolve().parents[2]
-GRPCURL = str(ROOT / ".tools" / "bin" / "grpcurl")
 
 
 def played_objects(api_port: int, grpc_port: int) -> list[dict]:
@@ -78,9 +76,7 @@ def played(podman, images, tmp_path):
 
 def test_the_rendered_deployment_plays_healthy_and_serves(podman, played):
     api_port, grpc_port = played
-    health = subprocess.run([GRPCURL, "-plaintext", f"127.0.0.1:{grpc_port}", "grpc.health.v1.Health/Check"],
-                            capture_output=True, text=True, timeout=30)
-    assert json.loads(health.stdout) == {"status": "SERVING"}, health.stderr
+    assert grpc_health(f"127.0.0.1:{grpc_port}") == "SERVING"
 
     api = Client(f"http://127.0.0.1:{api_port}")
     login = api.post("/v1/auth/login", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})

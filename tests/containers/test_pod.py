@@ -10,14 +10,12 @@ import subprocess
 import threading
 import time
 import uuid
-from pathlib import Path
 
 from tests.containers.conftest import ADMIN_EMAIL, ADMIN_PASSWORD
-from tests.support.containers import IMAGES, api_pod, api_pod_spec
+from tests.support import deploy
+from tests.support.containers import GRPCURL, IMAGES, api_pod, api_pod_spec, grpc_health
 from tests.support.rest import Client
 
-ROOT = Path(__file__).resolve().parents[2]
-GRPCURL = str(ROOT / ".tools" / "bin" / "grpcurl")
 PASSWORD = "correct horse battery"
 
 
@@ -88,17 +86,13 @@ def test_grpcurl_through_envoy_with_reflection_and_the_servers_health(pod):
     assert page.returncode == 0, page.stderr
     assert json.loads(page.stdout or "{}").get("payments", []) == []  # a new customer owns nothing
 
-    # What the kubelet's grpc probe asks, from outside the pod.
-    health = subprocess.run([GRPCURL, "-plaintext", pod.grpc_addr, "grpc.health.v1.Health/Check"],
-                            capture_output=True, text=True, timeout=30)
-    assert health.returncode == 0, health.stderr
-    assert json.loads(health.stdout) == {"status": "SERVING"}
+    assert grpc_health(pod.grpc_addr) == "SERVING"  # what the kubelet's probe asks, from outside the pod
 
 
 def test_each_container_runs_as_its_manifest_says(pod):
     spec = api_pod_spec()
     for name in ("server", "envoy"):
-        wanted = next(c for c in spec["containers"] if c["name"] == name)["securityContext"]
+        wanted = deploy.container(spec, name)["securityContext"]
         info = pod.podman.inspect(f"{pod.name}-{name}")
         assert info["Config"]["User"] == f"{wanted['runAsUser']}:{wanted['runAsGroup']}"
         assert info["HostConfig"]["ReadonlyRootfs"] is True
@@ -115,7 +109,7 @@ def test_each_container_runs_as_its_manifest_says(pod):
 def test_envoy_prestop_hook_fails_readiness_inside_the_image(podman, images, tmp_path):
     """The hook exactly as the Deployment has it, run in the Envoy container (a scratch image with
     BusyBox): Envoy then reports not ready while still serving."""
-    hook = next(c for c in api_pod_spec()["containers"] if c["name"] == "envoy")["lifecycle"]["preStop"]["exec"]["command"]
+    hook = deploy.container(api_pod_spec(), "envoy")["lifecycle"]["preStop"]["exec"]["command"]
     with api_pod(podman, tmp_path) as pod:
         started = subprocess.Popen(["podman", "exec", f"{pod.name}-envoy", *hook], env=podman.env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -8,15 +8,13 @@ Screenshots go to test-artifacts/ (git-ignored) for a person to look at.
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import UI_PORT
+from tests.support.stack import serve_files
 from tests.support.swagger_ui import Operation, authorize, browser, open_page  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,24 +23,15 @@ ARTIFACTS = ROOT / "test-artifacts"
 PASSWORD = "correct horse battery"
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def ui_origin():
     """openapi/ over HTTP on a free loopback port, like the static server of `make run`."""
     assert (SITE / "ui" / "node_modules" / "swagger-ui-dist" / "swagger-ui-bundle.js").exists(), \
         "Swagger UI is not installed: run `make setup`"
-    handler = functools.partial(_QuietHandler, directory=str(SITE))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", UI_PORT), handler)  # an origin Envoy allows
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = serve_files(SITE, ("127.0.0.1", UI_PORT))  # an origin Envoy allows
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
-    thread.join(timeout=5)
 
 
 @pytest.fixture

@@ -5,30 +5,22 @@ over HTTPS."""
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import ssl
 import subprocess
-import threading
 import uuid
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.support.stack import ROOT, Envoy, running_stack
+from tests.support.stack import ROOT, Envoy, running_stack, serve_files
 from tests.support.swagger_ui import CHROMIUM, CHROMIUM_ARGS, open_page, sign_up_log_in_and_create
 from tests.support.tls import make_certificates
 
 GRPCURL = str(ROOT / ".tools" / "bin" / "grpcurl")
 TLS_CONFIG = ROOT / "envoy" / "envoy-tls.yaml"
 PASSWORD = "correct horse battery"
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +30,8 @@ def tls_stack(tmp_path_factory, keys_dir):
     ca, spki = make_certificates(work / "tls")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(work / "tls" / "tls.crt", work / "tls" / "tls.key")
-    ui = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(ROOT / "openapi")))
-    ui.socket = context.wrap_socket(ui.socket, server_side=True)
+    ui = serve_files(ROOT / "openapi", ("127.0.0.1", 0), tls=context)
     ui_origin = f"https://localhost:{ui.server_address[1]}"
-    threading.Thread(target=ui.serve_forever, daemon=True).start()
     try:
         with running_stack(work, keys_dir, envoy_env={"PAYMENTS_CORS_ORIGINS": ui_origin},
                            envoy_source=TLS_CONFIG, ca=ca) as (_, envoy):
@@ -51,16 +41,16 @@ def tls_stack(tmp_path_factory, keys_dir):
         ui.server_close()
 
 
-def curl(envoy: Envoy, ca: Path, *args: str) -> subprocess.CompletedProcess:
+def curl(ca: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["curl", "-sS", "--cacert", str(ca), *args], capture_output=True, text=True, timeout=30)
 
 
 def register_and_login(envoy: Envoy, ca: Path) -> str:
     email = f"tls-{uuid.uuid4().hex[:8]}@example.com"
     body = json.dumps({"email": email, "password": PASSWORD})
-    assert curl(envoy, ca, "--fail-with-body", "-H", "content-type: application/json", "-d", body,
+    assert curl(ca, "--fail-with-body", "-H", "content-type: application/json", "-d", body,
                 f"{envoy.url}/v1/auth/register").returncode == 0
-    login = curl(envoy, ca, "--fail-with-body", "-H", "content-type: application/json", "-d", body,
+    login = curl(ca, "--fail-with-body", "-H", "content-type: application/json", "-d", body,
                  f"{envoy.url}/v1/auth/login")
     assert login.returncode == 0, login.stdout + login.stderr
     return json.loads(login.stdout)["access_token"]
@@ -69,7 +59,7 @@ def register_and_login(envoy: Envoy, ca: Path) -> str:
 def test_https_with_a_verified_certificate_http2_and_hsts(tls_stack):
     envoy, ca, _, _ = tls_stack
     token = register_and_login(envoy, ca)
-    r = curl(envoy, ca, "--http2", "-D", "-", "-o", "/dev/null", "-w", "%{http_version}",
+    r = curl(ca, "--http2", "-D", "-", "-o", "/dev/null", "-w", "%{http_version}",
              "-H", f"authorization: Bearer {token}", f"{envoy.url}/v1/payments")
     assert r.returncode == 0, r.stderr
     head = r.stdout.lower()
@@ -77,7 +67,7 @@ def test_https_with_a_verified_certificate_http2_and_hsts(tls_stack):
     assert "strict-transport-security: max-age=31536000; includesubdomains" in head
     assert r.stdout.strip().endswith("2")
     # HTTP/1.1 over TLS works too (ALPN http/1.1).
-    r = curl(envoy, ca, "--http1.1", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", f"{envoy.url}/ready")
+    r = curl(ca, "--http1.1", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", f"{envoy.url}/ready")
     assert r.stdout == "200 1.1", r.stderr
 
 
@@ -89,7 +79,7 @@ def test_the_certificate_is_checked_and_plain_http_is_not_served(tls_stack):
     plain = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
                             f"http://127.0.0.1:{envoy.port}/ready"], capture_output=True, text=True, timeout=30)
     assert plain.stdout in ("000", "400") and plain.stdout != "200"
-    old = curl(envoy, ca, "--tls-max", "1.1", "-o", "/dev/null", f"{envoy.url}/ready")
+    old = curl(ca, "--tls-max", "1.1", "-o", "/dev/null", f"{envoy.url}/ready")
     assert old.returncode != 0  # TLS 1.0 and 1.1 are refused
 
 

@@ -4,7 +4,6 @@ JSON logs, grpcurl through reflection, graceful SIGTERM."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,15 +13,10 @@ import grpc
 import pytest
 
 from server.edge.pb import payments_pb2 as pb
+from devstack.stack import free_port
 from tests.conftest import ALICE, ROOT, seed_accounts_into
 
 GRPCURL = ROOT / ".tools" / "bin" / "grpcurl"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

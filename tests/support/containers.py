@@ -13,24 +13,18 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
 from tests.support import deploy
-from tests.support.stack import http_status
+from tests.support.stack import free_port, http_status  # noqa: F401 (free_port: for the container tests)
 
 ROOT = Path(__file__).resolve().parents[2]
+GRPCURL = str(ROOT / ".tools" / "bin" / "grpcurl")
 IMAGES = {name: f"localhost/payments-{name}:local" for name in ("server", "envoy", "swagger-ui")}
 SERVER_UID = 10001
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Podman:
@@ -81,6 +75,13 @@ def api_pod_spec() -> dict:
     return deploy.find(deploy.render_k8s(), "Deployment", "payments")["spec"]["template"]["spec"]
 
 
+def grpc_health(addr: str) -> str | None:
+    """The server's grpc.health.v1 status at addr, asked as a kubelet probe asks it (None: no answer)."""
+    r = subprocess.run([GRPCURL, "-plaintext", addr, "grpc.health.v1.Health/Check"], capture_output=True,
+                       text=True, timeout=30)
+    return json.loads(r.stdout).get("status") if r.returncode == 0 else None
+
+
 def wait_ready(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -102,6 +103,8 @@ class ApiPod:
     grpc_port: int
     env: dict[str, str]
     envoy_env: dict[str, str]
+    # The rendered Deployment's pod spec, read once (kustomize takes a moment; not while timed).
+    spec: dict = dataclasses.field(default_factory=api_pod_spec)
 
     @property
     def url(self) -> str:
@@ -121,22 +124,29 @@ class ApiPod:
                     IMAGES["server"], "python", "-m", "server.cli", "keys", "--if-missing")
 
     def start(self) -> None:
-        spec = api_pod_spec()
+        self.create()
+        self.run_containers()
+        wait_ready(f"{self.url}/ready")
+
+    def create(self) -> None:
+        """The pod alone: its network namespace and published ports."""
         self.podman("pod", "create", "--name", self.name, "-p", f"127.0.0.1:{self.api_port}:8080",
                     "-p", f"127.0.0.1:{self.grpc_port}:50051")
-        server = deploy.container(spec, "server")
+
+    def run_containers(self) -> None:
+        """Both containers started in the pod, without waiting for them to be ready."""
+        server = deploy.container(self.spec, "server")
         envs = [f"--env={k}={v}" for k, v in self.env.items()]
         self.podman("run", "-d", "--pod", self.name, "--name", f"{self.name}-server", *security_flags(server),
                     "--tmpfs=/tmp:size=16m", *envs,
                     "-v", f"{self.work / 'keys'}:/app/keys:ro", "-v", f"{self.work / 'data'}:/app/data",
                     IMAGES["server"])
-        envoy = deploy.container(spec, "envoy")
+        envoy = deploy.container(self.spec, "envoy")
         envoy_envs = [f"--env={k}={v}" for k, v in self.envoy_env.items()]
         # Envoy gets the public keys only, as in k8s/ (the jwks item of the Secret).
         self.podman("run", "-d", "--pod", self.name, "--name", f"{self.name}-envoy", *security_flags(envoy),
                     *envoy_envs, "-v", f"{self.work / 'keys' / 'jwks.json'}:/app/keys/jwks.json:ro",
                     IMAGES["envoy"])
-        wait_ready(f"{self.url}/ready")
 
     def restart(self) -> None:
         self.podman("pod", "start", self.name)

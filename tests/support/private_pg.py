@@ -10,12 +10,11 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
-
+from devstack.stack import free_port
 
 
 def _bin_dir() -> Path:
@@ -28,13 +27,6 @@ def _bin_dir() -> Path:
 
 BIN = _bin_dir()
 
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (PostgreSQL cannot bind port 0 and report it back)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 class PrivatePostgres:
     def __init__(self):

@@ -7,8 +7,8 @@ import contextlib
 from pathlib import Path
 
 from devstack import stack
-from devstack.stack import (ADMIN_EMAIL, ADMIN_PASSWORD, ENVOY, ROOT, Envoy, http_status, listening_port,  # noqa: F401
-                            prepare_workdir, server_env, stop_process, wait_until)
+from devstack.stack import (ADMIN_EMAIL, ADMIN_PASSWORD, ENVOY, ROOT, Envoy, free_port, http_status, listening_port,  # noqa: F401
+                            prepare_workdir, serve_files, server_env, stop_process, wait_until)
 
 
 class Server(stack.Server):
