@@ -4,7 +4,7 @@
 #   gen/payments.pb     descriptor set for Envoy's grpc_json_transcoder (--include_imports: google/api,
 #                       google/rpc and protobuf types travel with it)
 #   openapi/payments.swagger.json   the OpenAPI v2 document (committed; tests prove it is fresh)
-#   envoy/envoy-tls.yaml, envoy-cloudrun.yaml   envoy.yaml for GKE's TLS backends and behind Cloud Run
+#   envoy/envoy-tls.yaml, envoy-gke.yaml, envoy-cloudrun.yaml   envoy.yaml over TLS, behind GKE's Gateway, behind Cloud Run
 #                                   (committed; scripts/envoy_variants.py)
 # and refreshes proto/vendor/grpc-gateway/ (the openapiv2 option protos payments.proto imports) from
 # the grpc-gateway module tools/go.mod pins, so the images compile the proto without Go.
@@ -58,4 +58,4 @@ mkdir -p "$out/openapi"
 "$py" "$root/scripts/openapi_polish.py" "$out/openapi/payments.swagger.json"
 mkdir -p "$out/envoy"
 "$py" "$root/scripts/envoy_variants.py" "$root/envoy/envoy.yaml" "$out/envoy"
-echo "generated: gen/python gen/payments.pb openapi/payments.swagger.json envoy/envoy-tls.yaml envoy/envoy-cloudrun.yaml"
+echo "generated: gen/python gen/payments.pb openapi/payments.swagger.json envoy/envoy-tls.yaml envoy/envoy-gke.yaml envoy/envoy-cloudrun.yaml"

@@ -55,7 +55,7 @@ def test_envoy_is_the_one_ingress_container_with_http2_end_to_end(template):
 
 def test_envoy_runs_the_variant_that_reads_the_client_from_the_front_end(template):
     """Cloud Run's front end is Envoy's TCP peer: envoy-cloudrun.yaml trusts its X-Forwarded-For
-    (tests/e2e/test_cloudrun_edge.py); otherwise the image's own command, with the same flags."""
+    (tests/e2e/test_proxied_edge.py); otherwise the image's own command, with the same flags."""
     envoy = containers(template)["envoy"]
     image_command = support.image_command("envoy")[1:]
     assert envoy["args"] == [a.replace("envoy/envoy.yaml", "envoy/envoy-cloudrun.yaml") for a in image_command]

@@ -6,6 +6,8 @@ import dataclasses
 import http.client
 import json
 import random
+import ssl
+from pathlib import Path
 from urllib.parse import urlsplit
 
 
@@ -45,15 +47,19 @@ class Response:
 
 
 class Client:
-    """`source`: the local address requests come from (default: the kernel's choice, 127.0.0.1)."""
+    """`source`: the local address requests come from (default: the kernel's choice, 127.0.0.1);
+    `ca`: for an https base URL, the certificate that signed the server's (tests/support/tls.py)."""
 
-    def __init__(self, base_url: str, source: str | None = None):
+    def __init__(self, base_url: str, source: str | None = None, ca: Path | None = None):
         parts = urlsplit(base_url)
         self.host, self.port = parts.hostname, parts.port
         self.source = source
+        self.tls = ssl.create_default_context(cafile=str(ca)) if parts.scheme == "https" else None
 
     def from_address(self, source: str) -> "Client":
-        return Client(f"http://{self.host}:{self.port}", source)
+        client = Client(f"http://{self.host}:{self.port}", source)
+        client.tls = self.tls
+        return client
 
     def request(self, method: str, path: str, body=None, *, token: str | None = None,
                 headers: dict[str, str] | None = None, raw: bytes | None = None) -> Response:
@@ -64,8 +70,9 @@ class Client:
             hdrs.setdefault("Content-Type", "application/json")
         if token is not None:
             hdrs["Authorization"] = f"Bearer {token}"
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=15,
-                                          source_address=(self.source, 0) if self.source else None)
+        source = (self.source, 0) if self.source else None
+        conn = (http.client.HTTPSConnection(self.host, self.port, timeout=15, source_address=source, context=self.tls)
+                if self.tls else http.client.HTTPConnection(self.host, self.port, timeout=15, source_address=source))
         try:
             conn.request(method, path, body=data, headers=hdrs)
             r = conn.getresponse()

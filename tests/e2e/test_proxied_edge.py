@@ -1,0 +1,78 @@
+"""The variants that run behind Google's front ends, for real. There every request arrives from
+Google's address, and the client is somewhere in X-Forwarded-For:
+
+  envoy-cloudrun.yaml  Cloud Run's front end overwrites the header with the client's address alone;
+  envoy-gke.yaml       GKE's Gateway (over TLS) appends "<client>, <load balancer address>" to
+                       whatever the client sent.
+
+Each test plays the front end (one TCP peer, 127.0.0.1, writing the header as it does): a login
+flood from one client address is limited, also when the flooder writes addresses of its own into the
+header, while another client's login through the same peer is answered; the access log names the
+clients, not the peer or the load balancer."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import time
+from typing import Callable
+
+import pytest
+
+from tests.faults.test_abuse import per_address_bucket
+from tests.support.rest import Client
+from tests.support.stack import ROOT, running_stack
+from tests.support.tls import make_certificates
+
+FLOODER, OTHER = "203.0.113.66", "198.51.100.7"
+LOAD_BALANCER = "34.111.1.1"  # the Gateway's own address, which GKE's front end appends
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontEnd:
+    variant: str
+    tls: bool
+    forwarded: Callable[[str, str], str]  # (what the client sent, the client's address) -> header
+
+
+FRONT_ENDS = {
+    "cloudrun": FrontEnd("envoy-cloudrun.yaml", False, lambda sent, client: client),
+    "gke": FrontEnd("envoy-gke.yaml", True,
+                    lambda sent, client: ", ".join(a for a in (sent, client, LOAD_BALANCER) if a)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FRONT_ENDS))
+def edge(request, tmp_path_factory, keys_dir):
+    front = FRONT_ENDS[request.param]
+    work = tmp_path_factory.mktemp(f"{request.param}-edge")
+    ca = make_certificates(work / "tls")[0] if front.tls else None
+    with running_stack(work, keys_dir, envoy_source=ROOT / "envoy" / front.variant, ca=ca) as (_, envoy):
+        yield front, Client(envoy.url, ca=ca), envoy
+
+
+def login(edge, client: str, n: int = 0, sent: str = ""):
+    front, api, _ = edge
+    return api.post("/v1/auth/login", {"email": f"nobody{n}@example.com", "password": "not the password"},
+                    headers={"X-Forwarded-For": front.forwarded(sent, client)})
+
+
+def test_the_login_limit_is_per_client_behind_the_front_end(edge):
+    burst = int(per_address_bucket()["max_tokens"])
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        # The flooder also writes an address of its own, a different one each time, into the header.
+        answers = list(pool.map(lambda n: login(edge, FLOODER, n, sent=f"192.0.2.{n % 250}"), range(10 * burst)))
+    assert 429 in {a.status for a in answers}  # the flooding client hit its own bucket
+    # Through the same peer, another client is not limited by the flood.
+    others = [login(edge, OTHER, n).status for n in range(3)]
+    assert others == [401, 401, 401], others
+
+    access_log = edge[2].access_log
+    deadline = time.monotonic() + 5
+    clients = set()
+    while time.monotonic() < deadline and not {FLOODER, OTHER} <= clients:
+        time.sleep(0.3)
+        clients = {json.loads(line).get("client") for line in access_log.read_text().splitlines() if line.strip()}
+    assert {FLOODER, OTHER} <= clients, clients
+    assert clients.isdisjoint({"127.0.0.1", LOAD_BALANCER}) and not any(c.startswith("192.0.2.") for c in clients), clients
