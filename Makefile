@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TOOLS := .tools/bin
 # What `make run` needs (code generation, the README's grpcurl), and what only tests and benchmarks use.
 RUN_TOOLS := $(TOOLS)/protoc-gen-openapiv2 $(TOOLS)/grpcurl
-GO_TOOLS := $(RUN_TOOLS) $(TOOLS)/ghz $(TOOLS)/kustomize $(TOOLS)/composecheck
+GO_TOOLS := $(RUN_TOOLS) $(TOOLS)/ghz $(TOOLS)/kustomize $(TOOLS)/composecheck $(TOOLS)/k8scheck
 SWAGGER_UI := openapi/ui/node_modules/.package-lock.json
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
@@ -28,7 +28,8 @@ PKG_grpcurl := github.com/fullstorydev/grpcurl/cmd/grpcurl
 PKG_ghz := github.com/bojand/ghz/cmd/ghz
 PKG_kustomize := sigs.k8s.io/kustomize/kustomize/v5
 PKG_composecheck := payments/tools/composecheck
-$(GO_TOOLS): $(TOOLS)/%: tools/go.mod tools/go.sum tools/composecheck/main.go
+PKG_k8scheck := payments/tools/k8scheck
+$(GO_TOOLS): $(TOOLS)/%: tools/go.mod tools/go.sum tools/composecheck/main.go tools/k8scheck/main.go
 	@echo "building $* into $(TOOLS) (pinned by tools/go.mod; a first build takes a while)"
 	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install $(PKG_$*)
 	touch $@

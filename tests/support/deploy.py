@@ -198,8 +198,8 @@ def compose() -> dict:
 
 
 def render_k8s(directory: Path | None = None) -> list[dict]:
-    """`kustomize build` of the GKE overlay, k8s/overlays/gke (the pinned kustomize in .tools/bin,
-    built by `make setup`)."""
+    """`kustomize build` of a directory, by default the GKE overlay k8s/overlays/gke (the pinned
+    kustomize in .tools/bin, built by `make setup`)."""
     out = subprocess.run([str(KUSTOMIZE), "build", str(directory or ROOT / "k8s" / "overlays" / "gke")],
                          check=True, capture_output=True, text=True).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
@@ -236,8 +236,8 @@ class _YamlLoader(yaml.SafeLoader):
 
 
 @functools.cache
-def envoy_config() -> dict:
-    return yaml.load(ENVOY_CONFIG.read_text(), Loader=_YamlLoader)
+def envoy_config(path: Path = ENVOY_CONFIG) -> dict:
+    return yaml.load(path.read_text(), Loader=_YamlLoader)
 
 
 def envoy_listener_port() -> int:
