@@ -397,40 +397,79 @@ def test_swagger_ui_runs_the_projects_image_with_its_api_address_mounted(objects
 
 # --- docs/deploy.md's kustomize edits ---
 
-def test_readme_kustomize_edits_set_images_instance_and_api_host(tmp_path):
-    # As docs/deploy.md does it: a copy of the overlay beside it (untracked), edited there.
+DIGEST = "sha256:" + "ab" * 32
+
+
+def _edited(tmp_path, overlay: str, edits: list[list[str]]) -> list[dict]:
+    """As docs/deploy.md does it: a copy of the overlay beside it (untracked), edited there."""
     shutil.copytree(ROOT / "k8s", tmp_path / "k8s")
     work = tmp_path / "k8s" / "overlays" / "local"
-    shutil.copytree(tmp_path / "k8s" / "overlays" / "gke", work)
-    edits = [
-        ["edit", "set", "image", "payments-server=europe-west1-docker.pkg.dev/acme/payments/server:abc123",
-         "payments-envoy=europe-west1-docker.pkg.dev/acme/payments/envoy:abc123",
-         "payments-swagger-ui=europe-west1-docker.pkg.dev/acme/payments/swagger-ui:abc123"],
-        ["edit", "set", "configmap", "cloud-sql", "--from-literal=INSTANCE_CONNECTION_NAME=acme:europe-west1:payments-db",
-         "--from-literal=SERVICE_ACCOUNT=payments-sql@acme.iam.gserviceaccount.com"],
-        ["edit", "set", "configmap", "swagger-ui", '--from-literal=config.json={"api": "http://203.0.113.7"}'],
-        ["edit", "set", "configmap", "envoy", "--from-literal=PAYMENTS_CORS_ORIGINS=http://198.51.100.9"],
-    ]
+    shutil.copytree(tmp_path / "k8s" / "overlays" / overlay, work)
     for edit in edits:
         subprocess.run([str(support.KUSTOMIZE), *edit], cwd=work, check=True, capture_output=True)
-    objects = support.render_k8s(work)
+    return support.render_k8s(work)
+
+
+def _config_maps(objects) -> dict[str, dict]:
+    return {o["metadata"]["name"].rsplit("-", 1)[0]: o for o in objects if o["kind"] == "ConfigMap"}
+
+
+CLOUD_SQL_EDIT = ["edit", "set", "configmap", "cloud-sql", "--from-literal=INSTANCE_CONNECTION_NAME=acme:europe-west1:payments-db",
+                  "--from-literal=SERVICE_ACCOUNT=payments-sql@acme.iam.gserviceaccount.com"]
+
+
+def test_readme_kustomize_edits_set_digests_instance_and_domain(tmp_path):
+    repo = "europe-west1-docker.pkg.dev/acme/payments"
+    proxy = "gcr.io/cloud-sql-connectors/cloud-sql-proxy"
+    objects = _edited(tmp_path, "gke", [
+        ["edit", "set", "image", f"payments-server={repo}/server@{DIGEST}", f"payments-envoy={repo}/envoy@{DIGEST}",
+         f"payments-swagger-ui={repo}/swagger-ui@{DIGEST}", f"{proxy}={proxy}@{DIGEST}"],
+        CLOUD_SQL_EDIT,
+        ["edit", "set", "configmap", "swagger-ui", '--from-literal=config.json={"api": "https://pay.acme.example"}'],
+    ])
     api = support.find(objects, "Deployment", "payments")["spec"]["template"]["spec"]
     swagger = support.find(objects, "Deployment", "swagger-ui")["spec"]["template"]["spec"]
-    assert support.container(api, "server")["image"] == "europe-west1-docker.pkg.dev/acme/payments/server:abc123"
-    assert support.container(api, "envoy")["image"] == "europe-west1-docker.pkg.dev/acme/payments/envoy:abc123"
-    assert support.container(swagger, "swagger-ui")["image"] == "europe-west1-docker.pkg.dev/acme/payments/swagger-ui:abc123"
-    by_name = {o["metadata"]["name"].rsplit("-", 1)[0]: o for o in objects if o["kind"] == "ConfigMap"}
-    assert by_name["cloud-sql"]["data"]["INSTANCE_CONNECTION_NAME"] == "acme:europe-west1:payments-db"
-    assert json.loads(by_name["swagger-ui"]["data"]["config.json"]) == {"api": "http://203.0.113.7"}
-    assert by_name["envoy"]["data"]["PAYMENTS_CORS_ORIGINS"] == "http://198.51.100.9"
-    envoy_config = support.container(api, "envoy")["envFrom"][0]["configMapRef"]["name"]
-    assert envoy_config == by_name["envoy"]["metadata"]["name"]  # hash changed: Envoy restarts with it
+    for name in ("server", "envoy"):
+        assert support.container(api, name)["image"] == f"{repo}/{name}@{DIGEST}"
+    assert support.container(api, "cloud-sql-proxy")["image"] == f"{proxy}@{DIGEST}"
+    assert support.container(swagger, "swagger-ui")["image"] == f"{repo}/swagger-ui@{DIGEST}"
+    proxy_env = {e["name"]: e["value"] for e in support.container(api, "cloud-sql-proxy")["env"]}
+    assert proxy_env["INSTANCE_CONNECTION_NAME"] == "acme:europe-west1:payments-db"
+    configs = _config_maps(objects)
+    assert "cloud-sql" not in configs  # settings for kustomize only (local-config): never applied
+    assert json.loads(configs["swagger-ui"]["data"]["config.json"]) == {"api": "https://pay.acme.example"}
     account = support.find(objects, "ServiceAccount", "payments")["metadata"]["annotations"]
     assert account == {"iam.gke.io/gcp-service-account": "payments-sql@acme.iam.gserviceaccount.com"}
     assert api["serviceAccountName"] == "payments"
     # ConfigMap names carry a content hash, so an edit rolls the pods that use them.
     original = support.find(support.render_k8s(), "Deployment", "swagger-ui")["spec"]["template"]["spec"]
     assert original["volumes"] != swagger["volumes"]
+
+
+def test_readme_kustomize_edits_for_the_plain_http_overlay(tmp_path):
+    objects = _edited(tmp_path, "gke-http", [
+        CLOUD_SQL_EDIT,
+        ["edit", "set", "configmap", "swagger-ui", '--from-literal=config.json={"api": "http://203.0.113.7"}'],
+        ["edit", "set", "configmap", "envoy", "--from-literal=PAYMENTS_CORS_ORIGINS=http://198.51.100.9"],
+    ])
+    configs = _config_maps(objects)
+    assert json.loads(configs["swagger-ui"]["data"]["config.json"]) == {"api": "http://203.0.113.7"}
+    assert configs["envoy"]["data"]["PAYMENTS_CORS_ORIGINS"] == "http://198.51.100.9"
+    api = support.find(objects, "Deployment", "payments")["spec"]["template"]["spec"]
+    assert support.container(api, "envoy")["envFrom"][0]["configMapRef"]["name"] == configs["envoy"]["metadata"]["name"]
+
+
+def test_the_edits_tested_are_the_ones_docs_deploy_md_runs():
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    for line in ("kustomize edit set image \\", "payments-server=$REPO/server@$(digest $REPO/server:$TAG)",
+                 "gcr.io/cloud-sql-connectors/cloud-sql-proxy=gcr.io/cloud-sql-connectors/cloud-sql-proxy@$(digest $PROXY_IMAGE)",
+                 "kustomize edit set configmap cloud-sql", '--from-literal=config.json="{\\"api\\": \\"https://$DOMAIN\\"}"',
+                 "cp -r k8s/overlays/gke k8s/overlays/local", "cp -r k8s/overlays/gke-http k8s/overlays/local",
+                 "kustomize edit set configmap envoy --from-literal=PAYMENTS_CORS_ORIGINS=http://$UI"):
+        assert line in text, line
+    pinned = support.container(support.find(support.render_k8s(), "Deployment", "payments")["spec"]["template"]["spec"],
+                               "cloud-sql-proxy")["image"]
+    assert f"PROXY_IMAGE={pinned}\n" in text  # the digest looked up is the pinned release's
 
 
 def _selects(selector: dict, labels: dict) -> bool:
