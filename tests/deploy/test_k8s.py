@@ -650,3 +650,18 @@ def test_gke_policies_health_check_envoys_ready_and_outlast_envoys_timeouts(obje
     gateway_policy, target = _policy(objects, "GCPGatewayPolicy", "payments")
     assert target["kind"] == "Gateway" and gateway_policy == {"sslPolicy": "payments-tls"}
     assert "ssl-policies create payments-tls --profile=MODERN --min-tls-version=1.2" in (ROOT / "docs" / "deploy.md").read_text()
+
+
+def test_probes_tolerate_a_busy_pod(api_pod):
+    """A login flood at the CPU limit slows health answers to 0.2 s at most (tests/faults/test_cpu_limit.py):
+    every probe waits 3 s, readiness needs two failures in a row, liveness 30 s of them."""
+    for c in support.pod_containers(api_pod):
+        if c["name"] == "cloud-sql-proxy":
+            continue  # upstream's numbers, test_cloud_sql_proxy_*
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = c.get(kind)
+            if probe:
+                assert probe["timeoutSeconds"] >= 3, (c["name"], kind)
+                assert probe["failureThreshold"] >= 2, (c["name"], kind)
+        liveness = c["livenessProbe"]
+        assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30, c["name"]
