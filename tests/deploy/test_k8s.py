@@ -665,3 +665,20 @@ def test_probes_tolerate_a_busy_pod(api_pod):
                 assert probe["failureThreshold"] >= 2, (c["name"], kind)
         liveness = c["livenessProbe"]
         assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30, c["name"]
+
+
+def test_the_walk_through_uses_least_privilege_identities_and_a_private_database():
+    """docs/deploy.md: builds and nodes run as accounts of their own with only the roles they need
+    (not the Compute Engine default account), and the database has no public address."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    assert "-compute@developer.gserviceaccount.com" not in text and "roles/editor" not in text
+    assert "--service-account=projects/$PROJECT_ID/serviceAccounts/$BUILD_SA" in text
+    assert "gcloud container clusters create-auto payments --region=$REGION --service-account=$NODE_SA" in text
+    granted = re.findall(r"--role=(roles/[A-Za-z.]+)", text)
+    assert set(granted) <= {"roles/artifactregistry.writer", "roles/artifactregistry.reader", "roles/logging.logWriter",
+                            "roles/container.defaultNodeServiceAccount", "roles/storage.objectViewer",
+                            "roles/cloudsql.client", "roles/iam.workloadIdentityUser"}, set(granted)
+    assert "--network=default --no-assign-ip" in text
+    proxy = support.container(support.find(support.render_k8s(), "Deployment", "payments")["spec"]["template"]["spec"],
+                              "cloud-sql-proxy")
+    assert "--private-ip" in proxy["args"]
