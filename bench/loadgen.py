@@ -28,14 +28,23 @@ class Result:
     p99_ms: float
     errors: int
     error_kinds: dict[str, int] = dataclasses.field(default_factory=dict)
+    latencies_ms: list[float] = dataclasses.field(default_factory=list)  # every call's, when asked for
+
+
+def p99(latencies_ms: list[float]) -> float:
+    """The 99th percentile of many runs' calls together (the nearest-rank method)."""
+    ordered = sorted(latencies_ms)
+    return ordered[max(0, -(-len(ordered) * 99 // 100) - 1)] if ordered else 0.0
 
 
 def wrk_path() -> str | None:
     return shutil.which("wrk")
 
 
-def ghz(target: str, method: str, data: dict, token: str, *, seconds: float, concurrency: int) -> Result:
-    """gRPC load: `method` like "GetPayment" on payments.v1.PaymentService, for `seconds`.
+def ghz(target: str, method: str, data: dict, token: str, *, seconds: float, concurrency: int,
+        every_call: bool = False) -> Result:
+    """gRPC load: `method` like "GetPayment" on payments.v1.PaymentService, for `seconds`;
+    `every_call`: with each call's latency (ghz's per-call details), to pool runs.
 
     --duration-stop=wait lets calls in flight at the end finish, so the end of the run is not
     counted as errors. `{{.UUID}}` in data is a fresh UUID per call (ghz templates).
@@ -52,8 +61,9 @@ def ghz(target: str, method: str, data: dict, token: str, *, seconds: float, con
     latency = {d["percentage"]: d["latency"] / 1e6 for d in report.get("latencyDistribution") or []}
     codes = report.get("statusCodeDistribution") or {}
     errors = {k: v for k, v in codes.items() if k != "OK"}
+    calls = [d["latency"] / 1e6 for d in report.get("details") or []] if every_call else []
     return Result(requests=report["count"], rps=report["rps"], p50_ms=latency.get(50, 0.0),
-                  p99_ms=latency.get(99, 0.0), errors=sum(errors.values()), error_kinds=errors)
+                  p99_ms=latency.get(99, 0.0), errors=sum(errors.values()), error_kinds=errors, latencies_ms=calls)
 
 
 def wrk(url: str, method: str, token: str, *, body: str | None = None, seconds: float, concurrency: int) -> Result:

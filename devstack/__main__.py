@@ -58,8 +58,9 @@ def main() -> int:
         log(f"PAYMENTS_LISTEN_ADDR={listen}: envoy/envoy.yaml expects the server on port 50051")
         return 1
     probe_host = host.strip("[]") if host not in ("0.0.0.0", "", "[::]") else "127.0.0.1"
-    busy = [p for h, p in ((probe_host, int(port)), ("127.0.0.1", 8080),
-                           ("127.0.0.1", 9901), UI_ADDR) if port_in_use(h, p)]
+    server_ports = [int(port) + i for i in range(settings.processes)]  # one per server process
+    busy = [p for h, p in ((probe_host, server_ports[0]), *((probe_host, p) for p in server_ports[1:]),
+                           ("127.0.0.1", 8080), ("127.0.0.1", 9901), UI_ADDR) if port_in_use(h, p)]
     if busy:
         log(f"port(s) {busy} already in use (another `make run`?); stop that first")
         return 1
@@ -82,7 +83,7 @@ def main() -> int:
 
         procs.append(subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT))
         # Envoy after the server listens, so its first health check already passes.
-        if not wait_for(lambda: port_in_use(probe_host, int(port))):
+        if not wait_for(lambda: all(port_in_use(probe_host, p) for p in server_ports)):
             return 1
         # Envoy flushes its JSON access log (stdout) every second rather than every 10 s.
         # CORS: Envoy allows no browser origin unless told; here, the local Swagger UI's.
@@ -91,8 +92,8 @@ def main() -> int:
         # envoy/envoy.yaml as deployed, but listening on loopback only (its paths stay relative to ROOT).
         envoy_config = ROOT / settings.data_dir / "envoy-make-run.yaml"
         envoy_config.parent.mkdir(parents=True, exist_ok=True)
-        envoy_config.write_text(render(CONFIG.read_text(), listen_port=8080, admin_port=9901, backend_port=50051,
-                                       loopback_only=True))
+        envoy_config.write_text(render(CONFIG.read_text(), listen_port=8080, admin_port=9901,
+                                       backend_port=[50051 + i for i in range(4)], loopback_only=True))
         procs.append(subprocess.Popen([str(ENVOY), "-c", str(envoy_config), "--log-level", "warn",
                                        "--disable-hot-restart", "--concurrency", "1",
                                        "--file-flush-interval-msec", "1000"], cwd=ROOT, env=envoy_env))
@@ -102,7 +103,8 @@ def main() -> int:
         log("ready:")
         log(f"  REST (JSON)           {API_URL}/v1/...   e.g. POST {API_URL}/v1/auth/register")
         log("  gRPC through Envoy    127.0.0.1:8080     reflection there needs a token: -H 'authorization: Bearer …'")
-        log(f"  gRPC direct (server)  {listen}")
+        log(f"  gRPC direct (server)  {host}:{'/'.join(map(str, server_ports))}   "
+            f"({settings.processes} process{'es' if settings.processes > 1 else ''}: PAYMENTS_PROCESSES)")
         log(f"  readiness             {API_URL}/ready")
         log(f"  Envoy admin           {ADMIN_URL} (loopback only)")
         if ui is not None:

@@ -117,22 +117,30 @@ def server_env(work: Path, **overrides: str) -> dict[str, str]:
         "PAYMENTS_ADMIN_PASSWORD": ADMIN_PASSWORD,
         "PAYMENTS_PAGE_TOKEN_SECRET": "test-page-token-secret",
         "PAYMENTS_GRACE_SECONDS": "5",
+        "PAYMENTS_PROCESSES": "1",  # ephemeral ports: Envoy could not find a second process's
     }
     env.pop("DATABASE_URL", None)
     env.update(overrides)
     return env
 
 
-def listening_port(log: Path) -> int | None:
-    """The port from the server's "listening" log line, once it has been written."""
+def listening_ports(log: Path) -> list[int]:
+    """The ports of the server's "listening" log lines written so far (one per server process)."""
+    ports = []
     for line in log.read_text(errors="replace").splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
         if isinstance(entry, dict) and entry.get("message") == "listening":
-            return int(entry["port"])
-    return None
+            ports.append(int(entry["port"]))
+    return ports
+
+
+def listening_port(log: Path) -> int | None:
+    """The port from the server's first "listening" log line, once it has been written."""
+    ports = listening_ports(log)
+    return ports[0] if ports else None
 
 
 _starts = itertools.count(1)
@@ -154,13 +162,24 @@ class Server:
             proc = subprocess.Popen(argv or [sys.executable, "-m", "server"], cwd=ROOT, env=env or server_env(work),
                                     stdout=out, stderr=subprocess.STDOUT)
         try:
-            port = wait_until("server", lambda: listening_port(log), proc, log, timeout)
+            try:
+                processes = config.load(env or server_env(work)).processes
+            except config.ConfigError:
+                processes = 1  # the server itself will say what is wrong, and exit
+            # Every server process listening (one line each), then the first one's port.
+            wait_until("server", lambda: len(listening_ports(log)) >= processes or None, proc, log, timeout)
+            port = listening_port(log)
             if then is not None:
                 then(config.load(env or server_env(work)))
         except BaseException:
             stop_process(proc)
             raise
         return cls(proc, port, log)
+
+    @property
+    def ports(self) -> list[int]:
+        """Every server process's port, the first process's first."""
+        return sorted(set(listening_ports(self.log)))
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -180,9 +199,10 @@ class Envoy:
         return f"{'https://localhost' if self.ca else 'http://127.0.0.1'}:{self.port}"
 
     @classmethod
-    def start(cls, work: Path, backend_port: int, env: dict[str, str] | None = None,
+    def start(cls, work: Path, backend_port: int | list[int], env: dict[str, str] | None = None,
               source: Path = CONFIG, ca: Path | None = None) -> "Envoy":
-        """`source`: envoy.yaml, or envoy-tls.yaml with `ca` the authority of work/tls/tls.crt."""
+        """`backend_port`: the server's, or one per server process; `source`: envoy.yaml, or
+        envoy-tls.yaml with `ca` the authority of work/tls/tls.crt."""
         config = work / "envoy.yaml"
         config.write_text(render(source.read_text(), listen_port=0, admin_port=0, backend_port=backend_port))
         admin_file = work / "envoy-admin.txt"

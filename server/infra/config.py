@@ -18,7 +18,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    listen_addr: str = "127.0.0.1:50051"
+    listen_addr: str = "127.0.0.1:50051"  # the first server process's; process i listens on port + i
+    processes: int = 1  # server processes (server/edge/processes.py); load() defaults to the CPUs available
     database_url: str = ""  # empty: SQLite file in data_dir
     data_dir: Path = Path("data")
     worker_threads: int = 16
@@ -98,6 +99,21 @@ def generated_code_dir(env: Mapping[str, str] | None = None) -> Path:
     return Path(env.get("PAYMENTS_GEN_DIR") or GENERATED_CODE_DIR)
 
 
+# Envoy's clusters list one endpoint per server process, ports 50051 to 50054 (envoy/envoy.yaml).
+MAX_PROCESSES = 4
+
+
+def _processes(env: Mapping[str, str]) -> int:
+    raw = env.get("PAYMENTS_PROCESSES", "auto").strip().lower()
+    if raw in ("", "auto"):
+        from server.infra import cpus
+        return min(MAX_PROCESSES, cpus.available())
+    count = _int(env, "PAYMENTS_PROCESSES", 1, 1)
+    if count > MAX_PROCESSES:
+        raise ConfigError(f"PAYMENTS_PROCESSES must be at most {MAX_PROCESSES} (Envoy's clusters list that many ports)")
+    return count
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from the environment; unset variables keep the safe defaults."""
     env = os.environ if env is None else env
@@ -113,6 +129,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("PAYMENTS_PAGE_TOKEN_SECRET must be at least 16 characters")
     return Settings(
         listen_addr=env.get("PAYMENTS_LISTEN_ADDR", d.listen_addr),
+        processes=_processes(env),
         database_url=url,
         data_dir=Path(env.get("PAYMENTS_DATA_DIR", str(d.data_dir))),
         worker_threads=_int(env, "PAYMENTS_WORKER_THREADS", d.worker_threads, 1),

@@ -58,6 +58,11 @@ class Progress:
     interrupted: bool = False
     deadline: float | None = None  # time.monotonic() by which the run stops taking batches
     batch_budget: float | None = None  # seconds a batch may take before the next one is halved
+    # The size the next batch starts at: the scheduler carries it from one run of a job to the next,
+    # so that a run does not open with a full batch the last run had learnt was too slow (on SQLite
+    # a 500-row batch held the write lock 150-300 ms at the start of every tick: the churn
+    # benchmark's worst windows).
+    batch_size: int | None = None
     deferred: bool = False  # stopped at the deadline with work left for the next tick
 
 
@@ -85,12 +90,13 @@ def drain(step: Callable[[int], int], limit: int, progress: Progress, stopping: 
     short because a confirm or cancel won some of its rows; the rest then waits for the next tick.)
     """
     stopping = stopping or threading.Event()
-    size = limit  # this batch's size: halved after a slow batch, grown back after fast ones
+    # This batch's size: halved after a slow batch, grown back after fast ones.
+    size = min(limit, progress.batch_size or limit)
     while True:
-        started = time.monotonic()
         with _JOB_WRITES:
+            started = time.monotonic()  # the batch's own time, not the wait for the other job's
             changed = step(size)
-        took = time.monotonic() - started
+            took = time.monotonic() - started
         if count_as is None:
             progress.rows += changed
             progress.batches.append(changed)
@@ -103,6 +109,7 @@ def drain(step: Callable[[int], int], limit: int, progress: Progress, stopping: 
                 size = max(MIN_BATCH, size // 2)
             elif took < progress.batch_budget / 4:
                 size = min(limit, size * 2)
+            progress.batch_size = size
         if stopping.is_set():
             progress.interrupted = True
             return
@@ -176,6 +183,7 @@ class Runner:
         self.clock = clock
         self.replica = replica or job_claims.replica_id()
         self.stopping = stopping or threading.Event()
+        self._batch_sizes: dict[str, int] = {}  # job name -> the size its last run ended at
 
     def tick(self, job: Job) -> str:
         """ok, interrupted (the server is stopping), failed, or skipped (another replica has the
@@ -186,7 +194,7 @@ class Runner:
         fields = {"job": job.name, "tick_at": tick_at.isoformat(), "replica": self.replica}
         progress = Progress(deadline=time.monotonic() + min(job.interval_seconds * RUN_BUDGET_FRACTION,
                                                             RUN_BUDGET_SECONDS),
-                            batch_budget=BATCH_BUDGET_SECONDS)
+                            batch_budget=BATCH_BUDGET_SECONDS, batch_size=self._batch_sizes.get(job.name))
         try:
             with job_claims.exclusive(job.name) as mine:
                 if not mine:
@@ -200,6 +208,9 @@ class Runner:
                 except Exception:
                     self._record_failure(job, tick_at, progress)
                     raise
+                finally:
+                    if progress.batch_size:
+                        self._batch_sizes[job.name] = progress.batch_size
                 outcome = job_claims.INTERRUPTED if progress.interrupted else job_claims.OK
                 job_claims.finish(job.name, tick_at, outcome=outcome, rows=progress.rows, now=self.clock())
         except Exception:

@@ -33,6 +33,7 @@ def server_process(settings, tmp_path):
         "PAYMENTS_GRACE_SECONDS": "5",
         "PAYMENTS_ADMIN_PASSWORD": "admin password do not log",
         "PAYMENTS_ADMIN_EMAIL": "root@example.com",
+        "PAYMENTS_PROCESSES": "1",  # one process here; several: test_processes.py
     }
     log = tmp_path / "server.log"
     proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env,

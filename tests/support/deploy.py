@@ -251,6 +251,7 @@ def envoy_admin_port() -> int:
 
 
 def envoy_backend() -> tuple[str, int]:
+    """The first server process's address in Envoy's clusters (the others are on the next ports)."""
     cluster = envoy_config()["static_resources"]["clusters"][0]
     address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
     return address["address"], address["port_value"]

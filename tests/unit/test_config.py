@@ -1,3 +1,5 @@
+import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,55 @@ def test_bad_values_are_refused_with_the_variable_named(env, message):
 def test_secrets_never_appear_in_repr():
     s = config.load({"PAYMENTS_PAGE_TOKEN_SECRET": "0123456789abcdef-secret", "PAYMENTS_ADMIN_PASSWORD": "hunter2hunter2"})
     assert "secret" not in repr(s).replace("page_token_secret", "") and "hunter2" not in repr(s)
+
+
+# --- server processes (server/edge/processes.py, server/infra/cpus.py) ---
+
+def _cgroup(directory: Path, v2: str | None = None, v1: tuple[int, int] | None = None) -> Path:
+    """A stand-in for /sys/fs/cgroup: cgroup v2's cpu.max, or v1's cpu/cpu.cfs_* files."""
+    directory.mkdir()
+    if v2 is not None:
+        (directory / "cpu.max").write_text(v2 + "\n")
+    if v1 is not None:
+        (directory / "cpu").mkdir()
+        (directory / "cpu" / "cpu.cfs_quota_us").write_text(f"{v1[0]}\n")
+        (directory / "cpu" / "cpu.cfs_period_us").write_text(f"{v1[1]}\n")
+    return directory
+
+
+@pytest.mark.parametrize("v2, v1, expected", [
+    ("50000 100000", None, 1),        # 500m, as k8s/base limits the server: one process
+    ("max 100000", None, "mine"),     # no quota: the CPUs this process may run on
+    (None, (150000, 100000), 1),      # v1, 1.5 CPUs: rounded down
+    (None, (-1, 100000), "mine"),     # v1, no quota
+    ("6400000 100000", None, "mine"),  # a quota above the affinity: the affinity
+    (None, None, "mine"),             # no cgroup files at all
+])
+def test_the_cpus_available_are_the_quota_rounded_down_within_the_affinity(tmp_path, v2, v1, expected):
+    from server.infra import cpus
+
+    mine = len(os.sched_getaffinity(0))
+    assert cpus.available(_cgroup(tmp_path / "cgroup", v2, v1)) == (mine if expected == "mine" else min(expected, mine))
+
+
+def test_processes_default_to_the_cpus_available_at_most_four():
+    from server.infra import cpus
+
+    assert config.load({}).processes == min(config.MAX_PROCESSES, cpus.available())
+    assert config.load({"PAYMENTS_PROCESSES": "auto"}).processes == config.load({}).processes
+    assert config.load({"PAYMENTS_PROCESSES": "3"}).processes == 3
+    for bad in ("0", "5", "two"):
+        with pytest.raises(config.ConfigError, match="PAYMENTS_PROCESSES"):
+            config.load({"PAYMENTS_PROCESSES": bad})
+
+
+def test_each_server_process_gets_its_port_the_shared_page_key_and_only_the_first_the_jobs():
+    from server.edge.processes import settings_for
+
+    base = config.Settings(listen_addr="0.0.0.0:50051", processes=3, jobs_enabled=True, page_token_secret=b"")
+    children = [settings_for(base, i, b"k" * 32) for i in range(3)]
+    assert [c.listen_addr for c in children] == ["0.0.0.0:50051", "0.0.0.0:50052", "0.0.0.0:50053"]
+    assert [c.jobs_enabled for c in children] == [True, False, False]
+    assert {c.page_token_secret for c in children} == {b"k" * 32} and {c.processes for c in children} == {1}
+    assert settings_for(dataclasses.replace(base, jobs_enabled=False), 0, b"k").jobs_enabled is False
+    assert settings_for(dataclasses.replace(base, listen_addr="127.0.0.1:0"), 2, b"k").listen_addr == "127.0.0.1:0"
