@@ -220,3 +220,32 @@ def test_shutdown_stops_a_running_job_after_its_current_batch(database, clock, c
     assert (record.getMessage(), record.outcome, record.batches) == ("job run", "interrupted", 1)
     scheduler._tick(job)  # a tick after shutdown does nothing
     assert JobRun.select().count() == 1
+
+
+def test_a_run_starts_at_the_batch_size_the_last_run_of_that_job_ended_at(database, clock, monkeypatch):
+    """A batch over the budget halves the next; the job's next run starts at that size, not at the
+    full batch again (on SQLite each tick's first full batch held the write lock 150-300 ms)."""
+    monkeypatch.setattr(jobs, "MIN_PAUSE_SECONDS", 0.0)
+    monkeypatch.setattr(jobs, "SQLITE_PAUSE_RATIO", 0.0)
+    monkeypatch.setattr(jobs, "PAUSE_RATIO", 0.0)
+    monkeypatch.setattr(jobs, "BATCH_BUDGET_SECONDS", 0.01)
+    sizes: list[int] = []
+
+    def slow_batch_then_nothing_due(limit: int) -> int:
+        sizes.append(limit)
+        if len(sizes) % 2 == 0:
+            return 0  # the second batch of each run finds nothing due
+        threading.Event().wait(0.03)  # over the budget
+        return limit
+
+    job = jobs.Job("expire", 60, lambda now, progress, stopping: jobs.drain(slow_batch_then_nothing_due, 400,
+                                                                            progress, stopping))
+    runner = jobs.Runner(clock, replica="a:1")
+    assert runner.tick(job) == "ok"
+    clock.advance(seconds=60)
+    assert runner.tick(job) == "ok"
+    # Run 1: 400 (slow) then 200; run 2 starts at 200 (slow) then 100.
+    assert sizes == [400, 200, 200, 100]
+    clock.advance(seconds=60)
+    assert jobs.Runner(clock, replica="b:1").tick(job) == "ok"  # another process's runner starts full
+    assert sizes[4] == 400
