@@ -16,6 +16,13 @@ export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 setup-run: $(VENV)/.installed $(RUN_TOOLS) gen/.stamp $(SWAGGER_UI)
 setup: setup-run $(GO_TOOLS)
 
+# The benchmark's FastAPI peer (bench/versus.py), in a virtualenv of its own: none of it is the server's.
+PEER_VENV := .venv-peer
+$(PEER_VENV)/.installed: bench/peer/requirements.lock
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r bench/peer/requirements.lock
+	touch $@
+
 $(VENV)/.installed: requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
@@ -67,7 +74,7 @@ test: setup
 # Benchmarks (not part of `make test`): ghz for gRPC, wrk (Debian package) for REST, a few minutes;
 # then the images' size, start-to-ready time and idle memory (bench/images.py).
 # BENCH_ARGS="--postgres" adds the PostgreSQL cases; see bench/run.py --help.
-bench: setup
+bench: setup $(PEER_VENV)/.installed
 	scripts/system-deps.sh bench
 	$(PY) bench/run.py $(BENCH_ARGS)
 	scripts/system-deps.sh images
@@ -83,6 +90,7 @@ images:
 # needs it, and the image's code-generation stage installs it under these constraints).
 lock:
 	$(PY) -m pip install --quiet pip-tools==7.6.2 && $(VENV)/bin/pip-compile -q --strip-extras --no-header --no-emit-find-links --allow-unsafe -o requirements.lock requirements.in
+	cd bench/peer && ../../$(VENV)/bin/pip-compile -q --strip-extras --no-header --no-emit-find-links --allow-unsafe -o requirements.lock requirements.in
 
 clean:
-	rm -rf $(VENV) .tools gen data .pytest_cache openapi/ui/node_modules
+	rm -rf $(VENV) $(PEER_VENV) .tools gen data .pytest_cache openapi/ui/node_modules

@@ -43,10 +43,11 @@ from playhouse.db_url import parse as parse_db_url  # noqa: E402
 import churn  # noqa: E402
 import loadgen  # noqa: E402
 import seed  # noqa: E402
+import versus  # noqa: E402
 from server.infra import config, tokens  # noqa: E402
 from server.edge.pb import payments_pb2 as pb  # noqa: E402
 from server.edge.pb import payments_pb2_grpc as pb_grpc  # noqa: E402
-from devstack.stack import Envoy, Server, prepare_workdir, server_env  # noqa: E402
+from devstack.stack import Envoy, Server, free_port, free_ports, prepare_workdir, server_env  # noqa: E402
 
 EMAIL = "bench@example.com"
 PATHS = ("gRPC direct", "gRPC via Envoy", "REST via Envoy")
@@ -199,6 +200,39 @@ class Bench:
         envoy = self.stack.enter_context(stopping(Envoy.start(self.envoy_dir(label), server.port)))
         return Target(label, server, envoy, self.create_one(server.port))
 
+    def start_processes(self, target: Target, processes: int) -> Target:
+        """The real server again, with `processes` server processes on the same database, behind an
+        Envoy that lists each process's port."""
+        data_dir = self.work / f"data-{target.label}"
+        base = free_ports(processes)
+        env = self.env(PAYMENTS_DATA_DIR=str(data_dir), PAYMENTS_PAGE_TOKEN_SECRET="bench-page-token-secret",
+                       PAYMENTS_PROCESSES=str(processes), PAYMENTS_LISTEN_ADDR=f"127.0.0.1:{base}",
+                       PAYMENTS_JOBS_ENABLED="false")
+        server = self.stack.enter_context(stopping(Server.start(self.work, env)))
+        label = f"{target.label} x{processes}"
+        envoy = self.stack.enter_context(stopping(Envoy.start(self.envoy_dir(label.replace(" ", "-")), server.ports)))
+        return Target(label, server, envoy, target.payment_id)
+
+    def versus(self, target: Target) -> str:
+        """bench/versus.py: REST GetPayment, this project (1 and N processes) against FastAPI."""
+        processes = config.load({}).processes
+        contenders = [versus.Contender(f"this project, 1 process ({target.label})", target.envoy.url,
+                                       [target.server.proc.pid, target.envoy.proc.pid])]
+        if processes > 1:
+            multi = self.start_processes(target, processes)
+            contenders.append(versus.Contender(f"this project, {processes} processes", multi.envoy.url,
+                                               [multi.server.proc.pid, multi.envoy.proc.pid]))
+        database = self.work / f"data-{target.label}" / "payments.db"
+        for workers in (1, 2):
+            peer = self.stack.enter_context(stopping(versus.Peer(self.work, free_port(), workers, database,
+                                                                 self.keys / "jwks.json")))
+            contenders.append(versus.Contender(f"FastAPI + uvicorn, {workers} worker{'s' if workers > 1 else ''}",
+                                               peer.url, [peer.proc.pid]))
+        print("versus: REST GetPayment, interleaved ...", flush=True)
+        rows = versus.run(contenders, target.payment_id, self.token, seconds=self.args.seconds,
+                          rounds=self.args.rounds, concurrency=self.args.concurrency)
+        return versus.report(rows, reference=contenders[-1].label)
+
     def paging(self, target: Target) -> None:
         """Paging depth, as the payer (index on email, created_at, id) and as an admin (index
         on created_at, id), gRPC direct."""
@@ -294,6 +328,8 @@ def main() -> int:
     parser.add_argument("--postgres", action="store_true", help="also run on PostgreSQL (scripts/pg-test-db.sh)")
     parser.add_argument("--operations", nargs="*", default=["GetPayment", "ListPayments", "CreatePayment"])
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
+    parser.add_argument("--no-versus", dest="versus", action="store_false",
+                        help="skip the comparison with FastAPI (bench/versus.py)")
     parser.add_argument("--churn-rows", type=int, nargs="*", default=[100_000, 200_000],
                         help="backlog sizes of the job-churn case (bench/churn.py); none to skip it")
     args = parser.parse_args()
@@ -312,12 +348,16 @@ def main() -> int:
         if args.postgres:
             services.append(bench.start_service("PostgreSQL", postgres_url()))
         bench.paired_cases(targets + services)
+        against = bench.versus(services[0]) if args.versus else ""
         for target in services:
             bench.paging(target)
         databases = [("SQLite", lambda name: "")] + ([("PostgreSQL", postgres_url)] if args.postgres else [])
         churned = [churn.run(bench, label, rows, url_for) for label, url_for in databases for rows in args.churn_rows]
         print()
         print(bench.report())
+        if against:
+            print()
+            print(against)
         if churned:
             print()
             print(churn.report(churned))

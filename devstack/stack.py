@@ -86,6 +86,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int) -> int:
+    """A base port whose `count` consecutive ports are free (server process i listens on base + i)."""
+    for _ in range(50):
+        base = free_port()
+        if base + count < 65536 and not any(port_in_use("127.0.0.1", base + i) for i in range(1, count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)

@@ -14,21 +14,12 @@ import urllib.request
 
 import pytest
 
-from devstack.stack import free_port, port_in_use
+from devstack.stack import free_ports, port_in_use
 from tests.support.rest import Client, loopback_address
 from tests.support.stack import Envoy, Server, prepare_workdir, server_env
 
 PROCESSES = 2
 PASSWORD = "correct horse battery"
-
-
-def free_ports(count: int) -> int:
-    """A base port whose `count` consecutive ports are free (process i listens on base + i)."""
-    for _ in range(50):
-        base = free_port()
-        if base + count < 65536 and not any(port_in_use("127.0.0.1", base + i) for i in range(1, count)):
-            return base
-    raise AssertionError("no run of free ports")
 
 
 @pytest.fixture

@@ -1,0 +1,149 @@
+"""This project against what a team would pick instead, in one interleaved run: REST
+`GET /v1/payments/{id}` with wrk, the same token, the same SQLite file and row, the same JSON bytes
+(checked before anything is measured), against
+
+    this project, 1 server process     behind Envoy (PAYMENTS_PROCESSES=1)
+    this project, N server processes   behind Envoy (PAYMENTS_PROCESSES=N, the CPUs available)
+    FastAPI + uvicorn, 1 worker        bench/peer/app.py, `async def`, PyJWT on every request
+    FastAPI + uvicorn, 2 workers
+
+In each of --rounds rounds every contender runs back to back, so the machine's drift hits all of
+them alike; each row is a contender's median round. CPU is every process of the contender (the
+server's processes and Envoy; uvicorn's supervisor and workers) over the run, per request.
+Ratios are against FastAPI with 2 workers, the strongest peer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import loadgen
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tree(pid: int) -> list[int]:
+    """pid and all its descendants."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+@dataclasses.dataclass
+class Contender:
+    label: str
+    url: str  # base URL of the REST API
+    pids: list[int]  # the processes whose CPU counts (their descendants too)
+
+
+@dataclasses.dataclass
+class VersusRow:
+    label: str
+    result: loadgen.Result
+    cpu_cores: float
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return self.cpu_cores / self.result.rps * 1e6 if self.result.rps else 0.0
+
+
+class Peer:
+    """uvicorn serving bench/peer/app.py on a port of its own."""
+
+    def __init__(self, work: Path, port: int, workers: int, database: Path, jwks: Path):
+        self.log = work / f"peer-{workers}.log"
+        env = {**os.environ, "PEER_DB": str(database), "PEER_JWKS": str(jwks)}
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [str(PEER_PYTHON), "-m", "uvicorn", "app:app", "--app-dir", str(ROOT / "bench" / "peer"),
+                 "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
+                stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/docs", timeout=1).read()
+                if len(tree(self.proc.pid)) > workers or workers == 1:
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError(f"uvicorn did not start: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+
+
+def fetch(url: str, token: str) -> bytes:
+    request = urllib.request.Request(url, headers={"authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return r.read()
+
+
+def same_answer(contenders: list[Contender], payment_id: str, token: str) -> None:
+    answers = {c.label: fetch(f"{c.url}/v1/payments/{payment_id}", token) for c in contenders}
+    first = next(iter(answers.values()))
+    for label, body in answers.items():
+        if body != first:
+            raise SystemExit(f"versus: {label} answers differently:\n{body!r}\n{first!r}")
+    json.loads(first)
+
+
+def run(contenders: list[Contender], payment_id: str, token: str, *, seconds: float, rounds: int,
+        concurrency: int) -> list[VersusRow]:
+    same_answer(contenders, payment_id, token)
+    rows: dict[str, list[VersusRow]] = {c.label: [] for c in contenders}
+    for n in range(rounds):
+        for c in contenders:
+            url = f"{c.url}/v1/payments/{payment_id}"
+            if n == 0:
+                loadgen.wrk(url, "GET", token, seconds=1, concurrency=concurrency)  # warm
+            pids = [p for root in c.pids for p in tree(root)]
+            before, start = cpu_seconds(pids), time.monotonic()
+            result = loadgen.wrk(url, "GET", token, seconds=seconds, concurrency=concurrency)
+            cores = (cpu_seconds(pids) - before) / (time.monotonic() - start)
+            rows[c.label].append(VersusRow(c.label, result, cores))
+            print(f"  versus {c.label:34} {result.rps:8.0f} req/s  p99 {result.p99_ms:6.2f} ms  "
+                  f"CPU {cores:4.2f} cores  errors {result.errors}", flush=True)
+    return [sorted(r, key=lambda row: row.result.rps)[len(r) // 2] for r in rows.values()]
+
+
+def report(rows: list[VersusRow], reference: str) -> str:
+    ref = next(r for r in rows if r.label == reference)
+    lines = ["| contender | req/s (median round) | p99 ms | CPU cores | CPU µs per request | errors "
+             f"| req/s vs {reference} | p99 vs {reference} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.label} | {r.result.rps:.0f} | {r.result.p99_ms:.1f} | {r.cpu_cores:.2f} "
+                     f"| {r.cpu_us_per_request:.0f} | {r.result.errors} | {r.result.rps / ref.result.rps:.2f}x "
+                     f"| {r.result.p99_ms / ref.result.p99_ms:.2f}x |")
+    return "\n".join(lines)
