@@ -60,7 +60,8 @@ def main() -> int:
     probe_host = host.strip("[]") if host not in ("0.0.0.0", "", "[::]") else "127.0.0.1"
     server_ports = [int(port) + i for i in range(settings.processes)]  # one per server process
     busy = [p for h, p in ((probe_host, server_ports[0]), *((probe_host, p) for p in server_ports[1:]),
-                           ("127.0.0.1", 8080), ("127.0.0.1", 9901), UI_ADDR) if port_in_use(h, p)]
+                           ("127.0.0.1", 8080), ("127.0.0.1", 9901), ("127.0.0.1", 9902), UI_ADDR)
+            if port_in_use(h, p)]
     if busy:
         log(f"port(s) {busy} already in use (another `make run`?); stop that first")
         return 1
@@ -92,7 +93,7 @@ def main() -> int:
         # envoy/envoy.yaml as deployed, but listening on loopback only (its paths stay relative to ROOT).
         envoy_config = ROOT / settings.data_dir / "envoy-make-run.yaml"
         envoy_config.parent.mkdir(parents=True, exist_ok=True)
-        envoy_config.write_text(render(CONFIG.read_text(), listen_port=8080, admin_port=9901,
+        envoy_config.write_text(render(CONFIG.read_text(), listen_port=8080, admin_port=9901, metrics_port=9902,
                                        backend_port=[50051 + i for i in range(4)], loopback_only=True))
         procs.append(subprocess.Popen([str(ENVOY), "-c", str(envoy_config), "--log-level", "warn",
                                        "--disable-hot-restart", "--concurrency", "1",
@@ -107,6 +108,7 @@ def main() -> int:
             f"({settings.processes} process{'es' if settings.processes > 1 else ''}: PAYMENTS_PROCESSES)")
         log(f"  readiness             {API_URL}/ready")
         log(f"  Envoy admin           {ADMIN_URL} (loopback only)")
+        log("  Envoy metrics         http://127.0.0.1:9902/stats/prometheus")
         if ui is not None:
             log(f"  Swagger UI            http://{UI_ADDR[0]}:{UI_ADDR[1]}/ui/")
         log("Ctrl-C stops everything")

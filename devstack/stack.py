@@ -202,6 +202,7 @@ class Envoy:
     log: Path
     access_log: Path
     ca: Path | None = None  # set when the listener speaks TLS (envoy-tls.yaml)
+    metrics_port: int = 0  # the metrics listener's (GET /stats/prometheus)
 
     @property
     def url(self) -> str:
@@ -213,7 +214,8 @@ class Envoy:
         """`backend_port`: the server's, or one per server process; `source`: envoy.yaml, or
         envoy-tls.yaml with `ca` the authority of work/tls/tls.crt."""
         config = work / "envoy.yaml"
-        config.write_text(render(source.read_text(), listen_port=0, admin_port=0, backend_port=backend_port))
+        # The admin port is chosen here, not by the kernel: the metrics listener forwards to it.
+        config.write_text(render(source.read_text(), listen_port=0, admin_port=free_port(), backend_port=backend_port))
         admin_file = work / "envoy-admin.txt"
         admin_file.unlink(missing_ok=True)
         log, access_log = work / "envoy.log", work / "envoy-access.log"
@@ -230,17 +232,17 @@ class Envoy:
 
             admin = wait_until("envoy admin", admin_address, proc, log)
 
-            def listener_port():
+            def listener_ports():
                 try:
                     with urllib.request.urlopen(f"http://{admin}/listeners?format=json", timeout=2) as r:
                         statuses = json.load(r)["listener_statuses"]
                 except (OSError, ValueError, KeyError):
                     return None
-                port = statuses[0]["local_address"]["socket_address"].get("port_value") if statuses else None
-                return port or None
+                ports = {s["name"]: s["local_address"]["socket_address"].get("port_value") for s in statuses}
+                return ports if ports.get("payments_api") and ports.get("metrics") else None
 
-            port = wait_until("envoy listener", listener_port, proc, log)
-            envoy = cls(proc, port, admin, log, access_log, ca)
+            ports = wait_until("envoy listeners", listener_ports, proc, log)
+            envoy = cls(proc, ports["payments_api"], admin, log, access_log, ca, ports["metrics"])
             wait_until("envoy /ready", lambda: True if http_status(f"{envoy.url}/ready", ca) == 200 else None, proc, log)
         except BaseException:
             stop_process(proc)

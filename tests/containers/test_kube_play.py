@@ -30,7 +30,9 @@ def played_objects(api_port: int, grpc_port: int) -> list[dict]:
     for c in spec["containers"]:
         c["image"] = IMAGES[c["name"]]
         for port in c["ports"]:
-            port.update(hostIP="127.0.0.1", hostPort={8080: api_port, 50051: grpc_port}[port["containerPort"]])
+            published = {8080: api_port, 50051: grpc_port}  # the metrics port stays unpublished
+            if port["containerPort"] in published:
+                port.update(hostIP="127.0.0.1", hostPort=published[port["containerPort"]])
     for volume in spec["volumes"]:
         if "secret" in volume:
             # podman 4.3 dereferences `optional` without a default (containers/podman#16636); false

@@ -19,7 +19,7 @@ from tests.support import deploy as support
 from tests.support.deploy import ROOT
 
 OVERLAYS = ("gke", "gke-http")
-CUSTOM_API_VERSIONS = {"gateway.networking.k8s.io/v1", "networking.gke.io/v1"}
+CUSTOM_API_VERSIONS = {"gateway.networking.k8s.io/v1", "networking.gke.io/v1", "monitoring.googleapis.com/v1"}
 K8SCHECK = ROOT / ".tools" / "bin" / "k8scheck"
 
 # The oldest Kubernetes the manifests need (native sidecars and the preStop sleep action are on
@@ -182,7 +182,8 @@ def test_envoy_container_port_and_readiness_match_envoy_yaml(api_pod, http_objec
     plain = support.find(http_objects, "Deployment", "payments")["spec"]["template"]["spec"]
     for pod, scheme in ((plain, None), (api_pod, "HTTPS")):  # behind the Gateway, Envoy's listener is TLS
         envoy = support.container(pod, "envoy")
-        assert [p["containerPort"] for p in envoy["ports"]] == [listener]
+        assert [(p["name"], p["containerPort"]) for p in envoy["ports"]] == [
+            ("http", listener), ("metrics", support.envoy_listener_port("metrics"))]
         assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": listener, **({"scheme": scheme} if scheme else {})}
 
 
@@ -510,11 +511,15 @@ def test_network_policies_deny_by_default_and_allow_each_pod_what_it_needs(direc
     for name, deployment in deployments.items():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         mine = [p for p in _policies_for(objects, labels) if p["metadata"]["name"] != "default-deny"]
-        allowed = set()
+        allowed, scraper = set(), set()
         for policy in mine:
             for rule in policy["spec"].get("ingress", []):
-                assert "from" not in rule  # public: the load balancer's clients
-                allowed |= {(p["port"], p["protocol"]) for p in rule["ports"]}
+                if "from" in rule:  # only GKE's managed Prometheus, only to Envoy's metrics port
+                    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gmp-system"}}}]
+                    scraper |= {(p["port"], p["protocol"]) for p in rule["ports"]}
+                    continue
+                allowed |= {(p["port"], p["protocol"]) for p in rule["ports"]}  # public: the load balancer's clients
+        assert scraper == ({("metrics", "TCP")} if name == "payments" and directory != "base" else set()), scraper
         targets = {(p["targetPort"], "TCP") for s in objects if s["kind"] == "Service"
                    and _selects(s["spec"]["selector"], labels) for p in s["spec"]["ports"]}
         assert targets and allowed == targets, (name, allowed, targets)
@@ -682,3 +687,18 @@ def test_the_walk_through_uses_least_privilege_identities_and_a_private_database
     proxy = support.container(support.find(support.render_k8s(), "Deployment", "payments")["spec"]["template"]["spec"],
                               "cloud-sql-proxy")
     assert "--private-ip" in proxy["args"]
+
+
+def test_managed_prometheus_scrapes_envoys_metrics_port_on_every_api_pod(each_overlay):
+    monitoring = support.find(each_overlay, "PodMonitoring", "payments-envoy")["spec"]
+    pod = support.find(each_overlay, "Deployment", "payments")["spec"]["template"]
+    assert monitoring["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    [endpoint] = monitoring["endpoints"]
+    envoy = support.container(pod["spec"], "envoy")
+    assert {"name": "metrics", "containerPort": support.envoy_listener_port("metrics")} in envoy["ports"]
+    assert (endpoint["port"], endpoint["path"]) == ("metrics", "/stats/prometheus")
+    # What the metrics listener passes on (everything else is a 404 there: tests/e2e/test_metrics_port.py).
+    metrics = next(l for l in support.envoy_config()["static_resources"]["listeners"] if l["name"] == "metrics")
+    routes = metrics["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    assert routes[0]["match"]["path"] == endpoint["path"] and routes[0]["route"]["cluster"] == "envoy_admin"
+    assert routes[1] == {"match": {"prefix": "/"}, "direct_response": {"status": 404}}

@@ -24,7 +24,7 @@ def test_envoy_yaml_is_valid_for_the_pinned_envoy(tmp_path, keys_dir):
 
 def test_rendered_config_differs_only_in_ports():
     original = CONFIG.read_text()
-    rendered = render(original, listen_port=1111, admin_port=2222, backend_port=[3333, 3334])
+    rendered = render(original, listen_port=1111, admin_port=2222, backend_port=[3333, 3334], metrics_port=4444)
     diff = [line for line in difflib.unified_diff(original.splitlines(), rendered.splitlines(), lineterm="", n=0)
             if line[:1] in "+-" and line[:3] not in ("+++", "---")]
     endpoint = ["-        - endpoint:", "-            address:"]
@@ -33,6 +33,8 @@ def test_rendered_config_differs_only_in_ports():
         "+    socket_address: {address: 127.0.0.1, port_value: 2222}",
         "-      socket_address: {address: 0.0.0.0, port_value: 8080}",
         "+      socket_address: {address: 0.0.0.0, port_value: 1111}",
+        "-      socket_address: {address: 0.0.0.0, port_value: 9902}",
+        "+      socket_address: {address: 0.0.0.0, port_value: 4444}",
         "-              socket_address: {address: 127.0.0.1, port_value: 50051}",
         "+              socket_address: {address: 127.0.0.1, port_value: 3333}",
         # The two ports with no process of the test's are not listed at all.
@@ -40,6 +42,9 @@ def test_rendered_config_differs_only_in_ports():
         *endpoint, "-              socket_address: {address: 127.0.0.1, port_value: 50053}",
         *endpoint, "-              socket_address: {address: 127.0.0.1, port_value: 50054}",
         "+              socket_address: {address: 127.0.0.1, port_value: 3334}",
+        # The metrics listener's way to the admin port follows it.
+        "-              socket_address: {port_value: 9901, address: 127.0.0.1}",
+        "+              socket_address: {port_value: 2222, address: 127.0.0.1}",
     ], "\n".join(diff)
 
 
@@ -49,7 +54,7 @@ def test_the_server_endpoints_are_one_per_process_up_to_the_settings_maximum():
     cluster = next(c for c in yaml.safe_load(CONFIG.read_text())["static_resources"]["clusters"] if c["name"] == "payments_grpc")
     ports = [e["endpoint"]["address"]["socket_address"]["port_value"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
     assert ports == [50051 + i for i in range(config.MAX_PROCESSES)]
-    for c in yaml.safe_load(CONFIG.read_text())["static_resources"]["clusters"]:  # every cluster: never to a dead port
+    for c in yaml.safe_load(CONFIG.read_text())["static_resources"]["clusters"][:3]:  # the server's: never to a dead port
         assert c["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}, c["name"]
         assert c["health_checks"][0]["grpc_health_check"] == {}, c["name"]
 
@@ -58,14 +63,17 @@ def test_admin_is_loopback_and_backend_is_the_sidecar():
     config = yaml.safe_load(CONFIG.read_text())
     assert config["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9901}
     clusters = config["static_resources"]["clusters"]
-    assert [c["name"] for c in clusters] == ["payments_grpc", "payments_auth", "payments_streams"]
+    assert [c["name"] for c in clusters] == ["payments_grpc", "payments_auth", "payments_streams", "envoy_admin"]
+    admin = clusters.pop()["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert admin == config["admin"]["address"]["socket_address"]  # the metrics listener's upstream: the admin port
     for cluster in clusters:  # one server, three connection pools with their own circuit breakers
         endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
         assert {e["endpoint"]["address"]["socket_address"]["address"] for e in endpoints} == {"127.0.0.1"}
         assert endpoints[0]["endpoint"]["address"]["socket_address"]["port_value"] == 50051  # the first process
         assert cluster["circuit_breakers"]["thresholds"][0]["max_requests"] <= 256
-    [listener] = config["static_resources"]["listeners"]
+    listener, metrics = config["static_resources"]["listeners"]
     assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 8080}
+    assert (metrics["name"], metrics["address"]["socket_address"]["port_value"]) == ("metrics", 9902)
 
 
 def _filters():
@@ -97,12 +105,16 @@ def test_jwt_rules_fail_closed_and_read_only_the_authorization_header():
 def test_make_run_s_copy_differs_only_in_listening_on_loopback():
     """make run renders envoy.yaml with loopback_only (its dev admin is nobody else's business)."""
     text = CONFIG.read_text()
-    ours = render(text, listen_port=8080, admin_port=9901, backend_port=[50051 + i for i in range(4)], loopback_only=True)
-    assert "backend_port=[50051 + i for i in range(4)], loopback_only=True" in (CONFIG.parents[1] / "devstack" / "__main__.py").read_text()
+    ours = render(text, listen_port=8080, admin_port=9901, metrics_port=9902, backend_port=[50051 + i for i in range(4)],
+                  loopback_only=True)
+    launcher = (CONFIG.parents[1] / "devstack" / "__main__.py").read_text()
+    assert "admin_port=9901, metrics_port=9902," in launcher and "backend_port=[50051 + i for i in range(4)], loopback_only=True" in launcher
     changed = [(a, b) for a, b in zip(text.splitlines(), ours.splitlines()) if a != b]
     assert len(text.splitlines()) == len(ours.splitlines())
     assert changed == [("      socket_address: {address: 0.0.0.0, port_value: 8080}",
-                        "      socket_address: {address: 127.0.0.1, port_value: 8080}")]
+                        "      socket_address: {address: 127.0.0.1, port_value: 8080}"),
+                       ("      socket_address: {address: 0.0.0.0, port_value: 9902}",
+                        "      socket_address: {address: 127.0.0.1, port_value: 9902}")]
 
 
 def test_the_committed_variants_are_what_make_gen_writes():

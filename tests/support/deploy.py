@@ -240,10 +240,11 @@ def envoy_config(path: Path = ENVOY_CONFIG) -> dict:
     return yaml.load(path.read_text(), Loader=_YamlLoader)
 
 
-def envoy_listener_port() -> int:
-    listeners = envoy_config()["static_resources"]["listeners"]
-    assert len(listeners) == 1, "one listener expected"
-    return listeners[0]["address"]["socket_address"]["port_value"]
+def envoy_listener_port(name: str = "payments_api") -> int:
+    """The port of one of Envoy's listeners: the API's (payments_api) or the statistics' (metrics)."""
+    listeners = {l["name"]: l for l in envoy_config()["static_resources"]["listeners"]}
+    assert set(listeners) == {"payments_api", "metrics"}, set(listeners)
+    return listeners[name]["address"]["socket_address"]["port_value"]
 
 
 def envoy_admin_port() -> int:
