@@ -59,7 +59,7 @@ def main() -> int:
         return 1
     probe_host = host.strip("[]") if host not in ("0.0.0.0", "", "[::]") else "127.0.0.1"
     server_ports = [int(port) + i for i in range(settings.processes)]  # one per server process
-    busy = [p for h, p in ((probe_host, server_ports[0]), *((probe_host, p) for p in server_ports[1:]),
+    busy = [p for h, p in (*((probe_host, p) for p in server_ports),
                            ("127.0.0.1", 8080), ("127.0.0.1", 9901), ("127.0.0.1", 9902), UI_ADDR)
             if port_in_use(h, p)]
     if busy:

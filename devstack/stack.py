@@ -167,19 +167,21 @@ class Server:
         """Start `python -m server` (or argv) with server_env(work) (or env); each start logs to its own file.
         `then(settings)` runs once it listens (the tests add their accounts with it)."""
         log = work / f"server-{next(_starts)}.log"
+        env = env or server_env(work)
         with log.open("wb") as out:
-            proc = subprocess.Popen(argv or [sys.executable, "-m", "server"], cwd=ROOT, env=env or server_env(work),
+            proc = subprocess.Popen(argv or [sys.executable, "-m", "server"], cwd=ROOT, env=env,
                                     stdout=out, stderr=subprocess.STDOUT)
         try:
             try:
-                processes = config.load(env or server_env(work)).processes
+                settings = config.load(env)
             except config.ConfigError:
-                processes = 1  # the server itself will say what is wrong, and exit
+                settings = None  # the server itself will say what is wrong, and exit
+            processes = settings.processes if settings else 1
             # Every server process listening (one line each), then the first one's port.
             wait_until("server", lambda: len(listening_ports(log)) >= processes or None, proc, log, timeout)
             port = listening_port(log)
             if then is not None:
-                then(config.load(env or server_env(work)))
+                then(settings or config.load(env))
         except BaseException:
             stop_process(proc)
             raise

@@ -29,6 +29,7 @@ DB = sqlite3.connect(f"file:{os.environ['PEER_DB']}?mode=ro", uri=True, check_sa
 COLUMNS = ("id", "email", "amount", "currency", "description", "status", "failure_reason", "request_id",
            "created_at", "updated_at", "expires_at", "owner_id", "deleted_at")
 QUERY = f"SELECT {', '.join(COLUMNS)} FROM payments WHERE id = ? AND deleted_at IS NULL"
+OWNER = COLUMNS.index("owner_id")
 
 app = FastAPI()
 
@@ -67,6 +68,6 @@ async def get_payment(payment_id: str, authorization: str = Header(default="")) 
     if scheme.lower() != "bearer":
         raise HTTPException(status_code=401, detail="bearer token required")
     row = DB.execute(QUERY, (payment_id,)).fetchone()
-    if row is None or (claims.get("role") != "admin" and row[COLUMNS.index("owner_id")] != claims["sub"]):
+    if row is None or (claims.get("role") != "admin" and row[OWNER] != claims["sub"]):
         raise HTTPException(status_code=404, detail="payment not found")
     return Response(_json(row), media_type="application/json")

@@ -419,9 +419,10 @@ CLOUD_SQL_EDIT = ["edit", "set", "configmap", "cloud-sql", "--from-literal=INSTA
                   "--from-literal=SERVICE_ACCOUNT=payments-sql@acme.iam.gserviceaccount.com"]
 
 
-def test_readme_kustomize_edits_set_digests_instance_and_domain(tmp_path):
+def test_readme_kustomize_edits_set_digests_instance_and_domain(tmp_path, objects):
     repo = "europe-west1-docker.pkg.dev/acme/payments"
     proxy = "gcr.io/cloud-sql-connectors/cloud-sql-proxy"
+    original = support.find(objects, "Deployment", "swagger-ui")["spec"]["template"]["spec"]
     objects = _edited(tmp_path, "gke", [
         ["edit", "set", "image", f"payments-server={repo}/server@{DIGEST}", f"payments-envoy={repo}/envoy@{DIGEST}",
          f"payments-swagger-ui={repo}/swagger-ui@{DIGEST}", f"{proxy}={proxy}@{DIGEST}"],
@@ -443,7 +444,6 @@ def test_readme_kustomize_edits_set_digests_instance_and_domain(tmp_path):
     assert account == {"iam.gke.io/gcp-service-account": "payments-sql@acme.iam.gserviceaccount.com"}
     assert api["serviceAccountName"] == "payments"
     # ConfigMap names carry a content hash, so an edit rolls the pods that use them.
-    original = support.find(support.render_k8s(), "Deployment", "swagger-ui")["spec"]["template"]["spec"]
     assert original["volumes"] != swagger["volumes"]
 
 
@@ -460,7 +460,7 @@ def test_readme_kustomize_edits_for_the_plain_http_overlay(tmp_path):
     assert support.container(api, "envoy")["envFrom"][0]["configMapRef"]["name"] == configs["envoy"]["metadata"]["name"]
 
 
-def test_the_edits_tested_are_the_ones_docs_deploy_md_runs():
+def test_the_edits_tested_are_the_ones_docs_deploy_md_runs(api_pod):
     text = (ROOT / "docs" / "deploy.md").read_text()
     for line in ("kustomize edit set image \\", "payments-server=$REPO/server@$(digest $REPO/server:$TAG)",
                  "gcr.io/cloud-sql-connectors/cloud-sql-proxy=gcr.io/cloud-sql-connectors/cloud-sql-proxy@$(digest $PROXY_IMAGE)",
@@ -468,8 +468,7 @@ def test_the_edits_tested_are_the_ones_docs_deploy_md_runs():
                  "cp -r k8s/overlays/gke k8s/overlays/local", "cp -r k8s/overlays/gke-http k8s/overlays/local",
                  "kustomize edit set configmap envoy --from-literal=PAYMENTS_CORS_ORIGINS=http://$UI"):
         assert line in text, line
-    pinned = support.container(support.find(support.render_k8s(), "Deployment", "payments")["spec"]["template"]["spec"],
-                               "cloud-sql-proxy")["image"]
+    pinned = support.container(api_pod, "cloud-sql-proxy")["image"]
     assert f"PROXY_IMAGE={pinned}\n" in text  # the digest looked up is the pinned release's
 
 
@@ -672,7 +671,7 @@ def test_probes_tolerate_a_busy_pod(api_pod):
         assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30, c["name"]
 
 
-def test_the_walk_through_uses_least_privilege_identities_and_a_private_database():
+def test_the_walk_through_uses_least_privilege_identities_and_a_private_database(api_pod):
     """docs/deploy.md: builds and nodes run as accounts of their own with only the roles they need
     (not the Compute Engine default account), and the database has no public address."""
     text = (ROOT / "docs" / "deploy.md").read_text()
@@ -684,9 +683,7 @@ def test_the_walk_through_uses_least_privilege_identities_and_a_private_database
                             "roles/container.defaultNodeServiceAccount", "roles/storage.objectViewer",
                             "roles/cloudsql.client", "roles/iam.workloadIdentityUser"}, set(granted)
     assert "--network=default --no-assign-ip" in text
-    proxy = support.container(support.find(support.render_k8s(), "Deployment", "payments")["spec"]["template"]["spec"],
-                              "cloud-sql-proxy")
-    assert "--private-ip" in proxy["args"]
+    assert "--private-ip" in support.container(api_pod, "cloud-sql-proxy")["args"]
 
 
 def test_managed_prometheus_scrapes_envoys_metrics_port_on_every_api_pod(each_overlay):
