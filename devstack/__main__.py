@@ -59,8 +59,10 @@ def main() -> int:
         return 1
     probe_host = host.strip("[]") if host not in ("0.0.0.0", "", "[::]") else "127.0.0.1"
     server_ports = [int(port) + i for i in range(settings.processes)]  # one per server process
+    metrics = [tuple(settings.metrics_addr.rsplit(":", 1))] if settings.metrics_addr else []
     busy = [p for h, p in (*((probe_host, p) for p in server_ports),
-                           ("127.0.0.1", 8080), ("127.0.0.1", 9901), ("127.0.0.1", 9902), UI_ADDR)
+                           ("127.0.0.1", 8080), ("127.0.0.1", 9901), ("127.0.0.1", 9902), UI_ADDR,
+                           *((h.strip("[]") if h not in ("0.0.0.0", "[::]") else "127.0.0.1", int(p)) for h, p in metrics))
             if port_in_use(h, p)]
     if busy:
         log(f"port(s) {busy} already in use (another `make run`?); stop that first")
@@ -109,6 +111,8 @@ def main() -> int:
         log(f"  readiness             {API_URL}/ready")
         log(f"  Envoy admin           {ADMIN_URL} (loopback only)")
         log("  Envoy metrics         http://127.0.0.1:9902/stats/prometheus")
+        if settings.metrics_addr:
+            log(f"  server metrics        http://{settings.metrics_addr}/metrics (PAYMENTS_METRICS_ADDR)")
         if ui is not None:
             log(f"  Swagger UI            http://{UI_ADDR[0]}:{UI_ADDR[1]}/ui/")
         log("Ctrl-C stops everything")

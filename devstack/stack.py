@@ -127,6 +127,7 @@ def server_env(work: Path, **overrides: str) -> dict[str, str]:
         "PAYMENTS_PAGE_TOKEN_SECRET": "test-page-token-secret",
         "PAYMENTS_GRACE_SECONDS": "5",
         "PAYMENTS_PROCESSES": "1",  # ephemeral ports: Envoy could not find a second process's
+        "PAYMENTS_METRICS_ADDR": "127.0.0.1:0",  # Server.metrics_port says which
     }
     env.pop("DATABASE_URL", None)
     env.update(overrides)
@@ -191,6 +192,18 @@ class Server:
     def ports(self) -> list[int]:
         """Every server process's port, the first process's first."""
         return sorted(set(listening_ports(self.log)))
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of the Prometheus endpoint (its "metrics listening" log line), if it has one."""
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("message") == "metrics listening":
+                return int(entry["port"])
+        return None
 
     def stop(self) -> None:
         stop_process(self.proc)

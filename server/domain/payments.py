@@ -93,6 +93,9 @@ class EventPage:
 
 SYSTEM = "system"  # the actor_role of the service's own changes (expiry)
 CREATED, CONFIRMED, DELETED, UNDELETED = "created", "confirmed", "deleted", "undeleted"
+# What observe() hears besides those: a payment that failed (reason cancelled or expired), one
+# brought back (the history's "undeleted"), one removed for good.
+RESTORED, PURGED = "restored", "purged"
 
 
 def _event(payment_id: str, action: str, from_status: str | None, to_status: str, at: dt.datetime,
@@ -128,7 +131,8 @@ class PaymentRules:
     """The payment operations, each checked against the caller.
 
     `clock` is injectable so expiry and retention are tested without sleeping; `queries` is how
-    the rules reach the database (server/infra/storage/repository.py).
+    the rules reach the database (server/infra/storage/repository.py); `observe` hears of every
+    committed change (server/infra/metrics.py counts them), never of one that rolled back.
     """
 
     def __init__(
@@ -138,8 +142,10 @@ class PaymentRules:
         payment_ttl: dt.timedelta,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         queries: PaymentQueries | None = None,
+        observe: Callable[[str, str | None, int], None] = lambda event, reason, count: None,
     ):
         self.page_tokens = page_tokens
+        self.observe = observe  # (event, reason, count) once a change committed: the metrics
         self.payment_ttl = payment_ttl
         self.clock = clock
         self.queries = queries or PaymentQueries()
@@ -257,6 +263,7 @@ class PaymentRules:
             if earlier is None:
                 raise
             return self._replay(earlier, fingerprint, draft.request_id)
+        self.observe(CREATED, None, 1)
         return row
 
     def _account_of(self, email: str) -> str:
@@ -295,6 +302,8 @@ class PaymentRules:
             changed = self.queries.soft_delete(row.id, now)
             if changed:
                 self._record(row.id, DELETED, row.status, row.status, now, caller, row.failure_reason)
+        if changed:
+            self.observe(DELETED, None, 1)
         if not changed:  # confirmed or deleted concurrently
             current = self.queries.any(row.id)
             if current is not None and current.status == SUCCESS and current.deleted_at is None:
@@ -313,6 +322,8 @@ class PaymentRules:
             if restored is not None:
                 status, reason = restored
                 self._record(payment_id, UNDELETED, status, status, now, caller, reason)
+        if restored is not None:
+            self.observe(RESTORED, None, 1)
         if restored is None:
             if self.queries.any(payment_id) is None:
                 raise not_found(payment_id)
@@ -336,6 +347,7 @@ class PaymentRules:
             if changed:
                 self._record(row.id, CONFIRMED if status == SUCCESS else CANCELLED, PENDING, status, now, caller, reason)
         if changed:
+            self.observe(CONFIRMED if status == SUCCESS else FAILED, reason, 1)
             return self.get(caller, payment_id)
         # Lost a race, or the payment is not pending (any more), or it is overdue.
         if row.status == PENDING:
@@ -365,6 +377,8 @@ class PaymentRules:
             expired = self.queries.expire(targets, now)
             # one INSERT for the batch's events, not one per row
             self.queries.insert_events([_event(pid, EXPIRED, PENDING, FAILED, now, None, EXPIRED) for pid in expired])
+        if expired:
+            self.observe(FAILED, EXPIRED, len(expired))
         return len(expired)
 
     def purge_deleted(self, before: dt.datetime, *, limit: int, resume: dict | None = None) -> int:
@@ -378,4 +392,7 @@ class PaymentRules:
         if not targets:
             return 0
         with self.queries.transaction():  # the history goes with the payment, never before it
-            return len(self.queries.purge(targets, before))
+            purged = len(self.queries.purge(targets, before))
+        if purged:
+            self.observe(PURGED, None, purged)
+        return purged

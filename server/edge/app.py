@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server.edge import capacity
-from server.infra import sqlite_turns, storage, tokens
+from server.infra import metrics, sqlite_turns, storage, tokens, tracing
 from server.domain.accounts import Accounts
 from server.edge.interceptor import CallInterceptor
 from server.infra.config import Settings
@@ -73,7 +73,9 @@ class App:
 
 def build(settings: Settings) -> App:
     """Create and start a server for these settings; the caller owns stop()."""
+    tracing.configure(settings)
     database = storage.open_database(settings)
+    tracing.trace_queries(database)
     verifier = tokens.TokenVerifier.from_file(settings.jwks_file, issuer=settings.jwt_issuer,
                                               audience=settings.jwt_audience)
     issuer = tokens.TokenIssuer.from_settings(settings)
@@ -85,6 +87,7 @@ def build(settings: Settings) -> App:
     rules = PaymentRules(
         page_tokens=PageTokens(settings.page_token_secret, settings.page_token_ttl_seconds),
         payment_ttl=dt.timedelta(seconds=settings.payment_ttl_seconds),
+        observe=metrics.payment_event,
     )
     if not settings.page_token_secret:
         log.warning("PAYMENTS_PAGE_TOKEN_SECRET is not set: page tokens work only within this process")

@@ -20,7 +20,7 @@ import grpc
 
 from server.domain import errors
 from server.edge import auth, capacity, decoding, textcheck
-from server.infra import logs, sqlite_turns
+from server.infra import logs, metrics, sqlite_turns, tracing
 from server.edge.status import abort, mapped_errors
 from server.domain.sessions import SessionCheck
 from server.infra.storage import end_call
@@ -34,6 +34,12 @@ _AUTH = "/payments.v1.AuthService/"
 def busy(kind: str) -> errors.ResourceExhausted:
     return errors.ResourceExhausted(f"the server is busy with {kind} calls; retry shortly", reason="SERVER_BUSY",
                                     metadata={"lane": kind})
+
+
+def rpc_attributes(method: str) -> dict:
+    """OpenTelemetry's RPC attributes of a call's span."""
+    service, name = method.lstrip("/").rsplit("/", 1)
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
 
 
 class CallInterceptor(grpc.ServerInterceptor):
@@ -83,11 +89,18 @@ class CallInterceptor(grpc.ServerInterceptor):
         # Health checks (Envoy every few seconds, kubelet probes) would drown the log at INFO.
         level = logging.DEBUG if method.startswith(_HEALTH) else logging.INFO
         shedding = capacity.shedding
+        rpc = metrics.Rpc("unary", method)
+        lanes_auth = self._lanes.auth if self._lanes is not None else None
+        span_name, attributes = method.lstrip("/"), rpc_attributes(method)
 
         def call(request, context):
             start, failed = time.perf_counter(), False
+            rpc.started.inc()
+            traced = tracing.Call(span_name, tracing.traceparent_of(context.invocation_metadata()), attributes)
             try:
                 if shedding():  # beyond its lane's bound: answered at once, before any work
+                    if lane is not None and lane is lanes_auth:
+                        metrics.login_refusals.labels("busy").inc()
                     abort(context, busy(kind))
                 acting = None
                 if not public:
@@ -118,8 +131,11 @@ class CallInterceptor(grpc.ServerInterceptor):
             finally:
                 end_call()  # the call's pooled database connection goes back (PostgreSQL)
                 code = context.code()
-                logs.access(level, method, code.name if code is not None else "UNKNOWN" if failed else "OK",
-                            round((time.perf_counter() - start) * 1000, 2))
+                name = code.name if code is not None else "UNKNOWN" if failed else "OK"
+                seconds = time.perf_counter() - start
+                rpc.done(name, seconds)
+                logs.access(level, method, name, round(seconds * 1000, 2), traced.fields)
+                traced.end(name)
 
         if lane is not None:
             call.experimental_thread_pool = lane

@@ -51,8 +51,10 @@ log = logging.getLogger("server")
 def serve(settings: Settings) -> int:
     """One server in this process until SIGTERM or SIGINT; the exit status."""
     from server.edge import app  # gRPC objects only from here on: after any fork
+    from server.infra import metrics
 
     try:
+        metrics.serve(settings)
         running = app.build(settings)
     except (OSError, ValueError, RuntimeError) as e:
         log.error("cannot start: %s", e)
@@ -69,7 +71,8 @@ def settings_for(settings: Settings, index: int, page_token_secret: bytes) -> Se
     host, port = settings.listen_addr.rsplit(":", 1)
     return dataclasses.replace(settings, listen_addr=f"{host}:{int(port) + index if int(port) else 0}",
                                jobs_enabled=settings.jobs_enabled and index == 0,
-                               page_token_secret=page_token_secret, processes=1)
+                               page_token_secret=page_token_secret, processes=1,
+                               metrics_addr="")  # the supervisor serves every process's metrics
 
 
 def _child(settings: Settings) -> None:
@@ -81,6 +84,8 @@ def _child(settings: Settings) -> None:
 
 
 def supervise(settings: Settings) -> int:
+    from server.infra import metrics
+
     context = multiprocessing.get_context("fork")
     secret = settings.page_token_secret or secrets.token_bytes(32)
     stop = threading.Event()
@@ -92,11 +97,17 @@ def supervise(settings: Settings) -> int:
         process.start()
         return process
 
+    status = 0
     workers = {i: start(i) for i in range(settings.processes)}
+    try:
+        metrics.serve(settings)  # after the fork: the children need no copy of its socket
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        stop.set()
+        status = 1
     log.info("server processes started", extra={"processes": settings.processes,
                                                  "pids": [p.pid for p in workers.values()]})
     exits: collections.deque[float] = collections.deque()
-    status = 0
     while not stop.is_set():
         multiprocessing.connection.wait([p.sentinel for p in workers.values()], timeout=0.5)
         for index, process in list(workers.items()):
@@ -114,6 +125,7 @@ def supervise(settings: Settings) -> int:
                 break
             log.error("server process exited; starting another", extra={"server_process": index,
                                                                          "exitcode": process.exitcode})
+            metrics.forget(process.pid)
             workers[index] = start(index)
     for process in workers.values():
         if process.is_alive():

@@ -15,7 +15,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from server.domain import errors
-from server.infra import storage
+from server.infra import metrics, storage
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,11 @@ class mapped_errors:
             return False
         context = self.context
         if isinstance(error, errors.DomainError):
+            if error.reason == "LOGIN_THROTTLED":
+                metrics.login_refusals.labels("throttled").inc()
             abort(context, error)
         if isinstance(error, storage.DATA_ERRORS):
+            metrics.database_errors.labels("refused_value").inc()
             # A value the database refused (too long, out of range) that validation let through:
             # still the client's input, so INVALID_ARGUMENT, never INTERNAL. server/edge/textcheck.py and
             # the rules are meant to stop every such value first; the log line says one slipped by.
@@ -92,9 +95,11 @@ class mapped_errors:
             # SQLite's write lock held past busy_timeout: the database is there, only busy (the
             # jobs pause between batches so that API writers should never wait this long).
             log.warning("database busy", extra={"error": str(error)})
+            metrics.database_errors.labels("busy").inc()
             abort(context, errors.Unavailable("the payments database is busy; retry shortly", reason="DATABASE_BUSY"))
         if isinstance(error, storage.OUTAGE_ERRORS):
             log.warning("database unavailable", exc_info=(kind, error, trace))
+            metrics.database_errors.labels("unavailable").inc()
             storage.release_connection()
             abort(context, errors.Unavailable("the payments database is unavailable; retry shortly",
                                               reason="DATABASE_UNAVAILABLE"))

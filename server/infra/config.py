@@ -22,7 +22,7 @@ class Settings:
     processes: int = 1  # server processes (server/edge/processes.py); load() defaults to the CPUs available
     database_url: str = ""  # empty: SQLite file in data_dir
     data_dir: Path = Path("data")
-    worker_threads: int = 16
+    worker_threads: int = 4  # per process; more threads cost more CPU per call (docs/performance.md)
     max_concurrent_rpcs: int = 256
     auth_threads: int = 2  # concurrent password hashes (sign-up, login)
     max_streams: int = 8  # concurrent server-reflection streams
@@ -50,6 +50,10 @@ class Settings:
     expire_interval_seconds: int = 60
     purge_interval_seconds: int = 3600
     job_batch_size: int = 500
+    # observability (docs/observability.md)
+    metrics_addr: str = "127.0.0.1:9464"  # Prometheus scrape endpoint; empty: none
+    otlp_endpoint: str = ""  # OTLP/gRPC collector for traces; empty: no spans are made or sent
+    trace_project: str = ""  # Google Cloud project: log lines name traces as Cloud Logging wants
 
     @property
     def sqlite_path(self) -> Path:
@@ -114,6 +118,13 @@ def _processes(env: Mapping[str, str]) -> int:
     return count
 
 
+def _address(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, default).strip()
+    if raw and (":" not in raw or not raw.rsplit(":", 1)[1].isdigit()):
+        raise ConfigError(f"{name} must be host:port (or empty for none), got {raw!r}")
+    return raw
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from the environment; unset variables keep the safe defaults."""
     env = os.environ if env is None else env
@@ -157,4 +168,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         expire_interval_seconds=_int(env, "PAYMENTS_EXPIRE_INTERVAL_SECONDS", d.expire_interval_seconds, 1),
         purge_interval_seconds=_int(env, "PAYMENTS_PURGE_INTERVAL_SECONDS", d.purge_interval_seconds, 1),
         job_batch_size=_int(env, "PAYMENTS_JOB_BATCH_SIZE", d.job_batch_size, 1),
+        metrics_addr=_address(env, "PAYMENTS_METRICS_ADDR", d.metrics_addr),
+        # OpenTelemetry's own variables, so a collector set up for other services is found here too.
+        otlp_endpoint=(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")).strip(),
+        trace_project=env.get("GOOGLE_CLOUD_PROJECT", "").strip(),
     )

@@ -33,7 +33,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from server.infra import job_claims, storage
+from server.infra import job_claims, metrics, storage
 from server.infra.config import Settings
 from server.domain.payments import PaymentRules
 
@@ -199,9 +199,11 @@ class Runner:
             with job_claims.exclusive(job.name) as mine:
                 if not mine:
                     log.debug("job skipped", extra={**fields, "reason": "locked"})
+                    metrics.job_runs.labels(job.name, SKIPPED).inc()
                     return SKIPPED
                 if not job_claims.claim(job.name, tick_at, self.replica, now):
                     log.debug("job skipped", extra={**fields, "reason": "tick already run"})
+                    metrics.job_runs.labels(job.name, SKIPPED).inc()
                     return SKIPPED
                 try:
                     job.work(now, progress, self.stopping)
@@ -216,9 +218,18 @@ class Runner:
         except Exception:
             log.error("job failed", exc_info=True, extra={**fields, **self._summary(progress, started),
                                                           "outcome": job_claims.FAILED})
+            self._count(job, job_claims.FAILED, progress, started)
             return job_claims.FAILED
         log.info("job run", extra={**fields, **self._summary(progress, started), "outcome": outcome})
+        self._count(job, outcome, progress, started)
         return outcome
+
+    @staticmethod
+    def _count(job: Job, outcome: str, progress: Progress, started: float) -> None:
+        metrics.job_runs.labels(job.name, outcome).inc()
+        metrics.job_seconds.labels(job.name).observe(time.perf_counter() - started)
+        if progress.rows:
+            metrics.job_rows.labels(job.name).inc(progress.rows)
 
     def _record_failure(self, job: Job, tick_at: dt.datetime, progress: Progress) -> None:
         try:

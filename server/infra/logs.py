@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 
+from server.infra import tracing
+
 ACCESS = "server.access"
 FLUSH_SECONDS = 0.2
 
@@ -37,6 +39,8 @@ class JsonFormatter(logging.Formatter):
         }
         # Structured fields passed as logging's `extra=` become top-level keys.
         entry.update({k: v for k, v in vars(record).items() if k not in _RESERVED and not k.startswith("_")})
+        if (trace := tracing.current_fields()) is not None:  # a line written during a call
+            entry.update(trace)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return _encode(entry)
@@ -65,19 +69,20 @@ _batching: BatchingHandler | None = None  # set by configure()
 _quoted: dict[str, str] = {}  # method name -> JSON string; only methods the server serves
 
 
-def access(level: int, method: str, code: str, duration_ms: float) -> None:
-    """One access line: method, status code, duration; never the request or its token. The same
-    JSON as the formatter makes of the record `_access.log(level, "rpc", extra=...)`."""
+def access(level: int, method: str, code: str, duration_ms: float, trace: dict | None = None) -> None:
+    """One access line: method, status code, duration, the call's trace fields; never the request
+    or its token. The same JSON as the formatter makes of the record `_access.log(level, "rpc", extra=...)`."""
     if not _access.isEnabledFor(level):
         return
     handler = _batching
     if handler is None:  # logging set up by someone else (tests, an embedding program)
-        _access.log(level, "rpc", extra={"method": method, "code": code, "duration_ms": duration_ms})
+        _access.log(level, "rpc", extra={"method": method, "code": code, "duration_ms": duration_ms, **(trace or {})})
         return
     quoted = _quoted.get(method) or _quoted.setdefault(method, _encode(method))
     now = dt.datetime.fromtimestamp(time.time(), dt.timezone.utc).isoformat(timespec="milliseconds")
+    traced = f", {_encode(trace)[1:-1]}" if trace else ""
     handler.write(f'{{"time": "{now}", "severity": "{logging.getLevelName(level)}", "logger": "{ACCESS}", '
-                  f'"message": "rpc", "method": {quoted}, "code": "{code}", "duration_ms": {duration_ms!r}}}\n')
+                  f'"message": "rpc", "method": {quoted}, "code": "{code}", "duration_ms": {duration_ms!r}{traced}}}\n')
 
 
 def configure(level: str = "INFO") -> None:

@@ -143,12 +143,12 @@ def test_images_run_as_non_root_numeric_users():
         assert uid.isdigit() and int(uid) != 0, f"{kind}: USER {user.args} (Kubernetes' runAsNonRoot needs a number)"
 
 
-def test_server_image_exposes_only_the_grpc_port_it_listens_on():
+def test_server_image_exposes_only_the_grpc_and_metrics_ports_it_listens_on():
     final = support.final_stage("server")
     exposed = [i.args for i in final.all("EXPOSE")]
-    listen = final.env()["PAYMENTS_LISTEN_ADDR"]
-    assert listen.startswith("0.0.0.0:")
-    assert exposed == [listen.rsplit(":", 1)[1]]
+    listen, metrics = final.env()["PAYMENTS_LISTEN_ADDR"], final.env()["PAYMENTS_METRICS_ADDR"]
+    assert listen.startswith("0.0.0.0:") and metrics.startswith("0.0.0.0:")
+    assert exposed == [f"{listen.rsplit(':', 1)[1]} {metrics.rsplit(':', 1)[1]}"]
 
 
 def test_envoy_image_exposes_the_listener_port():

@@ -167,7 +167,9 @@ def test_server_container_listens_where_probes_and_envoy_look(api_pod, config_da
     server = support.container(api_pod, "server")
     port = int(config_data["PAYMENTS_LISTEN_ADDR"].rsplit(":", 1)[1])
     assert config_data["PAYMENTS_LISTEN_ADDR"] == support.final_stage("server").env()["PAYMENTS_LISTEN_ADDR"]
-    assert [p["containerPort"] for p in server["ports"]] == [port]
+    metrics_port = int(config_data["PAYMENTS_METRICS_ADDR"].rsplit(":", 1)[1])
+    assert config_data["PAYMENTS_METRICS_ADDR"] == support.final_stage("server").env()["PAYMENTS_METRICS_ADDR"]
+    assert [p["containerPort"] for p in server["ports"]] == [port, metrics_port]
     assert support.envoy_backend() == ("127.0.0.1", port)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert server[probe]["grpc"] == {"port": port}, probe  # service "": the server's overall health
@@ -513,12 +515,13 @@ def test_network_policies_deny_by_default_and_allow_each_pod_what_it_needs(direc
         allowed, scraper = set(), set()
         for policy in mine:
             for rule in policy["spec"].get("ingress", []):
-                if "from" in rule:  # only GKE's managed Prometheus, only to Envoy's metrics port
+                if "from" in rule:  # only GKE's managed Prometheus, only to the metrics ports
                     assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gmp-system"}}}]
                     scraper |= {(p["port"], p["protocol"]) for p in rule["ports"]}
                     continue
                 allowed |= {(p["port"], p["protocol"]) for p in rule["ports"]}  # public: the load balancer's clients
-        assert scraper == ({("metrics", "TCP")} if name == "payments" and directory != "base" else set()), scraper
+        assert scraper == ({("metrics", "TCP"), ("server-metrics", "TCP")}
+                           if name == "payments" and directory != "base" else set()), scraper
         targets = {(p["targetPort"], "TCP") for s in objects if s["kind"] == "Service"
                    and _selects(s["spec"]["selector"], labels) for p in s["spec"]["ports"]}
         assert targets and allowed == targets, (name, allowed, targets)
@@ -686,14 +689,22 @@ def test_the_walk_through_uses_least_privilege_identities_and_a_private_database
     assert "--private-ip" in support.container(api_pod, "cloud-sql-proxy")["args"]
 
 
-def test_managed_prometheus_scrapes_envoys_metrics_port_on_every_api_pod(each_overlay):
+def test_managed_prometheus_scrapes_envoys_and_the_servers_metrics_on_every_api_pod(each_overlay):
     monitoring = support.find(each_overlay, "PodMonitoring", "payments-envoy")["spec"]
     pod = support.find(each_overlay, "Deployment", "payments")["spec"]["template"]
     assert monitoring["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
-    [endpoint] = monitoring["endpoints"]
+    envoys, servers = monitoring["endpoints"]
     envoy = support.container(pod["spec"], "envoy")
     assert {"name": "metrics", "containerPort": support.envoy_listener_port("metrics")} in envoy["ports"]
-    assert (endpoint["port"], endpoint["path"]) == ("metrics", "/stats/prometheus")
+    assert (envoys["port"], envoys["path"]) == ("metrics", "/stats/prometheus")
+    # The server's endpoint listens on the pod's address, at the port the container names.
+    server = support.container(pod["spec"], "server")
+    assert {"name": "server-metrics", "containerPort": 9464} in server["ports"]
+    assert (servers["port"], servers["path"]) == ("server-metrics", "/metrics")
+    [source] = [e["configMapRef"]["name"] for e in server["envFrom"] if "configMapRef" in e]
+    config = support.find(each_overlay, "ConfigMap", source)["data"]
+    assert config["PAYMENTS_METRICS_ADDR"] == "0.0.0.0:9464"
+    endpoint = envoys
     # What the metrics listener passes on (everything else is a 404 there: tests/e2e/test_metrics_port.py).
     metrics = next(l for l in support.envoy_config()["static_resources"]["listeners"] if l["name"] == "metrics")
     routes = metrics["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]

@@ -23,11 +23,13 @@ class Server(stack.Server):
 
 @contextlib.contextmanager
 def running_stack(work: Path, keys: Path, envoy_env: dict[str, str] | None = None, database_url: str = "",
-                  envoy_source: Path | None = None, ca: Path | None = None):
+                  envoy_source: Path | None = None, ca: Path | None = None, server_overrides: dict[str, str] | None = None):
     """A server (SQLite, or PostgreSQL at database_url) and the real Envoy in front of it, stopped on
-    exit; `envoy_source`: one of envoy.yaml's variants instead (with `ca` for envoy-tls.yaml)."""
+    exit; `envoy_source`: one of envoy.yaml's variants instead (with `ca` for envoy-tls.yaml);
+    `server_overrides`: more of the server's environment."""
     prepare_workdir(work, keys)
-    server = Server.start(work, server_env(work, DATABASE_URL=database_url) if database_url else None)
+    overrides = {**({"DATABASE_URL": database_url} if database_url else {}), **(server_overrides or {})}
+    server = Server.start(work, server_env(work, **overrides) if overrides else None)
     try:
         envoy = Envoy.start(work, server.port, env=envoy_env, ca=ca,
                             **({"source": envoy_source} if envoy_source else {}))

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import peewee
 
+from server.infra import tracing
 from server.infra.storage.database import is_postgres
 from server.infra.storage.models import db
 
@@ -155,6 +156,13 @@ def _execute(sql: str, params: list, fetch: Callable | None = None, statement: _
     driver errors become peewee's, also while SQLite steps through the rows. (cursor, fetched)"""
     if _PEEWEE_LOG.isEnabledFor(logging.DEBUG):
         _PEEWEE_LOG.debug((sql, params))
+    if tracing.enabled():
+        with tracing.query(sql, "postgresql" if is_postgres() else "sqlite"):
+            return _run(sql, params, fetch, statement)
+    return _run(sql, params, fetch, statement)
+
+
+def _run(sql: str, params: list, fetch: Callable | None, statement: _PgStatement | None) -> tuple:
     with _DB_ERRORS:
         cursor = db.obj.cursor()
         if statement is None:

@@ -1,0 +1,158 @@
+"""Traces: one W3C trace from the edge to the database, and log lines that name it.
+
+Envoy gives every request a `traceparent` (the client's own when it sent a valid one; otherwise a
+new trace whose id is Envoy's x-request-id: envoy/envoy.yaml's Lua filter), and the transcoder
+passes it on as gRPC metadata. Here each call then has a trace id, whether or not spans are made:
+
+  - always: log lines written during the call carry Cloud Logging's trace fields
+    (`logging.googleapis.com/trace`, `.../spanId`, `.../trace_sampled`), so Cloud Logging groups a
+    request's lines, and `severity` (server/infra/logs.py);
+  - when an OTLP endpoint is configured (OTEL_EXPORTER_OTLP_ENDPOINT): OpenTelemetry spans, one per
+    call (a child of the incoming traceparent) and one per database query under it, sent in
+    batches by the SDK's exporter. Without an endpoint the SDK is not even imported, and a call
+    costs a header lookup.
+
+configure() runs in each server process after the fork: the SDK's export thread and gRPC channel
+must belong to the process that uses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+
+from server.infra.config import Settings
+
+log = logging.getLogger("server")
+
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+
+_tracer = None  # an OpenTelemetry Tracer once configure() found an endpoint
+_project = ""  # Google Cloud project id for the log field
+_call = threading.local()  # .fields: this thread's call's log fields, or None
+
+
+def enabled() -> bool:
+    return _tracer is not None
+
+
+def configure(settings: Settings) -> None:
+    global _tracer, _project
+    _project = settings.trace_project
+    if not settings.otlp_endpoint:
+        _tracer = None
+        return
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES still win (Resource.create reads them).
+    provider = TracerProvider(resource=Resource.create({"service.name": "payments"}))
+    endpoint = settings.otlp_endpoint
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint,
+                                                                    insecure=endpoint.startswith("http://"))))
+    _tracer = provider.get_tracer("payments.server")
+    log.info("tracing to OTLP", extra={"endpoint": endpoint})
+
+
+def parse(value: str | None) -> tuple[str, str, bool] | None:
+    """(trace id, parent span id, sampled) of a valid traceparent header, else None."""
+    if not value:
+        return None
+    m = _TRACEPARENT.match(value)
+    if m is None or m.group(1) == "ff" or m.group(2) == _ZERO_TRACE or m.group(3) == _ZERO_SPAN:
+        return None
+    if m.group(1) == "00" and len(value) != 55:
+        return None
+    return m.group(2), m.group(3), bool(int(m.group(4), 16) & 1)
+
+
+def traceparent_of(metadata) -> str | None:
+    for key, value in metadata:
+        if key == "traceparent":
+            return value
+    return None
+
+
+def log_fields(trace_id: str, span_id: str | None, sampled: bool) -> dict:
+    fields = {"logging.googleapis.com/trace": f"projects/{_project}/traces/{trace_id}" if _project else trace_id,
+              "logging.googleapis.com/trace_sampled": sampled}
+    if span_id:
+        fields["logging.googleapis.com/spanId"] = span_id
+    return fields
+
+
+def current_fields() -> dict | None:
+    """The log fields of the call this thread serves, if it has a trace."""
+    return getattr(_call, "fields", None)
+
+
+class Call:
+    """One call's trace, from its start to end() (server/edge/interceptor.py): meanwhile this
+    thread's log lines carry its fields."""
+
+    __slots__ = ("_span", "_token", "fields")
+
+    def __init__(self, name: str, traceparent: str | None, attributes: dict):
+        self._span = self._token = None
+        parsed = parse(traceparent)
+        if _tracer is None:
+            self.fields = _call.fields = log_fields(parsed[0], None, parsed[2]) if parsed else None
+            return
+        from opentelemetry import context, trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        parent = TraceContextTextMapPropagator().extract({"traceparent": traceparent}) if parsed else None
+        self._span = _tracer.start_span(name, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes)
+        self._token = context.attach(trace.set_span_in_context(self._span))
+        span_context = self._span.get_span_context()
+        self.fields = _call.fields = log_fields(format(span_context.trace_id, "032x"),
+                                                format(span_context.span_id, "016x"), span_context.trace_flags.sampled)
+
+    def end(self, code: str) -> None:
+        _call.fields = None
+        if self._span is None:
+            return
+        from opentelemetry import context, trace
+
+        self._span.set_attribute("rpc.grpc.status_code", code)
+        if code not in ("OK",):
+            self._span.set_status(trace.Status(trace.StatusCode.ERROR, code))
+        self._span.end()
+        context.detach(self._token)
+
+
+@contextlib.contextmanager
+def _query_span(sql: str, system: str):
+    with _tracer.start_as_current_span("db.query", kind=_client_kind(),
+                                       attributes={"db.system": system, "db.statement": sql}):
+        yield
+
+
+def _client_kind():
+    from opentelemetry import trace
+
+    return trace.SpanKind.CLIENT
+
+
+def query(sql: str, system: str):
+    """A span for one database statement (its SQL text, never its parameters), when tracing."""
+    return _query_span(sql, system) if _tracer is not None else contextlib.nullcontext()
+
+
+def trace_queries(database) -> None:
+    """Every peewee statement on `database` in a span of its own (the fast path calls query())."""
+    if _tracer is None:
+        return
+    system = "postgresql" if "postgres" in type(database).__name__.lower() else "sqlite"
+    plain = database.execute_sql
+
+    def execute_sql(sql, params=None, *args, **kwargs):
+        with query(sql, system):
+            return plain(sql, params, *args, **kwargs)
+
+    database.execute_sql = execute_sql
