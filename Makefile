@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TOOLS := .tools/bin
 # What `make run` needs (code generation, the README's grpcurl), and what only tests and benchmarks use.
-RUN_TOOLS := $(TOOLS)/protoc-gen-openapiv2 $(TOOLS)/grpcurl
+RUN_TOOLS := $(TOOLS)/protoc-gen-openapiv2 $(TOOLS)/openapi3 $(TOOLS)/grpcurl
 GO_TOOLS := $(RUN_TOOLS) $(TOOLS)/ghz $(TOOLS)/kustomize $(TOOLS)/composecheck $(TOOLS)/k8scheck
 SWAGGER_UI := openapi/ui/node_modules/.package-lock.json
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
@@ -36,7 +36,8 @@ PKG_ghz := github.com/bojand/ghz/cmd/ghz
 PKG_kustomize := sigs.k8s.io/kustomize/kustomize/v5
 PKG_composecheck := payments/tools/composecheck
 PKG_k8scheck := payments/tools/k8scheck
-$(GO_TOOLS): $(TOOLS)/%: tools/go.mod tools/go.sum tools/composecheck/main.go tools/k8scheck/main.go
+PKG_openapi3 := payments/tools/openapi3
+$(GO_TOOLS): $(TOOLS)/%: tools/go.mod tools/go.sum tools/composecheck/main.go tools/k8scheck/main.go tools/openapi3/main.go
 	@echo "building $* into $(TOOLS) (pinned by tools/go.mod; a first build takes a while)"
 	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install $(PKG_$*)
 	touch $@
@@ -47,12 +48,12 @@ $(SWAGGER_UI): openapi/ui/package.json openapi/ui/package-lock.json
 	cd openapi/ui && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 	touch $@
 
-gen/.stamp: $(VENV)/.installed $(TOOLS)/protoc-gen-openapiv2 $(shell find proto -name '*.proto') scripts/gen.sh envoy/envoy.yaml scripts/envoy_variants.py
+gen/.stamp: $(VENV)/.installed $(TOOLS)/protoc-gen-openapiv2 $(TOOLS)/openapi3 $(shell find proto -name '*.proto') scripts/gen.sh envoy/envoy.yaml scripts/envoy_variants.py
 	scripts/gen.sh
 	touch $@
 
-# All generated code: Python stubs, Envoy's descriptor set, the OpenAPI document, the Envoy variants.
-gen: $(VENV)/.installed $(TOOLS)/protoc-gen-openapiv2
+# All generated code: Python stubs, Envoy's descriptor set, the OpenAPI documents (2.0 and 3.0), the Envoy variants.
+gen: $(VENV)/.installed $(TOOLS)/protoc-gen-openapiv2 $(TOOLS)/openapi3
 	scripts/gen.sh
 	touch gen/.stamp
 

@@ -4,6 +4,7 @@
 #   gen/payments.pb     descriptor set for Envoy's grpc_json_transcoder (--include_imports: google/api,
 #                       google/rpc and protobuf types travel with it)
 #   openapi/payments.swagger.json   the OpenAPI v2 document (committed; tests prove it is fresh)
+#   openapi/payments.openapi.json   the same as OpenAPI 3.0 (kin-openapi's converter: tools/openapi3)
 #   envoy/envoy-tls.yaml, envoy-gke.yaml, envoy-cloudrun.yaml   envoy.yaml over TLS, behind GKE's Gateway, behind Cloud Run
 #                                   (committed; scripts/envoy_variants.py)
 # and refreshes proto/vendor/grpc-gateway/ (the openapiv2 option protos payments.proto imports) from
@@ -56,6 +57,7 @@ mkdir -p "$out/openapi"
   "${protos[@]#proto/}"
 # What the plugin cannot be told: an example for every error response, models without its prefixes.
 "$py" "$root/scripts/openapi_polish.py" "$out/openapi/payments.swagger.json"
+"$tools/openapi3" "$out/openapi/payments.swagger.json" "$out/openapi/payments.openapi.json"
 mkdir -p "$out/envoy"
 "$py" "$root/scripts/envoy_variants.py" "$root/envoy/envoy.yaml" "$out/envoy"
 echo "generated: gen/python gen/payments.pb openapi/payments.swagger.json envoy/envoy-tls.yaml envoy/envoy-gke.yaml envoy/envoy-cloudrun.yaml"

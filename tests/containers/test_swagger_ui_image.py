@@ -45,10 +45,11 @@ def headers(url: str) -> dict[str, str]:
 def test_the_container_serves_the_page_its_files_and_the_committed_document(ui):
     assert headers(f"{ui}/ui/")["status"] == "200"
     assert headers(f"{ui}/ui/node_modules/swagger-ui-dist/swagger-ui-bundle.js")["content-type"].startswith("text/javascript")
-    doc = headers(f"{ui}/payments.swagger.json")
-    assert doc["status"] == "200" and doc["content-type"].startswith("application/json")
-    served = subprocess.run(["curl", "-sS", f"{ui}/payments.swagger.json"], capture_output=True, timeout=20, check=True).stdout
-    assert served == (ROOT / "openapi" / "payments.swagger.json").read_bytes()
+    for name in ("payments.swagger.json", "payments.openapi.json"):  # 2.0, and 3.0 beside it
+        doc = headers(f"{ui}/{name}")
+        assert doc["status"] == "200" and doc["content-type"].startswith("application/json")
+        served = subprocess.run(["curl", "-sS", f"{ui}/{name}"], capture_output=True, timeout=20, check=True).stdout
+        assert served == (ROOT / "openapi" / name).read_bytes()
     assert headers(f"{ui}/")["status"] == "200"  # a page that sends browsers on to ui/
 
 

@@ -610,7 +610,7 @@ def test_the_gateway_is_https_with_a_managed_certificate_and_http_only_redirects
     # What the page loads: ui/ and the document it fetches (swagger-initializer.js: ../payments.swagger.json).
     initializer = (ROOT / "openapi" / "ui" / "swagger-initializer.js").read_text()
     assert 'var DOCUMENT = "../payments.swagger.json";' in initializer
-    assert {"/ui/", "/payments.swagger.json"} <= docs and not any(d.startswith("/v1") for d in docs)
+    assert {"/ui/", "/payments.swagger.json", "/payments.openapi.json"} <= docs and not any(d.startswith("/v1") for d in docs)
     for ref in (rules[0]["backendRefs"][0], rules[-1]["backendRefs"][0]):
         service = support.find(objects, "Service", ref["name"])
         assert ref["port"] in [p["port"] for p in service["spec"]["ports"]]

@@ -30,7 +30,9 @@ from schemathesis.checks import (
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENT = ROOT / "openapi" / "payments.swagger.json"
+DOCUMENT_3 = ROOT / "openapi" / "payments.openapi.json"  # the same routes as OpenAPI 3.0 (tools/openapi3)
 MAX_EXAMPLES = 50
+MAX_EXAMPLES_3 = 20  # a second reading of the same routes: fewer examples, SQLite only
 
 
 def documented_status_code(ctx, response, case):
@@ -51,10 +53,10 @@ CHECKS = [not_a_server_error, status_code_conformance, documented_status_code, c
           response_schema_conformance]
 
 
-def load_schema(*phases: str):
-    schema = schemathesis.openapi.from_path(DOCUMENT)
+def load_schema(*phases: str, document: Path = DOCUMENT, max_examples: int = MAX_EXAMPLES):
+    schema = schemathesis.openapi.from_path(document)
     schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
-                                    max_examples=MAX_EXAMPLES)
+                                    max_examples=max_examples)
     schema.config.phases.update(phases=list(phases))
     return schema
 
@@ -81,6 +83,20 @@ schema = load_schema("examples", "coverage", "fuzzing")
 def test_every_answer_matches_the_document(case, target):
     url, auth_headers = target
     case.call_and_validate(base_url=url, headers=auth_headers, checks=CHECKS, timeout=15)
+
+
+schema_3 = load_schema("examples", "coverage", "fuzzing", document=DOCUMENT_3, max_examples=MAX_EXAMPLES_3)
+
+
+@schema_3.parametrize()
+@hypothesis.settings(max_examples=MAX_EXAMPLES_3, deadline=None, database=None,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+def test_every_answer_matches_the_openapi_3_document(case, stack):
+    login = Client(stack.url).from_address(loopback_address()).post(
+        "/v1/auth/login", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+    assert login.status == 200, login.text
+    case.call_and_validate(base_url=stack.url, headers={"Authorization": f"Bearer {login.json['access_token']}"},
+                           checks=CHECKS, timeout=15)
 
 
 def test_linked_workflows_match_the_document(target):
