@@ -75,6 +75,7 @@ def replicas(pg_session_url, keys_dir, tmp_path):
         **{k: v for k, v in os.environ.items() if not k.startswith(("PAYMENTS_", "DATABASE_URL"))},
         "DATABASE_URL": pg_session_url,
         "PAYMENTS_LISTEN_ADDR": "127.0.0.1:0",  # each process binds a free port and logs it
+        "PAYMENTS_METRICS_ADDR": "127.0.0.1:0",  # and its metrics endpoint too
         "PAYMENTS_JWT_PRIVATE_KEY_FILE": str(keys_dir / "jwt-private.pem"),
         "PAYMENTS_JWKS_FILE": str(keys_dir / "jwks.json"),
         "PAYMENTS_PAGE_TOKEN_SECRET": "replicas-test-page-token-secret",

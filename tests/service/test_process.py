@@ -34,6 +34,7 @@ def server_process(settings, tmp_path):
         "PAYMENTS_ADMIN_PASSWORD": "admin password do not log",
         "PAYMENTS_ADMIN_EMAIL": "root@example.com",
         "PAYMENTS_PROCESSES": "1",  # one process here; several: test_processes.py
+        "PAYMENTS_METRICS_ADDR": "127.0.0.1:0",
     }
     log = tmp_path / "server.log"
     proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env,
