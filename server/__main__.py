@@ -14,7 +14,7 @@ METRICS_DIR_PREFIX = "payments-metrics-"
 
 
 def prepare_metrics_dir() -> None:
-    """A fresh directory where every server process keeps its metric values (server/infra/metrics.py),
+    """A fresh directory where each of several server processes keeps its metric values (server/infra/metrics.py),
     set before anything imports prometheus_client: that import decides where values live. Fresh,
     so counters of an earlier run are not added to this one's."""
     old = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
@@ -30,13 +30,15 @@ def main() -> int:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
-    prepare_metrics_dir()
+    if settings.processes > 1:  # one process counts in memory: a third of the cost per call
+        prepare_metrics_dir()
     from server.edge import processes  # after logging is set up, so start-up logs are JSON too
 
     try:
         return processes.serve(settings) if settings.processes == 1 else processes.supervise(settings)
     finally:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+        if settings.processes > 1:
+            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 if __name__ == "__main__":

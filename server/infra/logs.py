@@ -80,7 +80,7 @@ def access(level: int, method: str, code: str, duration_ms: float, trace: dict |
         return
     quoted = _quoted.get(method) or _quoted.setdefault(method, _encode(method))
     now = dt.datetime.fromtimestamp(time.time(), dt.timezone.utc).isoformat(timespec="milliseconds")
-    traced = f", {_encode(trace)[1:-1]}" if trace else ""
+    traced = tracing.log_fragment(trace) if trace else ""
     handler.write(f'{{"time": "{now}", "severity": "{logging.getLevelName(level)}", "logger": "{ACCESS}", '
                   f'"message": "rpc", "method": {quoted}, "code": "{code}", "duration_ms": {duration_ms!r}{traced}}}\n')
 
