@@ -95,8 +95,9 @@ class CallInterceptor(grpc.ServerInterceptor):
 
         def call(request, context):
             start, failed = time.perf_counter(), False
-            rpc.started.inc()
-            traced = tracing.Call(span_name, tracing.traceparent_of(context.invocation_metadata()), attributes)
+            rpc.start()
+            metadata = context.invocation_metadata()  # made into Python tuples on each call: once
+            traced = tracing.Call(span_name, tracing.traceparent_of(metadata), attributes)
             try:
                 if shedding():  # beyond its lane's bound: answered at once, before any work
                     if lane is not None and lane is lanes_auth:
@@ -105,7 +106,7 @@ class CallInterceptor(grpc.ServerInterceptor):
                 acting = None
                 if not public:
                     with mapped_errors(context):
-                        who = auth.authenticate(verifier, context.invocation_metadata())
+                        who = auth.authenticate(verifier, metadata)
                         if sessions is not None:  # revoked, disabled, deleted or re-roled: refused
                             sessions.check(who)
                         acting = auth.acting_as(who)

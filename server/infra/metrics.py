@@ -14,14 +14,19 @@ process counts in memory instead (an increment costs 0.8 µs there, 2.3 µs in a
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, multiprocess, start_http_server
+from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Histogram, disable_created_metrics, multiprocess,
+                               start_http_server)
 
 from server.infra.config import Settings
 
 log = logging.getLogger("server")
+
+# No `*_created` series beside every counter: go-grpc-prometheus has none, and scrapes stay half the size.
+disable_created_metrics()
 
 # Set by server/__main__.py before this module is first imported.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -66,23 +71,36 @@ def go_code(name: str) -> str:
 
 
 class Rpc:
-    """One method's series, resolved once (a labels() lookup per call costs more than the count)."""
+    """One method's series, resolved once; the fast path of every call's counting.
 
-    __slots__ = ("started", "handling", "_handled", "_labels")
+    A labels() lookup per call would cost more than the count itself, and so do the public inc() and
+    observe(), which check on every call what is fixed here once (that the series is a child, not
+    the labelled parent) and look for exemplars: they cost 3.5 µs a call against 1.3 µs for the
+    same values added through the children's value objects (prometheus_client's own `_value`,
+    `_sum`, `_buckets`, at the version requirements.lock pins; tests/e2e/test_observability.py
+    reads them back through a scrape)."""
+
+    __slots__ = ("_started", "_sum", "_buckets", "_bounds", "_handled", "_labels")
 
     def __init__(self, grpc_type: str, method: str):
         service, name = method.lstrip("/").rsplit("/", 1)
         self._labels = (grpc_type, service, name)
-        self.started = started.labels(*self._labels)
-        self.handling = handling.labels(*self._labels)
+        histogram = handling.labels(*self._labels)
+        self._started = started.labels(*self._labels)._value
+        self._sum, self._buckets = histogram._sum, histogram._buckets
+        self._bounds = list(histogram._upper_bounds)
         self._handled: dict[str, object] = {}
+
+    def start(self) -> None:
+        self._started.inc(1)
 
     def done(self, code: str, seconds: float) -> None:
         counter = self._handled.get(code)
         if counter is None:
-            counter = self._handled[code] = handled.labels(*self._labels, go_code(code))
-        counter.inc()
-        self.handling.observe(seconds)
+            counter = self._handled[code] = handled.labels(*self._labels, go_code(code))._value
+        counter.inc(1)
+        self._sum.inc(seconds)
+        self._buckets[bisect.bisect_left(self._bounds, seconds)].inc(1)
 
 
 def payment_event(event: str, reason: str | None, count: int = 1) -> None:
