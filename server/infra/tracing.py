@@ -29,6 +29,7 @@ log = logging.getLogger("server")
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+_SAMPLED = frozenset(f"{flags:02x}" for flags in range(256) if flags & 1)  # trace-flags with "sampled" set
 
 _tracer = None  # an OpenTelemetry Tracer once configure() found an endpoint
 _project = ""  # Google Cloud project id for the log field
@@ -65,11 +66,12 @@ def parse(value: str | None) -> tuple[str, str, bool] | None:
     if not value:
         return None
     m = _TRACEPARENT.match(value)
-    if m is None or m.group(1) == "ff" or m.group(2) == _ZERO_TRACE or m.group(3) == _ZERO_SPAN:
+    if m is None:
         return None
-    if m.group(1) == "00" and len(value) != 55:
+    version, trace_id, span_id, flags = m.groups()
+    if version == "ff" or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN or (version == "00" and len(value) != 55):
         return None
-    return m.group(2), m.group(3), bool(int(m.group(4), 16) & 1)
+    return trace_id, span_id, flags in _SAMPLED
 
 
 def traceparent_of(metadata) -> str | None:
