@@ -178,15 +178,22 @@ class CallInterceptor(grpc.ServerInterceptor):
         if handler.stream_stream is None:
             raise RuntimeError(f"public stream {method} has an unexpected shape")
         behavior = handler.stream_stream
+        rpc = metrics.Rpc("bidi_stream", method)
 
         def stream(request_iterator, context):
-            if capacity.shedding():
-                abort(context, busy(kind))
-            key = deadlines.after(seconds, context.cancel)
+            start = time.perf_counter()
+            rpc.start()
             try:
-                yield from behavior(request_iterator, context)
+                if capacity.shedding():
+                    abort(context, busy(kind))
+                key = deadlines.after(seconds, context.cancel)
+                try:
+                    yield from behavior(request_iterator, context)
+                finally:
+                    deadlines.forget(key)
             finally:
-                deadlines.forget(key)
+                code = context.code()
+                rpc.done(code.name if code is not None else "OK", time.perf_counter() - start)
 
         stream.experimental_thread_pool = lane
         return grpc.stream_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,

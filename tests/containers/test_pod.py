@@ -89,6 +89,35 @@ def test_grpcurl_through_envoy_with_reflection_and_the_servers_health(pod):
     assert grpc_health(pod.grpc_addr) == "SERVING"  # what the kubelet's probe asks, from outside the pod
 
 
+SCRAPE = """
+import sys, urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+text = urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=10).read().decode()
+for family in text_string_to_metric_families(text):
+    for s in family.samples:
+        if s.name == sys.argv[1] and all(s.labels.get(k) == v for k, v in (a.split("=", 1) for a in sys.argv[2:])):
+            print(s.value)
+"""
+
+
+def scrape_in_pod(pod, name: str, **labels: str) -> float:
+    """The server's metrics from inside the pod (the port a PodMonitoring scrapes, unpublished)."""
+    out = pod.podman("exec", f"{pod.name}-server", "python", "-c", SCRAPE, name,
+                     *(f"{k}={v}" for k, v in labels.items())).stdout.split()
+    return sum(float(v) for v in out)
+
+
+def test_the_server_image_serves_its_metrics_on_the_pods_metrics_port(pod):
+    email, token = customer(pod)
+    labels = {"grpc_service": "payments.v1.PaymentService", "grpc_method": "CreatePayment", "grpc_code": "OK"}
+    before = scrape_in_pod(pod, "grpc_server_handled_total", **labels)
+    status, body = curl("-X", "POST", f"{pod.url}/v1/payments", "-H", f"Authorization: Bearer {token}",
+                        "-H", "Content-Type: application/json", "--data", json.dumps({"email": email, "amount": "700"}))
+    assert status == 200, body
+    assert scrape_in_pod(pod, "grpc_server_handled_total", **labels) == before + 1
+    assert scrape_in_pod(pod, "payments_payment_events_total", event="created") >= 1
+
+
 def test_each_container_runs_as_its_manifest_says(pod):
     spec = api_pod_spec()
     for name in ("server", "envoy"):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -25,7 +27,7 @@ from server.edge.pb import payments_pb2_grpc as pb_grpc
 from tests.conftest import ALICE
 from tests.support.otlp import Receiver
 from tests.support.rest import Client
-from tests.support.stack import Server, running_stack
+from tests.support.stack import ROOT, Server, running_stack
 
 PAYMENTS = "payments.v1.PaymentService"
 
@@ -116,6 +118,30 @@ def test_two_server_processes_add_up_and_a_replaced_one_loses_nothing(tmp_path, 
         assert value(scrape(server.metrics_port), "grpc_server_handled_total", **unauthenticated) == 6
     finally:
         server.stop()
+
+
+def test_a_reflection_stream_is_counted_as_a_bidi_stream(stack):
+    labels = {"grpc_type": "bidi_stream", "grpc_service": "grpc.reflection.v1alpha.ServerReflection",
+              "grpc_method": "ServerReflectionInfo"}
+    before = scrape(stack.server.metrics_port)
+    listed = subprocess.run([str(ROOT / ".tools" / "bin" / "grpcurl"), "-plaintext", stack.grpc_target, "list"],
+                            capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0 and PAYMENTS in listed.stdout.split(), listed.stderr
+    after = scrape(stack.server.metrics_port)
+    assert value(after, "grpc_server_started_total", **labels) > value(before, "grpc_server_started_total", **labels)
+    assert value(after, "grpc_server_handled_total", **labels, grpc_code="OK") > \
+        value(before, "grpc_server_handled_total", **labels, grpc_code="OK")
+
+
+def test_without_an_otlp_endpoint_the_sdk_is_never_loaded():
+    """Tracing unconfigured costs a header lookup: the OpenTelemetry SDK is not even imported."""
+    probe = ("import sys; from server.infra import config, tracing; from server.edge import app, interceptor; "
+             "tracing.configure(config.Settings()); "
+             "print(tracing.enabled(), sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("OTEL_")})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False []", out.stdout
 
 
 def _unauthenticated_get(port: int) -> None:
