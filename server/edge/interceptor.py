@@ -1,5 +1,6 @@
 """What happens around every call, in one wrapper per method: the lane it runs in
-(server/edge/capacity.py), the access log, the token and session check (server/edge/auth.py,
+(server/edge/capacity.py), its metrics (server/infra/metrics.py) and trace (server/infra/tracing.py),
+the access log, the token and session check (server/edge/auth.py,
 server/domain/sessions.py), the rejection of undecodable requests (server/edge/decoding.py) and of text no
 field accepts (server/edge/textcheck.py), on SQLite a turn with the database
 (server/infra/sqlite_turns.py), and then, for whatever the servicer raised, its status
