@@ -214,7 +214,7 @@ class Bench:
         return Target(label, server, envoy, target.payment_id)
 
     def versus(self, target: Target) -> str:
-        """bench/versus.py: REST GetPayment, this project (1 and N processes) against FastAPI."""
+        """bench/versus.py: REST GetPayment and ListPayments, this project (1 and N processes) against FastAPI."""
         processes = config.load({}).processes
         contenders = [versus.Contender(f"this project, 1 process ({target.label})", target.envoy.url,
                                        [target.server.proc.pid, target.envoy.proc.pid])]
@@ -228,7 +228,7 @@ class Bench:
                                                                  self.keys / "jwks.json")))
             contenders.append(versus.Contender(f"FastAPI + uvicorn, {workers} worker{'s' if workers > 1 else ''}",
                                                peer.url, [peer.proc.pid]))
-        print("versus: REST GetPayment, interleaved ...", flush=True)
+        print("versus: REST GetPayment and ListPayments, interleaved ...", flush=True)
         rows = versus.run(contenders, target.payment_id, self.token, seconds=self.args.seconds,
                           rounds=self.args.rounds, concurrency=self.args.concurrency)
         return versus.report(rows, reference=contenders[-1].label)

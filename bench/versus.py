@@ -1,6 +1,7 @@
 """This project against what a team would pick instead, in one interleaved run: REST
-`GET /v1/payments/{id}` with wrk, the same token, the same SQLite file and row, the same JSON bytes
-(checked before anything is measured), against
+`GET /v1/payments/{id}` and the first page of `GET /v1/payments` with wrk, the same token, the same
+SQLite file and rows, the same JSON bytes (checked before anything is measured; a page's
+next_page_token is each side's own), against
 
     this project, 1 server process     behind Envoy (PAYMENTS_PROCESSES=1)
     this project, N server processes   behind Envoy (PAYMENTS_PROCESSES=N, the CPUs available)
@@ -65,6 +66,7 @@ class Contender:
 @dataclasses.dataclass
 class VersusRow:
     label: str
+    operation: str
     result: loadgen.Result
     cpu_cores: float
 
@@ -109,41 +111,55 @@ def fetch(url: str, token: str) -> bytes:
         return r.read()
 
 
-def same_answer(contenders: list[Contender], payment_id: str, token: str) -> None:
-    answers = {c.label: fetch(f"{c.url}/v1/payments/{payment_id}", token) for c in contenders}
+def comparable(body: bytes) -> dict:
+    """An answer without what each side makes its own way (the page token)."""
+    answer = json.loads(body)
+    answer.pop("next_page_token", None)
+    return answer
+
+
+def same_answer(contenders: list[Contender], path: str, token: str) -> None:
+    answers = {c.label: fetch(f"{c.url}{path}", token) for c in contenders}
     first = next(iter(answers.values()))
     for label, body in answers.items():
-        if body != first:
-            raise SystemExit(f"versus: {label} answers differently:\n{body!r}\n{first!r}")
-    json.loads(first)
+        if json.dumps(comparable(body)) != json.dumps(comparable(first)):  # the same bytes, in the same order
+            raise SystemExit(f"versus: {label} answers {path} differently:\n{body!r}\n{first!r}")
+    if "next_page_token" in json.loads(first):
+        assert all("next_page_token" in json.loads(b) for b in answers.values()), f"versus: a side does not page {path}"
+
+
+def operations(payment_id: str) -> dict[str, str]:
+    """What each contender is asked, by operation: a payment of the bench payer's, its first page."""
+    return {"GetPayment": f"/v1/payments/{payment_id}", "ListPayments": "/v1/payments?page_size=20"}
 
 
 def run(contenders: list[Contender], payment_id: str, token: str, *, seconds: float, rounds: int,
         concurrency: int) -> list[VersusRow]:
-    same_answer(contenders, payment_id, token)
-    rows: dict[str, list[VersusRow]] = {c.label: [] for c in contenders}
-    for n in range(rounds):
-        for c in contenders:
-            url = f"{c.url}/v1/payments/{payment_id}"
-            if n == 0:
-                loadgen.wrk(url, "GET", token, seconds=1, concurrency=concurrency)  # warm
-            pids = [p for root in c.pids for p in tree(root)]
-            before, start = cpu_seconds(pids), time.monotonic()
-            result = loadgen.wrk(url, "GET", token, seconds=seconds, concurrency=concurrency)
-            cores = (cpu_seconds(pids) - before) / (time.monotonic() - start)
-            rows[c.label].append(VersusRow(c.label, result, cores))
-            print(f"  versus {c.label:34} {result.rps:8.0f} req/s  p99 {result.p99_ms:6.2f} ms  "
-                  f"CPU {cores:4.2f} cores  errors {result.errors}", flush=True)
+    rows: dict[tuple[str, str], list[VersusRow]] = {}
+    for operation, path in operations(payment_id).items():
+        same_answer(contenders, path, token)
+        for n in range(rounds):
+            for c in contenders:
+                url = f"{c.url}{path}"
+                if n == 0:
+                    loadgen.wrk(url, "GET", token, seconds=1, concurrency=concurrency)  # warm
+                pids = [p for root in c.pids for p in tree(root)]
+                before, start = cpu_seconds(pids), time.monotonic()
+                result = loadgen.wrk(url, "GET", token, seconds=seconds, concurrency=concurrency)
+                cores = (cpu_seconds(pids) - before) / (time.monotonic() - start)
+                rows.setdefault((operation, c.label), []).append(VersusRow(c.label, operation, result, cores))
+                print(f"  versus {operation:12} {c.label:34} {result.rps:8.0f} req/s  p99 {result.p99_ms:6.2f} ms  "
+                      f"CPU {cores:4.2f} cores  errors {result.errors}", flush=True)
     return [sorted(r, key=lambda row: row.result.rps)[len(r) // 2] for r in rows.values()]
 
 
 def report(rows: list[VersusRow], reference: str) -> str:
-    ref = next(r for r in rows if r.label == reference)
-    lines = ["| contender | req/s (median round) | p99 ms | CPU cores | CPU µs per request | errors "
+    lines = ["| operation | contender | req/s (median round) | p99 ms | CPU cores | CPU µs per request | errors "
              f"| req/s vs {reference} | p99 vs {reference} |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r.label} | {r.result.rps:.0f} | {r.result.p99_ms:.1f} | {r.cpu_cores:.2f} "
+        ref = next(x for x in rows if x.label == reference and x.operation == r.operation)
+        lines.append(f"| {r.operation} | {r.label} | {r.result.rps:.0f} | {r.result.p99_ms:.1f} | {r.cpu_cores:.2f} "
                      f"| {r.cpu_us_per_request:.0f} | {r.result.errors} | {r.result.rps / ref.result.rps:.2f}x "
                      f"| {r.result.p99_ms / ref.result.p99_ms:.2f}x |")
     return "\n".join(lines)

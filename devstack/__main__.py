@@ -20,7 +20,7 @@ import threading
 import time
 
 from devstack.envoyconf import CONFIG, render
-from devstack.stack import ENVOY, ROOT, http_status, port_in_use, serve_files, stop_process
+from devstack.stack import ENVOY, ROOT, dies_with_parent, http_status, port_in_use, serve_files, stop_process
 from server.infra import config
 
 API_URL = "http://127.0.0.1:8080"
@@ -84,7 +84,7 @@ def main() -> int:
                 time.sleep(0.2)
             return True
 
-        procs.append(subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT))
+        procs.append(subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, preexec_fn=dies_with_parent))
         # Envoy after the server listens, so its first health check already passes.
         if not wait_for(lambda: all(port_in_use(probe_host, p) for p in server_ports)):
             return 1
@@ -99,7 +99,8 @@ def main() -> int:
                                        backend_port=[50051 + i for i in range(4)], loopback_only=True))
         procs.append(subprocess.Popen([str(ENVOY), "-c", str(envoy_config), "--log-level", "warn",
                                        "--disable-hot-restart", "--concurrency", "1",
-                                       "--file-flush-interval-msec", "1000"], cwd=ROOT, env=envoy_env))
+                                       "--file-flush-interval-msec", "1000"], cwd=ROOT, env=envoy_env,
+                                      preexec_fn=dies_with_parent))
         if not wait_for(lambda: http_status(f"{API_URL}/ready") == 200):
             return 1
         ui = serve_swagger_ui()

@@ -10,6 +10,7 @@ holds keys/ and gen/, exactly as in the image, so the config's relative paths ar
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import http.server
@@ -17,6 +18,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -48,6 +50,15 @@ def wait_until(what: str, probe, proc: subprocess.Popen, log: Path, timeout: flo
             raise RuntimeError(f"{what}: process exited with {proc.returncode}\n{log.read_text()[-4000:]}")
         time.sleep(0.05)
     raise RuntimeError(f"{what}: not ready after {timeout}s\n{log.read_text()[-4000:]}")
+
+
+def dies_with_parent() -> None:
+    """A Popen preexec_fn: the child gets SIGTERM when the process that started it dies, even by
+    SIGKILL (Linux's PR_SET_PDEATHSIG), so a killed `make run` leaves no server or Envoy behind."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def stop_process(proc: subprocess.Popen | None, timeout: float = 15) -> None:

@@ -43,9 +43,13 @@ def stack(tmp_path):
         time.sleep(0.2)
     proc.log = log
     yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    if proc.poll() is None:  # as Ctrl-C would (the stack stops its server and Envoy), then for good
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def inside(stack, *cmd: str) -> subprocess.CompletedProcess:
