@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from devstack.stack import free_ports, server_env, wait_until
 from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
-from tests.conftest import ALICE
+from tests.conftest import ALICE, own_pg_database
 from tests.support.otlp import Receiver
 from tests.support.rest import Client
 from tests.support.stack import ROOT, Server, running_stack
@@ -151,14 +151,33 @@ def _unauthenticated_get(port: int) -> None:
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+TRACED = {"OTEL_BSP_SCHEDULE_DELAY": "100", "GOOGLE_CLOUD_PROJECT": "payments-test"}
+
+
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory, keys_dir):
     """A stack whose server exports spans to a real OTLP receiver (flushed every 100 ms)."""
     with Receiver() as receiver, running_stack(
             tmp_path_factory.mktemp("traced"), keys_dir,
-            server_overrides={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100",
-                              "GOOGLE_CLOUD_PROJECT": "payments-test"}) as (server, envoy):
+            server_overrides={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, **TRACED}) as (server, envoy):
         yield receiver, server, envoy
+
+
+def test_on_postgresql_the_prepared_queries_are_spans_of_the_call(tmp_path, keys_dir, token_for):
+    """The fast path's server-side prepared statements (PostgreSQL) are traced like SQLite's."""
+    with own_pg_database(f"payments_test_{os.getpid()}_traced") as url, Receiver() as receiver, running_stack(
+            tmp_path, keys_dir, database_url=url,
+            server_overrides={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, **TRACED}) as (_, envoy):
+        trace_id = "5bf92f3577b34da6a3ce929d0e0e4736"
+        answer = Client(envoy.url).get("/v1/payments?page_size=5", token=token_for(ALICE),
+                                       headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+        assert answer.status == 200, answer.text
+        spans = receiver.of_trace(trace_id, at_least=2)
+        [call] = [s for s in spans if s.name == f"{PAYMENTS}/ListPayments"]
+        queries = [s for s in spans if s.name == "db.query"]
+        assert queries and all(q.parent_span_id == call.span_id for q in queries)
+        systems = {a.value.string_value for q in queries for a in q.attributes if a.key == "db.system"}
+        assert systems == {"postgresql"}
 
 
 def access_lines(server, method: str) -> list[dict]:
