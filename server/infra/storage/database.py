@@ -58,8 +58,9 @@ def make_database(settings: Settings) -> peewee.Database:
             "synchronous": "normal",  # durable across process crashes in WAL mode
             "busy_timeout": 5000,  # writers queue instead of failing with "database is locked"
             "foreign_keys": 1,
-            # KiB per connection, and there is one connection per worker thread: 16 x 4 MiB bounds
-            # the page caches at 64 MiB (16 MiB each let deep paging grow the server past 250 MB);
+            # KiB per connection, and there is one connection per worker thread: 4 MiB each bounds
+            # the page caches at 16 MiB at the default 4 threads, 64 MiB at 16 (16 MiB each let deep
+            # paging grow the server past 250 MB);
             # the OS page cache keeps the rest of the file warm.
             "cache_size": -4000,
         },
