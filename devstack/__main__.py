@@ -42,6 +42,11 @@ def serve_swagger_ui() -> http.server.ThreadingHTTPServer | None:
     return serve_files(UI_DIR, UI_ADDR)
 
 
+def reachable(host: str) -> str:
+    """Where to look for a listener bound to `host` (every interface: loopback)."""
+    return host.strip("[]") if host not in ("0.0.0.0", "", "[::]") else "127.0.0.1"
+
+
 def main() -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -57,12 +62,12 @@ def main() -> int:
     if port != "50051":
         log(f"PAYMENTS_LISTEN_ADDR={listen}: envoy/envoy.yaml expects the server on port 50051")
         return 1
-    probe_host = host.strip("[]") if host not in ("0.0.0.0", "", "[::]") else "127.0.0.1"
+    probe_host = reachable(host)
     server_ports = [int(port) + i for i in range(settings.processes)]  # one per server process
-    metrics = [tuple(settings.metrics_addr.rsplit(":", 1))] if settings.metrics_addr else []
+    metrics = [settings.metrics_addr.rsplit(":", 1)] if settings.metrics_addr else []
     busy = [p for h, p in (*((probe_host, p) for p in server_ports),
                            ("127.0.0.1", 8080), ("127.0.0.1", 9901), ("127.0.0.1", 9902), UI_ADDR,
-                           *((h.strip("[]") if h not in ("0.0.0.0", "[::]") else "127.0.0.1", int(p)) for h, p in metrics))
+                           *((reachable(h), int(p)) for h, p in metrics))
             if port_in_use(h, p)]
     if busy:
         log(f"port(s) {busy} already in use (another `make run`?); stop that first")

@@ -145,17 +145,22 @@ def server_env(work: Path, **overrides: str) -> dict[str, str]:
     return env
 
 
-def listening_ports(log: Path) -> list[int]:
-    """The ports of the server's "listening" log lines written so far (one per server process)."""
+def logged_ports(log: Path, message: str) -> list[int]:
+    """The ports of the server's log lines with this message written so far."""
     ports = []
     for line in log.read_text(errors="replace").splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if isinstance(entry, dict) and entry.get("message") == "listening":
+        if isinstance(entry, dict) and entry.get("message") == message:
             ports.append(int(entry["port"]))
     return ports
+
+
+def listening_ports(log: Path) -> list[int]:
+    """The ports of the server's "listening" log lines written so far (one per server process)."""
+    return logged_ports(log, "listening")
 
 
 def listening_port(log: Path) -> int | None:
@@ -207,14 +212,8 @@ class Server:
     @property
     def metrics_port(self) -> int | None:
         """The port of the Prometheus endpoint (its "metrics listening" log line), if it has one."""
-        for line in self.log.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and entry.get("message") == "metrics listening":
-                return int(entry["port"])
-        return None
+        ports = logged_ports(self.log, "metrics listening")
+        return ports[0] if ports else None
 
     def stop(self) -> None:
         stop_process(self.proc)

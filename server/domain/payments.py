@@ -304,11 +304,11 @@ class PaymentRules:
                 self._record(row.id, DELETED, row.status, row.status, now, caller, row.failure_reason)
         if changed:
             self.observe(DELETED, None, 1)
-        if not changed:  # confirmed or deleted concurrently
-            current = self.queries.any(row.id)
-            if current is not None and current.status == SUCCESS and current.deleted_at is None:
-                raise settled(payment_id)
-            raise not_found(payment_id)
+            return
+        current = self.queries.any(row.id)  # confirmed or deleted concurrently
+        if current is not None and current.status == SUCCESS and current.deleted_at is None:
+            raise settled(payment_id)
+        raise not_found(payment_id)
 
     def undelete(self, caller: Caller, payment_id: str) -> PaymentRecord:
         """Bring back a deleted payment the purge has not reached (admins; AIP-164)."""
@@ -322,13 +322,12 @@ class PaymentRules:
             if restored is not None:
                 status, reason = restored
                 self._record(payment_id, UNDELETED, status, status, now, caller, reason)
-        if restored is not None:
-            self.observe(RESTORED, None, 1)
         if restored is None:
             if self.queries.any(payment_id) is None:
                 raise not_found(payment_id)
             raise FailedPrecondition(f"payment {payment_id!r} is not deleted", reason="PAYMENT_NOT_DELETED",
                                      metadata={"id": payment_id})
+        self.observe(RESTORED, None, 1)
         return self.get(caller, payment_id)
 
     def confirm(self, caller: Caller, payment_id: str) -> PaymentRecord:

@@ -75,7 +75,7 @@ def build(settings: Settings) -> App:
     """Create and start a server for these settings; the caller owns stop()."""
     tracing.configure(settings)
     database = storage.open_database(settings)
-    tracing.trace_queries(database)
+    tracing.trace_queries(database, "postgresql" if storage.is_postgres(database) else "sqlite")
     verifier = tokens.TokenVerifier.from_file(settings.jwks_file, issuer=settings.jwt_issuer,
                                               audience=settings.jwt_audience)
     issuer = tokens.TokenIssuer.from_settings(settings)

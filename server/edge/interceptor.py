@@ -91,7 +91,8 @@ class CallInterceptor(grpc.ServerInterceptor):
         level = logging.DEBUG if method.startswith(_HEALTH) else logging.INFO
         shedding = capacity.shedding
         rpc = metrics.Rpc("unary", method)
-        lanes_auth = self._lanes.auth if self._lanes is not None else None
+        # A sign-up or login its lane sheds is a refused login too.
+        refused_login = metrics.login_refusals.labels("busy") if lane is not None and lane is self._lanes.auth else None
         span_name, attributes = method.lstrip("/"), rpc_attributes(method)
 
         def call(request, context):
@@ -101,8 +102,8 @@ class CallInterceptor(grpc.ServerInterceptor):
             traced = tracing.Call(span_name, tracing.traceparent_of(metadata), attributes)
             try:
                 if shedding():  # beyond its lane's bound: answered at once, before any work
-                    if lane is not None and lane is lanes_auth:
-                        metrics.login_refusals.labels("busy").inc()
+                    if refused_login is not None:
+                        refused_login.inc()
                     abort(context, busy(kind))
                 acting = None
                 if not public:

@@ -100,7 +100,7 @@ def supervise(settings: Settings) -> int:
     status = 0
     workers = {i: start(i) for i in range(settings.processes)}
     try:
-        metrics.serve(settings)  # after the fork: the children need no copy of its socket
+        metrics.serve(settings)  # after the first fork: those children hold no copy of its socket
     except OSError as e:
         log.error("cannot start: %s", e)
         stop.set()

@@ -31,8 +31,6 @@ disable_created_metrics()
 # Set by server/__main__.py before this module is first imported.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-
-
 # Seconds; go-grpc-prometheus's default buckets stop at 10 s, with finer steps below 100 ms where
 # this service's calls are.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -63,11 +61,12 @@ login_refusals = Counter("payments_login_refusals_total",
                          "failures for the email) or busy (the hashing lane was full).", ("reason",))
 
 
+_GO_SPELLINGS = {"OK": "OK", "CANCELLED": "Canceled"}  # the two Go does not spell by capitalizing words
+
+
 def go_code(name: str) -> str:
     """grpc_code as go-grpc-prometheus writes it (Go's codes.Code names: NotFound, Canceled)."""
-    if name in ("OK", "CANCELLED"):
-        return "OK" if name == "OK" else "Canceled"
-    return "".join(part.capitalize() for part in name.split("_"))
+    return _GO_SPELLINGS.get(name) or "".join(part.capitalize() for part in name.split("_"))
 
 
 class Rpc:

@@ -32,6 +32,7 @@ _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 _SAMPLED = frozenset(f"{flags:02x}" for flags in range(256) if flags & 1)  # trace-flags with "sampled" set
 
 _tracer = None  # an OpenTelemetry Tracer once configure() found an endpoint
+_propagator = None  # and W3C trace context's reader of traceparent
 _project = ""  # Google Cloud project id for the log field
 _call = threading.local()  # .fields: this thread's call's log fields, or None
 
@@ -41,7 +42,7 @@ def enabled() -> bool:
 
 
 def configure(settings: Settings) -> None:
-    global _tracer, _project
+    global _tracer, _project, _propagator
     project = settings.trace_project
     _project = project if re.fullmatch(r"[a-z0-9.:-]*", project) else ""  # a project id's letters only
     if not settings.otlp_endpoint:
@@ -51,6 +52,7 @@ def configure(settings: Settings) -> None:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES still win (Resource.create reads them).
     provider = TracerProvider(resource=Resource.create({"service.name": "payments"}))
@@ -58,6 +60,7 @@ def configure(settings: Settings) -> None:
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint,
                                                                     insecure=endpoint.startswith("http://"))))
     _tracer = provider.get_tracer("payments.server")
+    _propagator = TraceContextTextMapPropagator()
     log.info("tracing to OTLP", extra={"endpoint": endpoint})
 
 
@@ -116,9 +119,8 @@ class Call:
             self.fields = _call.fields = log_fields(parsed[0], None, parsed[2]) if parsed else None
             return
         from opentelemetry import context, trace
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        parent = TraceContextTextMapPropagator().extract({"traceparent": traceparent}) if parsed else None
+        parent = _propagator.extract({"traceparent": traceparent}) if parsed else None
         self._span = _tracer.start_span(name, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes)
         self._token = context.attach(trace.set_span_in_context(self._span))
         span_context = self._span.get_span_context()
@@ -132,35 +134,27 @@ class Call:
         from opentelemetry import context, trace
 
         self._span.set_attribute("rpc.grpc.status_code", code)
-        if code not in ("OK",):
+        if code != "OK":
             self._span.set_status(trace.Status(trace.StatusCode.ERROR, code))
         self._span.end()
         context.detach(self._token)
 
 
-@contextlib.contextmanager
-def _query_span(sql: str, system: str):
-    with _tracer.start_as_current_span("db.query", kind=_client_kind(),
-                                       attributes={"db.system": system, "db.statement": sql}):
-        yield
-
-
-def _client_kind():
-    from opentelemetry import trace
-
-    return trace.SpanKind.CLIENT
-
-
 def query(sql: str, system: str):
     """A span for one database statement (its SQL text, never its parameters), when tracing."""
-    return _query_span(sql, system) if _tracer is not None else contextlib.nullcontext()
+    if _tracer is None:
+        return contextlib.nullcontext()
+    from opentelemetry import trace
+
+    return _tracer.start_as_current_span("db.query", kind=trace.SpanKind.CLIENT,
+                                         attributes={"db.system": system, "db.statement": sql})
 
 
-def trace_queries(database) -> None:
-    """Every peewee statement on `database` in a span of its own (the fast path calls query())."""
+def trace_queries(database, system: str) -> None:
+    """Every peewee statement on `database` (`system`: postgresql or sqlite) in a span of its own
+    (the fast path calls query())."""
     if _tracer is None:
         return
-    system = "postgresql" if "postgres" in type(database).__name__.lower() else "sqlite"
     plain = database.execute_sql
 
     def execute_sql(sql, params=None, *args, **kwargs):

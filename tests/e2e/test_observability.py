@@ -21,7 +21,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from devstack.stack import free_ports, server_env, wait_until
+from devstack.stack import free_ports, prepare_workdir, server_env, wait_until
 from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
 from tests.conftest import ALICE, own_pg_database
@@ -97,8 +97,6 @@ def test_a_refused_login_is_counted_by_reason(stack, make_user):
 
 
 def test_two_server_processes_add_up_and_a_replaced_one_loses_nothing(tmp_path, keys_dir):
-    from devstack.stack import prepare_workdir
-
     prepare_workdir(tmp_path, keys_dir)
     base = free_ports(2)
     server = Server.start(tmp_path, server_env(tmp_path, PAYMENTS_PROCESSES="2",
