@@ -6,7 +6,7 @@
    gets that reason; the others get the usual one for their status. Examples written in the proto
    are kept as they are.
 2. Model names lose the generator's prefixes (v1Payment -> Payment, googleRpcStatus -> Status,
-   protobufAny -> Any, PaymentServiceCancelPaymentBody -> CancelPaymentBody).
+   protobufAny -> Any, PaymentServiceCancelPaymentBody -> CancelPaymentBody, WebhookServiceRotateWebhookSecretBody -> RotateWebhookSecretBody).
 
 Usage: scripts/openapi_polish.py DOCUMENT (rewritten in place).
 """
@@ -32,7 +32,7 @@ USUAL = {
 }
 CODES = {"INVALID_ARGUMENT": 3, "FAILED_PRECONDITION": 9, "UNAUTHENTICATED": 16, "PERMISSION_DENIED": 7,
          "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "RESOURCE_EXHAUSTED": 8, "UNAVAILABLE": 14}
-PREFIXES = ("googleRpc", "protobuf", "PaymentService", "v1")
+PREFIXES = ("googleRpc", "protobuf", "PaymentService", "WebhookService", "v1")
 
 
 def example(status: str, description: str) -> dict:

@@ -24,6 +24,10 @@ from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
 from server.edge.reflection_pool import pool_for
 from server.edge.servicers import AuthServicer, PaymentServicer
+from server.edge.webhook_servicer import WebhookServicer, event_body
+from server.domain.webhook_delivery import Dispatcher, RetryPolicy
+from server.domain.webhooks import Outbox, WebhookRules
+from server.infra.webhook_sender import Sender
 
 log = logging.getLogger("server")
 
@@ -38,6 +42,7 @@ MAX_METADATA_BYTES = HEADER_LIMIT_BYTES + 100 * 32 + 1024
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["PaymentService"].full_name,
     pb.DESCRIPTOR.services_by_name["AuthService"].full_name,
+    pb.DESCRIPTOR.services_by_name["WebhookService"].full_name,
 )
 
 
@@ -84,11 +89,16 @@ def build(settings: Settings) -> App:
     if settings.admin_email and settings.admin_password:
         accounts.ensure_admin(settings.admin_email, settings.admin_password)
         log.info("admin account ensured", extra={"email": settings.admin_email})
+    page_tokens = PageTokens(settings.page_token_secret, settings.page_token_ttl_seconds)
+    webhook_queries = storage.WebhookQueries()
     rules = PaymentRules(
-        page_tokens=PageTokens(settings.page_token_secret, settings.page_token_ttl_seconds),
+        page_tokens=page_tokens,
         payment_ttl=dt.timedelta(seconds=settings.payment_ttl_seconds),
         observe=metrics.payment_event,
+        outbox=Outbox(event_body, webhook_queries.insert_events),
     )
+    webhook_rules = WebhookRules(queries=webhook_queries, page_tokens=page_tokens,
+                                 allow_loopback=settings.webhook_allow_loopback)
     if not settings.page_token_secret:
         log.warning("PAYMENTS_PAGE_TOKEN_SECRET is not set: page tokens work only within this process")
 
@@ -112,6 +122,7 @@ def build(settings: Settings) -> App:
     )
     pb_grpc.add_PaymentServiceServicer_to_server(PaymentServicer(rules), server)
     pb_grpc.add_AuthServiceServicer_to_server(AuthServicer(accounts), server)
+    pb_grpc.add_WebhookServiceServicer_to_server(WebhookServicer(webhook_rules), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True, experimental_thread_pool=lanes.health)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -126,7 +137,16 @@ def build(settings: Settings) -> App:
     if settings.jobs_enabled:
         from server.infra import jobs
 
-        scheduler = jobs.start(settings, rules)
+        dispatcher = Dispatcher(
+            queries=webhook_queries,
+            send=Sender(timeout=settings.webhook_timeout_seconds, allow_loopback=settings.webhook_allow_loopback),
+            policy=RetryPolicy(settings.webhook_retry_base_seconds, settings.webhook_retry_max_delay_seconds,
+                               settings.webhook_retry_window_seconds),
+            # A run's leases outlast it (its budget, then one attempt's timeout twice over): a lease
+            # runs out only when the run that took it died.
+            lease_seconds=jobs.run_budget(settings.webhook_interval_seconds) + 2 * settings.webhook_timeout_seconds,
+            observe=metrics.webhook_attempt)
+        scheduler = jobs.start(settings, rules, dispatcher)
 
     for name in ("",) + SERVICE_NAMES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

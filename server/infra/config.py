@@ -50,6 +50,14 @@ class Settings:
     expire_interval_seconds: int = 60
     purge_interval_seconds: int = 3600
     job_batch_size: int = 500
+    # webhooks (docs/webhooks.md): the delivery job's tick, each POST's deadline, the retry schedule
+    webhook_interval_seconds: int = 5
+    webhook_timeout_seconds: float = 10.0
+    webhook_retry_base_seconds: float = 60.0  # after the n-th failure: base * 2^(n-1), at most the max delay
+    webhook_retry_max_delay_seconds: float = 12 * 3600.0
+    webhook_retry_window_seconds: float = 3 * 24 * 3600.0  # then the delivery is given up, the endpoint disabled
+    webhook_batch_size: int = 100
+    webhook_allow_loopback: bool = False  # local development and tests only: http:// and 127.0.0.1 endpoints
     # observability (docs/observability.md)
     metrics_addr: str = "127.0.0.1:9464"  # Prometheus scrape endpoint; empty: none
     otlp_endpoint: str = ""  # OTLP/gRPC collector for traces; empty: no spans are made or sent
@@ -168,6 +176,14 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         expire_interval_seconds=_int(env, "PAYMENTS_EXPIRE_INTERVAL_SECONDS", d.expire_interval_seconds, 1),
         purge_interval_seconds=_int(env, "PAYMENTS_PURGE_INTERVAL_SECONDS", d.purge_interval_seconds, 1),
         job_batch_size=_int(env, "PAYMENTS_JOB_BATCH_SIZE", d.job_batch_size, 1),
+        webhook_interval_seconds=_int(env, "PAYMENTS_WEBHOOK_INTERVAL_SECONDS", d.webhook_interval_seconds, 1),
+        webhook_timeout_seconds=_float(env, "PAYMENTS_WEBHOOK_TIMEOUT_SECONDS", d.webhook_timeout_seconds),
+        webhook_retry_base_seconds=_float(env, "PAYMENTS_WEBHOOK_RETRY_BASE_SECONDS", d.webhook_retry_base_seconds),
+        webhook_retry_max_delay_seconds=_float(env, "PAYMENTS_WEBHOOK_RETRY_MAX_DELAY_SECONDS",
+                                               d.webhook_retry_max_delay_seconds),
+        webhook_retry_window_seconds=_float(env, "PAYMENTS_WEBHOOK_RETRY_WINDOW_SECONDS", d.webhook_retry_window_seconds),
+        webhook_batch_size=_int(env, "PAYMENTS_WEBHOOK_BATCH_SIZE", d.webhook_batch_size, 1),
+        webhook_allow_loopback=_bool(env, "PAYMENTS_WEBHOOK_ALLOW_LOOPBACK", d.webhook_allow_loopback),
         metrics_addr=_address(env, "PAYMENTS_METRICS_ADDR", d.metrics_addr),
         # OpenTelemetry's own variables, so a collector set up for other services is found here too.
         otlp_endpoint=(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")).strip(),

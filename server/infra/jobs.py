@@ -1,4 +1,4 @@
-"""Scheduled jobs: expire overdue pending payments, purge what is no longer needed.
+"""Scheduled jobs: expire overdue pending payments, purge what is no longer needed, deliver webhooks.
 
 Every replica runs the scheduler (APScheduler, in-process); server.infra.job_claims makes each tick of a job
 run in exactly one of them. A run works in bounded batches - each a SELECT of at most
@@ -36,10 +36,11 @@ from apscheduler.triggers.interval import IntervalTrigger
 from server.infra import job_claims, metrics, storage
 from server.infra.config import Settings
 from server.domain.payments import PaymentRules
+from server.domain.webhook_delivery import Dispatcher, Run
 
 log = logging.getLogger(__name__)
 
-EXPIRE, PURGE = "expire", "purge"
+EXPIRE, PURGE, WEBHOOKS = "expire", "purge", "webhooks"
 SKIPPED = "skipped"
 # How long job_runs rows are kept (they are only needed to claim ticks; the rest is history).
 HISTORY_RETENTION = dt.timedelta(days=7)
@@ -152,6 +153,31 @@ def purge(rules: PaymentRules, now: dt.datetime, *, retention: dt.timedelta, bat
     return progress
 
 
+def deliver_webhooks(dispatcher: Dispatcher, *, batch_size: int, progress: Progress | None = None,
+                     stopping: threading.Event | None = None) -> Progress:
+    """Fan new outbox events out into deliveries (write batches, taking turns with the other jobs),
+    then send what is due, batch after batch until the run's deadline (server/domain/webhook_delivery.py).
+    The sending holds no job turn: its writes are one small transaction per attempt, like an API
+    call's, and a slow endpoint must not keep expiry waiting."""
+    progress = progress or Progress()
+    stopping = stopping or threading.Event()
+    drain(dispatcher.fan_out, batch_size, progress, stopping, count_as="events")
+    run = Run()
+    try:
+        while not stopping.is_set():
+            looked = dispatcher.deliver(batch_size, run, deadline=progress.deadline, stopping=stopping)
+            if looked < batch_size:
+                break
+            if progress.deadline is not None and time.monotonic() >= progress.deadline:
+                progress.deferred = True
+                break
+    finally:
+        progress.rows += run.delivered
+        progress.other_rows.update({"failed_attempts": run.failed, "gave_up": run.gave_up})
+    progress.interrupted = progress.interrupted or stopping.is_set()
+    return progress
+
+
 GIVE_BACK_PAGES = 4096  # 16 MiB of 4 KiB pages per purge run, in one short statement
 
 
@@ -162,10 +188,19 @@ class Job:
     work: Callable[[dt.datetime, Progress, threading.Event], object]
 
 
-def payment_jobs(settings: Settings, rules: PaymentRules) -> list[Job]:
+def run_budget(interval_seconds: int) -> float:
+    """How long a run may go on taking batches: part of its interval, at most RUN_BUDGET_SECONDS."""
+    return min(interval_seconds * RUN_BUDGET_FRACTION, RUN_BUDGET_SECONDS)
+
+
+def payment_jobs(settings: Settings, rules: PaymentRules, dispatcher: Dispatcher | None = None) -> list[Job]:
     batch = settings.job_batch_size
     retention = dt.timedelta(seconds=settings.delete_retention_seconds)
-    return [
+    webhooks = [] if dispatcher is None else [
+        Job(WEBHOOKS, settings.webhook_interval_seconds,
+            lambda now, progress, stopping: deliver_webhooks(dispatcher, batch_size=settings.webhook_batch_size,
+                                                            progress=progress, stopping=stopping))]
+    return webhooks + [
         Job(EXPIRE, settings.expire_interval_seconds,
             lambda now, progress, stopping: expire(rules, now, batch_size=batch, progress=progress,
                                                   stopping=stopping)),
@@ -192,8 +227,7 @@ class Runner:
         now = self.clock()
         tick_at = job_claims.tick_slot(now, job.interval_seconds)
         fields = {"job": job.name, "tick_at": tick_at.isoformat(), "replica": self.replica}
-        progress = Progress(deadline=time.monotonic() + min(job.interval_seconds * RUN_BUDGET_FRACTION,
-                                                            RUN_BUDGET_SECONDS),
+        progress = Progress(deadline=time.monotonic() + run_budget(job.interval_seconds),
                             batch_budget=BATCH_BUDGET_SECONDS, batch_size=self._batch_sizes.get(job.name))
         try:
             with job_claims.exclusive(job.name) as mine:
@@ -296,5 +330,5 @@ class Scheduler:
             return self._running == 0
 
 
-def start(settings: Settings, rules: PaymentRules) -> Scheduler:
-    return Scheduler(payment_jobs(settings, rules), Runner(rules.clock)).start()
+def start(settings: Settings, rules: PaymentRules, dispatcher: Dispatcher | None = None) -> Scheduler:
+    return Scheduler(payment_jobs(settings, rules, dispatcher), Runner(rules.clock)).start()

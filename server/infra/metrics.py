@@ -60,6 +60,10 @@ login_refusals = Counter("payments_login_refusals_total",
                          "Sign-ups and logins refused before a password was checked: throttled (too many "
                          "failures for the email) or busy (the hashing lane was full).", ("reason",))
 
+webhook_attempts = Counter("payments_webhook_attempts_total",
+                           "Webhook POSTs by outcome: delivered (a 2xx), failed (retried later), gave_up (the "
+                           "retry window ran out; the endpoint was disabled).", ("outcome",))
+
 
 _GO_SPELLINGS = {"OK": "OK", "CANCELLED": "Canceled"}  # the two Go does not spell by capitalizing words
 
@@ -105,6 +109,11 @@ class Rpc:
 def payment_event(event: str, reason: str | None, count: int = 1) -> None:
     """PaymentRules' observer (server/domain/payments.py): the rules stay free of Prometheus."""
     payment_events.labels(event, reason or "").inc(count)
+
+
+def webhook_attempt(outcome: str) -> None:
+    """The webhook dispatcher's observer (server/domain/webhook_delivery.py)."""
+    webhook_attempts.labels(outcome).inc()
 
 
 def registry() -> CollectorRegistry:

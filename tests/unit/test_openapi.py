@@ -41,6 +41,15 @@ ERRORS = {
     "Login": {"400", "401", "413", "429"},
     "Refresh": {"400", "401", "413", "429"},
     "Logout": {"400", "401", "403", "413", "429"},
+    "CreateWebhookEndpoint": {"400", "401", "403", "413"},
+    "ListWebhookEndpoints": {"400", "401", "403"},
+    "GetWebhookEndpoint": {"400", "401", "403", "404"},
+    "UpdateWebhookEndpoint": {"400", "401", "403", "404", "413"},
+    "DeleteWebhookEndpoint": {"400", "401", "403", "404"},
+    "RotateWebhookSecret": {"400", "401", "403", "404", "413"},
+    "ListWebhookEvents": {"400", "401", "403"},
+    "GetWebhookEvent": {"400", "401", "403", "404"},
+    "RedeliverWebhookEvent": {"400", "401", "403", "404", "413"},
 }
 
 
@@ -136,7 +145,7 @@ def test_payment_calls_need_a_bearer_token_and_auth_calls_do_not(doc):
 
 def test_every_operation_is_documented(doc):
     tags = {t["name"] for t in doc["tags"]}
-    assert tags == {"Payments", "Auth"}
+    assert tags == {"Payments", "Auth", "Webhooks"}
     ids = [op["operationId"] for _, _, op in operations(doc)]
     assert sorted(ids) == sorted(ERRORS)
     for _, _, op in operations(doc):

@@ -1,6 +1,6 @@
 """Storage: the models (models.py), the database they live in (database.py), the fast path
 that skips peewee's per-call overhead (fastpath.py), and the named queries the payment rules
-use (repository.py). Everything else imports from here.
+use (repository.py, webhook_queries.py). Everything else imports from here.
 """
 
 from server.infra.storage.database import (DATA_ERRORS, OUTAGE_ERRORS, backfill_owners, end_call, give_back_space,
@@ -10,6 +10,7 @@ from server.infra.storage.fastpath import Prepared, PreparedInsert, among, row_c
 from server.infra.storage.repository import DuplicateRequest, EventRecord, PaymentQueries, PaymentRecord
 from server.infra.storage.models import (MODELS, BaseModel, JobRun, Payment, PaymentEvent, RefreshToken, Session,
                                          User, UTCDateTimeField, db)
+from server.infra.storage.webhook_queries import WebhookQueries
 
 __all__ = [
     "DATA_ERRORS", "OUTAGE_ERRORS", "backfill_owners", "end_call", "give_back_space", "is_busy", "is_postgres",
@@ -17,5 +18,5 @@ __all__ = [
     "Prepared", "PreparedInsert", "among", "row_check",
     "DuplicateRequest", "EventRecord", "PaymentQueries", "PaymentRecord",
     "MODELS", "BaseModel", "JobRun", "Payment", "PaymentEvent", "RefreshToken", "Session", "User",
-    "UTCDateTimeField", "db",
+    "UTCDateTimeField", "db", "WebhookQueries",
 ]

@@ -1,4 +1,4 @@
-"""The tables, as peewee models: payments, their history, accounts, sessions and job claims.
+"""The tables, as peewee models: payments, their history, accounts, sessions, job claims and webhooks.
 
 Columns are only ever added (see database.migrate_schema), so an older replica keeps working
 against a newer schema during a rolling update. The models are bound to `db`, a proxy that
@@ -185,4 +185,93 @@ class JobRun(BaseModel):
         primary_key = peewee.CompositeKey("job", "tick_at")
 
 
-MODELS: Sequence[type[BaseModel]] = (Payment, PaymentEvent, User, Session, RefreshToken, JobRun)
+class WebhookEndpoint(BaseModel):
+    """A URL an admin registered to hear of payment changes (server/domain/webhooks.py).
+
+    The signing secret is stored as it is, because every delivery signs with it (HMAC needs the
+    key itself, unlike a password); the API shows it only when it is made."""
+
+    id = peewee.CharField(primary_key=True, max_length=40)
+    url = peewee.CharField(max_length=2048)
+    event_types = peewee.CharField(max_length=255)  # space-separated, or "*"
+    enabled = peewee.BooleanField(default=False)
+    description = peewee.CharField(max_length=500, default="")
+    disabled_reason = peewee.CharField(max_length=500, null=True)  # set when the service disabled it
+    secret = peewee.CharField(max_length=64)
+    previous_secret = peewee.CharField(max_length=64, null=True)
+    previous_secret_expires_at = UTCDateTimeField(null=True)
+    created_at = UTCDateTimeField()
+    updated_at = UTCDateTimeField()
+
+    class Meta:
+        table_name = "webhook_endpoints"
+        indexes = ((("created_at", "id"), False),)
+
+
+class WebhookEvent(BaseModel):
+    """The outbox: one row per payment change, written in the change's transaction, with the exact
+    JSON body every endpoint is sent. `id` is the payment history event's id. `dispatched` turns
+    true once the delivery job has made the event's deliveries (the endpoints it goes to)."""
+
+    number = peewee.BigAutoField()  # the outbox order, which is the history's order
+    id = peewee.CharField(max_length=40, unique=True)
+    type = peewee.CharField(max_length=32)
+    payment_id = peewee.CharField(max_length=40)
+    created_at = UTCDateTimeField()
+    body = peewee.TextField()
+    dispatched = peewee.BooleanField(default=False)
+
+    class Meta:
+        table_name = "webhook_events"
+        indexes = ((("payment_id", "number"), False), (("type", "number"), False))
+
+
+# Only events still to fan out are indexed by that (the delivery job's scan, which must say it in
+# the same words: a literal, since SQLite allows no parameter in an index's WHERE).
+UNDISPATCHED = peewee.SQL('NOT "dispatched"')
+WebhookEvent.add_index(WebhookEvent.index(WebhookEvent.number, name="webhook_events_undispatched")
+                       .where(UNDISPATCHED))
+
+
+class WebhookDelivery(BaseModel):
+    """One event's sending to one endpoint: pending until a 2xx (succeeded) or until its retries
+    ran out (failed). `lease_until` is the claim of the run that is sending it, so two replicas
+    never send the same attempt, and a run that died is taken over once its lease has passed."""
+
+    number = peewee.BigAutoField()
+    event_number = peewee.BigIntegerField()
+    event_id = peewee.CharField(max_length=40)
+    endpoint_id = peewee.CharField(max_length=40)
+    payment_id = peewee.CharField(max_length=40)  # with event_number: the payment's order
+    status = peewee.CharField(max_length=16, default="pending")
+    attempts = peewee.IntegerField(default=0)
+    first_attempt_at = UTCDateTimeField(null=True)  # the retry window counts from here
+    next_attempt_at = UTCDateTimeField()
+    lease_until = UTCDateTimeField(null=True)
+    created_at = UTCDateTimeField()
+
+    class Meta:
+        table_name = "webhook_deliveries"
+        indexes = (
+            (("event_id", "endpoint_id"), True),  # one per event and endpoint, whoever fans out
+            (("status", "next_attempt_at", "number"), False),  # the job's scan of what is due
+            (("endpoint_id", "payment_id", "event_number"), False),  # the payment's order per endpoint
+        )
+
+
+class WebhookAttempt(BaseModel):
+    """One POST of a delivery, for admins to see what happened."""
+
+    number = peewee.BigAutoField()
+    delivery_number = peewee.BigIntegerField(index=True)
+    at = UTCDateTimeField()
+    http_status = peewee.IntegerField(default=0)  # 0: no answer
+    error = peewee.CharField(max_length=500, default="")
+    duration_ms = peewee.IntegerField(default=0)
+
+    class Meta:
+        table_name = "webhook_attempts"
+
+
+MODELS: Sequence[type[BaseModel]] = (Payment, PaymentEvent, User, Session, RefreshToken, JobRun, WebhookEndpoint,
+                                     WebhookEvent, WebhookDelivery, WebhookAttempt)

@@ -17,6 +17,7 @@ import peewee
 from server.domain.lifecycle import EXPIRED, FAILED, PENDING, SUCCESS
 from server.infra.storage.fastpath import Prepared, PreparedInsert, among, row_check
 from server.infra.storage.models import Payment, PaymentEvent, User, db
+from server.infra.storage.webhook_queries import WebhookQueries
 
 
 class PaymentRecord(NamedTuple):
@@ -158,6 +159,10 @@ class PaymentQueries:
             query = query.where(PaymentEvent.number > after_number)
         return [EventRecord(*row) for row in query.order_by(PaymentEvent.number).limit(limit).tuples()]
 
+    def many(self, ids: Sequence[str]) -> list[PaymentRecord]:
+        """These payments, deleted or not (a job batch's, after its change)."""
+        return [PaymentRecord(*row) for row in Payment.select().where(among(Payment.id, list(ids))).tuples()]
+
     def due_for_expiry(self, now: dt.datetime, limit: int | None, resume: dict | None = None) -> list[str]:
         due = (Payment.status == PENDING) & (Payment.expires_at <= now)
         return _after(Payment.select(Payment.id, Payment.expires_at).where(due), Payment.expires_at, limit, resume)
@@ -211,11 +216,12 @@ class PaymentQueries:
 
     def purge(self, ids: Sequence[str], before: dt.datetime) -> list[str]:
         """Remove for good those of `ids` still deleted before `before` and never succeeded, with
-        their history; their ids."""
+        their history and webhook events; their ids."""
         still_old = (row_check(Payment.deleted_at).is_null(False) & (row_check(Payment.deleted_at) < before)
                      & (row_check(Payment.status) != SUCCESS))
         purged = [pid for (pid,) in Payment.delete().where(among(Payment.id, ids) & still_old)
                   .returning(Payment.id).tuples().execute()]
         if purged:
             PaymentEvent.delete().where(among(PaymentEvent.payment_id, purged)).execute()
+            WebhookQueries().purge_events(purged)
         return purged

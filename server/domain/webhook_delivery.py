@@ -1,0 +1,187 @@
+"""Webhook delivery, the rules the job follows: fan out, the payment's order, retries, giving up.
+
+Each run of the delivery job (server/infra/jobs.py) first fans out new outbox events into
+deliveries, one per enabled endpoint that wants the type, then sends what is due:
+
+- **At least once.** A delivery is pending until an attempt is answered with a 2xx; a run that dies
+  half-way (kill -9) leaves it pending, and its lease runs out, so another run sends it again. The
+  receiver sees the same event id twice and drops the second (docs/webhooks.md).
+- **Once per attempt across replicas.** A run leases the deliveries it is about to send (one
+  conditional UPDATE: only rows whose lease has passed), so two replicas, or a run outliving its
+  tick, never send the same attempt twice.
+- **In the payment's order.** An event goes to an endpoint only after every earlier event of the
+  same payment was delivered there or given up, so a receiver never sees payment.succeeded before
+  payment.created; a failed attempt holds back the rest of that payment for that endpoint.
+- **Backoff.** After the n-th failed attempt the next waits base * 2^(n-1), at most max_delay,
+  less up to a tenth at random (replicas retrying many deliveries do not do it in step). Once the
+  next attempt would fall outside the window (three days from the first), the delivery is given up
+  and its endpoint disabled with the reason: one that failed for three days is broken, and the
+  admin sees why in disabled_reason.
+- **One failing endpoint does not stall the rest.** After a failed attempt, the run sends nothing
+  more to that endpoint; the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import random
+import threading
+import time
+from typing import Callable, NamedTuple
+
+from server.domain.webhooks import DELIVERED, GAVE_UP, PENDING, SIGNATURE_HEADER, signature_header
+
+
+class Attempt(NamedTuple):
+    """How one POST went: the HTTP status (0: no answer) and, unless it succeeded, why not."""
+
+    http_status: int
+    error: str
+    duration_ms: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and 200 <= self.http_status < 300
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    base_seconds: float = 60.0
+    max_delay_seconds: float = 12 * 3600.0
+    window_seconds: float = 3 * 24 * 3600.0
+
+    def delay(self, failed_attempts: int) -> dt.timedelta:
+        seconds = min(self.base_seconds * 2 ** min(failed_attempts - 1, 40), self.max_delay_seconds)
+        return dt.timedelta(seconds=seconds * random.uniform(0.9, 1.0))
+
+    def schedule(self, failed_attempts: int) -> list[float]:
+        """The delays of a delivery that always fails, in seconds (docs/webhooks.md prints it)."""
+        delays, total, n = [], 0.0, failed_attempts
+        while True:
+            step = min(self.base_seconds * 2 ** min(n - 1, 40), self.max_delay_seconds)
+            if total + step > self.window_seconds:
+                return delays
+            delays.append(step)
+            total += step
+            n += 1
+
+
+Send = Callable[[str, bytes, dict], Attempt]  # (url, body, headers) -> Attempt
+
+
+@dataclasses.dataclass
+class Run:
+    """What one job run keeps between its batches."""
+
+    after_number: int = 0  # the due scan continues after this delivery number
+    failing: set = dataclasses.field(default_factory=set)  # endpoints that failed in this run
+    delivered: int = 0
+    failed: int = 0
+    gave_up: int = 0
+
+
+class Dispatcher:
+    """`queries`: storage's WebhookQueries; `send`: server/infra/webhook_sender.py's Sender."""
+
+    def __init__(self, *, queries, send: Send, policy: RetryPolicy, lease_seconds: float,
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+                 observe: Callable[[str], None] = lambda outcome: None):
+        self.queries = queries
+        self.send = send
+        self.policy = policy
+        self.lease = dt.timedelta(seconds=lease_seconds)
+        self.clock = clock
+        self.observe = observe  # (outcome) after each attempt: the metrics
+
+    def fan_out(self, limit: int) -> int:
+        """Make the deliveries of up to `limit` new events; how many events."""
+        events = self.queries.undispatched(limit)
+        if not events:
+            return 0
+        endpoints = self.queries.enabled_endpoints()
+        now = self.clock()
+        rows = [{"event_number": e.number, "event_id": e.id, "endpoint_id": ep.id, "payment_id": e.payment_id,
+                 "status": PENDING, "attempts": 0, "first_attempt_at": None, "next_attempt_at": now,
+                 "lease_until": None, "created_at": now}
+                for e in events for ep in endpoints if ep.wants(e.type)]
+        with self.queries.transaction():
+            self.queries.add_deliveries(rows)
+            self.queries.mark_dispatched([e.number for e in events])
+        return len(events)
+
+    def deliver(self, limit: int, run: Run, *, deadline: float | None = None,
+                stopping: threading.Event | None = None) -> int:
+        """Send one batch of what is due (up to `limit` deliveries looked at); how many were looked
+        at, so the job knows whether there may be more."""
+        now = self.clock()
+        due = self.queries.due(now, limit, after_number=run.after_number, skip_endpoints=run.failing)
+        if not due:
+            return 0
+        run.after_number = due[-1].number
+        # A delivery may go only if every earlier pending one of its endpoint and payment goes first.
+        pending = self.queries.pending_order({d.payment_id for d in due})
+        mine = set(self.queries.lease([d.number for d in due], now, now + self.lease))
+        ready = {d.number for d in due} & mine
+        allowed: set[int] = set()
+        for numbers in pending.values():  # each (endpoint, payment)'s pending deliveries, in order
+            for number in numbers:
+                if number not in ready:
+                    break
+                allowed.add(number)
+        endpoints = {e.id: e for e in self.queries.endpoints([d.endpoint_id for d in due])}
+        bodies = self.queries.bodies([d.event_number for d in due if d.number in allowed])
+        held: set[tuple[str, str]] = set()  # (endpoint, payment) whose earlier event failed just now
+        try:
+            for d in due:
+                if d.number not in allowed:
+                    continue
+                key = (d.endpoint_id, d.payment_id)
+                endpoint = endpoints.get(d.endpoint_id)
+                if key in held or d.endpoint_id in run.failing or endpoint is None or not endpoint.enabled:
+                    continue
+                if (stopping is not None and stopping.is_set()) or (deadline is not None and time.monotonic() >= deadline):
+                    break
+                self._attempt(d, endpoint, bodies[d.event_number], run)
+                mine.discard(d.number)
+                if d.endpoint_id in run.failing:
+                    held.add(key)
+        finally:
+            self.queries.release(sorted(mine))  # leased but not sent: due again at the next run
+        return len(due)
+
+    def _attempt(self, d, endpoint, body: str, run: Run) -> None:
+        started = self.clock()
+        raw = body.encode()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "payments-webhooks/1",
+            SIGNATURE_HEADER: signature_header(endpoint.signing_secrets(started), int(started.timestamp()), raw),
+            "Payments-Event-Id": d.event_id,
+            "Payments-Event-Type": json.loads(body).get("type", ""),
+        }
+        result = self.send(endpoint.url, raw, headers)
+        at = self.clock()
+        first = d.first_attempt_at or started
+        attempt = {"delivery_number": d.number, "at": started, "http_status": result.http_status,
+                   "error": result.error[:500], "duration_ms": result.duration_ms}
+        if result.ok:
+            self.queries.record_attempt(d.number, attempt, status=DELIVERED, first_attempt_at=first, next_attempt_at=at)
+            run.delivered += 1
+            self.observe("delivered")
+            return
+        run.failing.add(d.endpoint_id)
+        next_at = at + self.policy.delay(d.attempts + 1)
+        if (next_at - first).total_seconds() <= self.policy.window_seconds:
+            self.queries.record_attempt(d.number, attempt, status=PENDING, first_attempt_at=first, next_attempt_at=next_at)
+            run.failed += 1
+            self.observe("failed")
+            return
+        reason = (f"disabled at {at.isoformat(timespec='seconds')}: event {d.event_id} could not be delivered in "
+                  f"{d.attempts + 1} attempts since {first.isoformat(timespec='seconds')} (last: {result.error[:200]})")
+        with self.queries.transaction():
+            self.queries.record_attempt(d.number, attempt, status=GAVE_UP, first_attempt_at=first, next_attempt_at=at)
+            self.queries.disable_endpoint(d.endpoint_id, reason, at)
+        run.gave_up += 1
+        self.observe("gave_up")

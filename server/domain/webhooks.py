@@ -1,0 +1,358 @@
+"""Webhooks, the rules: which changes are events, the outbox they are written to, the signature,
+and what admins may do with endpoints and events. No gRPC and no network here: the delivery job is
+server/domain/webhook_delivery.py, the HTTP client server/infra/webhook_sender.py.
+
+The outbox is why no change goes unreported: PaymentRules hands every history event to
+Outbox.add inside the transaction that makes the change, so the event row commits with the change
+or not at all; the delivery job only ever reads committed rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import re
+import secrets
+from typing import Callable, NamedTuple, Sequence
+
+from server.domain.caller import Caller
+from server.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from server.domain.ids import opaque_id
+from server.domain.paging import PageTokens
+from server.domain.validation import PAYMENT_ID
+from server.domain.webhook_urls import url_problem
+
+CREATED, SUCCEEDED, FAILED = "payment.created", "payment.succeeded", "payment.failed"
+DELETED, RESTORED = "payment.deleted", "payment.restored"
+EVENT_TYPES = (CREATED, SUCCEEDED, FAILED, DELETED, RESTORED)
+ALL = "*"
+# The payment history's actions, as event types.
+TYPE_OF_ACTION = {"created": CREATED, "confirmed": SUCCEEDED, "cancelled": FAILED, "expired": FAILED,
+                  "deleted": DELETED, "undeleted": RESTORED}
+
+SIGNATURE_HEADER = "Payments-Signature"
+DEFAULT_PREVIOUS_SECRET_TTL = 24 * 3600
+MAX_PREVIOUS_SECRET_TTL = 7 * 24 * 3600
+MAX_DESCRIPTION = 500
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
+ENDPOINT_ID = re.compile(r"whe_[a-z2-7]{26}", re.ASCII)
+EVENT_ID = re.compile(r"evt_[a-z2-7]{26}", re.ASCII)
+
+PENDING, DELIVERED, GAVE_UP = "pending", "succeeded", "failed"  # a delivery's status
+
+
+def signature(secret: str, timestamp: int, body: bytes) -> str:
+    """HMAC-SHA256 of "<timestamp>.<body>" keyed with the secret, in hex (Stripe's v1 scheme)."""
+    return hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def signature_header(secrets_: Sequence[str], timestamp: int, body: bytes) -> str:
+    """t=<unix seconds>,v1=<hex>[,v1=<hex>]: one v1 per valid secret (two during a rotation)."""
+    return ",".join([f"t={timestamp}"] + [f"v1={signature(s, timestamp, body)}" for s in secrets_])
+
+
+def new_secret() -> str:
+    return "whsec_" + secrets.token_urlsafe(32)
+
+
+class EndpointRecord(NamedTuple):
+    """A webhook endpoint (storage.models.WebhookEndpoint, in its order)."""
+
+    id: str
+    url: str
+    event_types: str  # space-separated, or "*"
+    enabled: bool
+    description: str
+    disabled_reason: str | None
+    secret: str
+    previous_secret: str | None
+    previous_secret_expires_at: dt.datetime | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    def wants(self, event_type: str) -> bool:
+        return self.event_types == ALL or event_type in self.event_types.split()
+
+    def signing_secrets(self, now: dt.datetime) -> list[str]:
+        previous = self.previous_secret_expires_at
+        if self.previous_secret and previous is not None and previous > now:
+            return [self.secret, self.previous_secret]
+        return [self.secret]
+
+
+class WebhookEventRecord(NamedTuple):
+    """An outbox row (storage.models.WebhookEvent)."""
+
+    number: int
+    id: str
+    type: str
+    payment_id: str
+    created_at: dt.datetime
+    body: str
+    dispatched: bool
+
+
+class DeliveryRecord(NamedTuple):
+    """storage.models.WebhookDelivery."""
+
+    number: int
+    event_number: int
+    event_id: str
+    endpoint_id: str
+    payment_id: str
+    status: str
+    attempts: int
+    first_attempt_at: dt.datetime | None
+    next_attempt_at: dt.datetime
+    lease_until: dt.datetime | None
+    created_at: dt.datetime
+
+
+class AttemptRecord(NamedTuple):
+    """storage.models.WebhookAttempt."""
+
+    number: int
+    delivery_number: int
+    at: dt.datetime
+    http_status: int
+    error: str
+    duration_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EventView:
+    """An event with where it went: its deliveries, each with its attempts."""
+
+    event: WebhookEventRecord
+    deliveries: list[tuple[DeliveryRecord, list[AttemptRecord]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointChange:
+    """What an admin asks to change; None (or an empty list) leaves a field as it is."""
+
+    url: str | None = None
+    event_types: Sequence[str] = ()
+    enabled: bool | None = None
+    description: str | None = None
+
+
+class Outbox:
+    """Writes the webhook event of each payment change, inside the change's transaction.
+
+    `render(event_id, type, at, reason, payment)` is the event's JSON body exactly as endpoints
+    receive it (the edge's: the payment as the API returns it); `insert` stores the rows."""
+
+    def __init__(self, render: Callable[..., str], insert: Callable[[list[dict]], None]):
+        self.render = render
+        self.insert = insert
+
+    def add(self, changes: Sequence[tuple[dict, object]]) -> None:
+        """`changes`: (history event, the payment just after it) pairs, in history order."""
+        rows = []
+        for event, payment in changes:
+            kind = TYPE_OF_ACTION[event["action"]]
+            reason = event["failure_reason"] if kind == FAILED else None
+            rows.append({"id": event["id"], "type": kind, "payment_id": event["payment_id"],
+                         "created_at": event["at"], "body": self.render(event["id"], kind, event["at"], reason, payment),
+                         "dispatched": False})
+        if rows:
+            self.insert(rows)
+
+
+def _admin(caller: Caller) -> None:
+    if not caller.is_admin:
+        raise PermissionDenied("only admins manage webhooks", reason="ADMIN_ONLY")
+
+
+def endpoint_not_found(endpoint_id: str) -> NotFound:
+    return NotFound(f"webhook endpoint {endpoint_id!r} not found", reason="WEBHOOK_ENDPOINT_NOT_FOUND",
+                    metadata={"id": endpoint_id})
+
+
+def event_not_found(event_id: str) -> NotFound:
+    return NotFound(f"webhook event {event_id!r} not found", reason="WEBHOOK_EVENT_NOT_FOUND",
+                    metadata={"id": event_id})
+
+
+def _event_types_problem(types: Sequence[str]) -> str | None:
+    if not types:
+        return "is required: one or more of " + ", ".join(EVENT_TYPES) + ", or \"*\" for all"
+    unknown = [t for t in types if t not in EVENT_TYPES and t != ALL]
+    if unknown:
+        return f"unknown event type {unknown[0][:40]!r}: use " + ", ".join(EVENT_TYPES) + ", or \"*\""
+    if ALL in types and len(set(types)) > 1:
+        return "\"*\" already means every type: give it alone"
+    return None
+
+
+def _event_types_text(types: Sequence[str]) -> str:
+    return ALL if ALL in types else " ".join(t for t in EVENT_TYPES if t in types)
+
+
+def _page_size(page_size: int) -> int:
+    if page_size < 0 or page_size > MAX_PAGE_SIZE:
+        raise InvalidArgument([("page_size", f"must be between 1 and {MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})")],
+                              reason="INVALID_LIST_REQUEST")
+    return page_size or DEFAULT_PAGE_SIZE
+
+
+class WebhookRules:
+    """What admins do with endpoints and events. `queries` is storage's WebhookQueries."""
+
+    def __init__(self, *, queries, page_tokens: PageTokens, allow_loopback: bool = False,
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)):
+        self.queries = queries
+        self.page_tokens = page_tokens
+        self.allow_loopback = allow_loopback
+        self.clock = clock
+
+    def _violations(self, url: str | None, types: Sequence[str] | None, description: str | None) -> list:
+        violations = []
+        if url is not None and (why := url_problem(url, allow_loopback=self.allow_loopback)):
+            violations.append(("endpoint.url", why))
+        if types is not None and (why := _event_types_problem(types)):
+            violations.append(("endpoint.event_types", why))
+        if description is not None and len(description) > MAX_DESCRIPTION:
+            violations.append(("endpoint.description", f"must be at most {MAX_DESCRIPTION} characters"))
+        return violations
+
+    # --- endpoints ---------------------------------------------------------------------------
+
+    def create(self, caller: Caller, *, url: str, event_types: Sequence[str], enabled: bool,
+               description: str) -> tuple[EndpointRecord, str]:
+        """The new endpoint and its secret (the only time the secret is shown)."""
+        _admin(caller)
+        url = url.strip()
+        if violations := self._violations(url, list(event_types), description):
+            raise InvalidArgument(violations, reason="INVALID_WEBHOOK_ENDPOINT")
+        now = self.clock()
+        secret = new_secret()
+        row = EndpointRecord(id=opaque_id("whe_"), url=url, event_types=_event_types_text(event_types),
+                             enabled=enabled, description=description, disabled_reason=None, secret=secret,
+                             previous_secret=None, previous_secret_expires_at=None, created_at=now, updated_at=now)
+        self.queries.insert_endpoint(row)
+        return row, secret
+
+    def get(self, caller: Caller, endpoint_id: str) -> EndpointRecord:
+        _admin(caller)
+        row = self.queries.endpoint(endpoint_id) if ENDPOINT_ID.fullmatch(endpoint_id or "") else None
+        if row is None:
+            raise endpoint_not_found(endpoint_id)
+        return row
+
+    def list(self, caller: Caller, *, page_size: int = 0, page_token: str = "") -> tuple[list[EndpointRecord], str]:
+        _admin(caller)
+        size, now = _page_size(page_size), self.clock()
+        scope = self.page_tokens.scope(caller.subject, "webhook-endpoints")
+        after = self.page_tokens.decode(page_token, scope, now) if page_token else None
+        rows = self.queries.endpoints_page(after=after, limit=size + 1)
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = self.page_tokens.encode(rows[-1].created_at, rows[-1].id, scope, now)
+        return rows, token
+
+    def update(self, caller: Caller, endpoint_id: str, change: EndpointChange) -> EndpointRecord:
+        current = self.get(caller, endpoint_id)
+        url = change.url.strip() if change.url is not None else None
+        types = list(change.event_types) or None
+        if violations := self._violations(url, types, change.description):
+            raise InvalidArgument(violations, reason="INVALID_WEBHOOK_ENDPOINT")
+        now = self.clock()
+        fields: dict = {"updated_at": now}
+        if url is not None:
+            fields["url"] = url
+        if types is not None:
+            fields["event_types"] = _event_types_text(types)
+        if change.description is not None:
+            fields["description"] = change.description
+        if change.enabled is not None:
+            fields["enabled"] = change.enabled
+            if change.enabled:
+                fields["disabled_reason"] = None
+        with self.queries.transaction():
+            if not self.queries.update_endpoint(endpoint_id, fields):
+                raise endpoint_not_found(endpoint_id)
+            if change.enabled and not current.enabled:
+                self.queries.resume_deliveries(endpoint_id, now)  # what waited is sent at the next tick
+        return self.get(caller, endpoint_id)
+
+    def delete(self, caller: Caller, endpoint_id: str) -> None:
+        self.get(caller, endpoint_id)
+        with self.queries.transaction():
+            if not self.queries.delete_endpoint(endpoint_id):
+                raise endpoint_not_found(endpoint_id)
+
+    def rotate(self, caller: Caller, endpoint_id: str, previous_ttl_seconds: int = 0) -> tuple[EndpointRecord, str]:
+        """A new secret; the one it replaces keeps signing for `previous_ttl_seconds` (the one before
+        that, if it was still valid, ends now: at most two are ever valid)."""
+        if previous_ttl_seconds < 0 or previous_ttl_seconds > MAX_PREVIOUS_SECRET_TTL:
+            raise InvalidArgument([("previous_secret_ttl_seconds",
+                                    f"must be between 0 and {MAX_PREVIOUS_SECRET_TTL} (0 means {DEFAULT_PREVIOUS_SECRET_TTL})")],
+                                  reason="INVALID_ROTATION")
+        current = self.get(caller, endpoint_id)
+        now = self.clock()
+        secret = new_secret()
+        ttl = dt.timedelta(seconds=previous_ttl_seconds or DEFAULT_PREVIOUS_SECRET_TTL)
+        if not self.queries.update_endpoint(endpoint_id, {"secret": secret, "previous_secret": current.secret,
+                                                          "previous_secret_expires_at": now + ttl, "updated_at": now}):
+            raise endpoint_not_found(endpoint_id)
+        return self.get(caller, endpoint_id), secret
+
+    # --- events ------------------------------------------------------------------------------
+
+    def events(self, caller: Caller, *, page_size: int = 0, page_token: str = "", payment_id: str = "",
+               event_type: str = "") -> tuple[list[EventView], str]:
+        _admin(caller)
+        violations = []
+        if payment_id and not PAYMENT_ID.fullmatch(payment_id):
+            violations.append(("payment_id", "is not a payment id"))
+        if event_type and event_type not in EVENT_TYPES:
+            violations.append(("type", "must be one of " + ", ".join(EVENT_TYPES)))
+        if violations:
+            raise InvalidArgument(violations, reason="INVALID_LIST_REQUEST")
+        size, now = _page_size(page_size), self.clock()
+        scope = self.page_tokens.scope(caller.subject, "webhook-events", payment_id, event_type)
+        before = None
+        if page_token:
+            _, number = self.page_tokens.decode(page_token, scope, now)
+            if not number.isdigit():
+                raise InvalidArgument([("page_token", "is not a page token of this listing")], reason="INVALID_PAGE_TOKEN")
+            before = int(number)
+        rows = self.queries.events_page(before_number=before, payment_id=payment_id, event_type=event_type,
+                                        limit=size + 1)
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = self.page_tokens.encode(rows[-1].created_at, str(rows[-1].number), scope, now)
+        return self._views(rows), token
+
+    def event(self, caller: Caller, event_id: str) -> EventView:
+        _admin(caller)
+        row = self.queries.event(event_id) if EVENT_ID.fullmatch(event_id or "") else None
+        if row is None:
+            raise event_not_found(event_id)
+        return self._views([row])[0]
+
+    def _views(self, events: list[WebhookEventRecord]) -> list[EventView]:
+        deliveries = self.queries.deliveries_of([e.number for e in events])
+        attempts = self.queries.attempts_of([d.number for d in deliveries])
+        by_event: dict[int, list] = {}
+        for d in deliveries:
+            by_event.setdefault(d.event_number, []).append((d, attempts.get(d.number, [])))
+        return [EventView(e, by_event.get(e.number, [])) for e in events]
+
+    def redeliver(self, caller: Caller, event_id: str, endpoint_id: str) -> tuple[DeliveryRecord, list[AttemptRecord]]:
+        """Pending again, due now, with a fresh retry window (the attempts so far stay listed)."""
+        view = self.event(caller, event_id)
+        if not endpoint_id:
+            raise InvalidArgument([("endpoint_id", "is required")], reason="INVALID_REDELIVERY")
+        endpoint = self.get(caller, endpoint_id)
+        if not endpoint.enabled:
+            raise FailedPrecondition(f"webhook endpoint {endpoint_id!r} is disabled: enable it first",
+                                     reason="WEBHOOK_ENDPOINT_DISABLED", metadata={"id": endpoint_id})
+        delivery = self.queries.redeliver(view.event, endpoint_id, self.clock())
+        return delivery, self.queries.attempts_of([delivery.number]).get(delivery.number, [])

@@ -1,0 +1,98 @@
+"""The WebhookService servicer, and the JSON body of a webhook event.
+
+The body is rendered here, at the edge, because it is the API's own JSON: the payment exactly as
+GetPayment returns it over REST (Envoy's transcoder prints snake_case names, int64 as strings,
+enums by name, defaults left out; json_format with preserving_proto_field_name prints the same).
+The rules call `event_body` through the Outbox, inside the change's transaction, and the stored
+text is what every endpoint receives and what GetWebhookEvent reads back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from google.protobuf import empty_pb2, json_format
+
+from server.edge import auth
+from server.edge.pb import payments_pb2 as pb
+from server.edge.pb import payments_pb2_grpc as pb_grpc
+from server.edge.servicers import _REASON_TO_PB, _ts, payment_fields
+from server.domain.webhooks import EndpointChange, EndpointRecord, EventView, WebhookRules
+
+_DELIVERY_STATUS = {"pending": pb.WebhookDelivery.PENDING, "succeeded": pb.WebhookDelivery.SUCCEEDED,
+                    "failed": pb.WebhookDelivery.FAILED}
+
+
+def event_body(event_id: str, kind: str, at: dt.datetime, reason: str | None, payment) -> str:
+    message = pb.WebhookEvent(id=event_id, type=kind, created_at=_ts(at),
+                              reason=_REASON_TO_PB.get(reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
+                              payment=payment_fields(payment))
+    return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), separators=(",", ":"))
+
+
+def endpoint_pb(row: EndpointRecord) -> pb.WebhookEndpoint:
+    return pb.WebhookEndpoint(id=row.id, url=row.url, event_types=row.event_types.split(), enabled=row.enabled,
+                              description=row.description, disabled_reason=row.disabled_reason or "",
+                              created_at=_ts(row.created_at), updated_at=_ts(row.updated_at),
+                              previous_secret_expires_at=_ts(row.previous_secret_expires_at))
+
+
+def delivery_pb(delivery, attempts) -> pb.WebhookDelivery:
+    return pb.WebhookDelivery(
+        endpoint_id=delivery.endpoint_id, status=_DELIVERY_STATUS[delivery.status],
+        next_attempt_at=_ts(delivery.next_attempt_at) if delivery.status == "pending" else None,
+        attempts=[pb.WebhookAttempt(time=_ts(a.at), http_status=a.http_status, error=a.error,
+                                    duration_ms=a.duration_ms) for a in attempts])
+
+
+def event_pb(view: EventView) -> pb.WebhookEvent:
+    message = json_format.Parse(view.event.body, pb.WebhookEvent(), ignore_unknown_fields=True)
+    message.deliveries.extend(delivery_pb(d, attempts) for d, attempts in view.deliveries)
+    return message
+
+
+class WebhookServicer(pb_grpc.WebhookServiceServicer):
+    def __init__(self, rules: WebhookRules):
+        self.rules = rules
+
+    def CreateWebhookEndpoint(self, request, context):
+        e = request.endpoint
+        row, secret = self.rules.create(auth.caller(), url=e.url, event_types=list(e.event_types), enabled=e.enabled,
+                                        description=e.description)
+        return pb.WebhookEndpointWithSecret(endpoint=endpoint_pb(row), secret=secret)
+
+    def ListWebhookEndpoints(self, request, context):
+        rows, token = self.rules.list(auth.caller(), page_size=request.page_size, page_token=request.page_token)
+        return pb.ListWebhookEndpointsResponse(endpoints=[endpoint_pb(r) for r in rows], next_page_token=token)
+
+    def GetWebhookEndpoint(self, request, context):
+        return endpoint_pb(self.rules.get(auth.caller(), request.id))
+
+    def UpdateWebhookEndpoint(self, request, context):
+        change = EndpointChange(
+            url=request.url if request.HasField("url") else None,
+            event_types=list(request.event_types),
+            enabled=request.enabled if request.HasField("enabled") else None,
+            description=request.description if request.HasField("description") else None)
+        return endpoint_pb(self.rules.update(auth.caller(), request.id, change))
+
+    def DeleteWebhookEndpoint(self, request, context):
+        self.rules.delete(auth.caller(), request.id)
+        return empty_pb2.Empty()
+
+    def RotateWebhookSecret(self, request, context):
+        row, secret = self.rules.rotate(auth.caller(), request.id, request.previous_secret_ttl_seconds)
+        return pb.WebhookEndpointWithSecret(endpoint=endpoint_pb(row), secret=secret)
+
+    def ListWebhookEvents(self, request, context):
+        views, token = self.rules.events(auth.caller(), page_size=request.page_size, page_token=request.page_token,
+                                         payment_id=request.payment_id, event_type=request.type)
+        return pb.ListWebhookEventsResponse(events=[event_pb(v) for v in views], next_page_token=token)
+
+    def GetWebhookEvent(self, request, context):
+        return event_pb(self.rules.event(auth.caller(), request.id))
+
+    def RedeliverWebhookEvent(self, request, context):
+        delivery, attempts = self.rules.redeliver(auth.caller(), request.id, request.endpoint_id)
+        return delivery_pb(delivery, attempts)

@@ -1,0 +1,123 @@
+"""The HTTP client of webhook deliveries: one POST, and nothing a hostile endpoint can turn against
+the service.
+
+- **Addresses checked at delivery.** The host is resolved here, every address it resolves to must
+  pass server.domain.webhook_urls.address_problem, and the connection goes to the address that was
+  checked (TLS still verifies the certificate for the host name): a name cannot pass the check and
+  then resolve somewhere else for the connection (DNS rebinding).
+- **No redirects.** http.client never follows one; a 3xx is a failed attempt, so a public URL
+  cannot send the service on to a private one.
+- **A deadline for the whole attempt,** not only per read: a receiver that trickles its answer a
+  byte at a time is cut off at the timeout.
+- **A bounded read.** The status line and headers are all that matter; at most RESPONSE_BYTES of
+  the body are read, for the attempt's error text.
+- **No proxies, no environment.** http.client reads no proxy variables.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+from typing import Callable
+
+from server.domain.webhook_delivery import Attempt
+from server.domain.webhook_urls import address_problem
+
+RESPONSE_BYTES = 4096
+MAX_HEADER_BYTES = 16 * 1024
+
+Resolve = Callable[[str, int], list[str]]
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to (TCP), in the resolver's order."""
+    seen: list[str] = []
+    for *_, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        if sockaddr[0] not in seen:
+            seen.append(sockaddr[0])
+    return seen
+
+
+class _Pinned(http.client.HTTPConnection):
+    """A connection to one checked address, whatever the host name says."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float, tls: ssl.SSLContext | None):
+        super().__init__(host, port, timeout=timeout)
+        self._address, self._tls = address, tls
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        if self._tls is not None:
+            sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+        self.sock = sock
+
+
+class Sender:
+    """Send(url, body, headers) -> Attempt; never raises."""
+
+    def __init__(self, *, timeout: float = 10.0, allow_loopback: bool = False, resolver: Resolve = resolve,
+                 tls: ssl.SSLContext | None = None):
+        self.timeout = timeout
+        self.allow_loopback = allow_loopback
+        self.resolver = resolver
+        self.tls = tls or ssl.create_default_context()
+
+    def __call__(self, url: str, body: bytes, headers: dict) -> Attempt:
+        started = time.monotonic()
+
+        def took() -> int:
+            return int((time.monotonic() - started) * 1000)
+
+        parts = urllib.parse.urlsplit(url)
+        https = parts.scheme == "https"
+        host, port = parts.hostname or "", parts.port or (443 if https else 80)
+        if not https and not self.allow_loopback:
+            return Attempt(0, "refused: only https URLs are sent to", took())
+        try:
+            addresses = self.resolver(host, port)
+        except (OSError, UnicodeError) as e:
+            return Attempt(0, f"cannot resolve {host}: {e}", took())
+        if not addresses:
+            return Attempt(0, f"cannot resolve {host}", took())
+        for address in addresses:
+            if why := address_problem(address, allow_loopback=self.allow_loopback):
+                return Attempt(0, f"refused: {host} resolves to {why}", took())
+        if not https and not all(address_problem(a, allow_loopback=False) for a in addresses):
+            return Attempt(0, "refused: plain http is sent only to loopback addresses", took())
+        connection = _Pinned(host, port, addresses[0], self.timeout, self.tls if https else None)
+        # The whole attempt ends at the timeout: shutting the socket down wakes any blocked read.
+        timer = threading.Timer(self.timeout, self._cut, (connection,))
+        timer.daemon = True
+        timer.start()
+        try:
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            connection.request("POST", path, body=body, headers={**headers, "Content-Length": str(len(body))})
+            response = connection.getresponse()
+            excerpt = response.read(RESPONSE_BYTES)
+            status = response.status
+        except (OSError, http.client.HTTPException, ssl.SSLError, ValueError) as e:
+            if time.monotonic() - started >= self.timeout:
+                return Attempt(0, f"timed out after {self.timeout:g} s", took())
+            return Attempt(0, f"{type(e).__name__}: {e}"[:300] or type(e).__name__, took())
+        finally:
+            timer.cancel()
+            connection.close()
+        if 200 <= status < 300:
+            return Attempt(status, "", took())
+        if 300 <= status < 400:
+            return Attempt(status, f"HTTP {status}: redirects are not followed", took())
+        text = excerpt.decode("utf-8", "replace").strip().replace("\n", " ")
+        return Attempt(status, f"HTTP {status}" + (f": {text[:200]}" if text else ""), took())
+
+    @staticmethod
+    def _cut(connection: http.client.HTTPConnection) -> None:
+        sock = connection.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

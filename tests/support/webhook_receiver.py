@@ -1,0 +1,112 @@
+"""A merchant's webhook receiver on loopback, for the tests: a real HTTP server that checks every
+delivery's signature with the code the README gives merchants (taken from the README itself, so the
+snippet is tested), deduplicates by event id as the README says, and can be taken down and brought
+back on the same port.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def readme_verifier():
+    """The README's `verify(secret, header, body)`, executed from the README's text."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(# verify a webhook.*?)```", text, re.S)
+    assert block, "README.md has no webhook verification snippet"
+    scope: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), scope)
+    return scope["verify"], scope
+
+
+class Receiver:
+    """Deliveries arrive at `url`; `events` are the verified, first-seen ones in arrival order,
+    `arrivals` every POST (duplicates included), `bad` those whose signature did not verify."""
+
+    def __init__(self, secret: str = "", port: int = 0, status: int = 200):
+        self.secret = secret
+        self.status = status  # what it answers
+        self.delay = 0.0  # seconds before answering
+        self.events: list[dict] = []
+        self.arrivals: list[dict] = []
+        self.bad: list[dict] = []
+        self.seen: set[str] = set()
+        self.lock = threading.Lock()
+        self.verify, _ = readme_verifier()
+        self._port = port
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/payments"
+
+    def start(self) -> None:
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if receiver.delay:
+                    time.sleep(receiver.delay)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                entry = {"headers": headers, "body": body, "path": self.path, "at": time.time()}
+                ok = receiver.secret and receiver.verify(receiver.secret, headers.get("payments-signature", ""), body)
+                with receiver.lock:
+                    receiver.arrivals.append(entry)
+                    if not ok:
+                        receiver.bad.append(entry)
+                    elif receiver.status < 300:
+                        event = json.loads(body)
+                        if event["id"] not in receiver.seen:  # deduplicate by event id, as the README says
+                            receiver.seen.add(event["id"])
+                            receiver.events.append(event)
+                self.send_response(receiver.status if ok else 400)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
+        server.daemon_threads = True
+        self._port = server.server_address[1]
+        self._server = server
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def stop(self) -> None:
+        """Down: nothing listens on the port (connections are refused)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def wait_for(self, predicate, timeout: float = 30.0, what: str = "deliveries"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if predicate(self):
+                    return
+            time.sleep(0.05)
+        with self.lock:
+            raise AssertionError(f"timed out waiting for {what}: {len(self.events)} events, "
+                                 f"{len(self.arrivals)} arrivals, {len(self.bad)} bad")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
