@@ -17,6 +17,7 @@ the service.
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import socket
 import ssl
 import threading
@@ -48,12 +49,15 @@ class _Pinned(http.client.HTTPConnection):
     def __init__(self, host: str, port: int, address: str, timeout: float, tls: ssl.SSLContext | None):
         super().__init__(host, port, timeout=timeout)
         self._address, self._tls = address, tls
+        # The socket, kept here: http.client hands it to the response and forgets it (sock = None)
+        # when the answer ends the connection, and the deadline must still reach it then.
+        self.raw: socket.socket | None = None
 
     def connect(self) -> None:
         sock = socket.create_connection((self._address, self.port), self.timeout)
         if self._tls is not None:
             sock = self._tls.wrap_socket(sock, server_hostname=self.host)
-        self.sock = sock
+        self.sock = self.raw = sock
 
 
 class Sender:
@@ -86,7 +90,7 @@ class Sender:
         for address in addresses:
             if why := address_problem(address, allow_loopback=self.allow_loopback):
                 return Attempt(0, f"refused: {host} resolves to {why}", took())
-        if not https and not all(address_problem(a, allow_loopback=False) for a in addresses):
+        if not https and not all(ipaddress.ip_address(a.split("%", 1)[0]).is_loopback for a in addresses):
             return Attempt(0, "refused: plain http is sent only to loopback addresses", took())
         connection = _Pinned(host, port, addresses[0], self.timeout, self.tls if https else None)
         # The whole attempt ends at the timeout: shutting the socket down wakes any blocked read.
@@ -106,6 +110,8 @@ class Sender:
         finally:
             timer.cancel()
             connection.close()
+            if connection.raw is not None:
+                connection.raw.close()
         if 200 <= status < 300:
             return Attempt(status, "", took())
         if 300 <= status < 400:
@@ -114,8 +120,8 @@ class Sender:
         return Attempt(status, f"HTTP {status}" + (f": {text[:200]}" if text else ""), took())
 
     @staticmethod
-    def _cut(connection: http.client.HTTPConnection) -> None:
-        sock = connection.sock
+    def _cut(connection: _Pinned) -> None:
+        sock = connection.raw
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)

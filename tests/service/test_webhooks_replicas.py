@@ -1,0 +1,170 @@
+"""Webhook delivery by real server processes (`python -m server`) to a real receiver on loopback:
+two replicas on one PostgreSQL send each event once per attempt, and a server killed with SIGKILL
+in the middle of a delivery loses no event (its successor sends again what the dead one had
+leased: the receiver sees a duplicate with the same event id, and drops it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+
+import grpc
+import peewee
+import pytest
+from playhouse.db_url import parse as parse_db_url
+
+from server.edge.pb import payments_pb2 as pb
+from server.edge.pb import payments_pb2_grpc as pb_grpc
+from server.infra import config
+from tests.conftest import ADMIN_CALLER, ALICE, _reset_postgres, seed_accounts_into
+from tests.service.test_jobs_replicas import Replica
+from tests.support.jobs import wait_for
+from tests.support.webhook_receiver import Receiver
+
+
+def base_env(keys_dir, tmp_path, database_url: str = "") -> dict:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PAYMENTS_", "DATABASE_URL"))},
+        "PAYMENTS_LISTEN_ADDR": "127.0.0.1:0",
+        "PAYMENTS_METRICS_ADDR": "127.0.0.1:0",
+        "PAYMENTS_DATA_DIR": str(tmp_path / "data"),
+        "PAYMENTS_JWT_PRIVATE_KEY_FILE": str(keys_dir / "jwt-private.pem"),
+        "PAYMENTS_JWKS_FILE": str(keys_dir / "jwks.json"),
+        "PAYMENTS_PAGE_TOKEN_SECRET": "webhook-replicas-page-token-secret",
+        "PAYMENTS_PROCESSES": "1",
+        "PAYMENTS_JOBS_ENABLED": "true",
+        "PAYMENTS_WEBHOOK_INTERVAL_SECONDS": "1",
+        "PAYMENTS_WEBHOOK_ALLOW_LOOPBACK": "true",
+        "PAYMENTS_WEBHOOK_TIMEOUT_SECONDS": "2",
+        "PAYMENTS_WEBHOOK_RETRY_BASE_SECONDS": "0.2",
+        "PAYMENTS_WEBHOOK_RETRY_MAX_DELAY_SECONDS": "1",
+        "PAYMENTS_GRACE_SECONDS": "2",
+        "PAYMENTS_DB_POOL_SIZE": "4",
+    }
+    if database_url:
+        env["DATABASE_URL"] = database_url
+    return env
+
+
+def started(index: int, env: dict, tmp_path) -> Replica:
+    replica = Replica(index, env, tmp_path / f"server{index}.log")
+    wait_for(replica.listening_port, timeout=30, what=f"server {index} to listen")
+    return replica
+
+
+TOKENS: dict[str, str] = {}  # by subject: the tokens fixture's, for the seeded accounts
+
+
+def md(caller) -> tuple:
+    return (("authorization", f"Bearer {TOKENS[caller.subject]}"),)
+
+
+def subscribe(port: int, receiver: Receiver) -> str:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        made = pb_grpc.WebhookServiceStub(channel).CreateWebhookEndpoint(
+            pb.CreateWebhookEndpointRequest(endpoint=pb.WebhookEndpoint(url=receiver.url, event_types=["*"], enabled=True)),
+            metadata=md(ADMIN_CALLER))
+    receiver.secret = made.secret
+    return made.endpoint.id
+
+
+def create_payments(ports: list[int], count: int) -> list[str]:
+    ids = []
+    for i in range(count):
+        with grpc.insecure_channel(f"127.0.0.1:{ports[i % len(ports)]}") as channel:
+            stub = pb_grpc.PaymentServiceStub(channel)
+            payment = stub.CreatePayment(pb.CreatePaymentRequest(payment=pb.Payment(email=ALICE.email, amount=100 + i)),
+                                         metadata=md(ALICE))
+            if i % 2:
+                stub.CancelPayment(pb.CancelPaymentRequest(id=payment.id), metadata=md(ALICE))
+            ids.append(payment.id)
+    return ids
+
+
+def outbox_ids(settings: config.Settings) -> list[str]:
+    from server.infra import storage
+    database = storage.make_database(settings)
+    with database.bind_ctx(storage.MODELS), database.connection_context():
+        ids = [row.id for row in storage.models.WebhookEvent.select().order_by(storage.models.WebhookEvent.number)]
+    database.close()
+    return ids
+
+
+@pytest.fixture
+def tokens(token_for):
+    TOKENS.update({c.subject: token_for(c) for c in (ALICE, ADMIN_CALLER)})
+    yield
+    TOKENS.clear()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.stop()
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_two_replicas_on_one_postgresql_send_each_event_once(pg_session_url, keys_dir, tmp_path, tokens, receiver,
+                                                             backend):
+    _reset_postgres(pg_session_url)
+    env = base_env(keys_dir, tmp_path, pg_session_url)
+    receiver.delay = 0.05  # a run outlasts part of its tick: the replicas contend for every one
+    replicas = [started(i, {**env, "PAYMENTS_DATA_DIR": str(tmp_path / f"data{i}")}, tmp_path) for i in range(2)]
+    try:
+        seed_accounts_into(config.load(env))
+        subscribe(replicas[0].port, receiver)
+        payments = create_payments([r.port for r in replicas], 24)
+        expected = len(payments) + len(payments) // 2  # created, and every other one cancelled
+        receiver.wait_for(lambda r: len(r.events) >= expected, timeout=60)
+        wait_for(lambda: len(outbox_ids(config.load(env))) == expected, timeout=5, what="the outbox")
+        time.sleep(2.5)  # two more ticks: nothing is sent again
+    finally:
+        codes = [r.stop() for r in replicas]
+    assert codes == [0, 0]
+    assert receiver.bad == []
+    per_event = Counter(json.loads(a["body"])["id"] for a in receiver.arrivals)
+    assert len(per_event) == expected and set(per_event.values()) == {1}, per_event.most_common(3)
+    assert sorted(per_event) == sorted(outbox_ids(config.load(env)))
+    runs = Counter(e["replica"] for r in replicas for e in r.lines()
+                   if e.get("message") == "job run" and e.get("job") == "webhooks" and e.get("rows"))
+    assert sum(runs.values()) >= 1
+    params = parse_db_url(pg_session_url)
+    db = peewee.PostgresqlDatabase(params.pop("database"), **params)
+    with db.connection_context():
+        attempts = db.execute_sql("SELECT attempts, status FROM webhook_deliveries").fetchall()
+    assert attempts and set(attempts) == {(1, "succeeded")}
+
+
+def test_sigkill_during_delivery_loses_no_event(keys_dir, tmp_path, tokens, receiver):
+    env = base_env(keys_dir, tmp_path)
+    receiver.delay = 0.4  # each POST takes a while, so the kill lands in the middle of one
+    first = started(0, env, tmp_path)
+    try:
+        seed_accounts_into(config.load(env))
+        subscribe(first.port, receiver)
+        payments = create_payments([first.port], 8)
+        receiver.wait_for(lambda r: len(r.arrivals) >= 2, timeout=30)
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(timeout=10)
+    finally:
+        first.stop()
+    arrived_before = len(receiver.arrivals)
+    second = started(1, env, tmp_path)
+    try:
+        expected = outbox_ids(config.load(env))
+        assert len(expected) == len(payments) + len(payments) // 2
+        receiver.wait_for(lambda r: len(r.events) == len(expected), timeout=60, what="every event after the restart")
+    finally:
+        assert second.stop() == 0
+    assert first.proc.returncode == -signal.SIGKILL
+    assert receiver.bad == []
+    assert sorted(e["id"] for e in receiver.events) == sorted(expected)
+    assert len(receiver.arrivals) > arrived_before
+    # Whatever came twice came with the same id (the one in flight at the kill, sent again).
+    ids = [json.loads(a["body"])["id"] for a in receiver.arrivals]
+    assert set(ids) == set(expected)
