@@ -89,7 +89,11 @@ def main() -> int:
                 time.sleep(0.2)
             return True
 
-        procs.append(subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, preexec_fn=dies_with_parent))
+        # Local development: webhooks may go to a receiver on this machine (http://127.0.0.1:...),
+        # which a deployment refuses (docs/webhooks.md).
+        server_env = {**os.environ, "PAYMENTS_WEBHOOK_ALLOW_LOOPBACK": os.environ.get("PAYMENTS_WEBHOOK_ALLOW_LOOPBACK", "true")}
+        procs.append(subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=server_env,
+                                      preexec_fn=dies_with_parent))
         # Envoy after the server listens, so its first health check already passes.
         if not wait_for(lambda: all(port_in_use(probe_host, p) for p in server_ports)):
             return 1

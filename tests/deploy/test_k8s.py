@@ -493,6 +493,8 @@ def _egress(policies: list[dict]) -> set[tuple]:
 
 
 DNS = {(None, 53, "UDP"), (None, 53, "TCP")}
+# Webhooks (docs/webhooks.md): 443 to public addresses, the excepted private ranges checked below.
+WEBHOOKS = {("0.0.0.0/0", 443, "TCP"), ("::/0", 443, "TCP")}
 CLOUD_SQL = {(None, 3307, "TCP"), (None, 443, "TCP"), ("169.254.169.254/32", 80, "TCP"), ("169.254.169.252/32", 988, "TCP")}
 
 
@@ -501,14 +503,19 @@ def test_network_policies_deny_by_default_and_allow_each_pod_what_it_needs(direc
     """Default deny, both ways, for every pod of the namespace. In: exactly the ports the pod's
     Services target, from anywhere (load balancers, their health checks), never the server's 50051
     (Envoy reaches it over loopback, the kubelet's probes from the node, which NetworkPolicy always
-    allows). Out: DNS; the database (its port, or with the Cloud SQL proxy what the proxy needs); Swagger UI
-    nothing."""
+    allows). Out: DNS; the database (its port, or with the Cloud SQL proxy what the proxy needs); webhooks
+    (443 to public addresses); Swagger UI nothing."""
     objects = support.render_k8s(ROOT / "k8s" / directory)
     deny = support.find(objects, "NetworkPolicy", "default-deny")["spec"]
     assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
     assert set(deployments) == {"payments", "swagger-ui"}
-    wanted_egress = {"payments": DNS | ({(None, 5432, "TCP")} if directory == "base" else CLOUD_SQL), "swagger-ui": set()}
+    wanted_egress = {"payments": DNS | WEBHOOKS | ({(None, 5432, "TCP")} if directory == "base" else CLOUD_SQL),
+                     "swagger-ui": set()}
+    webhooks = support.find(objects, "NetworkPolicy", "payments-webhooks")["spec"]["egress"][0]["to"]
+    assert {tuple(t["ipBlock"]["except"]) for t in webhooks} >= {
+        ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "127.0.0.0/8"),
+        ("fc00::/7", "fe80::/10", "::1/128")}
     for name, deployment in deployments.items():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         mine = [p for p in _policies_for(objects, labels) if p["metadata"]["name"] != "default-deny"]

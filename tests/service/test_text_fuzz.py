@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.edge.pb import payments_pb2 as pb
+from server.edge.pb import payments_pb2_grpc as pb_grpc
 from tests.conftest import ADMIN_CALLER, ALICE, rich_status
 
-SERVICES = [pb.DESCRIPTOR.services_by_name["PaymentService"], pb.DESCRIPTOR.services_by_name["AuthService"]]
+SERVICES = [pb.DESCRIPTOR.services_by_name[name] for name in ("PaymentService", "AuthService", "WebhookService")]
 # Codes an input may get; INTERNAL, UNKNOWN, UNAVAILABLE (a "database error") and the rest may not.
 CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
                  grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
@@ -41,11 +42,14 @@ def test_every_rpc_with_a_string_field_is_fuzzed():
     """The list above covers every RPC that has one (a check on the descriptor walk)."""
     methods = {m for _, m, _ in CASES}
     assert methods == {"CreatePayment", "ListPayments", "GetPayment", "DeletePayment", "ConfirmPayment",
-                       "CancelPayment", "UndeletePayment", "ListPaymentEvents", "Register", "Login", "Refresh"}, methods
+                       "CancelPayment", "UndeletePayment", "ListPaymentEvents", "Register", "Login", "Refresh",
+                       "CreateWebhookEndpoint", "ListWebhookEndpoints", "GetWebhookEndpoint", "UpdateWebhookEndpoint",
+                       "DeleteWebhookEndpoint", "RotateWebhookSecret", "ListWebhookEvents", "GetWebhookEvent",
+                       "RedeliverWebhookEvent"}, methods
     assert ("PaymentService", "CreatePayment", ("payment", "description")) in CASES
 
 
-def baseline(method: str, payment_id: str) -> object:
+def baseline(method: str, payment_id: str, endpoint_id: str = "") -> object:
     """A valid request for the method (the fuzzed field is then overwritten)."""
     request_type = {
         "CreatePayment": lambda: pb.CreatePaymentRequest(payment=pb.Payment(email=ALICE.email, amount=1250,
@@ -53,6 +57,12 @@ def baseline(method: str, payment_id: str) -> object:
         "ListPayments": pb.ListPaymentsRequest,
         "Register": lambda: pb.RegisterRequest(email="fuzz@example.com", password="a long enough password"),
         "Login": lambda: pb.LoginRequest(email="fuzz@example.com", password="a long enough password"),
+        "CreateWebhookEndpoint": lambda: pb.CreateWebhookEndpointRequest(endpoint=pb.WebhookEndpoint(
+            url="https://shop.example.com/hooks", event_types=["*"])),
+        "UpdateWebhookEndpoint": lambda: pb.UpdateWebhookEndpointRequest(id=endpoint_id, url="https://a.example.com/h",
+                                                                         description="d"),
+        "ListWebhookEndpoints": pb.ListWebhookEndpointsRequest,
+        "ListWebhookEvents": pb.ListWebhookEventsRequest,
     }.get(method)
     if request_type is not None:
         return request_type()
@@ -60,6 +70,10 @@ def baseline(method: str, payment_id: str) -> object:
         return pb.RefreshRequest(refresh_token="rt_" + "a" * 32)
     if method == "ListPaymentEvents":
         return pb.ListPaymentEventsRequest(payment_id=payment_id)
+    if method in ("GetWebhookEndpoint", "DeleteWebhookEndpoint", "RotateWebhookSecret"):
+        return getattr(pb, f"{method}Request")(id=endpoint_id)
+    if method == "RedeliverWebhookEvent":
+        return pb.RedeliverWebhookEventRequest(id=payment_id, endpoint_id=endpoint_id)
     return getattr(pb, f"{method}Request")(id=payment_id)
 
 
@@ -79,12 +93,21 @@ def payment_id(stubs, auth_md) -> str:
     return created.id
 
 
+@pytest.fixture
+def endpoint_id(channel, auth_md) -> str:
+    made = pb_grpc.WebhookServiceStub(channel).CreateWebhookEndpoint(pb.CreateWebhookEndpointRequest(
+        endpoint=pb.WebhookEndpoint(url="https://shop.example.com/hooks", event_types=["*"])),
+        metadata=auth_md(ADMIN_CALLER))
+    return made.endpoint.id
+
+
 # One server per database for all examples (hypothesis runs them inside one test call).
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=st.sampled_from(CASES), text=TEXT)
-def test_arbitrary_text_in_any_string_field_is_never_a_server_error(channel, auth_md, payment_id, case, text):
+def test_arbitrary_text_in_any_string_field_is_never_a_server_error(channel, auth_md, payment_id, endpoint_id, case,
+                                                                    text):
     service, method, path = case
-    request = baseline(method, payment_id)
+    request = baseline(method, payment_id, endpoint_id)
     target = request
     for name in path[:-1]:
         target = getattr(target, name)

@@ -134,3 +134,33 @@ def test_a_later_job_batch_starts_in_the_index_after_the_last(rules, database, c
         assert f"ROW({key}" in node.get("Index Cond", ""), node
     else:
         assert "SCAN" not in text and "TEMP B-TREE" not in text and f"({key},id)>(?,?)" in text, text
+
+
+def _last_select_on(caplog, table: str, action) -> tuple[str, tuple]:
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="peewee"):
+        action()
+    queries = [r.msg for r in caplog.records if r.name == "peewee" and isinstance(r.msg, tuple)
+               and r.msg[0].lstrip().upper().startswith("SELECT") and f'FROM "{table}"' in r.msg[0]]
+    assert queries, f"no query on {table} was logged"
+    sql, params = queries[-1]
+    return sql, tuple(params)
+
+
+def test_the_webhook_jobs_scans_use_their_indexes(database, caplog):
+    """The delivery job's two scans, every few seconds for ever: the events not fanned out yet (a
+    partial index of only those) and the deliveries due (status, next attempt): neither reads the
+    rows already delivered, however many there are."""
+    import datetime as dt
+
+    from server.infra import storage
+
+    queries = storage.WebhookQueries()
+    sql, params = _last_select_on(caplog, "webhook_events", lambda: queries.undispatched(100))
+    text = plan(database, sql, params)
+    assert "webhook_events_undispatched" in text, text
+    now = dt.datetime.now(dt.timezone.utc)
+    sql, params = _last_select_on(caplog, "webhook_deliveries",
+                                  lambda: queries.due(now, 100, after_number=0, skip_endpoints=()))
+    text = plan(database, sql, params)
+    assert "webhook_deliveries_status_next_attempt_at_number" in text, text
