@@ -17,8 +17,9 @@ deliveries, one per enabled endpoint that wants the type, then sends what is due
   next attempt would fall outside the window (three days from the first), the delivery is given up
   and its endpoint disabled with the reason: one that failed for three days is broken, and the
   admin sees why in disabled_reason.
-- **One failing endpoint does not stall the rest.** After a failed attempt, the run sends nothing
-  more to that endpoint; the others go on.
+- **One failing endpoint does not stall the rest.** Each endpoint's due deliveries are read on their
+  own (an index per endpoint), so a dead endpoint's backlog is never stepped over; after a failed
+  attempt the run sends nothing more to that endpoint, and the others go on.
 """
 
 from __future__ import annotations
@@ -71,11 +72,16 @@ class RetryPolicy:
 Send = Callable[[str, bytes, dict], Attempt]  # (url, body, headers) -> Attempt
 
 
+def _stopped(deadline: float | None, stopping: threading.Event | None) -> bool:
+    return (stopping is not None and stopping.is_set()) or (deadline is not None and time.monotonic() >= deadline)
+
+
 @dataclasses.dataclass
 class Run:
     """What one job run keeps between its batches."""
 
-    after_number: int = 0  # the due scan continues after this delivery number
+    cursors: dict = dataclasses.field(default_factory=dict)  # endpoint -> (next_attempt_at, number) done up to
+    finished: set = dataclasses.field(default_factory=set)  # endpoints with nothing more due in this run
     failing: set = dataclasses.field(default_factory=set)  # endpoints that failed in this run
     delivered: int = 0
     failed: int = 0
@@ -113,40 +119,44 @@ class Dispatcher:
 
     def deliver(self, limit: int, run: Run, *, deadline: float | None = None,
                 stopping: threading.Event | None = None) -> int:
-        """Send one batch of what is due (up to `limit` deliveries looked at); how many were looked
-        at, so the job knows whether there may be more."""
+        """One batch (up to `limit` due deliveries) for each endpoint that still has some in this
+        run; how many were looked at, 0 when there is nothing more to do."""
+        looked = 0
+        for endpoint in self.queries.enabled_endpoints():
+            if endpoint.id in run.failing or endpoint.id in run.finished:
+                continue
+            if _stopped(deadline, stopping):
+                break
+            looked += self._batch(endpoint, limit, run, deadline, stopping)
+        return looked
+
+    def _batch(self, endpoint, limit: int, run: Run, deadline: float | None, stopping) -> int:
         now = self.clock()
-        due = self.queries.due(now, limit, after_number=run.after_number, skip_endpoints=run.failing)
+        due = self.queries.due(endpoint.id, now, limit, after=run.cursors.get(endpoint.id))
+        if len(due) < limit:
+            run.finished.add(endpoint.id)
         if not due:
             return 0
-        run.after_number = due[-1].number
-        # A delivery may go only if every earlier pending one of its endpoint and payment goes first.
-        pending = self.queries.pending_order({d.payment_id for d in due})
+        run.cursors[endpoint.id] = (due[-1].next_attempt_at, due[-1].number)
         mine = set(self.queries.lease([d.number for d in due], now, now + self.lease))
-        ready = {d.number for d in due} & mine
+        # A delivery may go only if every earlier pending one of its payment goes first (in this batch).
         allowed: set[int] = set()
-        for numbers in pending.values():  # each (endpoint, payment)'s pending deliveries, in order
+        for numbers in self.queries.pending_order(endpoint.id, {d.payment_id for d in due}).values():
             for number in numbers:
-                if number not in ready:
+                if number not in mine:
                     break
                 allowed.add(number)
-        endpoints = {e.id: e for e in self.queries.endpoints([d.endpoint_id for d in due])}
         bodies = self.queries.bodies([d.event_number for d in due if d.number in allowed])
-        held: set[tuple[str, str]] = set()  # (endpoint, payment) whose earlier event failed just now
         try:
-            for d in due:
+            for d in sorted(due, key=lambda d: d.event_number):
                 if d.number not in allowed:
                     continue
-                key = (d.endpoint_id, d.payment_id)
-                endpoint = endpoints.get(d.endpoint_id)
-                if key in held or d.endpoint_id in run.failing or endpoint is None or not endpoint.enabled:
-                    continue
-                if (stopping is not None and stopping.is_set()) or (deadline is not None and time.monotonic() >= deadline):
+                if _stopped(deadline, stopping):
                     break
                 self._attempt(d, endpoint, bodies[d.event_number], run)
                 mine.discard(d.number)
-                if d.endpoint_id in run.failing:
-                    held.add(key)
+                if endpoint.id in run.failing:
+                    break  # a failed attempt ends this endpoint's turn in the run
         finally:
             self.queries.release(sorted(mine))  # leased but not sent: due again at the next run
         return len(due)

@@ -338,7 +338,7 @@ class WebhookRules:
         return self._views([row])[0]
 
     def _views(self, events: list[WebhookEventRecord]) -> list[EventView]:
-        deliveries = self.queries.deliveries_of([e.number for e in events])
+        deliveries = self.queries.deliveries_of([e.id for e in events])
         attempts = self.queries.attempts_of([d.number for d in deliveries])
         by_event: dict[int, list] = {}
         for d in deliveries:

@@ -21,13 +21,13 @@ from server.infra.storage import EventRecord, PaymentRecord
 
 _STATUS_TO_PB = {"pending": pb.Payment.PENDING, "success": pb.Payment.SUCCESS, "failed": pb.Payment.FAILED}
 _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
-_REASON_TO_PB = {"cancelled": pb.Payment.CANCELLED, "expired": pb.Payment.EXPIRED}
+REASON_TO_PB = {"cancelled": pb.Payment.CANCELLED, "expired": pb.Payment.EXPIRED}
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
-def _ts(value: dt.datetime | None) -> dict | None:
+def timestamp(value: dt.datetime | None) -> dict | None:
     """A google.protobuf.Timestamp (as the dict the message constructor takes), three times faster
     than Timestamp.FromDatetime and a copy; there are three of them in every payment."""
     if value is None:
@@ -46,13 +46,13 @@ def payment_fields(row: PaymentRecord) -> dict:
         "currency": row.currency,
         "description": row.description,
         "status": _STATUS_TO_PB[row.status],
-        "failure_reason": _REASON_TO_PB.get(row.failure_reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
+        "failure_reason": REASON_TO_PB.get(row.failure_reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
         "request_id": row.request_id or "",
-        "created_at": _ts(row.created_at),
-        "updated_at": _ts(row.updated_at),
-        "expires_at": _ts(row.expires_at),
+        "created_at": timestamp(row.created_at),
+        "updated_at": timestamp(row.updated_at),
+        "expires_at": timestamp(row.expires_at),
         "owner_id": row.owner_id or "",
-        "deleted_at": _ts(row.deleted_at),
+        "deleted_at": timestamp(row.deleted_at),
     }
 
 
@@ -63,11 +63,11 @@ def event_fields(event: EventRecord) -> dict:
     return {
         "id": event.id,
         "payment_id": event.payment_id,
-        "time": _ts(event.at),
+        "time": timestamp(event.at),
         "action": _ACTION_TO_PB[event.action],
         "from_status": _STATUS_TO_PB.get(event.from_status or "", pb.Payment.STATUS_UNSPECIFIED),
         "to_status": _STATUS_TO_PB[event.to_status],
-        "failure_reason": _REASON_TO_PB.get(event.failure_reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
+        "failure_reason": REASON_TO_PB.get(event.failure_reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
         "actor_id": event.actor_id,
         "actor_role": event.actor_role,
     }

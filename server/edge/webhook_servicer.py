@@ -17,7 +17,7 @@ from google.protobuf import empty_pb2, json_format
 from server.edge import auth
 from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
-from server.edge.servicers import _REASON_TO_PB, _ts, payment_fields
+from server.edge.servicers import REASON_TO_PB, payment_fields, timestamp
 from server.domain.webhooks import EndpointChange, EndpointRecord, EventView, WebhookRules
 
 _DELIVERY_STATUS = {"pending": pb.WebhookDelivery.PENDING, "succeeded": pb.WebhookDelivery.SUCCEEDED,
@@ -25,8 +25,8 @@ _DELIVERY_STATUS = {"pending": pb.WebhookDelivery.PENDING, "succeeded": pb.Webho
 
 
 def event_body(event_id: str, kind: str, at: dt.datetime, reason: str | None, payment) -> str:
-    message = pb.WebhookEvent(id=event_id, type=kind, created_at=_ts(at),
-                              reason=_REASON_TO_PB.get(reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
+    message = pb.WebhookEvent(id=event_id, type=kind, created_at=timestamp(at),
+                              reason=REASON_TO_PB.get(reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
                               payment=payment_fields(payment))
     return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), separators=(",", ":"))
 
@@ -34,15 +34,15 @@ def event_body(event_id: str, kind: str, at: dt.datetime, reason: str | None, pa
 def endpoint_pb(row: EndpointRecord) -> pb.WebhookEndpoint:
     return pb.WebhookEndpoint(id=row.id, url=row.url, event_types=row.event_types.split(), enabled=row.enabled,
                               description=row.description, disabled_reason=row.disabled_reason or "",
-                              created_at=_ts(row.created_at), updated_at=_ts(row.updated_at),
-                              previous_secret_expires_at=_ts(row.previous_secret_expires_at))
+                              created_at=timestamp(row.created_at), updated_at=timestamp(row.updated_at),
+                              previous_secret_expires_at=timestamp(row.previous_secret_expires_at))
 
 
 def delivery_pb(delivery, attempts) -> pb.WebhookDelivery:
     return pb.WebhookDelivery(
         endpoint_id=delivery.endpoint_id, status=_DELIVERY_STATUS[delivery.status],
-        next_attempt_at=_ts(delivery.next_attempt_at) if delivery.status == "pending" else None,
-        attempts=[pb.WebhookAttempt(time=_ts(a.at), http_status=a.http_status, error=a.error,
+        next_attempt_at=timestamp(delivery.next_attempt_at) if delivery.status == "pending" else None,
+        attempts=[pb.WebhookAttempt(time=timestamp(a.at), http_status=a.http_status, error=a.error,
                                     duration_ms=a.duration_ms) for a in attempts])
 
 

@@ -165,8 +165,7 @@ def deliver_webhooks(dispatcher: Dispatcher, *, batch_size: int, progress: Progr
     run = Run()
     try:
         while not stopping.is_set():
-            looked = dispatcher.deliver(batch_size, run, deadline=progress.deadline, stopping=stopping)
-            if looked < batch_size:
+            if not dispatcher.deliver(batch_size, run, deadline=progress.deadline, stopping=stopping):
                 break
             if progress.deadline is not None and time.monotonic() >= progress.deadline:
                 progress.deferred = True

@@ -149,8 +149,8 @@ def _last_select_on(caplog, table: str, action) -> tuple[str, tuple]:
 
 def test_the_webhook_jobs_scans_use_their_indexes(database, caplog):
     """The delivery job's two scans, every few seconds for ever: the events not fanned out yet (a
-    partial index of only those) and the deliveries due (status, next attempt): neither reads the
-    rows already delivered, however many there are."""
+    partial index of only those) and each endpoint's deliveries due (endpoint, status, next
+    attempt): neither reads the rows already delivered, nor another endpoint's backlog."""
     import datetime as dt
 
     from server.infra import storage
@@ -160,7 +160,8 @@ def test_the_webhook_jobs_scans_use_their_indexes(database, caplog):
     text = plan(database, sql, params)
     assert "webhook_events_undispatched" in text, text
     now = dt.datetime.now(dt.timezone.utc)
-    sql, params = _last_select_on(caplog, "webhook_deliveries",
-                                  lambda: queries.due(now, 100, after_number=0, skip_endpoints=()))
-    text = plan(database, sql, params)
-    assert "webhook_deliveries_status_next_attempt_at_number" in text, text
+    for after in (None, (now, 10)):  # a run's first batch for an endpoint, and a later one
+        sql, params = _last_select_on(caplog, "webhook_deliveries",
+                                      lambda: queries.due("whe_" + "a" * 26, now, 100, after=after))
+        text = plan(database, sql, params)
+        assert "webhook_deliveries_endpoint_id_status_next_attempt_at_number" in text, text

@@ -130,8 +130,8 @@ def test_cli_create_admin_with_a_short_password_says_so_in_one_line(settings):
 def test_payment_timestamps_are_what_protobuf_makes(value):
     expected = timestamp_pb2.Timestamp()
     expected.FromDatetime(value)
-    assert timestamp_pb2.Timestamp(**servicers._ts(value)) == expected
-    assert servicers._ts(None) is None
+    assert timestamp_pb2.Timestamp(**servicers.timestamp(value)) == expected
+    assert servicers.timestamp(None) is None
 
 
 ACCESS_RECORD = {"name": logs.ACCESS, "levelname": "INFO", "levelno": logging.INFO, "msg": "rpc",

@@ -169,7 +169,7 @@ def test_backoff_doubles_and_a_delivery_failing_for_the_whole_window_disables_it
     for _ in range(10):
         send.answers = [Attempt(0, "ConnectionRefusedError: [Errno 111] Connection refused", 1)]
         deliver_all(d)
-        [delivery] = storage.WebhookQueries().deliveries_of([outbox()[0].number])
+        [delivery] = storage.WebhookQueries().deliveries_of([outbox()[0].id])
         if delivery.status != PENDING:
             break
         waits.append((delivery.next_attempt_at - clock()).total_seconds())
@@ -186,6 +186,29 @@ def test_backoff_doubles_and_a_delivery_failing_for_the_whole_window_disables_it
     assert again.enabled and again.disabled_reason is None
     webhook_rules.redeliver(ADMIN_CALLER, outbox()[0].id, endpoint.id)
     assert deliver_all(d).delivered == 1
+
+
+def test_a_dead_endpoint_gets_one_probe_a_run_and_does_not_hold_back_the_others(rules_with_outbox, webhook_rules,
+                                                                                clock):
+    webhook_rules.create(ADMIN_CALLER, url="https://dead.example.com/h", event_types=["*"], enabled=True, description="")
+    webhook_rules.create(ADMIN_CALLER, url="https://live.example.com/h", event_types=["*"], enabled=True, description="")
+    for n in range(12):
+        rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100 + n))
+
+    class Split(FakeSend):
+        def __call__(self, url, body, headers):
+            super().__call__(url, body, headers)
+            return Attempt(0, "timed out after 10 s", 10_000) if "dead" in url else Attempt(204, "", 3)
+
+    send = Split()
+    d = dispatcher(clock, send)
+    d.fan_out(100)
+    run = Run()
+    while d.deliver(5, run):  # batches of 5, as the job loops them
+        pass
+    sent = [url for url, _, _ in send.sent]
+    assert sent.count("https://dead.example.com/h") == 1 and sent.count("https://live.example.com/h") == 12
+    assert (run.delivered, run.failed) == (12, 1)
 
 
 def test_events_of_types_nobody_asked_for_make_no_delivery(rules_with_outbox, webhook_rules, clock):
@@ -206,7 +229,8 @@ def test_a_leased_delivery_is_not_sent_by_a_second_run(rules_with_outbox, webhoo
     queries = storage.WebhookQueries()
     d = dispatcher(clock, FakeSend())
     d.fan_out(100)
-    [due] = queries.due(clock(), 10, after_number=0, skip_endpoints=())
+    [endpoint] = queries.enabled_endpoints()
+    [due] = queries.due(endpoint.id, clock(), 10)
     assert queries.lease([due.number], clock(), clock() + dt.timedelta(seconds=30)) == [due.number]
     assert queries.lease([due.number], clock(), clock() + dt.timedelta(seconds=30)) == []  # another run's
     send = FakeSend()

@@ -254,8 +254,11 @@ class WebhookDelivery(BaseModel):
         table_name = "webhook_deliveries"
         indexes = (
             (("event_id", "endpoint_id"), True),  # one per event and endpoint, whoever fans out
-            (("status", "next_attempt_at", "number"), False),  # the job's scan of what is due
+            # The job's scan of what is due, one endpoint at a time: a dead endpoint's backlog is
+            # never stepped over to reach the others'.
+            (("endpoint_id", "status", "next_attempt_at", "number"), False),
             (("endpoint_id", "payment_id", "event_number"), False),  # the payment's order per endpoint
+            (("payment_id",), False),  # purged with the payment
         )
 
 

@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 import peewee
 
 from server.domain.webhooks import (PENDING, AttemptRecord, DeliveryRecord, EndpointRecord, WebhookEventRecord)
-from server.infra.storage.fastpath import among
+from server.infra.storage.fastpath import PreparedInsert, among
 from server.infra.storage.models import UNDISPATCHED, WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent, db
 
 
@@ -21,6 +21,10 @@ def _endpoints(query) -> list[EndpointRecord]:
 
 class WebhookQueries:
     transaction = staticmethod(db.atomic)
+
+    def __init__(self):
+        # The outbox insert runs inside every payment change: its SQL is built once.
+        self._insert_events = PreparedInsert(WebhookEvent)
 
     # --- endpoints ---------------------------------------------------------------------------
 
@@ -66,7 +70,7 @@ class WebhookQueries:
     # --- events ------------------------------------------------------------------------------
 
     def insert_events(self, rows: Sequence[dict]) -> None:
-        WebhookEvent.insert_many(rows).execute()
+        self._insert_events.many(rows)
 
     def event(self, event_id: str) -> WebhookEventRecord | None:
         rows = list(WebhookEvent.select().where(WebhookEvent.id == event_id).limit(1).tuples())
@@ -113,10 +117,10 @@ class WebhookQueries:
         for start in range(0, len(rows), 200):
             WebhookDelivery.insert_many(rows[start:start + 200]).on_conflict_ignore().execute()
 
-    def deliveries_of(self, event_numbers: Sequence[int]) -> list[DeliveryRecord]:
-        if not event_numbers:
+    def deliveries_of(self, event_ids: Sequence[str]) -> list[DeliveryRecord]:
+        if not event_ids:
             return []
-        query = WebhookDelivery.select().where(among(WebhookDelivery.event_number, list(event_numbers)))
+        query = WebhookDelivery.select().where(among(WebhookDelivery.event_id, list(event_ids)))
         return [DeliveryRecord(*r) for r in query.order_by(WebhookDelivery.number).tuples()]
 
     def attempts_of(self, delivery_numbers: Sequence[int]) -> dict[int, list[AttemptRecord]]:
@@ -129,29 +133,32 @@ class WebhookQueries:
             out.setdefault(record.delivery_number, []).append(record)
         return out
 
-    def due(self, now: dt.datetime, limit: int, *, after_number: int, skip_endpoints: Iterable[str]) -> list[DeliveryRecord]:
-        """Pending, due, not leased by a live run, to an enabled endpoint; in delivery order."""
-        enabled = WebhookEndpoint.select(WebhookEndpoint.id).where(WebhookEndpoint.enabled == True)  # noqa: E712
+    def due(self, endpoint_id: str, now: dt.datetime, limit: int,
+            after: tuple[dt.datetime, int] | None = None) -> list[DeliveryRecord]:
+        """The endpoint's pending deliveries whose time has come, not leased by a live run, by next
+        attempt; after `after` (next_attempt_at, number), where the run's last batch ended."""
         query = WebhookDelivery.select().where(
-            (WebhookDelivery.status == PENDING) & (WebhookDelivery.next_attempt_at <= now)
-            & (WebhookDelivery.lease_until.is_null() | (WebhookDelivery.lease_until < now))
-            & (WebhookDelivery.number > after_number) & WebhookDelivery.endpoint_id.in_(enabled))
-        skip = sorted(skip_endpoints)
-        if skip:
-            query = query.where(WebhookDelivery.endpoint_id.not_in(skip))
-        return [DeliveryRecord(*r) for r in query.order_by(WebhookDelivery.number).limit(limit).tuples()]
+            (WebhookDelivery.endpoint_id == endpoint_id) & (WebhookDelivery.status == PENDING)
+            & (WebhookDelivery.next_attempt_at <= now)
+            & (WebhookDelivery.lease_until.is_null() | (WebhookDelivery.lease_until < now)))
+        if after is not None:
+            query = query.where(peewee.Tuple(WebhookDelivery.next_attempt_at, WebhookDelivery.number)
+                                > peewee.Tuple(WebhookDelivery.next_attempt_at.db_value(after[0]), after[1]))
+        query = query.order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.number).limit(limit)
+        return [DeliveryRecord(*r) for r in query.tuples()]
 
-    def pending_order(self, payment_ids: Iterable[str]) -> dict[tuple[str, str], list[int]]:
-        """For these payments, each (endpoint, payment)'s pending deliveries in event order."""
+    def pending_order(self, endpoint_id: str, payment_ids: Iterable[str]) -> dict[str, list[int]]:
+        """For these payments, the endpoint's pending deliveries of each, in event order."""
         ids = sorted(set(payment_ids))
-        out: dict[tuple[str, str], list[int]] = {}
+        out: dict[str, list[int]] = {}
         if not ids:
             return out
-        query = (WebhookDelivery.select(WebhookDelivery.endpoint_id, WebhookDelivery.payment_id, WebhookDelivery.number)
-                 .where(among(WebhookDelivery.payment_id, ids) & (WebhookDelivery.status == PENDING))
-                 .order_by(WebhookDelivery.event_number))
-        for endpoint_id, payment_id, number in query.tuples():
-            out.setdefault((endpoint_id, payment_id), []).append(number)
+        query = (WebhookDelivery.select(WebhookDelivery.payment_id, WebhookDelivery.number)
+                 .where((WebhookDelivery.endpoint_id == endpoint_id) & among(WebhookDelivery.payment_id, ids)
+                        & (WebhookDelivery.status == PENDING))
+                 .order_by(WebhookDelivery.payment_id, WebhookDelivery.event_number))
+        for payment_id, number in query.tuples():
+            out.setdefault(payment_id, []).append(number)
         return out
 
     def lease(self, numbers: Sequence[int], now: dt.datetime, until: dt.datetime) -> list[int]:
