@@ -24,7 +24,8 @@ from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
 from server.edge.reflection_pool import pool_for
 from server.edge.servicers import AuthServicer, PaymentServicer
-from server.edge.webhook_servicer import WebhookServicer, event_body
+from server.edge.webhook_body import event_body
+from server.edge.webhook_servicer import WebhookServicer
 from server.domain.webhook_delivery import Dispatcher, RetryPolicy
 from server.domain.webhooks import Outbox, WebhookRules
 from server.infra.webhook_sender import Sender

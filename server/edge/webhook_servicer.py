@@ -1,34 +1,21 @@
-"""The WebhookService servicer, and the JSON body of a webhook event.
+"""The WebhookService servicer: thin translations between its messages and WebhookRules.
 
-The body is rendered here, at the edge, because it is the API's own JSON: the payment exactly as
-GetPayment returns it over REST (Envoy's transcoder prints snake_case names, int64 as strings,
-enums by name, defaults left out; json_format with preserving_proto_field_name prints the same).
-The rules call `event_body` through the Outbox, inside the change's transaction, and the stored
-text is what every endpoint receives and what GetWebhookEvent reads back.
+An event's stored body (server/edge/webhook_body.py, rendered in the change's transaction) is what
+every endpoint receives; GetWebhookEvent parses it back and adds the deliveries.
 """
 
 from __future__ import annotations
-
-import datetime as dt
-import json
 
 from google.protobuf import empty_pb2, json_format
 
 from server.edge import auth
 from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
-from server.edge.servicers import REASON_TO_PB, payment_fields, timestamp
+from server.edge.servicers import timestamp
 from server.domain.webhooks import EndpointChange, EndpointRecord, EventView, WebhookRules
 
 _DELIVERY_STATUS = {"pending": pb.WebhookDelivery.PENDING, "succeeded": pb.WebhookDelivery.SUCCEEDED,
                     "failed": pb.WebhookDelivery.FAILED}
-
-
-def event_body(event_id: str, kind: str, at: dt.datetime, reason: str | None, payment) -> str:
-    message = pb.WebhookEvent(id=event_id, type=kind, created_at=timestamp(at),
-                              reason=REASON_TO_PB.get(reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
-                              payment=payment_fields(payment))
-    return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), separators=(",", ":"))
 
 
 def endpoint_pb(row: EndpointRecord) -> pb.WebhookEndpoint:

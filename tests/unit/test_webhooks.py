@@ -13,6 +13,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.domain import webhook_urls
 from server.domain.errors import InvalidArgument
@@ -21,7 +23,7 @@ from server.domain.payments import PaymentDraft, PaymentRules
 from server.domain.webhook_delivery import Attempt, Dispatcher, RetryPolicy, Run
 from server.domain.webhooks import (GAVE_UP, PENDING, EndpointChange, Outbox, WebhookRules, signature,
                                     signature_header)
-from server.edge.webhook_servicer import event_body
+from server.edge.webhook_body import event_body, event_json, reference_json
 from server.infra import storage
 from server.infra.webhook_sender import Sender
 from tests.conftest import ADMIN_CALLER, ALICE
@@ -59,6 +61,25 @@ def test_the_readme_verifier_accepts_the_services_signature_and_nothing_else():
     assert not verify("whsec_new", header, body + b" ")
     assert not verify("whsec_new", signature_header(["whsec_new"], now - 3600, body), body)  # a replay
     assert not verify("whsec_new", f"v1={signature('whsec_new', now, body)}", body)  # no timestamp
+
+
+_times = st.datetimes(min_value=dt.datetime(1971, 1, 1), max_value=dt.datetime(2200, 1, 1),
+                      timezones=st.just(dt.timezone.utc)) | st.sampled_from(
+    [dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), dt.datetime(2026, 1, 1, 0, 0, 0, 120000, tzinfo=dt.timezone.utc)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(payment=st.builds(
+    storage.PaymentRecord, id=st.text(max_size=30), email=st.text(max_size=30), owner_id=st.none() | st.text(max_size=5),
+    amount=st.integers(0, 999_999_999_999_999), currency=st.text(max_size=3), description=st.text(max_size=40),
+    status=st.sampled_from(["pending", "success", "failed"]), failure_reason=st.sampled_from([None, "cancelled", "expired"]),
+    created_by=st.just("usr_x"), request_id=st.none() | st.text(max_size=10), request_hash=st.none(),
+    created_at=_times, updated_at=_times, expires_at=_times, deleted_at=st.none() | _times),
+    kind=st.sampled_from(["payment.created", "payment.failed"]), at=_times,
+    reason=st.sampled_from([None, "cancelled", "expired"]))
+def test_the_fast_event_json_is_what_protobufs_printer_writes(payment, kind, at, reason):
+    assert event_json("evt_x", kind, at, reason, payment) == reference_json("evt_x", kind, at, reason, payment)
+    assert json.loads(event_body("evt_x", kind, at, reason, payment)) == reference_json("evt_x", kind, at, reason, payment)
 
 
 @pytest.fixture

@@ -223,7 +223,7 @@ class WebhookEvent(BaseModel):
 
     class Meta:
         table_name = "webhook_events"
-        indexes = ((("payment_id", "number"), False), (("type", "number"), False))
+        indexes = ((("payment_id", "number"), False),)  # every index here costs each payment change
 
 
 # Only events still to fan out are indexed by that (the delivery job's scan, which must say it in
