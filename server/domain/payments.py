@@ -100,9 +100,12 @@ RESTORED, PURGED = "restored", "purged"
 
 def _event(payment_id: str, action: str, from_status: str | None, to_status: str, at: dt.datetime,
            caller: Caller | None, failure_reason: str | None) -> dict:
+    # dispatched=False: the event is also the webhook outbox's (server/domain/webhook_delivery.py
+    # fans it out), written by the change's own transaction.
     return {"id": opaque_id("evt_"), "payment_id": payment_id, "at": at, "action": action,
             "from_status": from_status, "to_status": to_status, "failure_reason": failure_reason,
-            "actor_id": caller.subject if caller else "", "actor_role": caller.role if caller else SYSTEM}
+            "actor_id": caller.subject if caller else "", "actor_role": caller.role if caller else SYSTEM,
+            "dispatched": False}
 
 
 def not_found(payment_id: str) -> NotFound:
@@ -143,26 +146,18 @@ class PaymentRules:
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         queries: PaymentQueries | None = None,
         observe: Callable[[str, str | None, int], None] = lambda event, reason, count: None,
-        outbox=None,
     ):
         self.page_tokens = page_tokens
         self.observe = observe  # (event, reason, count) once a change committed: the metrics
         self.payment_ttl = payment_ttl
         self.clock = clock
         self.queries = queries or PaymentQueries()
-        # server.domain.webhooks.Outbox: each history event also becomes a webhook event, in the
-        # same transaction (None: no webhooks, as in tests of the rules alone).
-        self.outbox = outbox
 
-    def _record(self, payment: PaymentRecord, action: str, from_status: str | None, at: dt.datetime,
-                caller: Caller | None) -> None:
-        """One history event (and its webhook event), for `payment` as the change left it; inside
-        the transaction of the change, so there is exactly one per change and none for a change
-        that rolled back."""
-        event = _event(payment.id, action, from_status, payment.status, at, caller, payment.failure_reason)
-        self.queries.insert_events([event])
-        if self.outbox is not None:
-            self.outbox.add([(event, payment)])
+    def _record(self, payment_id: str, action: str, from_status: str | None, to_status: str, at: dt.datetime,
+                caller: Caller | None, failure_reason: str | None = None) -> None:
+        """One history event, which is also the change's webhook event; inside the transaction of the
+        change it records, so there is exactly one per change and none for a change that rolled back."""
+        self.queries.insert_events([_event(payment_id, action, from_status, to_status, at, caller, failure_reason)])
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -264,7 +259,7 @@ class PaymentRules:
         try:
             with self.queries.transaction():
                 self.queries.insert(row)
-                self._record(row, CREATED, None, now, caller)
+                self._record(row.id, CREATED, None, PENDING, now, caller)
         except DuplicateRequest:
             # A concurrent retry with the same request_id won the insert: answer as a replay.
             earlier = self.queries.by_request_id(caller.subject, draft.request_id) if draft.request_id else None
@@ -309,7 +304,7 @@ class PaymentRules:
         with self.queries.transaction():
             changed = self.queries.soft_delete(row.id, now)
             if changed:
-                self._record(row._replace(deleted_at=now, updated_at=now), DELETED, row.status, now, caller)
+                self._record(row.id, DELETED, row.status, row.status, now, caller, row.failure_reason)
         if changed:
             self.observe(DELETED, None, 1)
             return
@@ -328,7 +323,8 @@ class PaymentRules:
         with self.queries.transaction():
             restored = self.queries.undelete(payment_id, now)
             if restored is not None:
-                self._record(self.queries.any(payment_id), UNDELETED, restored[0], now, caller)
+                status, reason = restored
+                self._record(payment_id, UNDELETED, status, status, now, caller, reason)
         if restored is None:
             if self.queries.any(payment_id) is None:
                 raise not_found(payment_id)
@@ -351,8 +347,7 @@ class PaymentRules:
         with self.queries.transaction():
             changed = self.queries.leave_pending(row.id, status, reason, now)
             if changed:
-                self._record(row._replace(status=status, failure_reason=reason, updated_at=now),
-                             CONFIRMED if status == SUCCESS else CANCELLED, PENDING, now, caller)
+                self._record(row.id, CONFIRMED if status == SUCCESS else CANCELLED, PENDING, status, now, caller, reason)
         if changed:
             self.observe(CONFIRMED if status == SUCCESS else FAILED, reason, 1)
             return self.get(caller, payment_id)
@@ -383,11 +378,7 @@ class PaymentRules:
         with self.queries.transaction():
             expired = self.queries.expire(targets, now)
             # one INSERT for the batch's events, not one per row
-            events = [_event(pid, EXPIRED, PENDING, FAILED, now, None, EXPIRED) for pid in expired]
-            self.queries.insert_events(events)
-            if self.outbox is not None and events:
-                payments = {p.id: p for p in self.queries.many(expired)}
-                self.outbox.add([(e, payments[e["payment_id"]]) for e in events])
+            self.queries.insert_events([_event(pid, EXPIRED, PENDING, FAILED, now, None, EXPIRED) for pid in expired])
         if expired:
             self.observe(FAILED, EXPIRED, len(expired))
         return len(expired)

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import random
 import threading
 import time
 from typing import Callable, NamedTuple
 
-from server.domain.webhooks import DELIVERED, GAVE_UP, PENDING, SIGNATURE_HEADER, signature_header
+from server.domain.webhooks import (DELIVERED, FAILED, GAVE_UP, PENDING, SIGNATURE_HEADER, TYPE_OF_ACTION, payment_after,
+                                    signature_header)
 
 
 class Attempt(NamedTuple):
@@ -88,14 +88,19 @@ class Run:
     gave_up: int = 0
 
 
-class Dispatcher:
-    """`queries`: storage's WebhookQueries; `send`: server/infra/webhook_sender.py's Sender."""
+Render = Callable[..., str]  # (event id, type, time, reason, payment after the change) -> the JSON body
 
-    def __init__(self, *, queries, send: Send, policy: RetryPolicy, lease_seconds: float,
+
+class Dispatcher:
+    """`queries`: storage's WebhookQueries; `send`: server/infra/webhook_sender.py's Sender;
+    `render`: the edge's event body (server/edge/webhook_body.py), the API's own JSON."""
+
+    def __init__(self, *, queries, send: Send, render: Render, policy: RetryPolicy, lease_seconds: float,
                  clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
                  observe: Callable[[str], None] = lambda outcome: None):
         self.queries = queries
         self.send = send
+        self.render = render
         self.policy = policy
         self.lease = dt.timedelta(seconds=lease_seconds)
         self.clock = clock
@@ -111,7 +116,7 @@ class Dispatcher:
         rows = [{"event_number": e.number, "event_id": e.id, "endpoint_id": ep.id, "payment_id": e.payment_id,
                  "status": PENDING, "attempts": 0, "first_attempt_at": None, "next_attempt_at": now,
                  "lease_until": None, "created_at": now}
-                for e in events for ep in endpoints if ep.wants(e.type)]
+                for e in events for ep in endpoints if ep.wants(TYPE_OF_ACTION[e.action])]
         with self.queries.transaction():
             self.queries.add_deliveries(rows)
             self.queries.mark_dispatched([e.number for e in events])
@@ -146,14 +151,14 @@ class Dispatcher:
                 if number not in mine:
                     break
                 allowed.add(number)
-        bodies = self.queries.bodies([d.event_number for d in due if d.number in allowed])
+        payloads = self.queries.payloads([d.event_number for d in due if d.number in allowed])
         try:
             for d in sorted(due, key=lambda d: d.event_number):
                 if d.number not in allowed:
                     continue
                 if _stopped(deadline, stopping):
                     break
-                self._attempt(d, endpoint, bodies[d.event_number], run)
+                self._attempt(d, endpoint, *payloads[d.event_number], run)
                 mine.discard(d.number)
                 if endpoint.id in run.failing:
                     break  # a failed attempt ends this endpoint's turn in the run
@@ -161,15 +166,17 @@ class Dispatcher:
             self.queries.release(sorted(mine))  # leased but not sent: due again at the next run
         return len(due)
 
-    def _attempt(self, d, endpoint, body: str, run: Run) -> None:
+    def _attempt(self, d, endpoint, event, payment, run: Run) -> None:
         started = self.clock()
-        raw = body.encode()
+        kind = TYPE_OF_ACTION[event.action]
+        reason = event.failure_reason if kind == FAILED else None
+        raw = self.render(event.id, kind, event.at, reason, payment_after(payment, event)).encode()
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "payments-webhooks/1",
             SIGNATURE_HEADER: signature_header(endpoint.signing_secrets(started), int(started.timestamp()), raw),
             "Payments-Event-Id": d.event_id,
-            "Payments-Event-Type": json.loads(body).get("type", ""),
+            "Payments-Event-Type": kind,
         }
         result = self.send(endpoint.url, raw, headers)
         at = self.clock()

@@ -1,10 +1,14 @@
-"""Webhooks, the rules: which changes are events, the outbox they are written to, the signature,
-and what admins may do with endpoints and events. No gRPC and no network here: the delivery job is
+"""Webhooks, the rules: which changes are events, what an event says, the signature, and what
+admins may do with endpoints and events. No gRPC and no network here: the delivery job is
 server/domain/webhook_delivery.py, the HTTP client server/infra/webhook_sender.py.
 
-The outbox is why no change goes unreported: PaymentRules hands every history event to
-Outbox.add inside the transaction that makes the change, so the event row commits with the change
-or not at all; the delivery job only ever reads committed rows.
+The outbox is the payment history itself: every change writes its history row in the change's own
+transaction (server/domain/payments.py), marked not yet dispatched, so an event commits with its
+change or not at all, and the delivery job only ever reads committed rows. The event is that row:
+its id, its time, its type from the action, and the payment as the change left it, which follows
+from the payment and the row (`payment_after`): a change's status, failure reason and time are the
+row's, and nothing else of a payment ever changes. So announcing costs a change no second insert
+and no copy of the payment, and every retry renders the same bytes.
 """
 
 from __future__ import annotations
@@ -82,18 +86,6 @@ class EndpointRecord(NamedTuple):
         return [self.secret]
 
 
-class WebhookEventRecord(NamedTuple):
-    """An outbox row (storage.models.WebhookEvent)."""
-
-    number: int
-    id: str
-    type: str
-    payment_id: str
-    created_at: dt.datetime
-    body: str
-    dispatched: bool
-
-
 class DeliveryRecord(NamedTuple):
     """storage.models.WebhookDelivery."""
 
@@ -123,10 +115,28 @@ class AttemptRecord(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class EventView:
-    """An event with where it went: its deliveries, each with its attempts."""
+    """An event (a history row), the payment as that change left it, and where it went: its
+    deliveries, each with its attempts."""
 
-    event: WebhookEventRecord
+    event: object  # storage.EventRecord
+    payment: object  # storage.PaymentRecord, after the change
     deliveries: list[tuple[DeliveryRecord, list[AttemptRecord]]]
+
+    @property
+    def type(self) -> str:
+        return TYPE_OF_ACTION[self.event.action]
+
+    @property
+    def reason(self) -> str | None:
+        return self.event.failure_reason if self.type == FAILED else None
+
+
+def payment_after(payment, event):
+    """The payment just after the change `event` records: the status, failure reason and time are
+    the event's, deleted_at is set only by the delete itself (no other change happens to a deleted
+    payment); every other field is fixed at creation."""
+    return payment._replace(status=event.to_status, failure_reason=event.failure_reason, updated_at=event.at,
+                            deleted_at=event.at if event.action == "deleted" else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,29 +147,6 @@ class EndpointChange:
     event_types: Sequence[str] = ()
     enabled: bool | None = None
     description: str | None = None
-
-
-class Outbox:
-    """Writes the webhook event of each payment change, inside the change's transaction.
-
-    `render(event_id, type, at, reason, payment)` is the event's JSON body exactly as endpoints
-    receive it (the edge's: the payment as the API returns it); `insert` stores the rows."""
-
-    def __init__(self, render: Callable[..., str], insert: Callable[[list[dict]], None]):
-        self.render = render
-        self.insert = insert
-
-    def add(self, changes: Sequence[tuple[dict, object]]) -> None:
-        """`changes`: (history event, the payment just after it) pairs, in history order."""
-        rows = []
-        for event, payment in changes:
-            kind = TYPE_OF_ACTION[event["action"]]
-            reason = event["failure_reason"] if kind == FAILED else None
-            rows.append({"id": event["id"], "type": kind, "payment_id": event["payment_id"],
-                         "created_at": event["at"], "body": self.render(event["id"], kind, event["at"], reason, payment),
-                         "dispatched": False})
-        if rows:
-            self.insert(rows)
 
 
 def _admin(caller: Caller) -> None:
@@ -322,12 +309,12 @@ class WebhookRules:
             if not number.isdigit():
                 raise InvalidArgument([("page_token", "is not a page token of this listing")], reason="INVALID_PAGE_TOKEN")
             before = int(number)
-        rows = self.queries.events_page(before_number=before, payment_id=payment_id, event_type=event_type,
-                                        limit=size + 1)
+        actions = [a for a, t in TYPE_OF_ACTION.items() if t == event_type] if event_type else []
+        rows = self.queries.events_page(before_number=before, payment_id=payment_id, actions=actions, limit=size + 1)
         token = ""
         if len(rows) > size:
             rows = rows[:size]
-            token = self.page_tokens.encode(rows[-1].created_at, str(rows[-1].number), scope, now)
+            token = self.page_tokens.encode(rows[-1][0].at, str(rows[-1][0].number), scope, now)
         return self._views(rows), token
 
     def event(self, caller: Caller, event_id: str) -> EventView:
@@ -337,13 +324,14 @@ class WebhookRules:
             raise event_not_found(event_id)
         return self._views([row])[0]
 
-    def _views(self, events: list[WebhookEventRecord]) -> list[EventView]:
-        deliveries = self.queries.deliveries_of([e.id for e in events])
+    def _views(self, rows: list[tuple]) -> list[EventView]:
+        """(history event, payment) pairs, as events with their deliveries."""
+        deliveries = self.queries.deliveries_of([e.id for e, _ in rows])
         attempts = self.queries.attempts_of([d.number for d in deliveries])
         by_event: dict[int, list] = {}
         for d in deliveries:
             by_event.setdefault(d.event_number, []).append((d, attempts.get(d.number, [])))
-        return [EventView(e, by_event.get(e.number, [])) for e in events]
+        return [EventView(e, payment_after(p, e), by_event.get(e.number, [])) for e, p in rows]
 
     def redeliver(self, caller: Caller, event_id: str, endpoint_id: str) -> tuple[DeliveryRecord, list[AttemptRecord]]:
         """Pending again, due now, with a fresh retry window (the attempts so far stay listed)."""

@@ -27,7 +27,7 @@ from server.edge.servicers import AuthServicer, PaymentServicer
 from server.edge.webhook_body import event_body
 from server.edge.webhook_servicer import WebhookServicer
 from server.domain.webhook_delivery import Dispatcher, RetryPolicy
-from server.domain.webhooks import Outbox, WebhookRules
+from server.domain.webhooks import WebhookRules
 from server.infra.webhook_sender import Sender
 
 log = logging.getLogger("server")
@@ -96,7 +96,6 @@ def build(settings: Settings) -> App:
         page_tokens=page_tokens,
         payment_ttl=dt.timedelta(seconds=settings.payment_ttl_seconds),
         observe=metrics.payment_event,
-        outbox=Outbox(event_body, webhook_queries.insert_events),
     )
     webhook_rules = WebhookRules(queries=webhook_queries, page_tokens=page_tokens,
                                  allow_loopback=settings.webhook_allow_loopback)
@@ -141,6 +140,7 @@ def build(settings: Settings) -> App:
         dispatcher = Dispatcher(
             queries=webhook_queries,
             send=Sender(timeout=settings.webhook_timeout_seconds, allow_loopback=settings.webhook_allow_loopback),
+            render=event_body,
             policy=RetryPolicy(settings.webhook_retry_base_seconds, settings.webhook_retry_max_delay_seconds,
                                settings.webhook_retry_window_seconds),
             # A run's leases outlast it (its budget, then one attempt's timeout twice over): a lease

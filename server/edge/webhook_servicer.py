@@ -1,17 +1,17 @@
 """The WebhookService servicer: thin translations between its messages and WebhookRules.
 
-An event's stored body (server/edge/webhook_body.py, rendered in the change's transaction) is what
-every endpoint receives; GetWebhookEvent parses it back and adds the deliveries.
+GetWebhookEvent answers an event with the fields every endpoint receives (server/edge/webhook_body.py
+renders them as the body), and the deliveries.
 """
 
 from __future__ import annotations
 
-from google.protobuf import empty_pb2, json_format
+from google.protobuf import empty_pb2
 
 from server.edge import auth
 from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
-from server.edge.servicers import timestamp
+from server.edge.servicers import REASON_TO_PB, payment_fields, timestamp
 from server.domain.webhooks import EndpointChange, EndpointRecord, EventView, WebhookRules
 
 _DELIVERY_STATUS = {"pending": pb.WebhookDelivery.PENDING, "succeeded": pb.WebhookDelivery.SUCCEEDED,
@@ -34,9 +34,11 @@ def delivery_pb(delivery, attempts) -> pb.WebhookDelivery:
 
 
 def event_pb(view: EventView) -> pb.WebhookEvent:
-    message = json_format.Parse(view.event.body, pb.WebhookEvent(), ignore_unknown_fields=True)
-    message.deliveries.extend(delivery_pb(d, attempts) for d, attempts in view.deliveries)
-    return message
+    """The event as it is delivered (server/edge/webhook_body.py prints the same fields), with its deliveries."""
+    return pb.WebhookEvent(id=view.event.id, type=view.type, created_at=timestamp(view.event.at),
+                           reason=REASON_TO_PB.get(view.reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
+                           payment=payment_fields(view.payment),
+                           deliveries=[delivery_pb(d, attempts) for d, attempts in view.deliveries])
 
 
 class WebhookServicer(pb_grpc.WebhookServiceServicer):

@@ -89,7 +89,8 @@ def outbox_ids(settings: config.Settings) -> list[str]:
     from server.infra import storage
     database = storage.make_database(settings)
     with database.bind_ctx(storage.MODELS), database.connection_context():
-        ids = [row.id for row in storage.models.WebhookEvent.select().order_by(storage.models.WebhookEvent.number)]
+        ids = [row.id for row in storage.PaymentEvent.select().where(storage.PaymentEvent.dispatched.is_null(False))
+               .order_by(storage.PaymentEvent.number)]
     database.close()
     return ids
 

@@ -156,9 +156,9 @@ def test_the_webhook_jobs_scans_use_their_indexes(database, caplog):
     from server.infra import storage
 
     queries = storage.WebhookQueries()
-    sql, params = _last_select_on(caplog, "webhook_events", lambda: queries.undispatched(100))
+    sql, params = _last_select_on(caplog, "payment_events", lambda: queries.undispatched(100))
     text = plan(database, sql, params)
-    assert "webhook_events_undispatched" in text, text
+    assert "payment_events_undispatched" in text, text
     now = dt.datetime.now(dt.timezone.utc)
     for after in (None, (now, 10)):  # a run's first batch for an endpoint, and a later one
         sql, params = _last_select_on(caplog, "webhook_deliveries",

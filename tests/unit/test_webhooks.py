@@ -1,5 +1,5 @@
-"""Webhooks below the API: the address rules, the outbox written with each change (and not with one
-that rolled back), the dispatcher's order, backoff and giving up, on both databases; and the sender
+"""Webhooks below the API: the address rules, the outbox (the history written with each change, and
+not with one that rolled back), the dispatcher's order, backoff and giving up, on both databases; and the sender
 against a real HTTP server on loopback: refused addresses (resolved at delivery time), no redirects,
 a deadline for the whole attempt.
 """
@@ -21,7 +21,7 @@ from server.domain.errors import InvalidArgument
 from server.domain.paging import PageTokens
 from server.domain.payments import PaymentDraft, PaymentRules
 from server.domain.webhook_delivery import Attempt, Dispatcher, RetryPolicy, Run
-from server.domain.webhooks import (GAVE_UP, PENDING, EndpointChange, Outbox, WebhookRules, signature,
+from server.domain.webhooks import (GAVE_UP, PENDING, EndpointChange, WebhookRules, signature,
                                     signature_header)
 from server.edge.webhook_body import event_body, event_json, reference_json
 from server.infra import storage
@@ -90,16 +90,18 @@ def webhook_rules(database, clock):
 
 @pytest.fixture
 def rules_with_outbox(database, clock) -> PaymentRules:
-    outbox = Outbox(event_body, storage.WebhookQueries().insert_events)
     return PaymentRules(page_tokens=PageTokens(b"test-page-token-secret"), payment_ttl=dt.timedelta(hours=1),
-                        clock=clock, outbox=outbox)
+                        clock=clock)
 
 
 def outbox() -> list:
-    return list(storage.models.WebhookEvent.select().order_by(storage.models.WebhookEvent.number))
+    """The events not yet fanned out, oldest first."""
+    return list(storage.PaymentEvent.select().where(storage.PaymentEvent.dispatched == False)  # noqa: E712
+                .order_by(storage.PaymentEvent.number))
 
 
-def test_every_change_is_one_event_with_the_historys_id(rules_with_outbox, clock):
+def test_every_change_is_one_event_and_renders_the_payment_as_that_change_left_it(rules_with_outbox,
+                                                                                 webhook_rules, clock):
     rules = rules_with_outbox
     a = rules.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
     b = rules.create(ALICE, PaymentDraft(email=ALICE.email, amount=200))
@@ -109,28 +111,38 @@ def test_every_change_is_one_event_with_the_historys_id(rules_with_outbox, clock
     c = rules.create(ALICE, PaymentDraft(email=ALICE.email, amount=300))
     clock.advance(hours=2)
     assert rules.expire_due(clock()) == 2  # b (restored, still pending) and c
-    events = outbox()
-    assert [(e.type, e.payment_id) for e in events[:6]] == [
+    assert len(outbox()) == 8
+    views, _ = webhook_rules.events(ADMIN_CALLER, page_size=100)
+    views = views[::-1]  # oldest first
+    assert [(v.type, v.event.payment_id) for v in views[:6]] == [
         ("payment.created", a.id), ("payment.created", b.id), ("payment.succeeded", a.id), ("payment.deleted", b.id),
         ("payment.restored", b.id), ("payment.created", c.id)]
-    assert sorted((e.type, e.payment_id) for e in events[6:]) == sorted([("payment.failed", b.id), ("payment.failed", c.id)])
-    history = [h.id for p in (a, b, c) for h in rules.events(ADMIN_CALLER, p.id).events]
-    assert sorted(history) == sorted(e.id for e in events)
-    expired = json.loads(events[-1].body)
-    assert expired["reason"] == "EXPIRED" and expired["payment"]["status"] == "FAILED"
-    assert expired["payment"]["failure_reason"] == "EXPIRED" and expired["id"] == events[-1].id
-    assert json.loads(events[3].body)["payment"]["deleted_at"]
+    assert sorted((v.type, v.event.payment_id) for v in views[6:]) == sorted([("payment.failed", b.id),
+                                                                             ("payment.failed", c.id)])
+    # The payment as each change left it, whatever happened to it later.
+    assert views[0].payment == a._replace(status="pending")  # created: as CreatePayment answered
+    assert views[2].payment == rules.get(ADMIN_CALLER, a.id)  # confirmed, unchanged since
+    deleted, restored = views[3].payment, views[4].payment
+    assert deleted.deleted_at == deleted.updated_at == views[3].event.at and restored.deleted_at is None
+    assert restored.updated_at == views[4].event.at and restored.status == "pending"
+    expired = [v for v in views[6:] if v.event.payment_id == c.id][0]
+    assert expired.reason == "expired" and expired.payment == rules.get(ADMIN_CALLER, c.id)
+    assert expired.payment.status == "failed" and expired.payment.failure_reason == "expired"
+    body = json.loads(event_body(expired.event.id, expired.type, expired.event.at, expired.reason, expired.payment))
+    assert body["reason"] == "EXPIRED" and body["payment"]["failure_reason"] == "EXPIRED"
 
 
-def test_a_change_that_rolls_back_leaves_no_event(database, clock):
-    def failing_render(*args):
+def test_a_change_that_rolls_back_leaves_no_event(rules_with_outbox, monkeypatch):
+    payment = rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
+    before = len(outbox())
+
+    def failing(events):
         raise RuntimeError("the event cannot be written")
 
-    rules = PaymentRules(page_tokens=PageTokens(b"test-page-token-secret"), payment_ttl=dt.timedelta(hours=1),
-                         clock=clock, outbox=Outbox(failing_render, storage.WebhookQueries().insert_events))
+    monkeypatch.setattr(rules_with_outbox.queries, "insert_events", failing)
     with pytest.raises(RuntimeError):
-        rules.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
-    assert outbox() == [] and storage.Payment.select().count() == 0 and storage.PaymentEvent.select().count() == 0
+        rules_with_outbox.confirm(ADMIN_CALLER, payment.id)
+    assert len(outbox()) == before and rules_with_outbox.get(ADMIN_CALLER, payment.id).status == "pending"
 
 
 class FakeSend:
@@ -144,7 +156,7 @@ class FakeSend:
 
 
 def dispatcher(clock, send, window=3600.0) -> Dispatcher:
-    return Dispatcher(queries=storage.WebhookQueries(), send=send, clock=clock, lease_seconds=30,
+    return Dispatcher(queries=storage.WebhookQueries(), send=send, render=event_body, clock=clock, lease_seconds=30,
                       policy=RetryPolicy(base_seconds=60, max_delay_seconds=600, window_seconds=window))
 
 
@@ -184,13 +196,14 @@ def test_backoff_doubles_and_a_delivery_failing_for_the_whole_window_disables_it
     endpoint, _ = webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"],
                                        enabled=True, description="")
     rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
+    [event] = outbox()
     send = FakeSend()
     d = dispatcher(clock, send, window=1000)
     waits = []
     for _ in range(10):
         send.answers = [Attempt(0, "ConnectionRefusedError: [Errno 111] Connection refused", 1)]
         deliver_all(d)
-        [delivery] = storage.WebhookQueries().deliveries_of([outbox()[0].id])
+        [delivery] = storage.WebhookQueries().deliveries_of([event.id])
         if delivery.status != PENDING:
             break
         waits.append((delivery.next_attempt_at - clock()).total_seconds())
@@ -205,7 +218,7 @@ def test_backoff_doubles_and_a_delivery_failing_for_the_whole_window_disables_it
     # Enabling it again clears the reason; a redelivery sends the given-up event once more.
     again = webhook_rules.update(ADMIN_CALLER, endpoint.id, EndpointChange(enabled=True))
     assert again.enabled and again.disabled_reason is None
-    webhook_rules.redeliver(ADMIN_CALLER, outbox()[0].id, endpoint.id)
+    webhook_rules.redeliver(ADMIN_CALLER, event.id, endpoint.id)
     assert deliver_all(d).delivered == 1
 
 

@@ -104,7 +104,11 @@ Payment.add_index(Payment.index(Payment.id, name="payments_unowned").where(Payme
 class PaymentEvent(BaseModel):
     """The append-only history of a payment: one row per change (created, confirmed, cancelled,
     expired, deleted, undeleted), written in the transaction that makes the change, so there is
-    exactly one per change and none for a change that rolled back. Kept as long as the payment."""
+    exactly one per change and none for a change that rolled back. Kept as long as the payment.
+
+    Each row is also the change's webhook event (the outbox): its id is the event's, and the
+    payment as the change left it follows from the payment and the row (server/domain/webhooks.py),
+    so announcing a change costs its transaction nothing but `dispatched`."""
 
     number = peewee.BigAutoField()  # the order of events (per payment and overall)
     id = peewee.CharField(max_length=40, unique=True)  # opaque, for the API
@@ -116,10 +120,20 @@ class PaymentEvent(BaseModel):
     failure_reason = peewee.CharField(max_length=16, null=True)
     actor_id = peewee.CharField(max_length=40, default="")  # empty: the service itself (expiry)
     actor_role = peewee.CharField(max_length=16)  # customer, admin or system
+    # The webhook outbox: false until the delivery job has made the event's deliveries. Null for
+    # history from before webhooks (and from an older replica during the rolling update): never sent.
+    dispatched = peewee.BooleanField(null=True)
 
     class Meta:
         table_name = "payment_events"
         indexes = ((("payment_id", "number"), False),)
+
+
+# Only the events still to fan out are indexed by that (the delivery job's scan, which must say it
+# in the same words: a literal, since SQLite allows no parameter in an index's WHERE).
+UNDISPATCHED = peewee.SQL('NOT "dispatched"')
+PaymentEvent.add_index(PaymentEvent.index(PaymentEvent.number, name="payment_events_undispatched")
+                       .where(UNDISPATCHED))
 
 
 class User(BaseModel):
@@ -208,33 +222,8 @@ class WebhookEndpoint(BaseModel):
         indexes = ((("created_at", "id"), False),)
 
 
-class WebhookEvent(BaseModel):
-    """The outbox: one row per payment change, written in the change's transaction, with the exact
-    JSON body every endpoint is sent. `id` is the payment history event's id. `dispatched` turns
-    true once the delivery job has made the event's deliveries (the endpoints it goes to)."""
-
-    number = peewee.BigAutoField()  # the outbox order, which is the history's order
-    id = peewee.CharField(max_length=40, unique=True)
-    type = peewee.CharField(max_length=32)
-    payment_id = peewee.CharField(max_length=40)
-    created_at = UTCDateTimeField()
-    body = peewee.TextField()
-    dispatched = peewee.BooleanField(default=False)
-
-    class Meta:
-        table_name = "webhook_events"
-        indexes = ((("payment_id", "number"), False),)  # every index here costs each payment change
-
-
-# Only events still to fan out are indexed by that (the delivery job's scan, which must say it in
-# the same words: a literal, since SQLite allows no parameter in an index's WHERE).
-UNDISPATCHED = peewee.SQL('NOT "dispatched"')
-WebhookEvent.add_index(WebhookEvent.index(WebhookEvent.number, name="webhook_events_undispatched")
-                       .where(UNDISPATCHED))
-
-
 class WebhookDelivery(BaseModel):
-    """One event's sending to one endpoint: pending until a 2xx (succeeded) or until its retries
+    """One event's (a payment_events row's) sending to one endpoint: pending until a 2xx (succeeded) or until its retries
     ran out (failed). `lease_until` is the claim of the run that is sending it, so two replicas
     never send the same attempt, and a run that died is taken over once its lease has passed."""
 
@@ -277,4 +266,4 @@ class WebhookAttempt(BaseModel):
 
 
 MODELS: Sequence[type[BaseModel]] = (Payment, PaymentEvent, User, Session, RefreshToken, JobRun, WebhookEndpoint,
-                                     WebhookEvent, WebhookDelivery, WebhookAttempt)
+                                     WebhookDelivery, WebhookAttempt)

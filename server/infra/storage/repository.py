@@ -17,42 +17,11 @@ import peewee
 from server.domain.lifecycle import EXPIRED, FAILED, PENDING, SUCCESS
 from server.infra.storage.fastpath import Prepared, PreparedInsert, among, row_check
 from server.infra.storage.models import Payment, PaymentEvent, User, db
+from server.infra.storage.records import EventRecord, PaymentRecord
 from server.infra.storage.webhook_queries import WebhookQueries
 
 
-class PaymentRecord(NamedTuple):
-    """A payment row (the columns of storage.models.Payment, in its order)."""
-
-    id: str
-    email: str
-    owner_id: str | None
-    amount: int
-    currency: str
-    description: str
-    status: str
-    failure_reason: str | None
-    created_by: str
-    request_id: str | None
-    request_hash: str | None
-    created_at: dt.datetime
-    updated_at: dt.datetime
-    expires_at: dt.datetime
-    deleted_at: dt.datetime | None
-
-
-class EventRecord(NamedTuple):
-    """One change of a payment (storage.models.PaymentEvent)."""
-
-    number: int
-    id: str
-    payment_id: str
-    at: dt.datetime
-    action: str
-    from_status: str | None
-    to_status: str
-    failure_reason: str | None
-    actor_id: str
-    actor_role: str
+EVENT_COLUMNS = tuple(getattr(PaymentEvent, name) for name in EventRecord._fields)
 
 
 class _AccountId(NamedTuple):
@@ -154,14 +123,10 @@ class PaymentQueries:
         return query(**values)
 
     def events(self, payment_id: str, *, after_number: int | None, limit: int) -> list[EventRecord]:
-        query = PaymentEvent.select().where(PaymentEvent.payment_id == payment_id)
+        query = PaymentEvent.select(*EVENT_COLUMNS).where(PaymentEvent.payment_id == payment_id)
         if after_number is not None:
             query = query.where(PaymentEvent.number > after_number)
         return [EventRecord(*row) for row in query.order_by(PaymentEvent.number).limit(limit).tuples()]
-
-    def many(self, ids: Sequence[str]) -> list[PaymentRecord]:
-        """These payments, deleted or not (a job batch's, after its change)."""
-        return [PaymentRecord(*row) for row in Payment.select().where(among(Payment.id, list(ids))).tuples()]
 
     def due_for_expiry(self, now: dt.datetime, limit: int | None, resume: dict | None = None) -> list[str]:
         due = (Payment.status == PENDING) & (Payment.expires_at <= now)
@@ -216,12 +181,12 @@ class PaymentQueries:
 
     def purge(self, ids: Sequence[str], before: dt.datetime) -> list[str]:
         """Remove for good those of `ids` still deleted before `before` and never succeeded, with
-        their history and webhook events; their ids."""
+        their history and its webhook deliveries; their ids."""
         still_old = (row_check(Payment.deleted_at).is_null(False) & (row_check(Payment.deleted_at) < before)
                      & (row_check(Payment.status) != SUCCESS))
         purged = [pid for (pid,) in Payment.delete().where(among(Payment.id, ids) & still_old)
                   .returning(Payment.id).tuples().execute()]
         if purged:
             PaymentEvent.delete().where(among(PaymentEvent.payment_id, purged)).execute()
-            WebhookQueries().purge_events(purged)
+            WebhookQueries().purge_deliveries(purged)
         return purged

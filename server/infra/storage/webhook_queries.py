@@ -1,6 +1,7 @@
 """The webhook queries, by name: what server/domain/webhooks.py and webhook_delivery.py ask of the
-database. Reads come back as the domain's records; the writes the delivery job races on (lease,
-record_attempt) are single conditional statements.
+database. Reads come back as records (the domain's, and the repository's for payments and their
+history, whose rows are the events); the writes the delivery job races on (lease, record_attempt)
+are single conditional statements.
 """
 
 from __future__ import annotations
@@ -10,9 +11,24 @@ from typing import Iterable, Sequence
 
 import peewee
 
-from server.domain.webhooks import (PENDING, AttemptRecord, DeliveryRecord, EndpointRecord, WebhookEventRecord)
-from server.infra.storage.fastpath import PreparedInsert, among
-from server.infra.storage.models import UNDISPATCHED, WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent, db
+from server.domain.webhooks import PENDING, AttemptRecord, DeliveryRecord, EndpointRecord
+from server.infra.storage.fastpath import among
+from server.infra.storage.models import (UNDISPATCHED, Payment, PaymentEvent, WebhookAttempt, WebhookDelivery,
+                                         WebhookEndpoint, db)
+from server.infra.storage.records import EventRecord, PaymentRecord
+
+_EVENT = tuple(getattr(PaymentEvent, name) for name in EventRecord._fields)
+_PAYMENT = tuple(getattr(Payment, name) for name in PaymentRecord._fields)
+
+
+def _with_payments(query) -> list[tuple[EventRecord, PaymentRecord]]:
+    """(event, payment) pairs of a query over history rows joined to their payments."""
+    cut = len(_EVENT)
+    return [(EventRecord(*row[:cut]), PaymentRecord(*row[cut:])) for row in query.tuples()]
+
+
+def _events():
+    return PaymentEvent.select(*_EVENT, *_PAYMENT).join(Payment, on=(PaymentEvent.payment_id == Payment.id))
 
 
 def _endpoints(query) -> list[EndpointRecord]:
@@ -22,9 +38,6 @@ def _endpoints(query) -> list[EndpointRecord]:
 class WebhookQueries:
     transaction = staticmethod(db.atomic)
 
-    def __init__(self):
-        # The outbox insert runs inside every payment change: its SQL is built once.
-        self._insert_events = PreparedInsert(WebhookEvent)
 
     # --- endpoints ---------------------------------------------------------------------------
 
@@ -69,46 +82,42 @@ class WebhookQueries:
 
     # --- events ------------------------------------------------------------------------------
 
-    def insert_events(self, rows: Sequence[dict]) -> None:
-        self._insert_events.many(rows)
+    def event(self, event_id: str) -> tuple[EventRecord, PaymentRecord] | None:
+        rows = _with_payments(_events().where(PaymentEvent.id == event_id).limit(1))
+        return rows[0] if rows else None
 
-    def event(self, event_id: str) -> WebhookEventRecord | None:
-        rows = list(WebhookEvent.select().where(WebhookEvent.id == event_id).limit(1).tuples())
-        return WebhookEventRecord(*rows[0]) if rows else None
-
-    def events_page(self, *, before_number: int | None, payment_id: str, event_type: str,
-                    limit: int) -> list[WebhookEventRecord]:
-        query = WebhookEvent.select()
+    def events_page(self, *, before_number: int | None, payment_id: str, actions: Sequence[str],
+                    limit: int) -> list[tuple[EventRecord, PaymentRecord]]:
+        """Newest first; history from before webhooks (dispatched null) is not an event."""
+        query = _events().where(PaymentEvent.dispatched.is_null(False))
         if payment_id:
-            query = query.where(WebhookEvent.payment_id == payment_id)
-        if event_type:
-            query = query.where(WebhookEvent.type == event_type)
+            query = query.where(PaymentEvent.payment_id == payment_id)
+        if actions:
+            query = query.where(PaymentEvent.action.in_(list(actions)))
         if before_number is not None:
-            query = query.where(WebhookEvent.number < before_number)
-        return [WebhookEventRecord(*r) for r in query.order_by(WebhookEvent.number.desc()).limit(limit).tuples()]
+            query = query.where(PaymentEvent.number < before_number)
+        return _with_payments(query.order_by(PaymentEvent.number.desc()).limit(limit))
 
-    def bodies(self, event_numbers: Iterable[int]) -> dict[int, str]:
+    def payloads(self, event_numbers: Iterable[int]) -> dict[int, tuple[EventRecord, PaymentRecord]]:
         numbers = sorted(set(event_numbers))
         if not numbers:
             return {}
-        return dict(WebhookEvent.select(WebhookEvent.number, WebhookEvent.body)
-                    .where(WebhookEvent.number.in_(numbers)).tuples())
+        return {e.number: (e, p) for e, p in _with_payments(_events().where(PaymentEvent.number.in_(numbers)))}
 
-    def undispatched(self, limit: int) -> list[WebhookEventRecord]:
-        query = WebhookEvent.select().where(UNDISPATCHED)
-        return [WebhookEventRecord(*r) for r in query.order_by(WebhookEvent.number).limit(limit).tuples()]
+    def undispatched(self, limit: int) -> list[EventRecord]:
+        query = PaymentEvent.select(*_EVENT).where(UNDISPATCHED).order_by(PaymentEvent.number).limit(limit)
+        return [EventRecord(*r) for r in query.tuples()]
 
     def mark_dispatched(self, numbers: Sequence[int]) -> None:
-        WebhookEvent.update(dispatched=True).where(among(WebhookEvent.number, numbers)).execute()
+        PaymentEvent.update(dispatched=True).where(among(PaymentEvent.number, list(numbers))).execute()
 
-    def purge_events(self, payment_ids: Sequence[str]) -> None:
-        """The events of payments removed for good, with their deliveries and attempts."""
+    def purge_deliveries(self, payment_ids: Sequence[str]) -> None:
+        """The deliveries and attempts of payments removed for good (their events go with their history)."""
         if not payment_ids:
             return
         deliveries = WebhookDelivery.select(WebhookDelivery.number).where(among(WebhookDelivery.payment_id, payment_ids))
         WebhookAttempt.delete().where(WebhookAttempt.delivery_number.in_(deliveries)).execute()
         WebhookDelivery.delete().where(among(WebhookDelivery.payment_id, payment_ids)).execute()
-        WebhookEvent.delete().where(among(WebhookEvent.payment_id, payment_ids)).execute()
 
     # --- deliveries --------------------------------------------------------------------------
 
@@ -183,7 +192,7 @@ class WebhookQueries:
                                    next_attempt_at=next_attempt_at, lease_until=None).where(
                 WebhookDelivery.number == delivery_number).execute()
 
-    def redeliver(self, event: WebhookEventRecord, endpoint_id: str, now: dt.datetime) -> DeliveryRecord:
+    def redeliver(self, event: EventRecord, endpoint_id: str, now: dt.datetime) -> DeliveryRecord:
         with db.atomic():
             WebhookDelivery.insert({"event_number": event.number, "event_id": event.id, "endpoint_id": endpoint_id,
                                     "payment_id": event.payment_id, "status": PENDING, "attempts": 0,
