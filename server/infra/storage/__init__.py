@@ -1,6 +1,7 @@
 """Storage: the models (models.py), the database they live in (database.py), the fast path
-that skips peewee's per-call overhead (fastpath.py), and the named queries the payment rules
-use (repository.py, webhook_queries.py). Everything else imports from here.
+that skips peewee's per-call overhead (fastpath.py), the records reads return (records.py), and
+the named queries the rules use (repository.py for payments, webhook_queries.py for webhooks).
+Everything else imports from here.
 """
 
 from server.infra.storage.database import (DATA_ERRORS, OUTAGE_ERRORS, backfill_owners, end_call, give_back_space,
