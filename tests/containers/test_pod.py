@@ -78,7 +78,7 @@ def test_grpcurl_through_envoy_with_reflection_and_the_servers_health(pod):
     listed = subprocess.run([GRPCURL, "-plaintext", *bearer, f"127.0.0.1:{pod.api_port}", "list"],
                             capture_output=True, text=True, timeout=30)
     assert listed.returncode == 0, listed.stderr
-    assert {"payments.v1.PaymentService", "payments.v1.AuthService"} <= set(listed.stdout.split())
+    assert {"payments.v1.PaymentService", "payments.v1.AuthService", "payments.v1.WebhookService"} <= set(listed.stdout.split())
 
     page = subprocess.run([GRPCURL, "-plaintext", *bearer, "-d", '{"page_size": 1}',
                            f"127.0.0.1:{pod.api_port}", "payments.v1.PaymentService/ListPayments"],

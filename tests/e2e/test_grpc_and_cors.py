@@ -32,7 +32,7 @@ def test_reflection_at_the_edge_needs_a_token(stack, make_user):
     out = grpcurl(stack, "-H", f"authorization: Bearer {user.token}", "list")
     assert out.returncode == 0, out.stderr
     services = set(out.stdout.split())
-    assert {"payments.v1.PaymentService", "payments.v1.AuthService", "grpc.health.v1.Health"} <= services
+    assert {"payments.v1.PaymentService", "payments.v1.AuthService", "payments.v1.WebhookService", "grpc.health.v1.Health"} <= services
     # grpcio-reflection serves v1alpha (grpcurl falls back to it from v1, which is UNIMPLEMENTED).
     out = grpcurl(stack, "-H", f"authorization: Bearer {user.token}", "-d", '{"list_services": ""}',
                   "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")

@@ -10,7 +10,9 @@ down for two seconds is retried several times and then gets everything.
 from __future__ import annotations
 
 import json
+import re
 import time
+import urllib.request
 
 import pytest
 
@@ -134,6 +136,24 @@ def test_each_change_arrives_signed_in_history_order_with_the_payment_as_the_api
     [delivery] = [d for d in seen.json["deliveries"] if d["endpoint_id"] == endpoint["id"]]
     assert delivery["status"] == "SUCCEEDED" and delivery["attempts"][0]["http_status"] == 200
     assert seen.json["payment"] == event["payment"] and seen.json["type"] == event["type"]
+
+
+def test_attempts_are_counted_in_the_servers_metrics(hooks_stack, api, admin, customer, receiver, subscribed):
+    server, _ = hooks_stack
+
+    def delivered() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+        found = re.search(r'^payments_webhook_attempts_total\{outcome="delivered"\} ([0-9.e+]+)$', text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    before = delivered()
+    subscribed(receiver)
+    payment = pay(api, customer)
+    receiver.wait_for(lambda r: mine(r, payment["id"]))
+    deadline = time.monotonic() + 5
+    while delivered() < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert delivered() >= before + 1
 
 
 def test_an_endpoint_hears_only_the_types_it_asked_for(api, admin, customer, receiver, subscribed):

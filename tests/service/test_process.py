@@ -137,7 +137,7 @@ def test_grpcurl_lists_describes_and_calls_through_reflection(server_process, to
         return out.stdout
 
     services = grpcurl(addr, "list").split()
-    assert {"payments.v1.PaymentService", "payments.v1.AuthService", "grpc.health.v1.Health"} <= set(services)
+    assert {"payments.v1.PaymentService", "payments.v1.AuthService", "payments.v1.WebhookService", "grpc.health.v1.Health"} <= set(services)
     described = grpcurl(addr, "describe", "payments.v1.PaymentService")
     assert "rpc CreatePayment" in described and "rpc ConfirmPayment" in described
     # The REST mapping stays; the OpenAPI annotations (pages of examples) are not served.

@@ -186,7 +186,7 @@ def test_register_login_and_use_the_token(stubs):
 
 def test_health_serves_overall_and_per_service(channel):
     health = health_pb2_grpc.HealthStub(channel)
-    for service in ("", "payments.v1.PaymentService", "payments.v1.AuthService"):
+    for service in ("", "payments.v1.PaymentService", "payments.v1.AuthService", "payments.v1.WebhookService"):
         assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -202,7 +202,7 @@ def test_reflection_lists_the_services(channel):
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for r in responses for s in r.list_services_response.service}
-    assert {"payments.v1.PaymentService", "payments.v1.AuthService", "grpc.health.v1.Health"} <= names
+    assert {"payments.v1.PaymentService", "payments.v1.AuthService", "payments.v1.WebhookService", "grpc.health.v1.Health"} <= names
 
 
 @pytest.mark.parametrize("error, code", [

@@ -1,7 +1,8 @@
 """Webhook delivery by real server processes (`python -m server`) to a real receiver on loopback:
-two replicas on one PostgreSQL send each event once per attempt, and a server killed with SIGKILL
+two replicas on one PostgreSQL send each event once per attempt, a server killed with SIGKILL
 in the middle of a delivery loses no event (its successor sends again what the dead one had
-leased: the receiver sees a duplicate with the same event id, and drops it).
+leased: the receiver sees a duplicate with the same event id, and drops it), and an address is
+checked at delivery, not only at registration.
 """
 
 from __future__ import annotations
@@ -169,3 +170,33 @@ def test_sigkill_during_delivery_loses_no_event(keys_dir, tmp_path, tokens, rece
     # Whatever came twice came with the same id (the one in flight at the kill, sent again).
     ids = [json.loads(a["body"])["id"] for a in receiver.arrivals]
     assert set(ids) == set(expected)
+
+
+def test_the_address_is_checked_again_at_delivery(keys_dir, tmp_path, tokens, receiver):
+    """Registered where loopback was allowed, then served by a server where it is not (as a
+    deployment is): nothing reaches the receiver, and the attempts say why."""
+    env = base_env(keys_dir, tmp_path)
+    first = started(0, env, tmp_path)
+    try:
+        seed_accounts_into(config.load(env))
+        endpoint_id = subscribe(first.port, receiver)
+    finally:
+        assert first.stop() == 0
+    strict = started(1, {**env, "PAYMENTS_WEBHOOK_ALLOW_LOOPBACK": "false"}, tmp_path)
+    try:
+        [payment_id] = create_payments([strict.port], 1)
+        with grpc.insecure_channel(f"127.0.0.1:{strict.port}") as channel:
+            stub = pb_grpc.WebhookServiceStub(channel)
+
+            def attempts():
+                events = stub.ListWebhookEvents(pb.ListWebhookEventsRequest(payment_id=payment_id), metadata=md(ADMIN_CALLER))
+                return [a for e in events.events for d in e.deliveries if d.endpoint_id == endpoint_id for a in d.attempts]
+
+            found = wait_for(attempts, timeout=20, what="an attempt")
+    finally:
+        assert strict.stop() == 0
+    assert receiver.arrivals == []
+    assert found[0].http_status == 0
+    # Refused before any connection: plain http is for loopback, which this server does not allow
+    # (tests/unit/test_webhooks.py resolves a name to loopback and a private address the same way).
+    assert found[0].error == "refused: only https URLs are sent to", found[0].error
