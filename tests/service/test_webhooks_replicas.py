@@ -64,10 +64,11 @@ def md(caller) -> tuple:
     return (("authorization", f"Bearer {TOKENS[caller.subject]}"),)
 
 
-def subscribe(port: int, receiver: Receiver) -> str:
+def subscribe(port: int, receiver: Receiver, url: str = "") -> str:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         made = pb_grpc.WebhookServiceStub(channel).CreateWebhookEndpoint(
-            pb.CreateWebhookEndpointRequest(endpoint=pb.WebhookEndpoint(url=receiver.url, event_types=["*"], enabled=True)),
+            pb.CreateWebhookEndpointRequest(endpoint=pb.WebhookEndpoint(url=url or receiver.url, event_types=["*"],
+                                                                        enabled=True)),
             metadata=md(ADMIN_CALLER))
     receiver.secret = made.secret
     return made.endpoint.id
@@ -179,7 +180,8 @@ def test_the_address_is_checked_again_at_delivery(keys_dir, tmp_path, tokens, re
     first = started(0, env, tmp_path)
     try:
         seed_accounts_into(config.load(env))
-        endpoint_id = subscribe(first.port, receiver)
+        plain = subscribe(first.port, receiver)
+        tls = subscribe(first.port, receiver, receiver.url.replace("http://", "https://"))
     finally:
         assert first.stop() == 0
     strict = started(1, {**env, "PAYMENTS_WEBHOOK_ALLOW_LOOPBACK": "false"}, tmp_path)
@@ -188,15 +190,16 @@ def test_the_address_is_checked_again_at_delivery(keys_dir, tmp_path, tokens, re
         with grpc.insecure_channel(f"127.0.0.1:{strict.port}") as channel:
             stub = pb_grpc.WebhookServiceStub(channel)
 
-            def attempts():
+            def attempts(endpoint_id):
                 events = stub.ListWebhookEvents(pb.ListWebhookEventsRequest(payment_id=payment_id), metadata=md(ADMIN_CALLER))
                 return [a for e in events.events for d in e.deliveries if d.endpoint_id == endpoint_id for a in d.attempts]
 
-            found = wait_for(attempts, timeout=20, what="an attempt")
+            refused = {e: wait_for(lambda: attempts(e), timeout=20, what="an attempt")[0] for e in (plain, tls)}
     finally:
         assert strict.stop() == 0
+    # Refused before any connection: nothing reached the receiver (tests/unit/test_webhooks.py also
+    # resolves a name to loopback, and to a private address, at delivery).
     assert receiver.arrivals == []
-    assert found[0].http_status == 0
-    # Refused before any connection: plain http is for loopback, which this server does not allow
-    # (tests/unit/test_webhooks.py resolves a name to loopback and a private address the same way).
-    assert found[0].error == "refused: only https URLs are sent to", found[0].error
+    assert {a.http_status for a in refused.values()} == {0}
+    assert refused[plain].error == "refused: only https URLs are sent to"
+    assert refused[tls].error == "refused: 127.0.0.1 resolves to 127.0.0.1 is a loopback address", refused[tls].error
