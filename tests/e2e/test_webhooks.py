@@ -18,22 +18,13 @@ import pytest
 
 from tests.support.rest import Client, loopback_address
 from tests.support.stack import ADMIN_EMAIL, ADMIN_PASSWORD, running_stack
-from tests.support.webhook_receiver import Receiver
+from tests.support.webhook_receiver import FAST_WEBHOOKS, Receiver
 from tests.e2e.conftest import PASSWORD, User, new_email
-
-WEBHOOK_ENV = {
-    "PAYMENTS_JOBS_ENABLED": "true",
-    "PAYMENTS_WEBHOOK_INTERVAL_SECONDS": "1",
-    "PAYMENTS_WEBHOOK_ALLOW_LOOPBACK": "true",
-    "PAYMENTS_WEBHOOK_TIMEOUT_SECONDS": "2",
-    "PAYMENTS_WEBHOOK_RETRY_BASE_SECONDS": "0.2",
-    "PAYMENTS_WEBHOOK_RETRY_MAX_DELAY_SECONDS": "1",
-}
 
 
 @pytest.fixture(scope="module")
 def hooks_stack(tmp_path_factory, keys_dir):
-    with running_stack(tmp_path_factory.mktemp("webhooks"), keys_dir, server_overrides=WEBHOOK_ENV) as (server, envoy):
+    with running_stack(tmp_path_factory.mktemp("webhooks"), keys_dir, server_overrides=FAST_WEBHOOKS) as (server, envoy):
         yield server, envoy
 
 

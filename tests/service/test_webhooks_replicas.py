@@ -24,7 +24,7 @@ from server.infra import config
 from tests.conftest import ADMIN_CALLER, ALICE, _reset_postgres, seed_accounts_into
 from tests.service.test_jobs_replicas import Replica
 from tests.support.jobs import wait_for
-from tests.support.webhook_receiver import Receiver
+from tests.support.webhook_receiver import FAST_WEBHOOKS, Receiver
 
 
 def base_env(keys_dir, tmp_path, database_url: str = "") -> dict:
@@ -37,12 +37,7 @@ def base_env(keys_dir, tmp_path, database_url: str = "") -> dict:
         "PAYMENTS_JWKS_FILE": str(keys_dir / "jwks.json"),
         "PAYMENTS_PAGE_TOKEN_SECRET": "webhook-replicas-page-token-secret",
         "PAYMENTS_PROCESSES": "1",
-        "PAYMENTS_JOBS_ENABLED": "true",
-        "PAYMENTS_WEBHOOK_INTERVAL_SECONDS": "1",
-        "PAYMENTS_WEBHOOK_ALLOW_LOOPBACK": "true",
-        "PAYMENTS_WEBHOOK_TIMEOUT_SECONDS": "2",
-        "PAYMENTS_WEBHOOK_RETRY_BASE_SECONDS": "0.2",
-        "PAYMENTS_WEBHOOK_RETRY_MAX_DELAY_SECONDS": "1",
+        **FAST_WEBHOOKS,
         "PAYMENTS_GRACE_SECONDS": "2",
         "PAYMENTS_DB_POOL_SIZE": "4",
     }

@@ -16,6 +16,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# A server that delivers fast, for tests: its job every second, loopback receivers allowed (the
+# development setting), retries after 0.2 s doubling to at most 1 s, a 2-second deadline an attempt.
+FAST_WEBHOOKS = {
+    "PAYMENTS_JOBS_ENABLED": "true",
+    "PAYMENTS_WEBHOOK_INTERVAL_SECONDS": "1",
+    "PAYMENTS_WEBHOOK_ALLOW_LOOPBACK": "true",
+    "PAYMENTS_WEBHOOK_TIMEOUT_SECONDS": "2",
+    "PAYMENTS_WEBHOOK_RETRY_BASE_SECONDS": "0.2",
+    "PAYMENTS_WEBHOOK_RETRY_MAX_DELAY_SECONDS": "1",
+}
 
 
 def readme_verifier():
