@@ -78,6 +78,7 @@ test: setup
 bench: setup $(PEER_VENV)/.installed
 	scripts/system-deps.sh bench
 	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) bench/webhooks.py
 	scripts/system-deps.sh images
 	$(PY) bench/images.py
 

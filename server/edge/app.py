@@ -145,7 +145,8 @@ def build(settings: Settings) -> App:
                                settings.webhook_retry_window_seconds),
             # A run's leases outlast it (its budget, then one attempt's timeout twice over): a lease
             # runs out only when the run that took it died.
-            lease_seconds=jobs.run_budget(settings.webhook_interval_seconds) + 2 * settings.webhook_timeout_seconds,
+            lease_seconds=jobs.run_budget(settings.webhook_interval_seconds, jobs.WEBHOOK_BUDGET_FRACTION)
+            + 2 * settings.webhook_timeout_seconds,
             observe=metrics.webhook_attempt)
         scheduler = jobs.start(settings, rules, dispatcher)
 

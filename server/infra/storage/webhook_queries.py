@@ -1,6 +1,6 @@
 """The webhook queries, by name: what server/domain/webhooks.py and webhook_delivery.py ask of the
 database. Reads come back as records (the domain's, and the repository's for payments and their
-history, whose rows are the events); the writes the delivery job races on (lease, record_attempt)
+history, whose rows are the events); the writes the delivery job races on (lease, record_attempts)
 are single conditional statements.
 """
 
@@ -184,13 +184,20 @@ class WebhookQueries:
         if numbers:
             WebhookDelivery.update(lease_until=None).where(among(WebhookDelivery.number, list(numbers))).execute()
 
-    def record_attempt(self, delivery_number: int, attempt: dict, *, status: str, first_attempt_at: dt.datetime,
-                       next_attempt_at: dt.datetime) -> None:
+    def record_attempts(self, outcomes: Sequence, endpoint_id: str) -> None:
+        """webhook_delivery.Outcome rows, in one transaction: the attempts, their deliveries' new
+        state (the lease ends), and the endpoint disabled if one of them gave up."""
+        if not outcomes:
+            return
         with db.atomic():
-            WebhookAttempt.insert(attempt).execute()
-            WebhookDelivery.update(status=status, attempts=WebhookDelivery.attempts + 1, first_attempt_at=first_attempt_at,
-                                   next_attempt_at=next_attempt_at, lease_until=None).where(
-                WebhookDelivery.number == delivery_number).execute()
+            WebhookAttempt.insert_many([o.attempt for o in outcomes]).execute()
+            for o in outcomes:
+                WebhookDelivery.update(status=o.status, attempts=WebhookDelivery.attempts + 1,
+                                       first_attempt_at=o.first_attempt_at, next_attempt_at=o.next_attempt_at,
+                                       lease_until=None).where(WebhookDelivery.number == o.delivery_number).execute()
+            for o in outcomes:
+                if o.disable:
+                    self.disable_endpoint(endpoint_id, o.disable, o.next_attempt_at)
 
     def redeliver(self, event: EventRecord, endpoint_id: str, now: dt.datetime) -> DeliveryRecord:
         with db.atomic():

@@ -1,0 +1,122 @@
+"""How fast one server delivers webhooks, against the same POSTs without the service around them.
+
+N payments are created with the jobs off (so N `payment.created` events wait), then a server with
+the delivery job on (its defaults, or --interval) starts, and the clock runs until a receiver on
+loopback (tests/support/webhook_receiver.py: it checks every signature) has all N. The baseline, in
+the same run and against the same receiver: the same N signed bodies POSTed one after another by the
+server's own HTTP client (server/infra/webhook_sender.py), with no database, leases or job ticks.
+The ratio is what the delivery job costs on top of the POSTs themselves; its run budget (half of each
+interval, docs/jobs.md) alone caps it near 0.5.
+
+    .venv/bin/python bench/webhooks.py [--events 2000] [--interval 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+
+from devstack.stack import Server, prepare_workdir, server_env  # noqa: E402
+from server.domain.caller import ADMIN, CUSTOMER, Caller  # noqa: E402
+from server.domain.webhooks import signature_header  # noqa: E402
+from server.edge.pb import payments_pb2 as pb  # noqa: E402
+from server.edge.pb import payments_pb2_grpc as pb_grpc  # noqa: E402
+from server.infra import config, storage, tokens  # noqa: E402
+from server.infra.webhook_sender import Sender  # noqa: E402
+from tests.support.webhook_receiver import FAST_WEBHOOKS, Receiver  # noqa: E402
+
+PAYER = Caller(subject="usr_bench_payer", email="payer@example.com", role=CUSTOMER, session_id="ses_bench_payer")
+OPERATOR = Caller(subject="usr_bench_admin", email="operator@example.com", role=ADMIN, session_id="ses_bench_admin")
+
+
+def seed_callers(settings: config.Settings) -> None:
+    """The payer and the admin the tokens name, with their sessions, in the running server's database."""
+    database = storage.make_database(settings)
+    since, until = dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
+    with database.bind_ctx(storage.MODELS), database.connection_context():
+        for c in (PAYER, OPERATOR):
+            storage.User.insert(id=c.subject, email=c.email, password_hash="!", role=c.role, created_at=since).execute()
+            storage.Session.insert(id=c.session_id, user_id=c.subject, created_at=since, expires_at=until).execute()
+    database.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument("--interval", type=int, default=config.Settings().webhook_interval_seconds)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-webhooks-"))
+    keys = work / "signing-keys"
+    tokens.create_key_pair(keys / "jwt-private.pem", keys / "jwks.json")
+    prepare_workdir(work, keys)
+    # The fast retries of the tests, the given interval; no admin from the environment (ours is seeded).
+    base = {**FAST_WEBHOOKS, "PAYMENTS_WEBHOOK_INTERVAL_SECONDS": str(args.interval), "PAYMENTS_ADMIN_EMAIL": "",
+            "PAYMENTS_ADMIN_PASSWORD": ""}
+    jobs_off = server_env(work, **{**base, "PAYMENTS_JOBS_ENABLED": "false"})
+    settings = config.load(jobs_off)
+    issuer = tokens.TokenIssuer(tokens.load_private_key(settings.jwt_private_key_file), issuer=settings.jwt_issuer,
+                                audience=settings.jwt_audience, ttl_seconds=3600)
+
+    def md(c: Caller) -> tuple:
+        return (("authorization", "Bearer " + issuer.issue(subject=c.subject, email=c.email, role=c.role,
+                                                           session_id=c.session_id)),)
+
+    receiver = Receiver()
+    try:
+        server = Server.start(work, jobs_off)
+        try:
+            seed_callers(settings)
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                made = pb_grpc.WebhookServiceStub(channel).CreateWebhookEndpoint(pb.CreateWebhookEndpointRequest(
+                    endpoint=pb.WebhookEndpoint(url=receiver.url, event_types=["*"], enabled=True)), metadata=md(OPERATOR))
+                receiver.secret = made.secret
+                payments = pb_grpc.PaymentServiceStub(channel)
+                payer = md(PAYER)
+                for i in range(args.events):
+                    payments.CreatePayment(pb.CreatePaymentRequest(payment=pb.Payment(email=PAYER.email, amount=100 + i)),
+                                           metadata=payer)
+        finally:
+            server.stop()
+        bodies = [(f'{{"id":"evt_base{i}","type":"payment.created","payment":{{"id":"pay_{i}"}}}}').encode()
+                  for i in range(args.events)]
+
+        # Baseline: the same number of signed POSTs, back to back, by the same client.
+        send = Sender(allow_loopback=True)
+        started = time.monotonic()
+        for body in bodies:
+            headers = {"Content-Type": "application/json",
+                       "Payments-Signature": signature_header([receiver.secret], int(time.time()), body)}
+            assert send(receiver.url, body, headers).ok
+        baseline = args.events / (time.monotonic() - started)
+
+        before = len(receiver.arrivals)
+        server = Server.start(work, server_env(work, **base))
+        try:
+            receiver.wait_for(lambda r: len(r.events) >= 2 * args.events, timeout=3600, what="every event")
+        finally:
+            server.stop()
+        assert receiver.bad == [], len(receiver.bad)
+        arrivals = [a["at"] for a in receiver.arrivals[before:]]
+    finally:
+        receiver.stop()
+    # From the first delivery to the last: the server's start and its first tick are not the rate.
+    took = max(arrivals) - min(arrivals)
+    delivered = (len(arrivals) - 1) / took
+    print(f"webhooks, {args.events} events, one endpoint on loopback, job every {args.interval} s")
+    print(f"  baseline (the POSTs alone)   {baseline:8.0f} events/s")
+    print(f"  delivered by the server      {delivered:8.0f} events/s  (first to last delivery: {took:.1f} s)")
+    print(f"  ratio                        {delivered / baseline:8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
