@@ -79,6 +79,7 @@ bench: setup $(PEER_VENV)/.installed
 	scripts/system-deps.sh bench
 	$(PY) bench/run.py $(BENCH_ARGS)
 	$(PY) bench/webhooks.py
+	$(PY) bench/webhooks.py --events 400 --receiver-delay 0.05
 	scripts/system-deps.sh images
 	$(PY) bench/images.py
 

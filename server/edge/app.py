@@ -141,6 +141,7 @@ def build(settings: Settings) -> App:
             queries=webhook_queries,
             send=Sender(timeout=settings.webhook_timeout_seconds, allow_loopback=settings.webhook_allow_loopback),
             render=event_body,
+            concurrency=settings.webhook_concurrency,
             policy=RetryPolicy(settings.webhook_retry_base_seconds, settings.webhook_retry_max_delay_seconds,
                                settings.webhook_retry_window_seconds),
             # A run's leases outlast it (its budget, then one attempt's timeout twice over): a lease

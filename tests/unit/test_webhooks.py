@@ -246,6 +246,37 @@ def test_a_dead_endpoint_gets_one_probe_a_run_and_does_not_hold_back_the_others(
     assert (run.delivered, run.failed) == (12, 1)
 
 
+def test_several_payments_are_sent_at_once_each_in_its_order(rules_with_outbox, webhook_rules, clock):
+    webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"], enabled=True, description="")
+    payments = [rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100 + n)) for n in range(8)]
+    for p in payments:
+        rules_with_outbox.cancel(ALICE, p.id)
+
+    class Slow(FakeSend):
+        in_flight = most = 0
+        lock = threading.Lock()
+
+        def __call__(self, url, body, headers):
+            with self.lock:
+                self.in_flight += 1
+                self.most = max(self.most, self.in_flight)
+            time.sleep(0.05)
+            with self.lock:
+                self.in_flight -= 1
+                return super().__call__(url, body, headers)
+
+    send = Slow()
+    d = Dispatcher(queries=storage.WebhookQueries(), send=send, render=event_body, clock=clock, lease_seconds=30,
+                   policy=RetryPolicy(), concurrency=4)
+    d.fan_out(100)
+    run = Run()
+    while d.deliver(100, run):
+        pass
+    assert run.delivered == 16 and 1 < send.most <= 4
+    for p in payments:
+        assert [b["type"] for _, b, _ in send.sent if b["payment"]["id"] == p.id] == ["payment.created", "payment.failed"]
+
+
 def test_events_of_types_nobody_asked_for_make_no_delivery(rules_with_outbox, webhook_rules, clock):
     webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["payment.failed"], enabled=True,
                          description="")
