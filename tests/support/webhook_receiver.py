@@ -47,7 +47,8 @@ class _Quiet(http.server.ThreadingHTTPServer):
 
 class Receiver:
     """Deliveries arrive at `url`; `events` are the verified, first-seen ones in arrival order,
-    `arrivals` every POST (duplicates included), `bad` those whose signature did not verify."""
+    `arrivals` every whole POST (duplicates included), `bad` those whose signature did not verify,
+    `incomplete` how many were cut off before their body ended."""
 
     def __init__(self, secret: str = "", port: int = 0, status: int = 200):
         self.secret = secret
@@ -56,6 +57,7 @@ class Receiver:
         self.events: list[dict] = []
         self.arrivals: list[dict] = []
         self.bad: list[dict] = []
+        self.incomplete = 0  # requests cut off before their body ended
         self.seen: set[str] = set()
         self.lock = threading.Lock()
         self.verify, _ = readme_verifier()
@@ -72,7 +74,12 @@ class Receiver:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length)
+                if len(body) < length:  # the sender went away mid-request (a killed server): not a delivery
+                    with receiver.lock:
+                        receiver.incomplete += 1
+                    return
                 if receiver.delay:
                     time.sleep(receiver.delay)
                 headers = {k.lower(): v for k, v in self.headers.items()}
