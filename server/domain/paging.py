@@ -29,6 +29,17 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+
+
+def invalid_page_size(page_size: int) -> tuple[str, str] | None:
+    """The violation of a page_size outside 0-MAX_PAGE_SIZE (0 means DEFAULT_PAGE_SIZE), if it is."""
+    if page_size < 0 or page_size > MAX_PAGE_SIZE:
+        return ("page_size", f"must be between 1 and {MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})")
+    return None
+
+
 class PageTokens:
     def __init__(self, secret: bytes = b"", ttl_seconds: int = 24 * 3600):
         # Without a configured secret, tokens are valid only in this process (one replica).
@@ -79,3 +90,10 @@ class PageTokens:
         if now.timestamp() - issued > self._ttl:
             raise bad("has expired; start again from the first page")
         return created_at, row_id
+
+    def decode_number(self, token: str, scope: str, now: dt.datetime) -> int:
+        """The row number a token of a numbered listing (histories, events) points after."""
+        _, number = self.decode(token, scope, now)
+        if not number.isdigit():
+            raise InvalidArgument([("page_token", "is not a page token of this listing")], reason="INVALID_PAGE_TOKEN")
+        return int(number)

@@ -18,7 +18,7 @@ from server.domain.caller import Caller
 from server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from server.domain.ids import new_payment_id, opaque_id
 from server.domain.lifecycle import CANCELLED, EXPIRED, FAILED, PENDING, STATUSES, SUCCESS
-from server.domain.paging import PageTokens
+from server.domain.paging import DEFAULT_PAGE_SIZE, PageTokens, invalid_page_size
 from server.domain.validation import PAYMENT_ID, REQUEST_ID, email_problem, normalize_email
 from server.infra.storage import DuplicateRequest, EventRecord, PaymentQueries, PaymentRecord
 
@@ -28,8 +28,6 @@ __all__ = ["CANCELLED", "EXPIRED", "FAILED", "PENDING", "STATUSES", "SUCCESS", "
 MAX_AMOUNT = 999_999_999_999_999  # below 2**53: exact in every JSON client
 MAX_DESCRIPTION = 500
 DEFAULT_CURRENCY = "IDR"
-DEFAULT_PAGE_SIZE = 20
-MAX_PAGE_SIZE = 100
 
 # ISO 4217 active currency codes.
 CURRENCIES = frozenset(
@@ -115,12 +113,6 @@ def not_found(payment_id: str) -> NotFound:
 def settled(payment_id: str) -> FailedPrecondition:
     return FailedPrecondition(f"payment {payment_id!r} moved money (success) and is never deleted",
                               reason="PAYMENT_SETTLED", metadata={"id": payment_id})
-
-
-def invalid_page_size(page_size: int) -> tuple[str, str] | None:
-    if page_size < 0 or page_size > MAX_PAGE_SIZE:
-        return ("page_size", f"must be between 1 and {MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})")
-    return None
 
 
 def as_created(row: PaymentRecord) -> PaymentRecord:
@@ -211,12 +203,7 @@ class PaymentRules:
             self.get(caller, payment_id)
         size, now = page_size or DEFAULT_PAGE_SIZE, self.clock()
         scope = self.page_tokens.scope(caller.subject, caller.role, "events", payment_id)
-        after = None
-        if page_token:
-            _, number = self.page_tokens.decode(page_token, scope, now)
-            if not number.isdigit():
-                raise InvalidArgument([("page_token", "is not a page token of this listing")], reason="INVALID_PAGE_TOKEN")
-            after = int(number)
+        after = self.page_tokens.decode_number(page_token, scope, now) if page_token else None
         rows = self.queries.events(payment_id, after_number=after, limit=size + 1)
         token = ""
         if len(rows) > size:

@@ -35,8 +35,8 @@ import threading
 import time
 from typing import Callable, NamedTuple
 
-from server.domain.webhooks import (DELIVERED, FAILED, GAVE_UP, PENDING, SIGNATURE_HEADER, TYPE_OF_ACTION, payment_after,
-                                    signature_header)
+from server.domain.webhooks import (DELIVERED, GAVE_UP, PENDING, SIGNATURE_HEADER, TYPE_OF_ACTION, payment_after,
+                                    reason_of, signature_header)
 
 
 class Attempt(NamedTuple):
@@ -60,17 +60,6 @@ class RetryPolicy:
     def delay(self, failed_attempts: int) -> dt.timedelta:
         seconds = min(self.base_seconds * 2 ** min(failed_attempts - 1, 40), self.max_delay_seconds)
         return dt.timedelta(seconds=seconds * random.uniform(0.9, 1.0))
-
-    def schedule(self, failed_attempts: int) -> list[float]:
-        """The delays of a delivery that always fails, in seconds (docs/webhooks.md prints it)."""
-        delays, total, n = [], 0.0, failed_attempts
-        while True:
-            step = min(self.base_seconds * 2 ** min(n - 1, 40), self.max_delay_seconds)
-            if total + step > self.window_seconds:
-                return delays
-            delays.append(step)
-            total += step
-            n += 1
 
 
 Send = Callable[[str, bytes, dict], Attempt]  # (url, body, headers) -> Attempt
@@ -211,8 +200,7 @@ class Dispatcher:
     def _attempt(self, d, endpoint, event, payment, run: Run) -> Outcome:
         started = self.clock()
         kind = TYPE_OF_ACTION[event.action]
-        reason = event.failure_reason if kind == FAILED else None
-        raw = self.render(event.id, kind, event.at, reason, payment_after(payment, event)).encode()
+        raw = self.render(event.id, kind, event.at, reason_of(event), payment_after(payment, event)).encode()
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "payments-webhooks/1",

@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple, Sequence
 from server.domain.caller import Caller
 from server.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from server.domain.ids import opaque_id
-from server.domain.paging import PageTokens
+from server.domain.paging import DEFAULT_PAGE_SIZE, PageTokens, invalid_page_size
 from server.domain.validation import PAYMENT_ID
 from server.domain.webhook_urls import url_problem
 
@@ -40,7 +40,6 @@ SIGNATURE_HEADER = "Payments-Signature"
 DEFAULT_PREVIOUS_SECRET_TTL = 24 * 3600
 MAX_PREVIOUS_SECRET_TTL = 7 * 24 * 3600
 MAX_DESCRIPTION = 500
-DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
 ENDPOINT_ID = re.compile(r"whe_[a-z2-7]{26}", re.ASCII)
 EVENT_ID = re.compile(r"evt_[a-z2-7]{26}", re.ASCII)
 
@@ -128,7 +127,12 @@ class EventView:
 
     @property
     def reason(self) -> str | None:
-        return self.event.failure_reason if self.type == FAILED else None
+        return reason_of(self.event)
+
+
+def reason_of(event) -> str | None:
+    """A payment.failed event's reason (cancelled, expired); None for the other types."""
+    return event.failure_reason if TYPE_OF_ACTION[event.action] == FAILED else None
 
 
 def payment_after(payment, event):
@@ -180,9 +184,8 @@ def _event_types_text(types: Sequence[str]) -> str:
 
 
 def _page_size(page_size: int) -> int:
-    if page_size < 0 or page_size > MAX_PAGE_SIZE:
-        raise InvalidArgument([("page_size", f"must be between 1 and {MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})")],
-                              reason="INVALID_LIST_REQUEST")
+    if (violation := invalid_page_size(page_size)) is not None:
+        raise InvalidArgument([violation], reason="INVALID_LIST_REQUEST")
     return page_size or DEFAULT_PAGE_SIZE
 
 
@@ -303,12 +306,7 @@ class WebhookRules:
             raise InvalidArgument(violations, reason="INVALID_LIST_REQUEST")
         size, now = _page_size(page_size), self.clock()
         scope = self.page_tokens.scope(caller.subject, "webhook-events", payment_id, event_type)
-        before = None
-        if page_token:
-            _, number = self.page_tokens.decode(page_token, scope, now)
-            if not number.isdigit():
-                raise InvalidArgument([("page_token", "is not a page token of this listing")], reason="INVALID_PAGE_TOKEN")
-            before = int(number)
+        before = self.page_tokens.decode_number(page_token, scope, now) if page_token else None
         actions = [a for a, t in TYPE_OF_ACTION.items() if t == event_type] if event_type else []
         rows = self.queries.events_page(before_number=before, payment_id=payment_id, actions=actions, limit=size + 1)
         token = ""

@@ -19,8 +19,8 @@ from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
 from server.infra.storage import EventRecord, PaymentRecord
 
-_STATUS_TO_PB = {"pending": pb.Payment.PENDING, "success": pb.Payment.SUCCESS, "failed": pb.Payment.FAILED}
-_STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+STATUS_TO_PB = {"pending": pb.Payment.PENDING, "success": pb.Payment.SUCCESS, "failed": pb.Payment.FAILED}
+_STATUS_FROM_PB = {v: k for k, v in STATUS_TO_PB.items()}
 REASON_TO_PB = {"cancelled": pb.Payment.CANCELLED, "expired": pb.Payment.EXPIRED}
 
 
@@ -45,7 +45,7 @@ def payment_fields(row: PaymentRecord) -> dict:
         "amount": row.amount,
         "currency": row.currency,
         "description": row.description,
-        "status": _STATUS_TO_PB[row.status],
+        "status": STATUS_TO_PB[row.status],
         "failure_reason": REASON_TO_PB.get(row.failure_reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
         "request_id": row.request_id or "",
         "created_at": timestamp(row.created_at),
@@ -65,8 +65,8 @@ def event_fields(event: EventRecord) -> dict:
         "payment_id": event.payment_id,
         "time": timestamp(event.at),
         "action": _ACTION_TO_PB[event.action],
-        "from_status": _STATUS_TO_PB.get(event.from_status or "", pb.Payment.STATUS_UNSPECIFIED),
-        "to_status": _STATUS_TO_PB[event.to_status],
+        "from_status": STATUS_TO_PB.get(event.from_status or "", pb.Payment.STATUS_UNSPECIFIED),
+        "to_status": STATUS_TO_PB[event.to_status],
         "failure_reason": REASON_TO_PB.get(event.failure_reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
         "actor_id": event.actor_id,
         "actor_role": event.actor_role,

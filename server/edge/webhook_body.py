@@ -17,10 +17,11 @@ import json
 from google.protobuf import json_format
 
 from server.edge.pb import payments_pb2 as pb
-from server.edge.servicers import REASON_TO_PB, payment_fields, timestamp
+from server.edge.servicers import REASON_TO_PB, STATUS_TO_PB, payment_fields, timestamp
 
-_STATUS = {"pending": "PENDING", "success": "SUCCESS", "failed": "FAILED"}
-_REASON = {"cancelled": "CANCELLED", "expired": "EXPIRED"}
+# The enums' JSON: their names, from the edge's one mapping of the stored words.
+_STATUS = {word: pb.Payment.Status.Name(number) for word, number in STATUS_TO_PB.items()}
+_REASON = {word: pb.Payment.FailureReason.Name(number) for word, number in REASON_TO_PB.items()}
 _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
 
@@ -69,9 +70,15 @@ def event_body(event_id: str, kind: str, at: dt.datetime, reason: str | None, pa
     return _compact(event_json(event_id, kind, at, reason, payment))
 
 
+def event_message(event_id: str, kind: str, at: dt.datetime, reason: str | None, payment) -> pb.WebhookEvent:
+    """The event as a message: what GetWebhookEvent answers (with deliveries added) and what
+    protobuf's printer would make the body from."""
+    return pb.WebhookEvent(id=event_id, type=kind, created_at=timestamp(at),
+                           reason=REASON_TO_PB.get(reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
+                           payment=payment_fields(payment))
+
+
 def reference_json(event_id: str, kind: str, at: dt.datetime, reason: str | None, payment) -> dict:
     """The same through protobuf's own printer: what event_json must equal."""
-    message = pb.WebhookEvent(id=event_id, type=kind, created_at=timestamp(at),
-                              reason=REASON_TO_PB.get(reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
-                              payment=payment_fields(payment))
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return json_format.MessageToDict(event_message(event_id, kind, at, reason, payment),
+                                      preserving_proto_field_name=True)

@@ -11,7 +11,8 @@ from google.protobuf import empty_pb2
 from server.edge import auth
 from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
-from server.edge.servicers import REASON_TO_PB, payment_fields, timestamp
+from server.edge.servicers import timestamp
+from server.edge.webhook_body import event_message
 from server.domain.webhooks import EndpointChange, EndpointRecord, EventView, WebhookRules
 
 _DELIVERY_STATUS = {"pending": pb.WebhookDelivery.PENDING, "succeeded": pb.WebhookDelivery.SUCCEEDED,
@@ -34,11 +35,10 @@ def delivery_pb(delivery, attempts) -> pb.WebhookDelivery:
 
 
 def event_pb(view: EventView) -> pb.WebhookEvent:
-    """The event as it is delivered (server/edge/webhook_body.py prints the same fields), with its deliveries."""
-    return pb.WebhookEvent(id=view.event.id, type=view.type, created_at=timestamp(view.event.at),
-                           reason=REASON_TO_PB.get(view.reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
-                           payment=payment_fields(view.payment),
-                           deliveries=[delivery_pb(d, attempts) for d, attempts in view.deliveries])
+    """The event as it is delivered, with its deliveries."""
+    message = event_message(view.event.id, view.type, view.event.at, view.reason, view.payment)
+    message.deliveries.extend(delivery_pb(d, attempts) for d, attempts in view.deliveries)
+    return message
 
 
 class WebhookServicer(pb_grpc.WebhookServiceServicer):

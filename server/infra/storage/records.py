@@ -1,9 +1,12 @@
-"""The records reads come back as: frozen rows, so nothing above storage depends on peewee."""
+"""The records reads come back as: frozen rows, so nothing above storage depends on peewee; and the
+columns each is read from."""
 
 from __future__ import annotations
 
 import datetime as dt
 from typing import NamedTuple
+
+from server.infra.storage.models import Payment, PaymentEvent
 
 
 class PaymentRecord(NamedTuple):
@@ -39,3 +42,9 @@ class EventRecord(NamedTuple):
     failure_reason: str | None
     actor_id: str
     actor_role: str
+
+
+# The columns a record is read from, in its order (every read of the history names them: the
+# table also has the outbox's `dispatched`, which no record carries).
+PAYMENT_COLUMNS = tuple(getattr(Payment, name) for name in PaymentRecord._fields)
+EVENT_COLUMNS = tuple(getattr(PaymentEvent, name) for name in EventRecord._fields)

@@ -17,11 +17,8 @@ import peewee
 from server.domain.lifecycle import EXPIRED, FAILED, PENDING, SUCCESS
 from server.infra.storage.fastpath import Prepared, PreparedInsert, among, row_check
 from server.infra.storage.models import Payment, PaymentEvent, User, db
-from server.infra.storage.records import EventRecord, PaymentRecord
+from server.infra.storage.records import EVENT_COLUMNS, EventRecord, PaymentRecord
 from server.infra.storage.webhook_queries import WebhookQueries
-
-
-EVENT_COLUMNS = tuple(getattr(PaymentEvent, name) for name in EventRecord._fields)
 
 
 class _AccountId(NamedTuple):

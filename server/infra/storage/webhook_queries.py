@@ -15,20 +15,24 @@ from server.domain.webhooks import PENDING, AttemptRecord, DeliveryRecord, Endpo
 from server.infra.storage.fastpath import among
 from server.infra.storage.models import (UNDISPATCHED, Payment, PaymentEvent, WebhookAttempt, WebhookDelivery,
                                          WebhookEndpoint, db)
-from server.infra.storage.records import EventRecord, PaymentRecord
-
-_EVENT = tuple(getattr(PaymentEvent, name) for name in EventRecord._fields)
-_PAYMENT = tuple(getattr(Payment, name) for name in PaymentRecord._fields)
+from server.infra.storage.records import EVENT_COLUMNS, PAYMENT_COLUMNS, EventRecord, PaymentRecord
 
 
 def _with_payments(query) -> list[tuple[EventRecord, PaymentRecord]]:
     """(event, payment) pairs of a query over history rows joined to their payments."""
-    cut = len(_EVENT)
+    cut = len(EVENT_COLUMNS)
     return [(EventRecord(*row[:cut]), PaymentRecord(*row[cut:])) for row in query.tuples()]
 
 
 def _events():
-    return PaymentEvent.select(*_EVENT, *_PAYMENT).join(Payment, on=(PaymentEvent.payment_id == Payment.id))
+    return PaymentEvent.select(*EVENT_COLUMNS, *PAYMENT_COLUMNS).join(Payment, on=(PaymentEvent.payment_id == Payment.id))
+
+
+def _delete_deliveries(which) -> None:
+    """The deliveries matching `which`, with their attempts."""
+    numbers = WebhookDelivery.select(WebhookDelivery.number).where(which)
+    WebhookAttempt.delete().where(WebhookAttempt.delivery_number.in_(numbers)).execute()
+    WebhookDelivery.delete().where(which).execute()
 
 
 def _endpoints(query) -> list[EndpointRecord]:
@@ -48,10 +52,6 @@ class WebhookQueries:
         rows = _endpoints(WebhookEndpoint.select().where(WebhookEndpoint.id == endpoint_id).limit(1))
         return rows[0] if rows else None
 
-    def endpoints(self, ids: Iterable[str]) -> list[EndpointRecord]:
-        ids = sorted(set(ids))
-        return _endpoints(WebhookEndpoint.select().where(WebhookEndpoint.id.in_(ids))) if ids else []
-
     def enabled_endpoints(self) -> list[EndpointRecord]:
         return _endpoints(WebhookEndpoint.select().where(WebhookEndpoint.enabled == True))  # noqa: E712
 
@@ -70,9 +70,7 @@ class WebhookQueries:
             WebhookEndpoint.id == endpoint_id).execute()
 
     def delete_endpoint(self, endpoint_id: str) -> bool:
-        deliveries = WebhookDelivery.select(WebhookDelivery.number).where(WebhookDelivery.endpoint_id == endpoint_id)
-        WebhookAttempt.delete().where(WebhookAttempt.delivery_number.in_(deliveries)).execute()
-        WebhookDelivery.delete().where(WebhookDelivery.endpoint_id == endpoint_id).execute()
+        _delete_deliveries(WebhookDelivery.endpoint_id == endpoint_id)
         return bool(WebhookEndpoint.delete().where(WebhookEndpoint.id == endpoint_id).execute())
 
     def resume_deliveries(self, endpoint_id: str, now: dt.datetime) -> None:
@@ -105,7 +103,7 @@ class WebhookQueries:
         return {e.number: (e, p) for e, p in _with_payments(_events().where(PaymentEvent.number.in_(numbers)))}
 
     def undispatched(self, limit: int) -> list[EventRecord]:
-        query = PaymentEvent.select(*_EVENT).where(UNDISPATCHED).order_by(PaymentEvent.number).limit(limit)
+        query = PaymentEvent.select(*EVENT_COLUMNS).where(UNDISPATCHED).order_by(PaymentEvent.number).limit(limit)
         return [EventRecord(*r) for r in query.tuples()]
 
     def mark_dispatched(self, numbers: Sequence[int]) -> None:
@@ -113,11 +111,8 @@ class WebhookQueries:
 
     def purge_deliveries(self, payment_ids: Sequence[str]) -> None:
         """The deliveries and attempts of payments removed for good (their events go with their history)."""
-        if not payment_ids:
-            return
-        deliveries = WebhookDelivery.select(WebhookDelivery.number).where(among(WebhookDelivery.payment_id, payment_ids))
-        WebhookAttempt.delete().where(WebhookAttempt.delivery_number.in_(deliveries)).execute()
-        WebhookDelivery.delete().where(among(WebhookDelivery.payment_id, payment_ids)).execute()
+        if payment_ids:
+            _delete_deliveries(among(WebhookDelivery.payment_id, payment_ids))
 
     # --- deliveries --------------------------------------------------------------------------
 
