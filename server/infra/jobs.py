@@ -157,8 +157,8 @@ def deliver_webhooks(dispatcher: Dispatcher, *, batch_size: int, progress: Progr
                      stopping: threading.Event | None = None) -> Progress:
     """Fan new outbox events out into deliveries (write batches, taking turns with the other jobs),
     then send what is due, batch after batch until the run's deadline (server/domain/webhook_delivery.py).
-    The sending holds no job turn: its writes are one small transaction per attempt, like an API
-    call's, and a slow endpoint must not keep expiry waiting."""
+    The sending holds no job turn: its writes are one small transaction a batch, and a slow
+    endpoint must not keep expiry waiting."""
     progress = progress or Progress()
     stopping = stopping or threading.Event()
     drain(dispatcher.fan_out, batch_size, progress, stopping, count_as="events")

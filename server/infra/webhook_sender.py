@@ -29,7 +29,6 @@ from server.domain.webhook_delivery import Attempt
 from server.domain.webhook_urls import address_problem
 
 RESPONSE_BYTES = 4096
-MAX_HEADER_BYTES = 16 * 1024
 
 Resolve = Callable[[str, int], list[str]]
 
