@@ -91,6 +91,14 @@ class PageTokens:
             raise bad("has expired; start again from the first page")
         return created_at, row_id
 
+    def cut(self, rows: list, size: int, key, scope: str, now: dt.datetime) -> tuple[list, str]:
+        """The page of rows read with limit size + 1: the first `size`, and the token of the next page
+        (from `key(last row)`, its (time, id)), or "" when there is none."""
+        if len(rows) <= size:
+            return rows, ""
+        rows = rows[:size]
+        return rows, self.encode(*key(rows[-1]), scope, now)
+
     def decode_number(self, token: str, scope: str, now: dt.datetime) -> int:
         """The row number a token of a numbered listing (histories, events) points after."""
         _, number = self.decode(token, scope, now)

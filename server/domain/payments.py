@@ -184,12 +184,7 @@ class PaymentRules:
         after = self.page_tokens.decode(page_token, scope, now) if page_token else None
         rows = self.queries.page(owner_id=None if caller.is_admin else caller.subject, status=status, email=email,
                                  after=after, show_deleted=show_deleted, limit=size + 1)
-        next_token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            last = rows[-1]
-            next_token = self.page_tokens.encode(last.created_at, last.id, scope, now)
-        return Page(rows, next_token)
+        return Page(*self.page_tokens.cut(rows, size, lambda last: (last.created_at, last.id), scope, now))
 
     def events(self, caller: Caller, payment_id: str, *, page_size: int = 0, page_token: str = "") -> EventPage:
         """A payment's history, oldest first, paged like list(); the payment's own access rules
@@ -205,11 +200,7 @@ class PaymentRules:
         scope = self.page_tokens.scope(caller.subject, caller.role, "events", payment_id)
         after = self.page_tokens.decode_number(page_token, scope, now) if page_token else None
         rows = self.queries.events(payment_id, after_number=after, limit=size + 1)
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = self.page_tokens.encode(rows[-1].at, str(rows[-1].number), scope, now)
-        return EventPage(rows, token)
+        return EventPage(*self.page_tokens.cut(rows, size, lambda last: (last.at, str(last.number)), scope, now))
 
     # --- writes ----------------------------------------------------------------------------
 

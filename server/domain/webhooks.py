@@ -239,11 +239,7 @@ class WebhookRules:
         scope = self.page_tokens.scope(caller.subject, "webhook-endpoints")
         after = self.page_tokens.decode(page_token, scope, now) if page_token else None
         rows = self.queries.endpoints_page(after=after, limit=size + 1)
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = self.page_tokens.encode(rows[-1].created_at, rows[-1].id, scope, now)
-        return rows, token
+        return self.page_tokens.cut(rows, size, lambda last: (last.created_at, last.id), scope, now)
 
     def update(self, caller: Caller, endpoint_id: str, change: EndpointChange) -> EndpointRecord:
         current = self.get(caller, endpoint_id)
@@ -309,10 +305,7 @@ class WebhookRules:
         before = self.page_tokens.decode_number(page_token, scope, now) if page_token else None
         actions = [a for a, t in TYPE_OF_ACTION.items() if t == event_type] if event_type else []
         rows = self.queries.events_page(before_number=before, payment_id=payment_id, actions=actions, limit=size + 1)
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = self.page_tokens.encode(rows[-1][0].at, str(rows[-1][0].number), scope, now)
+        rows, token = self.page_tokens.cut(rows, size, lambda last: (last[0].at, str(last[0].number)), scope, now)
         return self._views(rows), token
 
     def event(self, caller: Caller, event_id: str) -> EventView:
