@@ -105,7 +105,8 @@ def build(settings: Settings) -> App:
     lanes = capacity.Lanes.create(worker_threads=settings.worker_threads,
                                   max_concurrent_rpcs=settings.max_concurrent_rpcs,
                                   auth_threads=settings.auth_threads, max_streams=settings.max_streams,
-                                  stream_max_seconds=settings.stream_max_seconds)
+                                  stream_max_seconds=settings.stream_max_seconds,
+                                  request_seconds=settings.request_seconds)
     server = grpc.server(
         lanes.payments,
         interceptors=[CallInterceptor(verifier, None if storage.is_postgres(database) else sqlite_turns.Turns(), lanes,

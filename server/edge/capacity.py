@@ -1,4 +1,5 @@
-"""Capacity of its own for each kind of call, so that no kind of call can take what another needs.
+"""Capacity of its own for each kind of call, so that no kind of call, and no caller, can take
+what another needs.
 
 grpc's server runs every call on one thread pool under one cap on concurrent calls. An idle
 server-reflection stream holds its thread for as long as the client keeps it open, and a login
@@ -6,24 +7,31 @@ holds one for an argon2 hash: a handful of streams opened without a token, or a 
 logins, took every thread and every slot, and payment calls timed out behind them.
 
 So each kind of call gets a *lane*: threads of its own and a bound on the calls it admits
-(running or waiting for a thread). A call beyond its lane's bound does not wait: a shedding
-thread answers it at once with RESOURCE_EXHAUSTED (HTTP 429, `retry-after`). The lanes are
+(running or queued). The lanes are
 
-    payments   PaymentService calls          PAYMENTS_WORKER_THREADS, admits PAYMENTS_MAX_CONCURRENT_RPCS
-    auth       Register and Login            PAYMENTS_AUTH_THREADS (hashing), admits AUTH_WAITING more
-    health     Health.Check and Watch setup  2 threads: probes never wait behind anything else
-    streams    server reflection             PAYMENTS_MAX_STREAMS threads, admits as many (no waiting)
+    payments   every call that needs a token              PAYMENTS_WORKER_THREADS, admits PAYMENTS_MAX_CONCURRENT_RPCS
+    auth       Register, Login, Refresh                   PAYMENTS_AUTH_THREADS (hashing), admits AUTH_WAITING more
+    health     Health.Check and Watch setup               2 threads: probes never wait behind anything else
+    streams    server reflection                          PAYMENTS_MAX_STREAMS threads, admits as many (no waiting)
 
 and health Watch, which holds no thread, is bounded by a count of open watches. Every admitted
 stream is ended after PAYMENTS_STREAM_MAX_SECONDS (Envoy ends them earlier at the edge).
 
+Within a lane, calls are served key by key in turn (server/edge/admission.py): a key is the
+caller (payments) or the client's address (the others), so one caller's hundreds of calls delay
+another's by one call each, and when a lane is full the call shed is the newest of the key with
+the most queued, answered at once with RESOURCE_EXHAUSTED (HTTP 429, `retry-after`) on a
+shedding thread. And no lane thread waits for a client: a call joins its lane only once its
+request message has arrived (admission.Receiver, at most PAYMENTS_REQUEST_SECONDS after its headers).
+
 grpc takes a method's pool from its behaviour's `experimental_thread_pool` attribute
-(grpc/_server.py, `_select_thread_pool_for_behavior`): that is how server/edge/interceptor.py puts each
-method in its lane. A lane is a ThreadPoolExecutor, so that attribute is honoured.
+(grpc/_server.py, `_select_thread_pool_for_behavior`), only if it is a ThreadPoolExecutor: that
+is how server/edge/interceptor.py puts each method in its lane, and why a Lane is one by name.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import itertools
@@ -32,10 +40,13 @@ import time
 from concurrent import futures
 from typing import Callable
 
+from server.edge import admission
+
 AUTH_WAITING = 32  # logins/sign-ups that may wait for a hashing thread; more are shed
 HEALTH_THREADS = 2
 HEALTH_ADMITTED = 64
 MAX_WATCHES = 64
+RECEIVING = 128  # calls that may wait for their request message at once; more are refused
 
 _shedding = threading.local()
 
@@ -54,40 +65,128 @@ def _shed(fn, *args, **kwargs):
 
 
 class Lane(futures.ThreadPoolExecutor):
-    """A thread pool that admits at most `admit` calls (running or queued). Beyond that, a call
-    runs on `shedder` instead, where shedding() is True, and is answered without waiting."""
+    """Threads of its own and a bound on the calls it admits (queued or running), served key by key
+    in turn (server/edge/admission.py: a key is a caller, or a client's address). Beyond the bound
+    the newest call of the key with the most queued is shed (or the newcomer, if its key has as
+    many): it runs on `shedder` instead, where shedding() is True, and is answered at once.
 
-    def __init__(self, name: str, threads: int, admit: int, shedder: futures.ThreadPoolExecutor):
-        super().__init__(max_workers=threads, thread_name_prefix=name)
-        self.name = name
+    With a `receiver`, a call joins the queue only once its request message has arrived.
+    (A ThreadPoolExecutor only in name: grpc honours `experimental_thread_pool` only on one.)"""
+
+    def __init__(self, name: str, threads: int, admit: int, shedder: futures.ThreadPoolExecutor,
+                 key: Callable[[admission.Call], str] | None = None, receiver: admission.Receiver | None = None):
+        super().__init__(max_workers=1, thread_name_prefix=name)
+        self.name, self.threads = name, threads
         self.admit = max(admit, threads)
-        self._shedder = shedder
-        self._lock = threading.Lock()
+        self._shedder, self._key, self._receiver = shedder, key, receiver
+        self._cond = threading.Condition()
+        self._queues: dict[str, collections.deque] = {}  # key -> its queued jobs, oldest first
+        self._turns: collections.deque[str] = collections.deque()  # keys with queued jobs, next first
+        self._workers: list[threading.Thread] = []
+        self._idle = 0
+        self._closed = False
         self.admitted = 0  # running or queued now
         self.shed = 0  # calls refused since start
 
     def submit(self, fn, /, *args, **kwargs):
-        with self._lock:
-            full = self.admitted >= self.admit
-            if full:
-                self.shed += 1
-            else:
-                self.admitted += 1
-        if full:
-            return self._shedder.submit(_shed, fn, *args, **kwargs)
-        try:
-            future = super().submit(fn, *args, **kwargs)
-        except BaseException:
-            self._release(None)
-            raise
-        # The future completes whatever becomes of the call (even one cancelled while queued:
-        # grpc still runs the submitted function, which returns at once), so the count is exact.
-        future.add_done_callback(self._release)
-        return future
+        """grpc's way in: a call waits for its message (with a receiver), then takes its turn."""
+        call = admission.grpc_call(fn, args) if not kwargs else None
+        key = self._key(call) if call is not None and self._key is not None else ""
+        if call is None or self._receiver is None:
+            return self.submit_keyed(key, fn, *args, **kwargs)
+        done: futures.Future = futures.Future()
+        self._receiver.receive(call, lambda ready: self._enqueue(key, (fn, ready, {}, done)), done)
+        return done
 
-    def _release(self, _future) -> None:
-        with self._lock:
+    def submit_keyed(self, key: str, fn, /, *args, **kwargs) -> futures.Future:
+        """Queue `fn` under `key` (its turn comes after one call of every other key queued)."""
+        done: futures.Future = futures.Future()
+        self._enqueue(key, (fn, args, kwargs, done))
+        return done
+
+    def _enqueue(self, key: str, job) -> None:
+        victim = None
+        with self._cond:
+            if self._closed:
+                victim = job
+            elif self.admitted >= self.admit:
+                self.shed += 1
+                biggest = max(self._queues, key=lambda k: len(self._queues[k]), default=None)
+                if biggest is None or len(self._queues[biggest]) <= len(self._queues.get(key, ())):
+                    victim = job
+                else:
+                    victim = self._queues[biggest].pop()  # its newest
+                    if not self._queues[biggest]:
+                        del self._queues[biggest]
+                        self._turns.remove(biggest)
+                    self.admitted -= 1
+            if victim is not job:
+                self.admitted += 1
+                queue = self._queues.get(key)
+                if queue is None:
+                    queue = self._queues[key] = collections.deque()
+                    self._turns.append(key)
+                queue.append(job)
+                if self._idle:
+                    self._cond.notify()
+                elif len(self._workers) < self.threads:
+                    worker = threading.Thread(target=self._work, name=f"{self.name}-{len(self._workers)}", daemon=True)
+                    self._workers.append(worker)
+                    worker.start()
+        if victim is not None:
+            self._shed_job(victim)
+
+    def _shed_job(self, job) -> None:
+        fn, args, kwargs, done = job
+        try:
+            self._shedder.submit(_run, done, _shed, fn, *args, **kwargs)
+        except RuntimeError:  # shut down
+            _run(done, fn, *args, **kwargs)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._turns:
+                    if self._closed:
+                        return
+                    self._idle += 1
+                    self._cond.wait()
+                    self._idle -= 1
+                key = self._turns.popleft()
+                queue = self._queues[key]
+                fn, args, kwargs, done = queue.popleft()
+                if queue:
+                    self._turns.append(key)  # its next call waits for every other key's turn
+                else:
+                    del self._queues[key]
+            try:
+                _run(done, fn, *args, **kwargs, _before_done=self._release)
+            except BaseException:  # the future holds it
+                pass
+
+    def _release(self) -> None:
+        with self._cond:
             self.admitted -= 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        super().shutdown(wait=False)
+
+
+def _run(done: futures.Future, fn, *args, _before_done=None, **kwargs) -> None:
+    """Run a job and complete its future (after `_before_done`, so counts are exact once it is done)."""
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        if _before_done is not None:
+            _before_done()
+        done.set_exception(exc)
+        return
+    if _before_done is not None:
+        _before_done()
+    done.set_result(result)
 
 
 class Deadlines:
@@ -157,26 +256,35 @@ class Lanes:
     deadlines: Deadlines
     stream_max_seconds: float
     shedder: futures.ThreadPoolExecutor
+    receiver: admission.Receiver | None = None
 
     @classmethod
     def create(cls, *, worker_threads: int, max_concurrent_rpcs: int, auth_threads: int, max_streams: int,
-               stream_max_seconds: float) -> "Lanes":
+               stream_max_seconds: float, request_seconds: float = 5.0,
+               receiving: int = RECEIVING) -> "Lanes":
         shedder = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shed")
+        deadlines = Deadlines()
+        receiver = admission.Receiver(receiving, request_seconds, deadlines)
+        callers, addresses = admission.CallerKeys(), admission.client_address
         return cls(
-            payments=Lane("rpc", worker_threads, max_concurrent_rpcs, shedder),
-            auth=Lane("auth", auth_threads, auth_threads + AUTH_WAITING, shedder),
-            health=Lane("health", HEALTH_THREADS, HEALTH_ADMITTED, shedder),
-            streams=Lane("stream", max_streams, max_streams, shedder),
+            payments=Lane("rpc", worker_threads, max_concurrent_rpcs, shedder, key=callers, receiver=receiver),
+            auth=Lane("auth", auth_threads, auth_threads + AUTH_WAITING, shedder, key=addresses, receiver=receiver),
+            health=Lane("health", HEALTH_THREADS, HEALTH_ADMITTED, shedder, key=addresses, receiver=receiver),
+            streams=Lane("stream", max_streams, max_streams, shedder, key=addresses, receiver=receiver),
             watches=Counter(MAX_WATCHES),
-            deadlines=Deadlines(),
+            deadlines=deadlines,
             stream_max_seconds=stream_max_seconds,
             shedder=shedder,
+            receiver=receiver,
         )
 
     @property
     def total(self) -> int:
-        """Calls all lanes together admit: grpc's own cap sits above it, as a last backstop."""
-        return self.payments.admit + self.auth.admit + self.health.admit + self.streams.admit + self.watches.limit
+        """Calls all lanes together admit, and those waiting for their message: grpc's own cap sits
+        above it, as a last backstop."""
+        receiving = self.receiver.limit if self.receiver is not None else 0
+        return (self.payments.admit + self.auth.admit + self.health.admit + self.streams.admit + self.watches.limit
+                + receiving)
 
     def all(self) -> tuple[Lane, ...]:
         return (self.payments, self.auth, self.health, self.streams)
@@ -184,4 +292,6 @@ class Lanes:
     def shutdown(self) -> None:
         for lane in self.all():
             lane.shutdown(wait=False)
+        if self.receiver is not None:
+            self.receiver.shutdown()
         self.shedder.shutdown(wait=False)

@@ -27,6 +27,7 @@ class Settings:
     auth_threads: int = 2  # concurrent password hashes (sign-up, login)
     max_streams: int = 8  # concurrent server-reflection streams
     stream_max_seconds: float = 120.0  # a public stream (reflection, health Watch) is ended after this
+    request_seconds: float = 5.0  # a call whose request message has not arrived this long after its headers is ended
     grace_seconds: float = 10.0
     log_level: str = "INFO"
     payment_ttl_seconds: int = 24 * 3600
@@ -157,6 +158,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         auth_threads=_int(env, "PAYMENTS_AUTH_THREADS", d.auth_threads, 1),
         max_streams=_int(env, "PAYMENTS_MAX_STREAMS", d.max_streams, 1),
         stream_max_seconds=_float(env, "PAYMENTS_STREAM_MAX_SECONDS", d.stream_max_seconds),
+        request_seconds=_float(env, "PAYMENTS_REQUEST_SECONDS", d.request_seconds),
         grace_seconds=_float(env, "PAYMENTS_GRACE_SECONDS", d.grace_seconds),
         log_level=level,
         payment_ttl_seconds=_int(env, "PAYMENTS_PAYMENT_TTL_SECONDS", d.payment_ttl_seconds, 1),

@@ -56,6 +56,10 @@ job_rows = Counter("payments_job_rows_total", "Rows the job runs changed.", ("jo
 database_errors = Counter("payments_database_errors_total",
                           "Database failures answered to a client: unavailable, busy (SQLite's lock), "
                           "refused_value.", ("kind",))
+unreceived_calls = Counter("payments_unreceived_calls_total",
+                           "Calls ended before their request message arrived: expired (not within "
+                           "PAYMENTS_REQUEST_SECONDS of their headers) or evicted (to make room for newer ones "
+                           "when every receiving thread waited).", ("reason",))
 login_refusals = Counter("payments_login_refusals_total",
                          "Sign-ups and logins refused before a password was checked: throttled (too many "
                          "failures for the email) or busy (the hashing lane was full).", ("reason",))

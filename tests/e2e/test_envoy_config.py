@@ -56,7 +56,9 @@ def test_the_server_endpoints_are_one_per_process_up_to_the_settings_maximum():
     assert ports == [50051 + i for i in range(config.MAX_PROCESSES)]
     for c in yaml.safe_load(CONFIG.read_text())["static_resources"]["clusters"][:3]:  # the server's: never to a dead port
         assert c["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}, c["name"]
-        assert c["health_checks"][0]["grpc_health_check"] == {}, c["name"]
+        # Envoy's checks name themselves: the server gives them a turn of their own (admission.py).
+        assert c["health_checks"][0]["grpc_health_check"] == {"initial_metadata": [
+            {"header": {"key": "x-payments-client-address", "value": "envoy-health-check"}}]}, c["name"]
 
 
 def test_admin_is_loopback_and_backend_is_the_sidecar():
@@ -70,7 +72,16 @@ def test_admin_is_loopback_and_backend_is_the_sidecar():
         endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
         assert {e["endpoint"]["address"]["socket_address"]["address"] for e in endpoints} == {"127.0.0.1"}
         assert endpoints[0]["endpoint"]["address"]["socket_address"]["port_value"] == 50051  # the first process
-        assert cluster["circuit_breakers"]["thresholds"][0]["max_requests"] <= 256
+        assert cluster["circuit_breakers"]["thresholds"][0]["max_requests"] <= 1024
+    # The payment and login breakers are above what the server admits, so the server, which sheds
+    # fairly between callers, decides whose call waits (server/edge/admission.py); one process's
+    # payment lane is below the payment breaker even at the default of four processes' worth.
+    from server.edge import capacity
+    from server.infra.config import Settings
+
+    by_name = {c["name"]: c["circuit_breakers"]["thresholds"][0]["max_requests"] for c in clusters}
+    assert by_name["payments_grpc"] >= 4 * Settings().max_concurrent_rpcs
+    assert by_name["payments_auth"] >= 4 * (Settings().auth_threads + capacity.AUTH_WAITING)
     listener, metrics = config["static_resources"]["listeners"]
     assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 8080}
     assert (metrics["name"], metrics["address"]["socket_address"]["port_value"]) == ("metrics", 9902)

@@ -1,0 +1,222 @@
+"""Where a call waits for its request, and whose call a lane runs next: the one place that knows
+grpc's private calling convention.
+
+grpc's sync server hands a call to its method's thread pool as soon as the call's HEADERS arrive,
+and the pool's thread then waits, inside grpc, for the request message. A client that sends the
+headers of a unary call and never its message held a lane's thread for as long as it liked: two
+such streams on Health/Check took the health lane (and with it every Envoy health check, so every
+call was 503), four on GetPayment took every payment thread. So a lane's `submit` (grpc calls it
+with `_unary_response_in_pool` or `_stream_response_in_pool` and their arguments; see
+grpc/_server.py, `_handle_unary_unary` and its siblings) does not give the call to a worker thread
+at once:
+
+1. *Receiving*: a thread of the shared `Receiver` waits for the request message (grpc's own
+   "argument thunk"), at most `seconds`; a call whose message has not arrived by then is
+   cancelled (`DEADLINE_EXCEEDED`, "the request message did not arrive within N s"), and a call
+   whose client went away frees its thread at once. Waiting costs a mostly idle thread, and the
+   receiver has a bound of its own: beyond it, the call that has waited longest is cancelled
+   (`RESOURCE_EXHAUSTED`) to make room. For streaming requests (server reflection) the thunk returns at once.
+2. *Serving*: the call, its message in hand, joins its lane's queue under a *key*: the caller
+   (the access token's subject) for payment calls, the client's address for sign-up and login.
+   The lane's threads take the keys in turn, one call each, so a caller with hundreds of calls
+   queued delays another caller's call by at most one call per other key. When the lane is
+   full, the newest call of the key that has the most queued is shed, not the newcomer's.
+
+If grpc ever calls `submit` in another shape, the call is served as before (a worker thread waits
+for the message), and tests/faults/test_partial_requests.py fails; tests/unit/test_capacity.py
+checks the shape on the installed grpc.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import itertools
+import json
+import threading
+from concurrent import futures
+from typing import Callable
+
+from grpc import _server as grpc_server
+from grpc._cython import cygrpc
+
+from server.infra import metrics
+
+_UNARY_SHAPES = (grpc_server._unary_response_in_pool, grpc_server._stream_response_in_pool)
+
+CLIENT_ADDRESS_HEADER = "x-payments-client-address"  # set by Envoy: the address it took as the client's
+_KEYS_REMEMBERED = 4096
+
+
+class Call:
+    """A call as grpc hands it to a pool: `run(*args)` with args (in-pool function, rpc_event,
+    state, behavior, argument_thunk, deserializer, serializer)."""
+
+    __slots__ = ("run", "args", "rpc_event")
+
+    def __init__(self, run, args):
+        self.run, self.args, self.rpc_event = run, args, args[1]
+
+    def metadata(self):
+        return self.rpc_event.invocation_metadata
+
+    def peer_host(self) -> str:
+        peer = self.rpc_event.call.peer()
+        peer = peer.decode("latin-1") if isinstance(peer, bytes) else peer
+        return peer.rsplit(":", 1)[0]
+
+    def receive(self):
+        """grpc's thunk: blocks until the request message (or the stream) is there; None if the
+        client went away or the call was cancelled."""
+        return self.args[4]()
+
+    def with_argument(self, argument) -> tuple:
+        return self.args[:4] + ((lambda: argument),) + self.args[5:]
+
+    def cancel(self, code: cygrpc.StatusCode, details: str) -> None:
+        self.rpc_event.call.cancel(code, details)
+
+    def finish_unserved(self) -> None:
+        """Let grpc's in-pool function see no argument: it returns at once, and the call's state
+        ends with the cancellation."""
+        self.run(*self.with_argument(None))
+
+
+def grpc_call(fn, args) -> Call | None:
+    """The call grpc submitted, if it has the shape this module knows."""
+    if len(args) == 7 and args[0] in _UNARY_SHAPES and hasattr(args[1], "invocation_metadata") and callable(args[4]):
+        return Call(fn, args)
+    return None
+
+
+def _header(metadata, name: str) -> str | None:
+    for key, value in metadata or ():
+        if key == name:
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return None
+
+
+class CallerKeys:
+    """The caller behind a call, for fair turns only (the token is verified later, by the
+    interceptor): the subject of the bearer token, decoded without verification and remembered
+    by the token's text; without a token, the client's address."""
+
+    def __init__(self):
+        self._subjects: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, call: Call) -> str:
+        metadata = call.metadata()
+        value = _header(metadata, "authorization")
+        if value and value.startswith("Bearer "):
+            token = value[7:]
+            with self._lock:
+                subject = self._subjects.get(token)
+                if subject is not None:
+                    self._subjects.move_to_end(token)
+                    return subject
+            subject = "sub:" + _unverified_subject(token)
+            with self._lock:
+                self._subjects[token] = subject
+                if len(self._subjects) > _KEYS_REMEMBERED:
+                    self._subjects.popitem(last=False)  # the least recently used one
+            return subject
+        return client_address(call)
+
+
+def _unverified_subject(token: str) -> str:
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        subject = claims.get("sub") if isinstance(claims, dict) else None
+        return subject if isinstance(subject, str) and len(subject) <= 128 else "?"
+    except (IndexError, ValueError, TypeError):
+        return "?"
+
+
+def client_address(call: Call) -> str:
+    """Envoy's word for the client's address (after its trusted hops), else the TCP peer."""
+    return "addr:" + (_header(call.metadata(), CLIENT_ADDRESS_HEADER) or call.peer_host())
+
+
+class Receiver:
+    """Threads that wait for request messages, so that no lane thread ever waits for a client.
+
+    At most `limit` calls wait at once. A call that arrives when that many wait cancels the one
+    that has waited longest (`RESOURCE_EXHAUSTED`): a request that is being sent whole waits for
+    microseconds, so under pressure the oldest waiter is the one that is not sending."""
+
+    def __init__(self, limit: int, seconds: float, deadlines):
+        self.limit, self.seconds = limit, seconds
+        self._deadlines = deadlines
+        self._pool = futures.ThreadPoolExecutor(max_workers=limit, thread_name_prefix="receive")
+        self._lock = threading.Lock()
+        self._waiting: collections.OrderedDict[int, Call] = collections.OrderedDict()  # oldest first
+        self._ids = itertools.count()
+        self.evicted = 0  # calls cancelled to make room for a newer one
+        self.expired = 0  # calls cancelled because their message did not arrive in time
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def receive(self, call: Call, then: Callable[[tuple], None], done: futures.Future) -> None:
+        """Wait for `call`'s message on a receiving thread, then `then(args)` with the message
+        in hand; `done` is completed here for a call that never gets that far."""
+        ident = next(self._ids)
+        with self._lock:
+            oldest = self._waiting.popitem(last=False)[1] if len(self._waiting) >= self.limit else None
+            self._waiting[ident] = call
+            if oldest is not None:
+                self.evicted += 1
+        if oldest is not None:
+            metrics.unreceived_calls.labels("evicted").inc()
+            oldest.cancel(cygrpc.StatusCode.resource_exhausted,
+                          "the request message was not sent while others waited; retry shortly")
+        try:
+            self._pool.submit(self._wait, ident, call, then, done)
+        except RuntimeError:  # shut down: the server is stopping
+            with self._lock:
+                self._waiting.pop(ident, None)
+            call.cancel(cygrpc.StatusCode.unavailable, "the server is stopping")
+            _complete(done, call.finish_unserved)
+
+    def _wait(self, ident: int, call: Call, then, done: futures.Future) -> None:
+        key = self._deadlines.after(self.seconds, lambda: self._expire(call))
+        try:
+            argument = call.receive()
+        except BaseException as exc:  # grpc's own thunk failed: nothing to serve
+            argument = None
+            if not done.done():
+                done.set_exception(exc)
+        finally:
+            self._deadlines.forget(key)
+            with self._lock:
+                self._waiting.pop(ident, None)
+        if done.done():
+            return
+        if argument is None:  # the client went away, or the call was cancelled here
+            _complete(done, call.finish_unserved)
+            return
+        then(call.with_argument(argument))
+
+    def _expire(self, call: Call) -> None:
+        with self._lock:
+            self.expired += 1
+        metrics.unreceived_calls.labels("expired").inc()
+        call.cancel(cygrpc.StatusCode.deadline_exceeded,
+                    f"the request message did not arrive within {self.seconds:g} s")
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _complete(done: futures.Future, work: Callable[[], object]) -> None:
+    try:
+        work()
+    except BaseException as exc:
+        if not done.done():
+            done.set_exception(exc)
+        return
+    if not done.done():
+        done.set_result(None)
