@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 
 from server.domain import errors
 from server.infra import metrics, storage
+from server.infra.storage.database import is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,18 @@ class mapped_errors:
             abort(context, errors.InvalidArgument(
                 [("request", "a value is too long or out of range for the field it is stored in")],
                 reason="INVALID_VALUE"))
+        if isinstance(error, storage.OUTAGE_ERRORS) and is_disk_full(error):
+            # The database's disk is full: this write was rolled back, reads still work, and writes
+            # work again once space is freed. UNAVAILABLE (503), not RESOURCE_EXHAUSTED (429): the
+            # service cannot store anything for anyone, which is no quota or rate of this client's.
+            # SQLite's connection is sound and is kept (reopening one is what used to need space).
+            log.warning("database disk full", extra={"error": str(error)})
+            metrics.database_errors.labels("unavailable").inc()
+            if storage.is_postgres():
+                storage.release_connection()  # as for any PostgreSQL error: never pool a doubtful one
+            abort(context, errors.Unavailable(
+                "the payments database's disk is full: this change was not saved (reading still works); "
+                "retry once space is freed", reason="DATABASE_FULL"))
         if isinstance(error, storage.OUTAGE_ERRORS) and storage.is_busy(error):
             # SQLite's write lock held past busy_timeout: the database is there, only busy (the
             # jobs pause between batches so that API writers should never wait this long).

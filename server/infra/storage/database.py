@@ -27,6 +27,44 @@ OUTAGE_ERRORS = (peewee.OperationalError, peewee.InterfaceError)
 # Values the database refused: a client's input, however it got past validation.
 DATA_ERRORS = (peewee.DataError,)
 
+_SQLITE_FULL = 13  # "database or disk is full": the write was rolled back, the connection is sound
+_PG_DISK_FULL = "53100"  # PostgreSQL's disk_full
+
+
+class _SqliteDatabase(peewee.SqliteDatabase):
+    """SQLite whose connections open without writing, so a full disk never stops reads.
+
+    peewee runs every pragma on every new connection. `PRAGMA auto_vacuum = incremental` on a
+    file that already has auto-vacuum is a write transaction (SQLite rewrites the incremental
+    flag in page 1, one WAL frame each time): on a full disk it fails with SQLITE_FULL, so a
+    thread whose connection had been dropped could not even read. The pragmas kept in the file
+    (auto_vacuum, journal_mode) are therefore read first and set only when they would change
+    something: auto_vacuum only in a file without tables yet (the only time it can take effect),
+    journal_mode only in a file not yet in WAL mode. The others are per connection and write nothing.
+    """
+
+    _IN_THE_FILE = ("auto_vacuum", "journal_mode")
+
+    def _set_pragmas(self, conn):
+        cursor = conn.cursor()
+        try:
+            for pragma, value in self._pragmas:
+                if pragma in self._IN_THE_FILE and not self._would_change(cursor, pragma, value):
+                    continue
+                cursor.execute(f"PRAGMA {pragma} = {value};")
+        finally:
+            cursor.close()
+
+    @staticmethod
+    def _would_change(cursor, pragma: str, value) -> bool:
+        if pragma == "auto_vacuum":
+            modes = {"none": 0, "full": 1, "incremental": 2}
+            wanted = modes.get(str(value).lower(), value)
+            if cursor.execute("PRAGMA auto_vacuum").fetchone()[0] == wanted:
+                return False
+            return cursor.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None
+        return str(cursor.execute(f"PRAGMA {pragma}").fetchone()[0]).lower() != str(value).lower()
+
 
 def make_database(settings: Settings) -> peewee.Database:
     """The database object for these settings (not yet connected)."""
@@ -45,7 +83,7 @@ def make_database(settings: Settings) -> peewee.Database:
         )
     path = Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else settings.sqlite_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    return peewee.SqliteDatabase(
+    return _SqliteDatabase(
         str(path),
         pragmas={
             # Before any table exists in a new file: purged space can go back to the file system
@@ -137,6 +175,18 @@ def _schema_lock(database: peewee.Database):
 def is_busy(error: Exception) -> bool:
     """A SQLite lock wait that ran out (busy_timeout), as opposed to a database that is gone."""
     return not is_postgres() and "locked" in str(error)
+
+
+def is_disk_full(error: Exception) -> bool:
+    """The database's disk is full: SQLITE_FULL (SQLite rolled the write back; its connection
+    stays sound and keeps serving reads) or PostgreSQL's disk_full. Not an outage: nothing needs
+    reconnecting, and writes work again as soon as space is freed."""
+    for cause in (error, *getattr(error, "args", ())[:1], error.__cause__, error.__context__):
+        if getattr(cause, "sqlite_errorcode", None) is not None:
+            return cause.sqlite_errorcode & 0xFF == _SQLITE_FULL
+        if getattr(cause, "pgcode", None) is not None:
+            return cause.pgcode == _PG_DISK_FULL
+    return False
 
 
 def give_back_space(pages: int) -> int:
