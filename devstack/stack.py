@@ -274,6 +274,15 @@ class Envoy:
             raise
         return envoy
 
+    def set_runtime(self, **values: str) -> None:
+        """Change runtime values through the admin interface (envoy.yaml's admin layer), e.g.
+        edge_rate_limit__enforced="0" for edge_rate_limit.enforced (dots cannot be keywords)."""
+        query = "&".join(f"{key.replace('__', '.')}={value}" for key, value in values.items())
+        request = urllib.request.Request(f"http://{self.admin}/runtime_modify?{query}", method="POST")
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            if reply.status != 200:
+                raise RuntimeError(f"runtime_modify {query}: HTTP {reply.status}")
+
     def stop(self) -> None:
         stop_process(self.proc)
 

@@ -1,7 +1,7 @@
 """Login abuse: a flood from one address, and guessing against one account.
 
-Envoy limits sign-up and login per client address and per Envoy (envoy.yaml, local_ratelimit on
-the AuthService route, which REST and native gRPC logins both end on), before the server spends a
+Envoy limits sign-up and login per client address (envoy.yaml, local_ratelimit on the
+AuthService route, which REST and native gRPC logins both end on), before the server spends a
 password hash; the server slows failed logins per email (server/domain/login_throttle.py). Payment calls
 have no such limit and keep working. Clients are told apart by their address: each test client
 binds an address of its own in 127.0.0.0/8.
@@ -42,6 +42,16 @@ def per_address_bucket() -> dict:
     [descriptor] = auth_limits()["descriptors"]
     assert descriptor["entries"] == [{"key": "remote_address"}]
     return descriptor["token_bucket"]
+
+
+def test_no_bucket_for_the_whole_envoy_that_a_few_addresses_could_drain():
+    """A per-Envoy login bucket (50/s) was drained by ten addresses within their own buckets, and
+    a stranger's logins were refused: the only login buckets are per address (test_login_flood.py
+    shows the stranger served while they flood)."""
+    limits = auth_limits()
+    assert not limits.get("always_consume_default_token_bucket")
+    assert int(limits["token_bucket"]["tokens_per_fill"]) >= 100_000  # the default bucket: never the one that binds
+    assert limits["rate_limits"] == [{"actions": [{"remote_address": {}}]}]
 
 
 def register(api, email: str) -> None:

@@ -7,7 +7,7 @@ server hashes on a lane of its own (PAYMENTS_AUTH_THREADS threads; server/edge/c
 sheds logins beyond its queue at once with RESOURCE_EXHAUSTED; health checks have two threads of
 their own and payment calls theirs, so under the quota the hashing takes its share of the CPU and
 no more than that. Here 64 clients, each from an address of its own (so Envoy's per-address buckets
-do not stop them, only its per-Envoy one), send logins as fast as they are answered, for 8 s, while
+do not stop them), send logins as fast as they are answered, for 8 s, while
 a probe opens a new connection every half second and asks grpc.health.v1 with the kubelet's
 default timeout (1 s), and a client reads a payment through Envoy every 100 ms."""
 
