@@ -6,6 +6,13 @@ is an error in PostgreSQL's driver and a silent truncation in others; line break
 the API stores split log lines and CSV exports) and nothing longer than MAX_TEXT characters
 (the longest field any rule accepts is shorter). The rules then apply each field's own
 pattern and length (server/domain/payments.py, server/domain/accounts.py, server/infra/passwords.py).
+
+Beside the control characters, the two Unicode line breaks (U+2028 LINE SEPARATOR, U+2029
+PARAGRAPH SEPARATOR: JavaScript and many log viewers break lines there) and the bidirectional
+embedding, override and isolate controls (U+202A-U+202E, U+2066-U+2069: "Trojan Source", they
+make a stored value display in another order than it reads, in logs, admin screens and
+receipts). Other format characters stay allowed: the zero-width joiner builds emoji, the
+left-to-right and right-to-left marks only place punctuation in right-to-left text.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from server.domain import errors
 
 MAX_TEXT = 2048
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _STRING, _MESSAGE = FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE
 
 
@@ -27,7 +34,8 @@ def _problem(value: str) -> str | None:
     if value.isprintable():  # C code, and true for nearly every real value: no control character
         return None
     if (bad := _CONTROL.search(value)) is not None:
-        return f"must not contain control characters (found U+{ord(bad.group()):04X})"
+        return ("must not contain control characters, line separators or bidirectional overrides "
+                f"(found U+{ord(bad.group()):04X})")
     return None
 
 

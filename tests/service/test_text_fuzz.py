@@ -135,6 +135,27 @@ def test_the_probes_from_the_attack_run_are_invalid_argument_naming_the_field(st
     assert [v.field for v in bad.field_violations] == [f"payment.{field}"]
 
 
+@pytest.mark.parametrize("character", ["\u2028", "\u2029", "\u202a", "\u202b", "\u202c", "\u202d", "\u202e",
+                                       "\u2066", "\u2067", "\u2068", "\u2069"])
+@pytest.mark.parametrize("field", ["description", "request_id", "email"])
+def test_line_separators_and_bidirectional_overrides_are_refused_in_every_field(stubs, auth_md, field, character):
+    fields = dict(email=ALICE.email, amount=1250, currency="IDR", description="a refund", request_id="order-7")
+    fields[field] = fields[field][:3] + character + fields[field][3:]
+    with pytest.raises(grpc.RpcError) as e:
+        stubs.payments.CreatePayment(pb.CreatePaymentRequest(payment=pb.Payment(**fields)), metadata=auth_md(ALICE))
+    code, info, bad = rich_status(e.value)
+    assert (code, info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TEXT")
+    assert [v.field for v in bad.field_violations] == [f"payment.{field}"]
+    assert f"U+{ord(character):04X}" in bad.field_violations[0].description
+
+
+@pytest.mark.parametrize("text", ["Zahlung für Bücher", "支付 👩\u200d💻", "\u200fدفعة\u200f", "naïve café"])
+def test_text_people_write_passes_the_text_check(stubs, auth_md, text):
+    created = stubs.payments.CreatePayment(pb.CreatePaymentRequest(payment=pb.Payment(
+        email=ALICE.email, amount=1250, currency="IDR", description=text)), metadata=auth_md(ALICE))
+    assert created.description == text
+
+
 def test_a_nul_in_a_login_email_is_invalid_argument(stubs):
     with pytest.raises(grpc.RpcError) as e:
         stubs.auth.Login(pb.LoginRequest(email="a\x00@example.com", password="whatever password"))

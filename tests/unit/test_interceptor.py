@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import time
 
 import grpc
 import pytest
@@ -133,9 +134,12 @@ def test_every_call_is_logged_with_its_outcome(verifier, token_for, monkeypatch,
     monkeypatch.setattr(logs, "_batching", None)
     caplog.set_level(logging.INFO, logger=logs.ACCESS)
     handler = wrapped(CallInterceptor(verifier), GET, unary(behavior))
+    started = time.perf_counter()
     try:
         handler.unary_unary(pb.GetPaymentRequest(), FakeContext([("authorization", f"Bearer {token_for(ALICE)}")]))
     except (Aborted, ZeroDivisionError):
         pass
+    took_ms = (time.perf_counter() - started) * 1000
     (record,) = [r for r in caplog.records if r.name == logs.ACCESS]
-    assert (record.method, record.code) == (GET, code) and record.duration_ms >= 0
+    assert (record.method, record.code) == (GET, code)
+    assert 0 <= record.duration_ms <= took_ms + 0.01  # milliseconds, and of this call (rounded to 0.01)

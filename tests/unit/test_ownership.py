@@ -9,7 +9,7 @@ import datetime as dt
 import pytest
 
 from server.infra import storage
-from server.domain.errors import FailedPrecondition, NotFound, PermissionDenied
+from server.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from server.domain.payments import FAILED, PENDING, SUCCESS, PaymentDraft
 from server.domain.caller import CUSTOMER, Caller
 from server.edge.servicers import payment_fields
@@ -112,8 +112,9 @@ def test_pending_and_failed_payments_can_be_deleted_listed_and_undeleted(rules):
     # A page token of a show_deleted listing is not one of a plain listing.
     token = rules.list(ADMIN_CALLER, page_size=1, show_deleted=True).next_page_token
     assert token
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidArgument) as e:
         rules.list(ADMIN_CALLER, page_size=1, page_token=token)
+    assert e.value.reason == "INVALID_PAGE_TOKEN"
 
 
 def attempt(rules, kind: str, pid: str, expire_at: dt.datetime | None = None) -> str:
@@ -193,8 +194,9 @@ def test_every_change_is_one_event_in_order_with_who_made_it(rules, clock):
     assert rest.next_page_token == ""
     with pytest.raises(NotFound):
         rules.events(BOB, paid.id)
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidArgument) as e:
         rules.events(ALICE, paid.id, page_token=first.next_page_token)  # another payment's token
+    assert e.value.reason == "INVALID_PAGE_TOKEN"
 
 
 def test_a_purged_payment_takes_its_history_and_a_rolled_back_change_leaves_none(rules, clock):

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.domain import webhook_urls
-from server.domain.errors import InvalidArgument
+from server.domain.errors import InvalidArgument, NotFound
 from server.domain.paging import PageTokens
 from server.domain.payments import PaymentDraft, PaymentRules
 from server.domain.webhook_delivery import Attempt, Dispatcher, RetryPolicy, Run
@@ -313,8 +313,15 @@ def test_registration_rules(webhook_rules):
         webhook_rules.create(ADMIN_CALLER, url="https://10.0.0.8/h", event_types=["*", "payment.created"], enabled=True,
                              description="")
     assert {f for f, _ in bad.value.violations} == {"endpoint.url", "endpoint.event_types"}
-    with pytest.raises(InvalidArgument):
-        webhook_rules.rotate(ADMIN_CALLER, "whe_" + "a" * 26, previous_ttl_seconds=8 * 24 * 3600)
+    endpoint, _ = webhook_rules.create(ADMIN_CALLER, url="https://hooks.example.com/h", event_types=["*"],
+                                       enabled=True, description="")
+    with pytest.raises(InvalidArgument) as too_long:  # an endpoint that exists: the TTL alone is refused
+        webhook_rules.rotate(ADMIN_CALLER, endpoint.id, previous_ttl_seconds=8 * 24 * 3600)
+    assert too_long.value.reason == "INVALID_ROTATION"
+    assert [f for f, _ in too_long.value.violations] == ["previous_secret_ttl_seconds"]
+    with pytest.raises(NotFound) as missing:  # a valid TTL for an endpoint that does not exist
+        webhook_rules.rotate(ADMIN_CALLER, "whe_" + "a" * 26, previous_ttl_seconds=3600)
+    assert missing.value.reason == "WEBHOOK_ENDPOINT_NOT_FOUND"
 
 
 # --- the sender, against a real HTTP server ---------------------------------------------------

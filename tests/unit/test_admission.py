@@ -1,0 +1,127 @@
+"""A call waits for its request message on a receiving thread, never on a lane's
+(server/edge/admission.py): raw HTTP/2 clients send the headers of calls and never their message,
+against a real grpc server on loopback with the server's lanes."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from server.edge import capacity
+
+CHECK = "/grpc.health.v1.Health/Check"
+
+
+@pytest.fixture
+def served():
+    """A grpc server with the lanes (a 1 s request deadline, 16 receiving threads) and health."""
+    lanes = capacity.Lanes.create(worker_threads=2, max_concurrent_rpcs=32, auth_threads=1, max_streams=2,
+                                  stream_max_seconds=5, request_seconds=1.0, receiving=16)
+    server = grpc.server(lanes.payments, maximum_concurrent_rpcs=lanes.total + 64)
+    servicer = health.HealthServicer(experimental_non_blocking=True, experimental_thread_pool=lanes.health)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port, lanes
+    server.stop(None)
+    lanes.shutdown()
+
+
+class HeaderOnly:
+    """One HTTP/2 connection with `count` streams whose headers were sent and nothing else."""
+
+    def __init__(self, port: int, count: int, path: str = CHECK):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.streams = []
+        for _ in range(count):
+            sid = self.conn.get_next_available_stream_id()
+            self.conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", path),
+                                         ("content-type", "application/grpc"), ("te", "trailers")])
+            self.streams.append(sid)
+        self.sock.sendall(self.conn.data_to_send())
+
+    def statuses(self, seconds: float) -> dict[int, str]:
+        """grpc-status of each stream that ended within `seconds`."""
+        out: dict[int, str] = {}
+        deadline = time.monotonic() + seconds
+        self.sock.settimeout(0.2)
+        while len(out) < len(self.streams) and time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                break
+            for event in self.conn.receive_data(data):
+                headers = getattr(event, "headers", None)
+                if headers:
+                    status = dict(headers).get(b"grpc-status")
+                    if status is not None:
+                        out[event.stream_id] = status.decode()
+            pending = self.conn.data_to_send()
+            if pending:
+                self.sock.sendall(pending)
+        return out
+
+    def close(self):
+        self.sock.close()
+
+
+def check(port: int) -> float:
+    started = time.monotonic()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    return time.monotonic() - started
+
+
+def test_calls_whose_message_never_comes_hold_no_lane_thread_and_end_at_the_deadline(served):
+    port, lanes = served
+    attack = HeaderOnly(port, 12)  # six times the health lane's two threads
+    try:
+        time.sleep(0.3)
+        assert lanes.receiver.waiting == 12
+        assert check(port) < 0.5  # a whole request is served at once, beside them
+        statuses = attack.statuses(3.0)
+        assert set(statuses.values()) == {str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])}, statuses
+        assert len(statuses) == 12
+        assert lanes.receiver.waiting == 0 and lanes.receiver.expired == 12
+    finally:
+        attack.close()
+
+
+def test_beyond_the_receivers_bound_the_longest_waiting_call_makes_room(served):
+    port, lanes = served
+    attacks = [HeaderOnly(port, 10) for _ in range(3)]  # 30 waiting calls against room for 16
+    try:
+        time.sleep(0.3)
+        assert lanes.receiver.waiting <= 16
+        for _ in range(5):
+            assert check(port) < 0.5  # every whole request is served
+        first = attacks[0].statuses(0.5)  # the oldest were cancelled to make room
+        assert set(first.values()) == {str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])}, first
+        assert lanes.receiver.evicted >= 14
+    finally:
+        for attack in attacks:
+            attack.close()
+
+
+def test_a_client_that_goes_away_frees_its_receiving_thread_at_once(served):
+    port, lanes = served
+    attack = HeaderOnly(port, 8)
+    time.sleep(0.3)
+    assert lanes.receiver.waiting == 8
+    attack.close()
+    deadline = time.monotonic() + 0.9  # before the 1 s request deadline
+    while lanes.receiver.waiting and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert lanes.receiver.waiting == 0 and lanes.receiver.expired == 0
