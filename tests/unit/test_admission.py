@@ -94,6 +94,9 @@ def test_calls_whose_message_never_comes_hold_no_lane_thread_and_end_at_the_dead
         statuses = attack.statuses(3.0)
         assert set(statuses.values()) == {str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])}, statuses
         assert len(statuses) == 12
+        until = time.monotonic() + 2  # the receiving threads wake a moment after the status went out
+        while lanes.receiver.waiting and time.monotonic() < until:
+            time.sleep(0.02)
         assert lanes.receiver.waiting == 0 and lanes.receiver.expired == 12
     finally:
         attack.close()
