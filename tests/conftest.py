@@ -250,3 +250,14 @@ def rich_status(err: grpc.RpcError):
             d.Unpack(bad)
     assert info is not None, "every error carries an ErrorInfo"
     return err.code(), info, bad
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The transitions the model-based tests reached (tests/support/reached.py)."""
+    from tests.support.reached import summary
+
+    lines = summary()
+    if lines:
+        terminalreporter.section("model-based tests: transitions reached")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -1,9 +1,18 @@
 """The payment rules: validation, who may touch which payment, the status lifecycle and
 idempotent creation. No gRPC here; failures are server.domain.errors exceptions.
 
-Lifecycle: a payment is created pending and leaves pending exactly once, by one conditional
-UPDATE ... WHERE status = 'pending', so a confirm, a cancel and the expiry job racing on the same
-payment can never overwrite each other.
+Lifecycle: a payment is created pending and leaves pending exactly once. A confirm, cancel,
+delete or undelete decides under the payment's lock (queries.locked: the row on PostgreSQL, the
+write lock on SQLite), and the expiry job changes only what is still pending and due in one
+conditional UPDATE, so racing changes never overwrite each other and each outcome is that of one
+order of the calls. A deleted payment is not expired (it keeps the status it was deleted with),
+and a delete records the status it found under the lock.
+
+Retries: confirm, cancel, delete and undelete are idempotent for the caller who made the change.
+A call that finds its change already made, still in force, and made by the same caller (the
+history's latest event of that kind names it) is answered as the first call was: an answer lost
+on the way and retried is never a PAYMENT_NOT_PENDING to the caller whose call succeeded. Another
+caller still gets the precondition error.
 """
 
 from __future__ import annotations
@@ -273,43 +282,57 @@ class PaymentRules:
 
     def delete(self, caller: Caller, payment_id: str) -> None:
         """Soft delete: hidden at once, purged by the retention job later. Never a payment that
-        moved money: one conditional UPDATE, so a confirm racing it either wins (and the payment
-        stays) or finds it deleted (and cannot confirm it)."""
-        row = self.get(caller, payment_id)
-        if row.status == SUCCESS:
-            raise settled(payment_id)
+        moved money. Decided under the payment's lock (queries.locked), so a confirm racing it
+        either wins (and the payment stays) or finds it deleted; the history records the status
+        the payment had when it was deleted. A retry by the caller who deleted it succeeds again."""
+        self._visible_id(payment_id)
         now = self.clock()
-        with self.queries.transaction():
-            changed = self.queries.soft_delete(row.id, now)
-            if changed:
-                self._record(row.id, DELETED, row.status, row.status, now, caller, row.failure_reason)
-        if changed:
-            self.observe(DELETED, None, 1)
-            return
-        current = self.queries.any(row.id)  # confirmed or deleted concurrently
-        if current is not None and current.status == SUCCESS and current.deleted_at is None:
-            raise settled(payment_id)
-        raise not_found(payment_id)
+        with self.queries.locked(payment_id) as current:
+            if current is None or not self._owns(caller, current):
+                raise not_found(payment_id)
+            if current.deleted_at is not None:
+                if self._made_by(caller, payment_id, DELETED):
+                    return  # this caller's delete, retried
+                raise not_found(payment_id)
+            if current.status == SUCCESS:
+                raise settled(payment_id)
+            self.queries.soft_delete(payment_id, now)
+            self._record(payment_id, DELETED, current.status, current.status, now, caller, current.failure_reason)
+        self.observe(DELETED, None, 1)
 
-    def undelete(self, caller: Caller, payment_id: str) -> PaymentRecord:
-        """Bring back a deleted payment the purge has not reached (admins; AIP-164)."""
-        if not caller.is_admin:
-            raise PermissionDenied("only admins may undelete payments", reason="ADMIN_ONLY")
+    @staticmethod
+    def _visible_id(payment_id: str) -> None:
         if not PAYMENT_ID.fullmatch(payment_id or ""):
             raise not_found(payment_id)
+
+    @staticmethod
+    def _owns(caller: Caller, payment: PaymentRecord) -> bool:
+        return caller.is_admin or payment.owner_id == caller.subject
+
+    def _made_by(self, caller: Caller, payment_id: str, action: str) -> bool:
+        """Whether the payment's latest change of this kind was this caller's (read under the lock)."""
+        last = self.queries.last_event(payment_id, action)
+        return last is not None and last.actor_id == caller.subject
+
+    def undelete(self, caller: Caller, payment_id: str) -> PaymentRecord:
+        """Bring back a deleted payment the purge has not reached (admins; AIP-164). A retry by the
+        admin who brought it back answers the payment again."""
+        if not caller.is_admin:
+            raise PermissionDenied("only admins may undelete payments", reason="ADMIN_ONLY")
+        self._visible_id(payment_id)
         now = self.clock()
-        with self.queries.transaction():
-            restored = self.queries.undelete(payment_id, now)
-            if restored is not None:
-                status, reason = restored
-                self._record(payment_id, UNDELETED, status, status, now, caller, reason)
-        if restored is None:
-            if self.queries.any(payment_id) is None:
+        with self.queries.locked(payment_id) as current:
+            if current is None:
                 raise not_found(payment_id)
-            raise FailedPrecondition(f"payment {payment_id!r} is not deleted", reason="PAYMENT_NOT_DELETED",
-                                     metadata={"id": payment_id})
+            if current.deleted_at is None:
+                if self._made_by(caller, payment_id, UNDELETED):
+                    return current  # this caller's undelete, retried
+                raise FailedPrecondition(f"payment {payment_id!r} is not deleted", reason="PAYMENT_NOT_DELETED",
+                                         metadata={"id": payment_id})
+            self.queries.undelete(payment_id, now)
+            self._record(payment_id, UNDELETED, current.status, current.status, now, caller, current.failure_reason)
         self.observe(RESTORED, None, 1)
-        return self.get(caller, payment_id)
+        return current._replace(deleted_at=None, updated_at=now)
 
     def confirm(self, caller: Caller, payment_id: str) -> PaymentRecord:
         if not caller.is_admin:
@@ -320,19 +343,34 @@ class PaymentRules:
         return self._leave_pending(caller, payment_id, FAILED, CANCELLED)
 
     def _leave_pending(self, caller: Caller, payment_id: str, status: str, reason: str | None) -> PaymentRecord:
-        row = self.get(caller, payment_id)
+        """Pending -> `status`, decided under the payment's lock. An overdue payment is expired
+        on the way (that is committed) and the call fails PAYMENT_EXPIRED; a payment that already
+        left pending fails PAYMENT_NOT_PENDING, unless this caller made exactly this change: then
+        the call is a retry and gets the payment as it is."""
+        self._visible_id(payment_id)
+        action = CONFIRMED if status == SUCCESS else CANCELLED
         now = self.clock()
-        with self.queries.transaction():
-            changed = self.queries.leave_pending(row.id, status, reason, now)
-            if changed:
-                self._record(row.id, CONFIRMED if status == SUCCESS else CANCELLED, PENDING, status, now, caller, reason)
-        if changed:
+        with self.queries.locked(payment_id) as current:
+            if current is None or current.deleted_at is not None or not self._owns(caller, current):
+                raise not_found(payment_id)
+            if current.status == PENDING and current.expires_at > now:
+                self.queries.leave_pending(payment_id, status, reason, now)
+                self._record(payment_id, action, PENDING, status, now, caller, reason)
+                changed = current._replace(status=status, failure_reason=reason, updated_at=now)
+            else:
+                changed, expired_here = None, current.status == PENDING
+                if expired_here:  # overdue: it expires now, whoever asked
+                    self.queries.expire([payment_id], now)
+                    self._record(payment_id, EXPIRED, PENDING, FAILED, now, None, EXPIRED)
+                    current = current._replace(status=FAILED, failure_reason=EXPIRED, updated_at=now)
+                elif (current.status, current.failure_reason) == (status, reason) \
+                        and self._made_by(caller, payment_id, action):
+                    return current  # this caller's change, retried
+        if changed is not None:
             self.observe(CONFIRMED if status == SUCCESS else FAILED, reason, 1)
-            return self.get(caller, payment_id)
-        # Lost a race, or the payment is not pending (any more), or it is overdue.
-        if row.status == PENDING:
-            self.expire_due(now, ids=[row.id])
-        current = self.get(caller, payment_id)
+            return changed
+        if expired_here:
+            self.observe(FAILED, EXPIRED, 1)
         detail = f" ({current.failure_reason})" if current.failure_reason else ""
         raise FailedPrecondition(
             f"payment {payment_id!r} is {current.status}{detail}, not pending",

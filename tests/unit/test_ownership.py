@@ -8,6 +8,8 @@ import datetime as dt
 
 import pytest
 
+from server.domain.caller import Caller
+
 from server.infra import storage
 from server.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from server.domain.payments import FAILED, PENDING, SUCCESS, PaymentDraft
@@ -104,8 +106,10 @@ def test_pending_and_failed_payments_can_be_deleted_listed_and_undeleted(rules):
     back = rules.undelete(ADMIN_CALLER, pending.id)
     assert back.deleted_at is None and back.status == PENDING
     assert rules.get(ALICE, pending.id).id == pending.id
+    assert rules.undelete(ADMIN_CALLER, pending.id) == back  # a retry by the same admin: its first answer
+    other_admin = Caller(subject="usr_other_admin", email="other-admin@example.com", role=ADMIN_CALLER.role)
     with pytest.raises(FailedPrecondition) as e:
-        rules.undelete(ADMIN_CALLER, pending.id)
+        rules.undelete(other_admin, pending.id)
     assert e.value.reason == "PAYMENT_NOT_DELETED"
     with pytest.raises(NotFound):
         rules.undelete(ADMIN_CALLER, "pay_" + "a" * 26)

@@ -4,6 +4,8 @@ import datetime as dt
 
 import pytest
 
+from server.domain.caller import Caller
+
 from server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from server.domain.payments import MAX_AMOUNT, PaymentDraft, new_payment_id
 from server.infra.storage import Payment
@@ -155,8 +157,10 @@ def test_cancel_moves_pending_to_failed_cancelled(rules):
     assert (done.status, done.failure_reason) == ("failed", "cancelled")
 
 
-@pytest.mark.parametrize("first, second", [("confirm", "confirm"), ("confirm", "cancel"),
-                                           ("cancel", "cancel"), ("cancel", "confirm")])
+OTHER_ADMIN = Caller(subject="usr_other_admin", email="other-admin@example.com", role=ADMIN_CALLER.role)
+
+
+@pytest.mark.parametrize("first, second", [("confirm", "cancel"), ("cancel", "confirm")])
 def test_leaving_pending_happens_once_and_names_the_current_status(rules, first, second):
     p = rules.create(ALICE, draft())
     getattr(rules, first)(ADMIN_CALLER, p.id)
@@ -165,6 +169,19 @@ def test_leaving_pending_happens_once_and_names_the_current_status(rules, first,
     status = "success" if first == "confirm" else "failed"
     assert e.value.reason == "PAYMENT_NOT_PENDING"
     assert f"is {status}" in e.value.message and e.value.metadata["status"] == status
+
+
+@pytest.mark.parametrize("op", ["confirm", "cancel"])
+def test_a_retry_by_the_caller_who_made_the_change_gets_its_outcome_and_another_caller_the_error(rules, clock, op):
+    p = rules.create(ALICE, draft())
+    first = getattr(rules, op)(ADMIN_CALLER, p.id)
+    clock.advance(seconds=5)
+    again = getattr(rules, op)(ADMIN_CALLER, p.id)  # the answer was lost; the client retries
+    assert again == first  # the payment as the first call left it, nothing changed twice
+    assert [e.action for e in rules.events(ADMIN_CALLER, p.id).events] == ["created", "confirmed" if op == "confirm" else "cancelled"]
+    with pytest.raises(FailedPrecondition) as e:
+        getattr(rules, op)(OTHER_ADMIN, p.id)
+    assert e.value.reason == "PAYMENT_NOT_PENDING"
 
 
 def test_an_overdue_payment_cannot_be_confirmed_and_is_expired(rules, clock):
@@ -205,9 +222,13 @@ def test_expire_due_respects_the_batch_limit(rules, clock):
 def test_delete_is_soft_and_hides_the_payment(rules, clock):
     p = rules.create(ALICE, draft())
     rules.delete(ALICE, p.id)
-    for op in (rules.get, rules.delete, rules.cancel):
+    rules.delete(ALICE, p.id)  # a retry by the caller who deleted it succeeds again, and records nothing
+    assert [e.action for e in rules.events(ADMIN_CALLER, p.id).events] == ["created", "deleted"]
+    for op in (rules.get, rules.cancel):
         with pytest.raises(NotFound):
             op(ALICE, p.id)
+    with pytest.raises(NotFound):
+        rules.delete(ADMIN_CALLER, p.id)  # anyone else: it is gone
     assert rules.list(ADMIN_CALLER).payments == []
     row = Payment.get_by_id(p.id)
     assert row.deleted_at == clock.now  # the row stays until the retention job purges it

@@ -9,15 +9,16 @@ changes of one payment is settled by the database.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import peewee
 
 from server.domain.lifecycle import EXPIRED, FAILED, PENDING, SUCCESS
 from server.infra.storage.fastpath import Prepared, PreparedInsert, among, row_check
 from server.infra.storage.models import Payment, PaymentEvent, User, db
-from server.infra.storage.records import EVENT_COLUMNS, EventRecord, PaymentRecord
+from server.infra.storage.records import EVENT_COLUMNS, PAYMENT_COLUMNS, EventRecord, PaymentRecord
 from server.infra.storage.webhook_queries import WebhookQueries
 
 
@@ -87,6 +88,22 @@ class PaymentQueries:
 
     transaction = staticmethod(db.atomic)
 
+    @contextlib.contextmanager
+    def locked(self, payment_id: str) -> Iterator[PaymentRecord | None]:
+        """A transaction that holds the payment's row (or, on SQLite, the write lock) from its
+        first read to its commit, yielding the payment as read under that lock: what a change
+        decides from it, and a retry's question "is this my change, still in force?", see one
+        state, with no other change of the payment in between (the delete/undelete pairs made a
+        two-step answer wrong: the model-based test found it)."""
+        if isinstance(db.obj, peewee.PostgresqlDatabase):
+            with db.atomic():
+                row = (Payment.select(*PAYMENT_COLUMNS).where(Payment.id == payment_id).for_update()
+                       .tuples().first())
+                yield PaymentRecord(*row) if row is not None else None
+        else:
+            with db.atomic("IMMEDIATE"):  # BEGIN IMMEDIATE: the write lock before the first read
+                yield self._any.first(id=payment_id)
+
     # --- reads -----------------------------------------------------------------------------
 
     def live(self, payment_id: str, owner_id: str | None = None) -> PaymentRecord | None:
@@ -119,6 +136,13 @@ class PaymentQueries:
             values["after_at"], values["after_id"] = Payment.created_at.db_value(after[0]), after[1]
         return query(**values)
 
+    def last_event(self, payment_id: str, action: str) -> EventRecord | None:
+        """The payment's latest history event of this kind (who made the change a retry repeats)."""
+        row = (PaymentEvent.select(*EVENT_COLUMNS)
+               .where((PaymentEvent.payment_id == payment_id) & (PaymentEvent.action == action))
+               .order_by(PaymentEvent.number.desc()).limit(1).tuples().first())
+        return EventRecord(*row) if row is not None else None
+
     def events(self, payment_id: str, *, after_number: int | None, limit: int) -> list[EventRecord]:
         query = PaymentEvent.select(*EVENT_COLUMNS).where(PaymentEvent.payment_id == payment_id)
         if after_number is not None:
@@ -126,7 +150,9 @@ class PaymentQueries:
         return [EventRecord(*row) for row in query.order_by(PaymentEvent.number).limit(limit).tuples()]
 
     def due_for_expiry(self, now: dt.datetime, limit: int | None, resume: dict | None = None) -> list[str]:
-        due = (Payment.status == PENDING) & (Payment.expires_at <= now)
+        # Not a deleted one: it stays as it was deleted (pending) until it is undeleted, and
+        # expires then if it is overdue.
+        due = (Payment.status == PENDING) & (Payment.expires_at <= now) & Payment.deleted_at.is_null()
         return _after(Payment.select(Payment.id, Payment.expires_at).where(due), Payment.expires_at, limit, resume)
 
     def due_for_purge(self, before: dt.datetime, limit: int, resume: dict | None = None) -> list[str]:
@@ -153,11 +179,13 @@ class PaymentQueries:
                            & Payment.deleted_at.is_null())
                     .execute())
 
-    def soft_delete(self, payment_id: str, now: dt.datetime) -> bool:
-        """Live and never succeeded -> deleted; False otherwise."""
-        return bool(Payment.update(deleted_at=now, updated_at=now)
+    def soft_delete(self, payment_id: str, now: dt.datetime) -> tuple[str, str | None] | None:
+        """Live and never succeeded -> deleted; its (status, failure_reason) as the UPDATE found
+        them (not as read before it: an expiry or a cancel may have come between), or None."""
+        rows = list(Payment.update(deleted_at=now, updated_at=now)
                     .where((Payment.id == payment_id) & Payment.deleted_at.is_null() & (Payment.status != SUCCESS))
-                    .execute())
+                    .returning(Payment.status, Payment.failure_reason).tuples().execute())
+        return rows[0] if rows else None
 
     def undelete(self, payment_id: str, now: dt.datetime) -> tuple[str, str | None] | None:
         """Deleted -> live; its (status, failure_reason), or None if it was not deleted."""
@@ -172,14 +200,20 @@ class PaymentQueries:
         Found by id and checked row by row (row_check): SQLite, without statistics, otherwise
         scanned the whole overdue range of the status/expiry index per batch, holding the write
         lock (138 ms a batch at the start of a 300,000-row backlog)."""
-        still_due = (row_check(Payment.status) == PENDING) & (row_check(Payment.expires_at) <= now)
+        # The time goes through the field's own form (to_value): compared as a bare datetime, SQLite
+        # got "… 13:00:00+00:00" against the stored "… 13:00:00.000000", and a payment due at that
+        # very microsecond was not expired (the model-based test found it).
+        due = Payment.expires_at.to_value(now)
+        still_due = ((row_check(Payment.status) == PENDING) & (row_check(Payment.expires_at) <= due)
+                     & row_check(Payment.deleted_at).is_null())
         return [pid for (pid,) in Payment.update(status=FAILED, failure_reason=EXPIRED, updated_at=now)
                 .where(among(Payment.id, ids) & still_due).returning(Payment.id).tuples().execute()]
 
     def purge(self, ids: Sequence[str], before: dt.datetime) -> list[str]:
         """Remove for good those of `ids` still deleted before `before` and never succeeded, with
         their history and its webhook deliveries; their ids."""
-        still_old = (row_check(Payment.deleted_at).is_null(False) & (row_check(Payment.deleted_at) < before)
+        cutoff = Payment.deleted_at.to_value(before)
+        still_old = (row_check(Payment.deleted_at).is_null(False) & (row_check(Payment.deleted_at) < cutoff)
                      & (row_check(Payment.status) != SUCCESS))
         purged = [pid for (pid,) in Payment.delete().where(among(Payment.id, ids) & still_old)
                   .returning(Payment.id).tuples().execute()]

@@ -1,0 +1,375 @@
+"""The payment lifecycle against a small reference model (hypothesis's stateful testing), on SQLite
+and PostgreSQL: creates with and without request_id and their replays, confirm, cancel, delete,
+undelete, the expiry job and the purge, a retry of each by its caller and by another, two of them
+racing on one payment from two threads, and a clock that moves both ways.
+
+After every step, for every payment the model knows:
+- the database holds what the model says (status, failure reason, deleted, purged);
+- the history is the model's, and one valid path: created first, each row's from-status the
+  previous row's to-status, at most one row leaving pending;
+- a settled payment is never deleted or purged;
+- every history row's payment (as the webhook body renders it, webhooks.payment_after) equals the
+  payment as read right after that change;
+- the webhook outbox (the history's undispatched rows: no dispatcher runs here) holds exactly the
+  history.
+A race is right when its two outcomes and the database after it are those of one of the two serial
+orders. The transitions reached are printed at the end of the run (tests/support/reached.py).
+
+PAYMENTS_MODEL_EXAMPLES and PAYMENTS_MODEL_STEPS make a longer run (tests/README.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import os
+import threading
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+
+from server.domain import errors
+from server.domain.caller import Caller
+from server.domain.payments import PaymentDraft
+from server.domain.webhooks import payment_after
+from server.infra.storage import end_call
+from server.infra.storage.models import PaymentEvent
+from tests.conftest import ADMIN_CALLER, ALICE, BOB
+from tests.support.reached import reached
+
+EXAMPLES = int(os.environ.get("PAYMENTS_MODEL_EXAMPLES", "25"))
+STEPS = int(os.environ.get("PAYMENTS_MODEL_STEPS", "25"))
+MACHINE = "payment lifecycle"
+
+OTHER_ADMIN = Caller(subject="usr_other_admin", email="other-admin@example.com", role=ADMIN_CALLER.role)
+CALLERS = {"alice": ALICE, "bob": BOB, "admin": ADMIN_CALLER, "other admin": OTHER_ADMIN}
+TTL = dt.timedelta(hours=1)  # tests/conftest.py's rules
+PENDING, SUCCESS, FAILED = "pending", "success", "failed"
+
+
+@dataclasses.dataclass
+class Pay:
+    id: str
+    owner: str
+    expires_at: dt.datetime
+    status: str = PENDING
+    reason: str | None = None
+    deleted_at: dt.datetime | None = None
+    purged: bool = False
+    history: list = dataclasses.field(default_factory=list)  # (action, from, to, reason, actor)
+
+    def event(self, action: str, to: str, actor: str, reason: str | None = None) -> None:
+        self.history.append((action, self.history[-1][2] if self.history else None, to, reason, actor))
+
+
+class Model:
+    """The rules as the docs state them (docs/api.md, server/domain/payments.py's docstring)."""
+
+    def __init__(self, now: dt.datetime):
+        self.now = now
+        self.payments: dict[str, Pay] = {}
+        self.requests: dict[tuple[str, str], tuple[str, int]] = {}  # (creator, request_id) -> (id, amount)
+
+    def visible(self, caller: Caller, pid: str) -> Pay | None:
+        p = self.payments.get(pid)
+        if p is None or p.purged or p.deleted_at is not None:
+            return None
+        return p if caller.is_admin or p.owner == caller.subject else None
+
+    def last_actor(self, p: Pay, action: str) -> str | None:
+        return next((e[4] for e in reversed(p.history) if e[0] == action), None)
+
+    # Each returns "ok", "retry" (a success that changed nothing) or an error reason.
+
+    def leave(self, caller: Caller, pid: str, status: str, reason: str | None, action: str) -> str:
+        if status == SUCCESS and not caller.is_admin:
+            return "ADMIN_ONLY"
+        p = self.visible(caller, pid)
+        if p is None:
+            return "PAYMENT_NOT_FOUND"
+        if p.status == PENDING and p.expires_at > self.now:
+            p.status, p.reason = status, reason
+            p.event(action, status, caller.subject, reason)
+            return "ok"
+        if p.status == PENDING:  # overdue: the call expires it on its way to the error
+            p.status, p.reason = FAILED, "expired"
+            p.event("expired", FAILED, "", "expired")
+        if (p.status, p.reason) == (status, reason) and self.last_actor(p, action) == caller.subject:
+            return "retry"
+        return "PAYMENT_EXPIRED" if p.reason == "expired" else "PAYMENT_NOT_PENDING"
+
+    def delete(self, caller: Caller, pid: str) -> str:
+        p = self.visible(caller, pid)
+        if p is None:
+            q = self.payments.get(pid)
+            if (q is not None and not q.purged and q.deleted_at is not None and (caller.is_admin or q.owner == caller.subject)
+                    and self.last_actor(q, "deleted") == caller.subject):
+                return "retry"
+            return "PAYMENT_NOT_FOUND"
+        if p.status == SUCCESS:
+            return "PAYMENT_SETTLED"
+        p.deleted_at = self.now
+        p.event("deleted", p.status, caller.subject, p.reason)
+        return "ok"
+
+    def undelete(self, caller: Caller, pid: str) -> str:
+        if not caller.is_admin:
+            return "ADMIN_ONLY"
+        p = self.payments.get(pid)
+        if p is None or p.purged:
+            return "PAYMENT_NOT_FOUND"
+        if p.deleted_at is not None:
+            p.deleted_at = None
+            p.event("undeleted", p.status, caller.subject, p.reason)
+            return "ok"
+        return "retry" if self.last_actor(p, "undeleted") == caller.subject else "PAYMENT_NOT_DELETED"
+
+    def expire(self) -> list[str]:
+        done = []
+        for p in self.payments.values():
+            if not p.purged and p.status == PENDING and p.deleted_at is None and p.expires_at <= self.now:
+                p.status, p.reason = FAILED, "expired"
+                p.event("expired", FAILED, "", "expired")
+                done.append(p.id)
+        return done
+
+    def purge(self) -> list[str]:
+        done = []
+        for p in self.payments.values():
+            if not p.purged and p.deleted_at is not None and p.deleted_at < self.now and p.status != SUCCESS:
+                p.purged = True
+                p.history = []
+                done.append(p.id)
+        return done
+
+    def apply(self, op: str, caller: Caller, pid: str) -> str:
+        if op == "confirm":
+            return self.leave(caller, pid, SUCCESS, None, "confirmed")
+        if op == "cancel":
+            return self.leave(caller, pid, FAILED, "cancelled", "cancelled")
+        if op == "delete":
+            return self.delete(caller, pid)
+        if op == "undelete":
+            return self.undelete(caller, pid)
+        if op == "expire":
+            self.expire()
+            return "ok"
+        raise AssertionError(op)
+
+
+def run_real(rules, op: str, caller: Caller, pid: str) -> str:
+    """The same call on the real rules: "ok" for any success, else the error's reason."""
+    try:
+        if op == "confirm":
+            rules.confirm(caller, pid)
+        elif op == "cancel":
+            rules.cancel(caller, pid)
+        elif op == "delete":
+            rules.delete(caller, pid)
+        elif op == "undelete":
+            rules.undelete(caller, pid)
+        elif op == "expire":
+            rules.expire_due(rules.clock())
+        else:
+            raise AssertionError(op)
+    except errors.DomainError as e:
+        return e.reason
+    return "ok"
+
+
+def success(outcome: str) -> str:
+    return "ok" if outcome in ("ok", "retry") else outcome
+
+
+OPS = ("confirm", "cancel", "delete", "undelete")
+RACING = [("confirm", "admin"), ("cancel", "alice"), ("cancel", "admin"), ("delete", "alice"), ("delete", "admin"),
+          ("undelete", "admin"), ("expire", "admin"), ("confirm", "other admin")]
+
+
+def make_machine(rules, clock):
+    queries = rules.queries
+
+    class Lifecycle(RuleBasedStateMachine):
+        def __init__(self):
+            super().__init__()
+            clock.now = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+            self.model = Model(clock.now)
+            self.snapshots: dict[str, tuple] = {}  # event id -> the payment read right after it
+            self.ids: list[str] = []
+            self.tag = os.urandom(4).hex()  # request ids of this example only
+
+        # --- steps ---------------------------------------------------------------------
+
+        @rule(by=st.sampled_from(["alice", "admin"]), amount=st.sampled_from([1250, 9900]),
+              request=st.sampled_from([None, "r1", "r2"]))
+        def create(self, by, amount, request):
+            caller = CALLERS[by]
+            request_id = f"{self.tag}-{request}" if request else ""
+            key = (caller.subject, request_id)
+            earlier = self.model.requests.get(key) if request_id else None
+            expected = None
+            if earlier is not None and not self.model.payments[earlier[0]].purged:
+                p = self.model.payments[earlier[0]]
+                expected = ("REQUEST_ID_CONFLICT" if earlier[1] != amount
+                            else "PAYMENT_DELETED" if p.deleted_at is not None else "replay")
+            try:
+                made = rules.create(caller, PaymentDraft(email=ALICE.email, amount=amount, currency="IDR",
+                                                         request_id=request_id))
+                got = "replay" if expected == "replay" else "ok"
+            except errors.DomainError as e:
+                got, made = e.reason, None
+            assert got == (expected or "ok"), (got, expected)
+            reached(MACHINE, f"create {'with' if request_id else 'without'} request_id: {got}")
+            if made is not None and expected is None:
+                p = Pay(made.id, ALICE.subject, clock.now + TTL)
+                p.event("created", PENDING, caller.subject)
+                self.model.payments[made.id] = p
+                self.ids.append(made.id)
+                if request_id:
+                    self.model.requests[key] = (made.id, amount)
+                self.snapshot(made.id)
+            elif made is not None:
+                assert made.id == earlier[0] and made.status == PENDING  # the first answer
+
+        @precondition(lambda self: self.ids)
+        @rule(op=st.sampled_from(OPS), who=st.sampled_from(sorted(CALLERS)), data=st.data())
+        def change(self, op, who, data):
+            pid = data.draw(st.sampled_from(self.ids))
+            caller = CALLERS[who]
+            before = len(self.model.payments[pid].history)
+            expected = self.model.apply(op, caller, pid)
+            got = run_real(rules, op, caller, pid)
+            assert got == success(expected), (op, who, got, expected, self.model.payments[pid].history)
+            reached(MACHINE, f"{op} by {who}: {expected}")
+            if expected == "ok" and op == "delete" and self.model.payments[pid].status == PENDING:
+                reached(MACHINE, "a pending payment deleted (so never expired while deleted)")
+            if len(self.model.payments[pid].history) > before:
+                self.snapshot(pid)
+
+        @rule(minutes=st.sampled_from([1, 20, 59, 61, 90, 180]))
+        def clock_forward(self, minutes):
+            clock.advance(minutes=minutes)
+            self.model.now = clock.now
+            reached(MACHINE, "clock forward")
+
+        @rule(minutes=st.sampled_from([1, 30, 90]))
+        def clock_back(self, minutes):
+            clock.advance(minutes=-minutes)
+            self.model.now = clock.now
+            reached(MACHINE, "clock back")
+
+        @rule()
+        def expiry_job(self):
+            expired = self.model.expire()
+            rules.expire_due(clock.now)
+            for pid in expired:
+                self.snapshot(pid)
+            deleted_pending_overdue = [p for p in self.model.payments.values() if not p.purged and p.status == PENDING
+                                       and p.deleted_at is not None and p.expires_at <= clock.now]
+            reached(MACHINE, f"expiry job: {'expired some' if expired else 'nothing due'}")
+            if deleted_pending_overdue:
+                reached(MACHINE, "expiry job passed over a deleted, overdue pending payment (delete then expire)")
+
+        @rule()
+        def purge_job(self):
+            purged = self.model.purge()
+            rules.purge_deleted(clock.now, limit=1000)
+            reached(MACHINE, f"purge job: {'purged some' if purged else 'nothing'}")
+
+        @precondition(lambda self: self.ids)
+        @rule(first=st.sampled_from(RACING), second=st.sampled_from(RACING), data=st.data())
+        def race(self, first, second, data):
+            """Two calls on one payment at once, from two threads."""
+            pid = data.draw(st.sampled_from(self.ids))
+            orders = []  # (outcome of `first`, outcome of `second`, the model after) for each serial order
+            for swapped in (False, True):
+                a, b = (second, first) if swapped else (first, second)
+                model = copy.deepcopy(self.model)
+                a_out = success(model.apply(a[0], CALLERS[a[1]], pid))
+                b_out = success(model.apply(b[0], CALLERS[b[1]], pid))
+                orders.append(((b_out, a_out) if swapped else (a_out, b_out), model))
+            barrier = threading.Barrier(2)
+            results = {}
+
+            def call(slot, op_who):
+                barrier.wait(timeout=10)
+                try:
+                    results[slot] = run_real(rules, op_who[0], CALLERS[op_who[1]], pid)
+                except Exception as e:  # not a domain error: shown in the assertion below
+                    results[slot] = repr(e)
+                finally:
+                    end_call()  # the thread's pooled connection goes back, as after every call
+
+            threads = [threading.Thread(target=call, args=(0, first)), threading.Thread(target=call, args=(1, second))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=30)
+            got = (results.get(0), results.get(1))
+            matching = [model for outcome, model in orders if got == outcome and self.matches(model, pid)]
+            assert matching, (first, second, got, [outcome for outcome, _ in orders], self.db_history(pid))
+            self.model = matching[0]
+            self.model.now = clock.now
+            reached(MACHINE, f"race {first[0]}({first[1]}) | {second[0]}({second[1]})")
+            self.snapshot(pid)
+
+        # --- checks ------------------------------------------------------------------
+
+        def snapshot(self, pid: str) -> None:
+            row = queries.any(pid)
+            events = self.db_events(pid)
+            if row is not None and events:
+                self.snapshots[events[-1].id] = row
+
+        def db_events(self, pid: str):
+            return list(PaymentEvent.select().where(PaymentEvent.payment_id == pid).order_by(PaymentEvent.number))
+
+        def db_history(self, pid: str) -> list:
+            return [(e.action, e.from_status, e.to_status, e.failure_reason, e.actor_id) for e in self.db_events(pid)]
+
+        def matches(self, model: Model, pid: str) -> bool:
+            p, row = model.payments[pid], queries.any(pid)
+            if p.purged:
+                return row is None and not self.db_events(pid)
+            return (row is not None and (row.status, row.failure_reason, row.deleted_at is not None)
+                    == (p.status, p.reason, p.deleted_at is not None) and self.db_history(pid) == p.history)
+
+        @invariant()
+        def every_payment_is_the_models_and_its_history_one_valid_path(self):
+            for pid, p in self.model.payments.items():
+                assert self.matches(self.model, pid), (pid, p, queries.any(pid), self.db_history(pid))
+                if p.purged:
+                    continue
+                history = self.db_history(pid)
+                assert history[0][:3] == ("created", None, PENDING)
+                for before, after in zip(history, history[1:]):
+                    assert after[1] == before[2], history  # each from-status is the previous to-status
+                assert sum(1 for e in history if e[1] == PENDING and e[2] != PENDING) <= 1, history
+                if p.status == SUCCESS:
+                    assert p.deleted_at is None  # settled money is never deleted (nor purged)
+
+        @invariant()
+        def every_event_renders_the_payment_as_that_change_left_it_and_the_outbox_is_the_history(self):
+            for pid, p in self.model.payments.items():
+                row = queries.any(pid)
+                events = self.db_events(pid)
+                for event in events:
+                    assert not event.dispatched  # the outbox: undispatched rows, one per change
+                    seen = self.snapshots.get(event.id)
+                    if seen is not None and row is not None:
+                        rendered = payment_after(row, event)
+                        assert (rendered.status, rendered.failure_reason, rendered.deleted_at is not None) == \
+                               (seen.status, seen.failure_reason, seen.deleted_at is not None), (event.action, rendered, seen)
+                        assert rendered.updated_at == seen.updated_at
+
+    return Lifecycle
+
+
+def test_the_payment_lifecycle_matches_its_model(rules, clock):
+    run_state_machine_as_test(
+        make_machine(rules, clock),
+        settings=settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+                          suppress_health_check=list(HealthCheck)))
