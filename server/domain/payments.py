@@ -286,8 +286,8 @@ class PaymentRules:
         either wins (and the payment stays) or finds it deleted; the history records the status
         the payment had when it was deleted. A retry by the caller who deleted it succeeds again."""
         self._visible_id(payment_id)
-        now = self.clock()
         with self.queries.locked(payment_id) as current:
+            now = self.clock()  # under the lock: the history's times follow its order
             if current is None or not self._owns(caller, current):
                 raise not_found(payment_id)
             if current.deleted_at is not None:
@@ -320,8 +320,8 @@ class PaymentRules:
         if not caller.is_admin:
             raise PermissionDenied("only admins may undelete payments", reason="ADMIN_ONLY")
         self._visible_id(payment_id)
-        now = self.clock()
         with self.queries.locked(payment_id) as current:
+            now = self.clock()
             if current is None:
                 raise not_found(payment_id)
             if current.deleted_at is None:
@@ -349,8 +349,8 @@ class PaymentRules:
         the call is a retry and gets the payment as it is."""
         self._visible_id(payment_id)
         action = CONFIRMED if status == SUCCESS else CANCELLED
-        now = self.clock()
         with self.queries.locked(payment_id) as current:
+            now = self.clock()
             if current is None or current.deleted_at is not None or not self._owns(caller, current):
                 raise not_found(payment_id)
             if current.status == PENDING and current.expires_at > now:
