@@ -170,7 +170,8 @@ def database(settings):
 
 @pytest.fixture
 def rules(database, clock) -> PaymentRules:
-    return PaymentRules(page_tokens=PageTokens(b"test-page-token-secret"), payment_ttl=dt.timedelta(hours=1), clock=clock)
+    return PaymentRules(page_tokens=PageTokens(b"test-page-token-secret"), payment_ttl=dt.timedelta(hours=1),
+                        queries=storage.PaymentQueries(), clock=clock)
 
 
 ALICE = Caller(subject="usr_alice", email="alice@example.com", role=CUSTOMER)

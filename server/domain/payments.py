@@ -29,7 +29,8 @@ from server.domain.ids import new_payment_id, opaque_id
 from server.domain.lifecycle import CANCELLED, EXPIRED, FAILED, PENDING, STATUSES, SUCCESS
 from server.domain.paging import DEFAULT_PAGE_SIZE, PageTokens, invalid_page_size
 from server.domain.validation import PAYMENT_ID, REQUEST_ID, email_problem, normalize_email
-from server.infra.storage import DuplicateRequest, EventRecord, PaymentQueries, PaymentRecord
+from server.domain.ports import Clock, PaymentStore
+from server.domain.records import DuplicateRequest, EventRecord, PaymentRecord
 
 __all__ = ["CANCELLED", "EXPIRED", "FAILED", "PENDING", "STATUSES", "SUCCESS", "PaymentDraft", "PaymentRules",
            "new_payment_id"]
@@ -134,9 +135,10 @@ def as_created(row: PaymentRecord) -> PaymentRecord:
 class PaymentRules:
     """The payment operations, each checked against the caller.
 
-    `clock` is injectable so expiry and retention are tested without sleeping; `queries` is how
-    the rules reach the database (server/infra/storage/repository.py); `observe` hears of every
-    committed change (server/infra/metrics.py counts them), never of one that rolled back.
+    The assembly (server/edge/app.py) hands the rules their ports (server/domain/ports.py): the
+    store (`queries`) and the clock, one for every replica (server/infra/clock.py), which tests
+    move by hand; `observe` hears of every committed change (server/infra/metrics.py counts
+    them), never of one that rolled back.
     """
 
     def __init__(
@@ -144,15 +146,15 @@ class PaymentRules:
         *,
         page_tokens: PageTokens,
         payment_ttl: dt.timedelta,
-        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-        queries: PaymentQueries | None = None,
+        queries: PaymentStore,
+        clock: Clock,
         observe: Callable[[str, str | None, int], None] = lambda event, reason, count: None,
     ):
         self.page_tokens = page_tokens
         self.observe = observe  # (event, reason, count) once a change committed: the metrics
         self.payment_ttl = payment_ttl
         self.clock = clock
-        self.queries = queries or PaymentQueries()
+        self.queries = queries
 
     def _record(self, payment_id: str, action: str, from_status: str | None, to_status: str, at: dt.datetime,
                 caller: Caller | None, failure_reason: str | None = None) -> None:

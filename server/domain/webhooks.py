@@ -117,8 +117,8 @@ class EventView:
     """An event (a history row), the payment as that change left it, and where it went: its
     deliveries, each with its attempts."""
 
-    event: object  # storage.EventRecord
-    payment: object  # storage.PaymentRecord, after the change
+    event: object  # records.EventRecord
+    payment: object  # records.PaymentRecord, after the change
     deliveries: list[tuple[DeliveryRecord, list[AttemptRecord]]]
 
     @property

@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server.edge import capacity
+from server.infra import clock as clocks
 from server.infra import metrics, sqlite_turns, storage, tokens, tracing
 from server.domain.accounts import Accounts
 from server.edge.interceptor import CallInterceptor
@@ -82,6 +83,8 @@ def build(settings: Settings) -> App:
     tracing.configure(settings)
     database = storage.open_database(settings)
     tracing.trace_queries(database, "postgresql" if storage.is_postgres(database) else "sqlite")
+    # One clock for every rule and job, which replicas share: the database's time (clock.py).
+    clock = clocks.for_database(database)
     verifier = tokens.TokenVerifier.from_file(settings.jwks_file, issuer=settings.jwt_issuer,
                                               audience=settings.jwt_audience)
     issuer = tokens.TokenIssuer.from_settings(settings)
@@ -95,10 +98,12 @@ def build(settings: Settings) -> App:
     rules = PaymentRules(
         page_tokens=page_tokens,
         payment_ttl=dt.timedelta(seconds=settings.payment_ttl_seconds),
+        queries=storage.PaymentQueries(),
+        clock=clock,
         observe=metrics.payment_event,
     )
     webhook_rules = WebhookRules(queries=webhook_queries, page_tokens=page_tokens,
-                                 allow_loopback=settings.webhook_allow_loopback)
+                                 allow_loopback=settings.webhook_allow_loopback, clock=clock)
     if not settings.page_token_secret:
         log.warning("PAYMENTS_PAGE_TOKEN_SECRET is not set: page tokens work only within this process")
 
@@ -149,7 +154,8 @@ def build(settings: Settings) -> App:
             # runs out only when the run that took it died.
             lease_seconds=jobs.run_budget(settings.webhook_interval_seconds, jobs.WEBHOOK_BUDGET_FRACTION)
             + 2 * settings.webhook_timeout_seconds,
-            observe=metrics.webhook_attempt)
+            observe=metrics.webhook_attempt,
+            clock=clock)
         scheduler = jobs.start(settings, rules, dispatcher)
 
     for name in ("",) + SERVICE_NAMES:

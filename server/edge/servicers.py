@@ -17,7 +17,7 @@ from server.domain.accounts import Accounts
 from server.domain.payments import PaymentDraft, PaymentRules
 from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
-from server.infra.storage import EventRecord, PaymentRecord
+from server.domain.records import EventRecord, PaymentRecord
 
 STATUS_TO_PB = {"pending": pb.Payment.PENDING, "success": pb.Payment.SUCCESS, "failed": pb.Payment.FAILED}
 _STATUS_FROM_PB = {v: k for k, v in STATUS_TO_PB.items()}

@@ -102,7 +102,8 @@ def test_concurrent_confirms_and_expiry_never_overwrite_each_other(rules, clock,
     expires_at = reload(ids[0]).expires_at
     confirm_now = expires_at - dt.timedelta(milliseconds=1)
     expire_now = expires_at + dt.timedelta(milliseconds=1)
-    confirmer = PaymentRules(page_tokens=rules.page_tokens, payment_ttl=rules.payment_ttl, clock=lambda: confirm_now)
+    confirmer = PaymentRules(page_tokens=rules.page_tokens, payment_ttl=rules.payment_ttl, queries=rules.queries,
+                             clock=lambda: confirm_now)
     random.Random(5).shuffle(ids)
     told: dict[str, str] = {}
     expired = []

@@ -7,7 +7,7 @@ import pytest
 
 from server.infra import storage
 from server.infra.storage import Payment, PaymentEvent, User
-from server.infra.storage.repository import EventRecord, PaymentRecord
+from server.domain.records import EventRecord, PaymentRecord
 
 UTC = dt.UTC
 

@@ -92,7 +92,7 @@ def webhook_rules(database, clock):
 @pytest.fixture
 def rules_with_outbox(database, clock) -> PaymentRules:
     return PaymentRules(page_tokens=PageTokens(b"test-page-token-secret"), payment_ttl=dt.timedelta(hours=1),
-                        clock=clock)
+                        queries=storage.PaymentQueries(), clock=clock)
 
 
 def outbox() -> list:

@@ -8,7 +8,8 @@ from server.infra.storage.database import (DATA_ERRORS, OUTAGE_ERRORS, backfill_
                                            is_busy, is_postgres, make_database, migrate_schema, open_database,
                                            release_connection)
 from server.infra.storage.fastpath import Prepared, PreparedInsert, among, row_check
-from server.infra.storage.repository import DuplicateRequest, EventRecord, PaymentQueries, PaymentRecord
+from server.domain.records import DuplicateRequest, EventRecord, PaymentRecord
+from server.infra.storage.repository import PaymentQueries
 from server.infra.storage.models import (MODELS, BaseModel, JobRun, Payment, PaymentEvent, RefreshToken, Session,
                                          User, UTCDateTimeField, db)
 from server.infra.storage.webhook_queries import WebhookQueries

@@ -16,6 +16,7 @@ from typing import Iterator, NamedTuple, Sequence
 import peewee
 
 from server.domain.lifecycle import EXPIRED, FAILED, PENDING, SUCCESS
+from server.domain.records import DuplicateRequest
 from server.infra.storage.fastpath import Prepared, PreparedInsert, among, row_check
 from server.infra.storage.models import Payment, PaymentEvent, User, db
 from server.infra.storage.records import EVENT_COLUMNS, PAYMENT_COLUMNS, EventRecord, PaymentRecord
@@ -24,10 +25,6 @@ from server.infra.storage.webhook_queries import WebhookQueries
 
 class _AccountId(NamedTuple):
     id: str
-
-
-class DuplicateRequest(Exception):
-    """The (created_by, request_id) pair of an insert is taken: a concurrent retry won."""
 
 
 def _visible(owned: bool, param, show_deleted: bool = False):
@@ -71,7 +68,8 @@ def _after(query, key: peewee.Field, limit: int | None, resume: dict | None) -> 
 
 
 class PaymentQueries:
-    """Every query the payment rules run. Stateless apart from the SQL it has prepared."""
+    """Every query the payment rules run (the domain's PaymentStore port, server/domain/ports.py).
+    Stateless apart from the SQL it has prepared."""
 
     def __init__(self):
         self._get = {owned: Prepared(lambda param, o=owned: _visible(o, param).where(Payment.id == param("id"))

@@ -1,0 +1,47 @@
+"""What the rules read and write, as the domain names it: frozen rows that any store returns (the
+storage adapter reads them from its tables, a test's fake from dicts), and the one store error the
+rules act on. No peewee, no SQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import NamedTuple
+
+
+class PaymentRecord(NamedTuple):
+    """A payment (the store keeps these columns, in this order)."""
+
+    id: str
+    email: str
+    owner_id: str | None
+    amount: int
+    currency: str
+    description: str
+    status: str
+    failure_reason: str | None
+    created_by: str
+    request_id: str | None
+    request_hash: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    expires_at: dt.datetime
+    deleted_at: dt.datetime | None
+
+
+class EventRecord(NamedTuple):
+    """One change of a payment: its history row, which is also its webhook event."""
+
+    number: int
+    id: str
+    payment_id: str
+    at: dt.datetime
+    action: str
+    from_status: str | None
+    to_status: str
+    failure_reason: str | None
+    actor_id: str
+    actor_role: str
+
+
+class DuplicateRequest(Exception):
+    """The (created_by, request_id) pair of an insert is taken: a concurrent retry won."""
