@@ -95,36 +95,63 @@ class CallInterceptor(grpc.ServerInterceptor):
         refused_login = metrics.login_refusals.labels("busy") if lane is not None and lane is self._lanes.auth else None
         span_name, attributes = method.lstrip("/"), rpc_attributes(method)
 
+        def admit(context) -> None:
+            """1. A call beyond its lane's bound is answered at once, before any work."""
+            if shedding():
+                if refused_login is not None:
+                    refused_login.inc()
+                abort(context, busy(kind))
+
+        def identify(context, metadata):
+            """2. The caller, from the token and its live session (revoked, disabled, deleted or
+            re-roled: refused); None for a public method."""
+            if public:
+                return None
+            with mapped_errors(context):
+                who = auth.authenticate(verifier, metadata)
+                if sessions is not None:
+                    sessions.check(who)
+                return auth.acting_as(who)
+
+        def check_input(request, context) -> None:
+            """3. Input no field accepts, judged only once the caller is known."""
+            if request is decoding.UNDECODABLE:
+                abort(context, decoding.rejection())
+            if (problem := textcheck.first_problem(request)) is not None:
+                abort(context, problem)
+
+        def serve(request, context):
+            """4. The servicer, its domain errors made statuses here; on SQLite in a database turn."""
+            with mapped_errors(context):
+                if turn is None:
+                    return behavior(request, context)
+                turn.take()
+                try:
+                    return behavior(request, context)
+                finally:
+                    turn.give()
+
+        def account(context, start: float, failed: bool, traced) -> None:
+            """5. Whatever happened: the connection back to the pool, the metrics, the access line, the span."""
+            end_call()  # the call's pooled database connection goes back (PostgreSQL)
+            code = context.code()
+            name = code.name if code is not None else "UNKNOWN" if failed else "OK"
+            seconds = time.perf_counter() - start
+            rpc.done(name, seconds)
+            logs.access(level, method, name, round(seconds * 1000, 2), traced.fields)
+            traced.end(name)
+
         def call(request, context):
             start, failed = time.perf_counter(), False
             rpc.start()
             metadata = context.invocation_metadata()  # made into Python tuples on each call: once
             traced = tracing.Call(span_name, tracing.traceparent_of(metadata), attributes)
             try:
-                if shedding():  # beyond its lane's bound: answered at once, before any work
-                    if refused_login is not None:
-                        refused_login.inc()
-                    abort(context, busy(kind))
-                acting = None
-                if not public:
-                    with mapped_errors(context):
-                        who = auth.authenticate(verifier, metadata)
-                        if sessions is not None:  # revoked, disabled, deleted or re-roled: refused
-                            sessions.check(who)
-                        acting = auth.acting_as(who)
+                admit(context)
+                acting = identify(context, metadata)
                 try:
-                    if request is decoding.UNDECODABLE:  # judged only once the caller is known
-                        abort(context, decoding.rejection())
-                    if (problem := textcheck.first_problem(request)) is not None:
-                        abort(context, problem)
-                    with mapped_errors(context):  # the servicers raise domain errors; statuses are made here
-                        if turn is None:
-                            return behavior(request, context)
-                        turn.take()
-                        try:
-                            return behavior(request, context)
-                        finally:
-                            turn.give()
+                    check_input(request, context)
+                    return serve(request, context)
                 finally:
                     if acting is not None:
                         auth.done(acting)
@@ -132,13 +159,7 @@ class CallInterceptor(grpc.ServerInterceptor):
                 failed = True
                 raise
             finally:
-                end_call()  # the call's pooled database connection goes back (PostgreSQL)
-                code = context.code()
-                name = code.name if code is not None else "UNKNOWN" if failed else "OK"
-                seconds = time.perf_counter() - start
-                rpc.done(name, seconds)
-                logs.access(level, method, name, round(seconds * 1000, 2), traced.fields)
-                traced.end(name)
+                account(context, start, failed, traced)
 
         if lane is not None:
             call.experimental_thread_pool = lane
