@@ -3,8 +3,9 @@
 N payments are created with the jobs off (so N `payment.created` events wait), then a server with
 the delivery job on (its defaults, or --interval) starts, and the clock runs until a receiver on
 loopback (tests/support/webhook_receiver.py: it checks every signature) has all N. The baseline, in
-the same run and against the same receiver: the same N signed bodies POSTed one after another by the
-server's own HTTP client (server/infra/webhook_sender.py), with no database, leases or job ticks.
+the same run and against the same receiver: the same N bodies, signed the same two ways, POSTed one
+after another by the server's own HTTP client (server/infra/webhook_sender.py), with no database,
+leases or job ticks.
 The ratio is what the delivery job costs on top of the POSTs themselves (it sends for 90% of each
 interval, docs/jobs.md); with --receiver-delay, a receiver that takes that long to answer, it is what
 sending several payments' events at once (PAYMENTS_WEBHOOK_CONCURRENCY) wins back.
@@ -28,7 +29,7 @@ import grpc  # noqa: E402
 
 from devstack.stack import Server, prepare_workdir, server_env  # noqa: E402
 from server.domain.caller import ADMIN, CUSTOMER, Caller  # noqa: E402
-from server.domain.webhooks import signature_header  # noqa: E402
+from server.domain.webhooks import signed_headers  # noqa: E402
 from server.edge.pb import payments_pb2 as pb  # noqa: E402
 from server.edge.pb import payments_pb2_grpc as pb_grpc  # noqa: E402
 from server.infra import config, storage, tokens  # noqa: E402
@@ -90,15 +91,16 @@ def main() -> int:
                                            metadata=payer)
         finally:
             server.stop()
-        bodies = [(f'{{"id":"evt_base{i}","type":"payment.created","payment":{{"id":"pay_{i}"}}}}').encode()
+        bodies = [(f"evt_base{i}",
+                   f'{{"id":"evt_base{i}","type":"payment.created","payment":{{"id":"pay_{i}"}}}}'.encode())
                   for i in range(args.events)]
 
         # Baseline: the same number of signed POSTs, back to back, by the same client.
         send = Sender(allow_loopback=True)
         started = time.monotonic()
-        for body in bodies:
+        for event_id, body in bodies:
             headers = {"Content-Type": "application/json",
-                       "Payments-Signature": signature_header([receiver.secret], int(time.time()), body)}
+                       **signed_headers([receiver.secret], event_id, int(time.time()), body)}
             assert send(receiver.url, body, headers).ok
         baseline = args.events / (time.monotonic() - started)
 

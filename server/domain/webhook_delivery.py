@@ -17,6 +17,11 @@ deliveries, one per enabled endpoint that wants the type, then sends what is due
   next attempt would fall outside the window (three days from the first), the delivery is given up
   and its endpoint disabled with the reason: one that failed for three days is broken, and the
   admin sees why in disabled_reason.
+- **The receiver's word** (Standard Webhooks' delivery guidance). A `410 Gone` says it wants no more:
+  the endpoint is disabled at once, with that in disabled_reason (its deliveries stay pending, and
+  go on when an admin enables it again). A `429` or `503` with a `Retry-After` (seconds or an
+  HTTP-date) is a wait for the whole endpoint: no attempt to it before then, at most max_delay
+  away; the failed delivery waits for the later of that and its backoff.
 - **One failing endpoint does not stall the rest.** Each endpoint's due deliveries are read on their
   own (an index per endpoint), so a dead endpoint's backlog is never stepped over; after a failed
   attempt the run sends nothing more to that endpoint (those already in flight end), and the others
@@ -30,21 +35,27 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime as dt
+import email.utils
 import random
 import threading
 import time
 from typing import Callable, NamedTuple
 
-from server.domain.webhooks import (DELIVERED, GAVE_UP, PENDING, SIGNATURE_HEADER, TYPE_OF_ACTION, payment_after,
-                                    reason_of, signature_header)
+from server.domain.webhooks import (DELIVERED, GAVE_UP, PENDING, TYPE_OF_ACTION, payment_after, reason_of,
+                                    signed_headers)
+
+GONE = 410  # the receiver wants no more: the endpoint is disabled
+HOLD_STATUSES = (429, 503)  # Too Many Requests, Service Unavailable: their Retry-After is honoured
 
 
 class Attempt(NamedTuple):
-    """How one POST went: the HTTP status (0: no answer) and, unless it succeeded, why not."""
+    """How one POST went: the HTTP status (0: no answer), unless it succeeded why not, and the
+    answer's Retry-After header as it came (empty: none)."""
 
     http_status: int
     error: str
     duration_ms: int
+    retry_after: str = ""
 
     @property
     def ok(self) -> bool:
@@ -61,6 +72,28 @@ class RetryPolicy:
         seconds = min(self.base_seconds * 2 ** min(failed_attempts - 1, 40), self.max_delay_seconds)
         return dt.timedelta(seconds=seconds * random.uniform(0.9, 1.0))
 
+    def asked_wait(self, attempt: Attempt, now: dt.datetime) -> dt.timedelta | None:
+        """How long the receiver asked to be left alone: a 429's or 503's Retry-After, at most
+        max_delay; None when it asked nothing this honours."""
+        if attempt.http_status not in HOLD_STATUSES or (seconds := retry_after_seconds(attempt.retry_after, now)) is None:
+            return None
+        return dt.timedelta(seconds=min(seconds, self.max_delay_seconds))
+
+
+def retry_after_seconds(value: str, now: dt.datetime) -> float | None:
+    """A Retry-After header's wait in seconds (RFC 9110 section 10.2.3: delay-seconds, or an
+    HTTP-date, which is read against `now`); None for anything else."""
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value) if len(value) <= 15 else float("inf")
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, as HTTP-dates always are
+        when = when.replace(tzinfo=dt.UTC)
+    return max((when - now).total_seconds(), 0.0)
+
 
 Send = Callable[[str, bytes, dict], Attempt]  # (url, body, headers) -> Attempt
 
@@ -75,6 +108,7 @@ class Outcome(NamedTuple):
     first_attempt_at: dt.datetime
     next_attempt_at: dt.datetime
     disable: str | None = None
+    hold: dt.datetime | None = None  # no attempt to the endpoint before this (its Retry-After)
 
 
 def _stopped(deadline: float | None, stopping: threading.Event | None) -> bool:
@@ -135,8 +169,12 @@ class Dispatcher:
         """One batch (up to `limit` due deliveries) for each endpoint that still has some in this
         run; how many were looked at, 0 when there is nothing more to do."""
         looked = 0
+        now = self.clock()
         for endpoint in self.queries.enabled_endpoints():
             if endpoint.id in run.failing or endpoint.id in run.finished:
+                continue
+            if endpoint.not_before is not None and endpoint.not_before > now:
+                run.finished.add(endpoint.id)  # its receiver asked for a wait (Retry-After)
                 continue
             if _stopped(deadline, stopping):
                 break
@@ -204,7 +242,7 @@ class Dispatcher:
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "payments-webhooks/1",
-            SIGNATURE_HEADER: signature_header(endpoint.signing_secrets(started), int(started.timestamp()), raw),
+            **signed_headers(endpoint.signing_secrets(started), d.event_id, int(started.timestamp()), raw),
             "Payments-Event-Id": d.event_id,
             "Payments-Event-Type": kind,
         }
@@ -221,14 +259,22 @@ class Dispatcher:
         with self._lock:
             run.failing.add(d.endpoint_id)
         next_at = at + self.policy.delay(d.attempts + 1)
+        hold = None
+        if (asked := self.policy.asked_wait(result, at)) is not None:
+            hold = at + asked
+            next_at = max(next_at, hold)
+        gone = None
+        if result.http_status == GONE:
+            gone = (f"disabled at {at.isoformat(timespec='seconds')}: the endpoint answered 410 Gone to event "
+                    f"{d.event_id} (it wants no more webhooks); enable it again to resume")
         if (next_at - first).total_seconds() <= self.policy.window_seconds:
             with self._lock:
                 run.failed += 1
-            self.observe("failed")
-            return Outcome(d.number, attempt, PENDING, first, next_at)
+            self.observe("gone" if gone else "failed")
+            return Outcome(d.number, attempt, PENDING, first, next_at, disable=gone, hold=hold)
         with self._lock:
             run.gave_up += 1
         self.observe("gave_up")
-        return Outcome(d.number, attempt, GAVE_UP, first, at, disable=(
+        return Outcome(d.number, attempt, GAVE_UP, first, at, disable=gone or (
             f"disabled at {at.isoformat(timespec='seconds')}: event {d.event_id} could not be delivered in "
             f"{d.attempts + 1} attempts since {first.isoformat(timespec='seconds')} (last: {result.error[:200]})"))

@@ -13,6 +13,7 @@ and no copy of the payment, and every retry renders the same bytes.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
 import hashlib
@@ -37,6 +38,12 @@ TYPE_OF_ACTION = {"created": CREATED, "confirmed": SUCCEEDED, "cancelled": FAILE
                   "deleted": DELETED, "undeleted": RESTORED}
 
 SIGNATURE_HEADER = "Payments-Signature"
+# Standard Webhooks (github.com/standard-webhooks/standard-webhooks, spec v1.0.0), sent beside it.
+STANDARD_ID, STANDARD_TIMESTAMP, STANDARD_SIGNATURE = "webhook-id", "webhook-timestamp", "webhook-signature"
+SECRET_PREFIX = "whsec_"
+# The key bytes: at least the spec's 24, 264 bits; a multiple of three, so their base64 has no "="
+# padding and every base64 decoder agrees on it, the strict ones (Go's, .NET's) and the lenient ones.
+SECRET_BYTES = 33
 DEFAULT_PREVIOUS_SECRET_TTL = 24 * 3600
 MAX_PREVIOUS_SECRET_TTL = 7 * 24 * 3600
 MAX_DESCRIPTION = 500
@@ -47,7 +54,8 @@ PENDING, DELIVERED, GAVE_UP = "pending", "succeeded", "failed"  # a delivery's s
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
-    """HMAC-SHA256 of "<timestamp>.<body>" keyed with the secret, in hex (Stripe's v1 scheme)."""
+    """HMAC-SHA256 of "<timestamp>.<body>" keyed with the secret string itself (its UTF-8 bytes,
+    prefix and all), in hex: Stripe's v1 scheme, which Stripe's libraries verify."""
     return hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
@@ -56,8 +64,42 @@ def signature_header(secrets_: Sequence[str], timestamp: int, body: bytes) -> st
     return ",".join([f"t={timestamp}"] + [f"v1={signature(s, timestamp, body)}" for s in secrets_])
 
 
+_URL_SAFE = str.maketrans("-_", "+/")
+
+
+def standard_key(secret: str) -> bytes:
+    """The key bytes a secret encodes: the base64 after `whsec_`, as Standard Webhooks reads it.
+
+    Secrets made before Standard Webhooks were `whsec_` + secrets.token_urlsafe(32): URL-safe base64
+    (RFC 4648 section 5) without padding. Read in that alphabet they are the same 32 random bytes, so
+    an endpoint keeps its secret and its standard signature is keyed with those bytes; its receiver
+    gives a Standard Webhooks library the same secret in the standard alphabet (docs/webhooks.md).
+    New secrets use the standard alphabet, which this reads unchanged."""
+    text = secret.removeprefix(SECRET_PREFIX).translate(_URL_SAFE)
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def standard_signature(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
+    """v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">: Standard Webhooks' symmetric signature."""
+    digest = hmac.new(key, f"{message_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def signed_headers(secrets_: Sequence[str], event_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """Both signatures of one attempt, each with one signature per valid secret (two during a
+    rotation): Payments-Signature (Stripe's scheme) and the Standard Webhooks headers, whose id is
+    the event's, the same at every retry, and whose signatures are space-separated."""
+    return {SIGNATURE_HEADER: signature_header(secrets_, timestamp, body),
+            STANDARD_ID: event_id, STANDARD_TIMESTAMP: str(timestamp),
+            STANDARD_SIGNATURE: " ".join(standard_signature(standard_key(s), event_id, timestamp, body)
+                                         for s in secrets_)}
+
+
 def new_secret() -> str:
-    return "whsec_" + secrets.token_urlsafe(32)
+    """`whsec_` + the standard base64 of SECRET_BYTES random bytes. One string serves both
+    signatures: as it is, the key of Payments-Signature (Stripe's libraries take it so); decoded,
+    the key of webhook-signature (Standard Webhooks' libraries take it so)."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
 
 
 class EndpointRecord(NamedTuple):
@@ -74,6 +116,8 @@ class EndpointRecord(NamedTuple):
     previous_secret_expires_at: dt.datetime | None
     created_at: dt.datetime
     updated_at: dt.datetime
+    # No attempt before this time: the receiver's Retry-After on a 429 or 503 (None: no wait asked).
+    not_before: dt.datetime | None = None
 
     def wants(self, event_type: str) -> bool:
         return self.event_types == ALL or event_type in self.event_types.split()
@@ -259,6 +303,8 @@ class WebhookRules:
             fields["enabled"] = change.enabled
             if change.enabled:
                 fields["disabled_reason"] = None
+            if change.enabled and not current.enabled:
+                fields["not_before"] = None  # a fresh start: no earlier Retry-After holds it back
         with self.queries.transaction():
             if not self.queries.update_endpoint(endpoint_id, fields):
                 raise endpoint_not_found(endpoint_id)

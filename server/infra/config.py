@@ -53,7 +53,7 @@ class Settings:
     job_batch_size: int = 500
     # webhooks (docs/webhooks.md): the delivery job's tick, each POST's deadline, the retry schedule
     webhook_interval_seconds: int = 5
-    webhook_timeout_seconds: float = 10.0
+    webhook_timeout_seconds: float = 15.0  # the low end of Standard Webhooks' 15-30 s
     webhook_retry_base_seconds: float = 60.0  # after the n-th failure: base * 2^(n-1), at most the max delay
     webhook_retry_max_delay_seconds: float = 12 * 3600.0
     webhook_retry_window_seconds: float = 3 * 24 * 3600.0  # then the delivery is given up, the endpoint disabled

@@ -65,8 +65,9 @@ login_refusals = Counter("payments_login_refusals_total",
                          "failures for the email) or busy (the hashing lane was full).", ("reason",))
 
 webhook_attempts = Counter("payments_webhook_attempts_total",
-                           "Webhook POSTs by outcome: delivered (a 2xx), failed (retried later), gave_up (the "
-                           "retry window ran out; the endpoint was disabled).", ("outcome",))
+                           "Webhook POSTs by outcome: delivered (a 2xx), failed (retried later), gone (a 410: "
+                           "the endpoint was disabled), gave_up (the retry window ran out; the endpoint was "
+                           "disabled).", ("outcome",))
 
 
 _GO_SPELLINGS = {"OK": "OK", "CANCELLED": "Canceled"}  # the two Go does not spell by capitalizing words

@@ -10,7 +10,8 @@ the service.
 - **A deadline for the whole attempt,** not only per read: a receiver that trickles its answer a
   byte at a time is cut off at the timeout.
 - **A bounded read.** The status line and headers are all that matter; at most RESPONSE_BYTES of
-  the body are read, for the attempt's error text.
+  the body are read, for the attempt's error text. A Retry-After header is passed on (at most
+  RETRY_AFTER_CHARS of it) for the delivery rules to weigh (server/domain/webhook_delivery.py).
 - **No proxies, no environment.** http.client reads no proxy variables.
 """
 
@@ -29,6 +30,7 @@ from server.domain.webhook_delivery import Attempt
 from server.domain.webhook_urls import address_problem
 
 RESPONSE_BYTES = 4096
+RETRY_AFTER_CHARS = 64  # an HTTP-date is 29
 
 Resolve = Callable[[str, int], list[str]]
 
@@ -62,7 +64,7 @@ class _Pinned(http.client.HTTPConnection):
 class Sender:
     """Send(url, body, headers) -> Attempt; never raises."""
 
-    def __init__(self, *, timeout: float = 10.0, allow_loopback: bool = False, resolver: Resolve = resolve,
+    def __init__(self, *, timeout: float = 15.0, allow_loopback: bool = False, resolver: Resolve = resolve,
                  tls: ssl.SSLContext | None = None):
         self.timeout = timeout
         self.allow_loopback = allow_loopback
@@ -102,6 +104,7 @@ class Sender:
             response = connection.getresponse()
             excerpt = response.read(RESPONSE_BYTES)
             status = response.status
+            retry_after = (response.getheader("Retry-After") or "").strip()[:RETRY_AFTER_CHARS]
         except (OSError, http.client.HTTPException, ssl.SSLError, ValueError) as e:
             if time.monotonic() - started >= self.timeout:
                 return Attempt(0, f"timed out after {self.timeout:g} s", took())
@@ -116,7 +119,8 @@ class Sender:
         if 300 <= status < 400:
             return Attempt(status, f"HTTP {status}: redirects are not followed", took())
         text = excerpt.decode("utf-8", "replace").strip().replace("\n", " ")
-        return Attempt(status, f"HTTP {status}" + (f": {text[:200]}" if text else ""), took())
+        asked = f" (Retry-After: {retry_after})" if retry_after else ""
+        return Attempt(status, f"HTTP {status}{asked}" + (f": {text[:200]}" if text else ""), took(), retry_after)
 
     @staticmethod
     def _cut(connection: _Pinned) -> None:

@@ -1,6 +1,8 @@
 """Webhooks end to end: endpoints registered over REST through the real Envoy, the server's own
-delivery job POSTing to a real HTTP receiver on loopback, which checks every signature with the
-README's snippet and deduplicates by event id as the README says.
+delivery job POSTing to a real HTTP receiver on loopback, which checks every delivery with three
+independent verifiers (the README's snippet and Stripe's library on Payments-Signature, Standard
+Webhooks' reference library on its headers: tests/support/webhook_receiver.py) and deduplicates by
+event id as the README says.
 
 The stack runs its jobs every second, allows loopback endpoints (PAYMENTS_WEBHOOK_ALLOW_LOOPBACK,
 the development setting) and retries fast (0.2 s, doubling, at most 1 s), so a receiver that is
@@ -18,7 +20,7 @@ import pytest
 
 from tests.support.rest import Client, loopback_address
 from tests.support.stack import ADMIN_EMAIL, ADMIN_PASSWORD, running_stack
-from tests.support.webhook_receiver import FAST_WEBHOOKS, Receiver
+from tests.support.webhook_receiver import FAST_WEBHOOKS, Receiver, standard_verifies, stripe_verifies
 from tests.e2e.conftest import PASSWORD, User, new_email
 
 
@@ -115,11 +117,14 @@ def test_each_change_arrives_signed_in_history_order_with_the_payment_as_the_api
     assert mine(receiver, confirmed["id"])[-1]["payment"] == now
     assert mine(receiver, confirmed["id"])[0]["payment"] == confirmed  # as the create answered
     assert mine(receiver, deleted["id"])[1]["payment"]["deleted_at"]
-    # The headers a receiver keys on.
+    # The headers a receiver keys on: both schemes' (each checked above by its own library).
     arrival = next(a for a in receiver.arrivals if json.loads(a["body"])["payment"]["id"] == confirmed["id"])
     event = json.loads(arrival["body"])
-    assert arrival["headers"]["payments-event-id"] == event["id"]
-    assert arrival["headers"]["content-type"] == "application/json"
+    headers = arrival["headers"]
+    assert headers["payments-event-id"] == headers["webhook-id"] == event["id"]
+    assert headers["payments-signature"].startswith(f"t={headers['webhook-timestamp']},v1=")
+    assert re.fullmatch(r"v1,[A-Za-z0-9+/]{43}=", headers["webhook-signature"])
+    assert headers["content-type"] == "application/json"
     assert arrival["path"] == "/hooks/payments"
     # The admin's view: every delivery with its attempt.
     seen = api.get(f"/v1/webhookEvents/{event['id']}", token=admin.token)
@@ -199,6 +204,54 @@ def test_a_failing_answer_holds_back_the_payments_later_events_until_it_succeeds
                   if d["endpoint_id"] == endpoint["id"]]
     statuses = [a.get("http_status") for a in delivery["attempts"]]
     assert statuses[-1] == 200 and 500 in statuses and "HTTP 500" in delivery["attempts"][0]["error"]
+    # Every attempt at the event carried its id in webhook-id, each signed anew.
+    tries = [a for a in receiver.arrivals if json.loads(a["body"])["id"] == event_id]
+    assert len(tries) >= 4 and {a["headers"]["webhook-id"] for a in tries} == {event_id}
+    assert receiver.bad == []
+
+
+def test_a_410_gone_disables_the_endpoint_and_enabling_it_sends_what_waited(api, admin, customer, receiver,
+                                                                          subscribed):
+    endpoint = subscribed(receiver)
+    receiver.status = 410
+    payment = pay(api, customer)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        seen = api.get(f"/v1/webhookEndpoints/{endpoint['id']}", token=admin.token).json
+        if not seen.get("enabled"):  # false is left out of the JSON
+            break
+        time.sleep(0.2)
+    assert "enabled" not in seen and "410 Gone" in seen["disabled_reason"], seen
+    tried = len(receiver.arrivals)
+    assert tried == 1 and receiver.bad == []
+    time.sleep(2.5)  # two more ticks: nothing more is sent to it
+    assert len(receiver.arrivals) == tried
+    receiver.status = 200
+    patched = api.request("PATCH", f"/v1/webhookEndpoints/{endpoint['id']}", {"enabled": True}, token=admin.token)
+    assert patched.status == 200 and patched.json["enabled"] is True and "disabled_reason" not in patched.json
+    receiver.wait_for(lambda r: mine(r, payment["id"]))
+    assert receiver.bad == []
+
+
+def test_a_503_with_retry_after_is_honoured_up_to_the_max_delay(api, admin, customer, receiver, subscribed):
+    """The stack's max delay is 1 s, so a Retry-After of an hour waits 1 s, and the event then arrives
+    (tests/unit/test_webhooks.py has the waits themselves; tests/service/test_webhooks_replicas.py a
+    wait longer than the backoff, by a real server)."""
+    endpoint = subscribed(receiver)
+    receiver.status, receiver.reply_headers = 503, {"Retry-After": "3600"}
+    payment = pay(api, customer)
+    receiver.wait_for(lambda r: r.arrivals)
+    receiver.status, receiver.reply_headers = 200, {}
+    receiver.wait_for(lambda r: mine(r, payment["id"]), timeout=10)
+    event_id = mine(receiver, payment["id"])[0]["id"]
+    [delivery] = [d for d in api.get(f"/v1/webhookEvents/{event_id}", token=admin.token).json["deliveries"]
+                  if d["endpoint_id"] == endpoint["id"]]
+    assert delivery["attempts"][0]["http_status"] == 503
+    assert delivery["attempts"][0]["error"].startswith("HTTP 503 (Retry-After: 3600)")
+    times = [a["at"] for a in receiver.arrivals if json.loads(a["body"])["id"] == event_id]
+    assert len(times) == len(delivery["attempts"]) >= 2
+    assert times[1] - times[0] >= 1.0  # the max delay, not the 0.2 s backoff (nor the next 1 s tick)
+    assert receiver.bad == []
 
 
 def test_redelivery_sends_the_same_event_again(api, admin, customer, receiver, subscribed):
@@ -228,7 +281,10 @@ def test_rotation_signs_with_both_secrets_until_the_old_one_ends(api, admin, cus
     receiver.wait_for(lambda r: mine(r, payment["id"]))  # verified with the old secret
     arrival = [a for a in receiver.arrivals if payment["id"] in a["body"].decode()][-1]
     assert receiver.verify(new, arrival["headers"]["payments-signature"], arrival["body"])
+    assert stripe_verifies(new, arrival["headers"]["payments-signature"], arrival["body"])
+    assert standard_verifies(new, arrival["headers"], arrival["body"])
     assert arrival["headers"]["payments-signature"].count("v1=") == 2
+    assert [s[:3] for s in arrival["headers"]["webhook-signature"].split(" ")] == ["v1,", "v1,"]
     # Rotating again with a 1-second overlap: soon only the newest secret signs.
     newest = api.post(f"/v1/webhookEndpoints/{endpoint['id']}:rotateSecret", {"previous_secret_ttl_seconds": 1},
                       token=admin.token).json["secret"]
@@ -238,7 +294,10 @@ def test_rotation_signs_with_both_secrets_until_the_old_one_ends(api, admin, cus
     receiver.wait_for(lambda r: mine(r, later["id"]))
     arrival = [a for a in receiver.arrivals if later["id"] in a["body"].decode()][-1]
     assert arrival["headers"]["payments-signature"].count("v1=") == 1
+    assert " " not in arrival["headers"]["webhook-signature"]
     assert not receiver.verify(new, arrival["headers"]["payments-signature"], arrival["body"])
+    assert not standard_verifies(new, arrival["headers"], arrival["body"])
+    assert not stripe_verifies(new, arrival["headers"]["payments-signature"], arrival["body"])
     assert receiver.bad == []
 
 

@@ -1,8 +1,10 @@
-"""Webhook delivery by real server processes (`python -m server`) to a real receiver on loopback:
+"""Webhook delivery by real server processes (`python -m server`) to a real receiver on loopback
+(which checks every delivery with the README's snippet, Stripe's library and Standard Webhooks'):
 two replicas on one PostgreSQL send each event once per attempt, a server killed with SIGKILL
 in the middle of a delivery loses no event (its successor sends again what the dead one had
-leased: the receiver sees a duplicate with the same event id, and drops it), and an address is
-checked at delivery, not only at registration.
+leased: the receiver sees a duplicate with the same event id, and drops it), a receiver's
+Retry-After holds the whole endpoint that long, and an address is checked at delivery, not only at
+registration.
 """
 
 from __future__ import annotations
@@ -166,6 +168,36 @@ def test_sigkill_during_delivery_loses_no_event(keys_dir, tmp_path, tokens, rece
     # Whatever came twice came with the same id (the one in flight at the kill, sent again).
     ids = [json.loads(a["body"])["id"] for a in receiver.arrivals]
     assert set(ids) == set(expected)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_429_with_retry_after_holds_every_delivery_to_the_endpoint_that_long(request, keys_dir, tmp_path, tokens,
+                                                                               receiver, backend):
+    """Two payments' events, the first attempt answered 429 with Retry-After: 3: nothing reaches the
+    receiver for 3 s (the backoff alone would retry after 0.2 s, the other payment's event go at the
+    next 1 s tick), then both arrive."""
+    url = request.getfixturevalue("pg_session_url") if backend == "postgres" else ""
+    if url:
+        _reset_postgres(url)
+    env = {**base_env(keys_dir, tmp_path, url),
+           "PAYMENTS_WEBHOOK_RETRY_MAX_DELAY_SECONDS": "5"}
+    receiver.status, receiver.reply_headers = 429, {"Retry-After": "3"}
+    server = started(0, env, tmp_path)
+    try:
+        seed_accounts_into(config.load(env))
+        subscribe(server.port, receiver)
+        payments = create_payments([server.port], 2)
+        receiver.wait_for(lambda r: r.arrivals, timeout=20)
+        receiver.status, receiver.reply_headers = 200, {}
+        receiver.wait_for(lambda r: len(r.events) == 3, timeout=20)  # two created, one cancelled
+    finally:
+        assert server.stop() == 0
+    assert receiver.bad == []
+    first = receiver.arrivals[0]["at"]
+    gaps = [a["at"] - first for a in receiver.arrivals]
+    # The first batch's POSTs (up to one per payment at once) answered 429; then nothing for 3 s.
+    assert all(g < 0.5 or g >= 3.0 for g in gaps), gaps
+    assert any(g >= 3.0 for g in gaps) and {e["payment"]["id"] for e in receiver.events} == set(payments)
 
 
 def test_the_address_is_checked_again_at_delivery(keys_dir, tmp_path, tokens, receiver):

@@ -1,7 +1,9 @@
 """A merchant's webhook receiver on loopback, for the tests: a real HTTP server that checks every
-delivery's signature with the code the README gives merchants (taken from the README itself, so the
-snippet is tested), deduplicates by event id as the README says, and can be taken down and brought
-back on the same port.
+delivery three times, independently: Payments-Signature with the code the README gives merchants
+(taken from the README itself, so the snippet is tested) and with Stripe's own library (`stripe`,
+pinned in requirements.lock), and the Standard Webhooks headers with that project's reference
+library (`standardwebhooks`). It deduplicates by event id as the README says, and can be taken down
+and brought back on the same port.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import standardwebhooks
+import stripe
 
 ROOT = Path(__file__).resolve().parents[2]
 # A server that delivers fast, for tests: its job every second, loopback receivers allowed (the
@@ -28,14 +33,37 @@ FAST_WEBHOOKS = {
 }
 
 
-def readme_verifier():
-    """The README's `verify(secret, header, body)`, executed from the README's text."""
+def readme_block(first_line: str) -> dict:
+    """What the README's Python block beginning with `first_line` defines, executed from its text."""
     text = (ROOT / "README.md").read_text()
-    block = re.search(r"```python\n(# verify a webhook.*?)```", text, re.S)
-    assert block, "README.md has no webhook verification snippet"
+    block = re.search(r"```python\n(" + re.escape(first_line) + r".*?)```", text, re.S)
+    assert block, f"README.md has no Python block beginning {first_line!r}"
     scope: dict = {}
     exec(compile(block.group(1), "README.md", "exec"), scope)
+    return scope
+
+
+def readme_verifier():
+    """The README's `verify(secret, header, body)` (the one without a library), executed from its text."""
+    scope = readme_block("# verify a webhook")
     return scope["verify"], scope
+
+
+def standard_verifies(secret: str, headers: dict, body: bytes) -> bool:
+    """Standard Webhooks' reference library on webhook-id, webhook-timestamp and webhook-signature."""
+    try:
+        standardwebhooks.Webhook(secret).verify(body, headers, json_parse=False)
+        return True
+    except standardwebhooks.WebhookVerificationError:
+        return False
+
+
+def stripe_verifies(secret: str, header: str | None, body: bytes) -> bool:
+    """Stripe's library on the value of Payments-Signature (its Stripe-Signature scheme)."""
+    try:
+        return stripe.WebhookSignature.verify_header(body, header, secret, tolerance=300)
+    except stripe.SignatureVerificationError:
+        return False
 
 
 class _Quiet(http.server.ThreadingHTTPServer):
@@ -47,12 +75,17 @@ class _Quiet(http.server.ThreadingHTTPServer):
 
 class Receiver:
     """Deliveries arrive at `url`; `events` are the verified, first-seen ones in arrival order,
-    `arrivals` every whole POST (duplicates included), `bad` those whose signature did not verify,
-    `incomplete` how many were cut off before their body ended."""
+    `arrivals` every whole POST (duplicates included), `bad` those that any of the three verifiers
+    refused (each with the names of those that did, under "refused"), `incomplete` how many were cut
+    off before their body ended. `standard_secret`, when set, is what the Standard Webhooks library
+    is given instead of `secret` (an endpoint's secret from before Standard Webhooks, in the standard
+    alphabet as docs/webhooks.md says)."""
 
     def __init__(self, secret: str = "", port: int = 0, status: int = 200):
         self.secret = secret
+        self.standard_secret = ""
         self.status = status  # what it answers
+        self.reply_headers: dict[str, str] = {}  # sent with every answer (e.g. Retry-After)
         self.delay = 0.0  # seconds before answering
         self.events: list[dict] = []
         self.arrivals: list[dict] = []
@@ -84,17 +117,20 @@ class Receiver:
                     time.sleep(receiver.delay)
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 entry = {"headers": headers, "body": body, "path": self.path, "at": time.time()}
-                ok = receiver.secret and receiver.verify(receiver.secret, headers.get("payments-signature", ""), body)
+                refused = receiver.refused(headers, body)
+                ok = not refused
                 with receiver.lock:
                     receiver.arrivals.append(entry)
                     if not ok:
-                        receiver.bad.append(entry)
+                        receiver.bad.append({**entry, "refused": refused})
                     elif receiver.status < 300:
                         event = json.loads(body)
                         if event["id"] not in receiver.seen:  # deduplicate by event id, as the README says
                             receiver.seen.add(event["id"])
                             receiver.events.append(event)
                 self.send_response(receiver.status if ok else 400)
+                for name, value in receiver.reply_headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
@@ -107,6 +143,16 @@ class Receiver:
         self._port = server.server_address[1]
         self._server = server
         threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def refused(self, headers: dict, body: bytes) -> list[str]:
+        """Which verifiers refuse this delivery: none when all three accept it."""
+        secret = self.secret
+        if not secret:
+            return ["no secret"]
+        checks = {"readme": lambda: self.verify(secret, headers.get("payments-signature", ""), body),
+                  "stripe": lambda: stripe_verifies(secret, headers.get("payments-signature"), body),
+                  "standardwebhooks": lambda: standard_verifies(self.standard_secret or secret, headers, body)}
+        return [name for name, check in checks.items() if not check()]
 
     @property
     def port(self) -> int:

@@ -1,34 +1,43 @@
 """Webhooks below the API: the address rules, the outbox (the history written with each change, and
-not with one that rolled back), the dispatcher's order, backoff and giving up, on both databases; and the sender
+not with one that rolled back), the signatures (both schemes, one secret, today's and the older
+secrets, checked by Stripe's and Standard Webhooks' own libraries and by the README's snippets), the
+dispatcher's order, backoff, giving up, 410 Gone and Retry-After, on both databases; and the sender
 against a real HTTP server on loopback: refused addresses (resolved at delivery time), no redirects,
 a deadline for the whole attempt.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import email.utils
 import http.server
 import json
+import secrets
 import sys
 import threading
 import time
 
 import pytest
+import standardwebhooks
+import stripe
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from requests.structures import CaseInsensitiveDict
 
 from server.domain import webhook_urls
 from server.domain.errors import InvalidArgument, NotFound
 from server.domain.paging import PageTokens
 from server.domain.payments import PaymentDraft, PaymentRules
-from server.domain.webhook_delivery import Attempt, Dispatcher, RetryPolicy, Run
-from server.domain.webhooks import (GAVE_UP, PENDING, EndpointChange, WebhookRules, signature,
-                                    signature_header)
+from server.domain.webhook_delivery import Attempt, Dispatcher, RetryPolicy, Run, retry_after_seconds
+from server.domain.webhooks import (GAVE_UP, PENDING, SECRET_BYTES, EndpointChange, WebhookRules, new_secret,
+                                    signature, signature_header, signed_headers, standard_key)
 from server.edge.webhook_body import event_body, event_json, reference_json
 from server.infra import storage
 from server.infra.webhook_sender import Sender
-from tests.conftest import ADMIN_CALLER, ALICE
-from tests.support.webhook_receiver import Receiver, readme_verifier
+from tests.conftest import ADMIN_CALLER, ALICE, Clock
+from tests.support.webhook_receiver import (Receiver, readme_block, readme_verifier, standard_verifies,
+                                            stripe_verifies)
 
 
 @pytest.mark.parametrize("address, allowed", [
@@ -62,6 +71,125 @@ def test_the_readme_verifier_accepts_the_services_signature_and_nothing_else():
     assert not verify("whsec_new", header, body + b" ")
     assert not verify("whsec_new", signature_header(["whsec_new"], now - 3600, body), body)  # a replay
     assert not verify("whsec_new", f"v1={signature('whsec_new', now, body)}", body)  # no timestamp
+
+
+@pytest.mark.parametrize("header", [
+    "t=\u00b2,v1=00",  # a digit to str.isdigit, not to int()
+    "t=" + "9" * 5000 + ",v1=00",  # more digits than int() reads
+    "t=" + "9" * 400 + ",v1=00",  # an int no float holds
+    "t=-5,v1=00", "t=+5,v1=00", "t= 5,v1=00", "t=,v1=", "t=1,t=2", "", ",,,", "=", "t", "v1=",
+    "t=\u0661\u0662\u0663,v1=00",  # Arabic-Indic digits
+    "t={now},v1=\u00e9\u00e9",  # a non-ASCII signature (hmac.compare_digest refuses to compare those)
+    "t={now},v1=\udcff",  # a lone surrogate
+    "t={now}\x00,v1=00", "t={now},v1=" + "0" * 100_000,
+])
+def test_the_readme_verifier_says_false_to_forged_headers_instead_of_raising(header):
+    verify, _ = readme_verifier()
+    assert verify("whsec_x", header.replace("{now}", str(int(time.time()))), b"{}") is False
+
+
+# Header-like text: the verifier's own pieces, valid and not, in any order and number.
+_header_parts = st.one_of(
+    st.text(max_size=30),
+    st.builds(lambda v: f"t={v}", st.one_of(st.integers(), st.text(max_size=20), st.just(int(time.time())))),
+    st.builds(lambda v: f"v1={v}", st.one_of(st.text(max_size=70), st.binary(max_size=32).map(bytes.hex))),
+    st.sampled_from(["t", "v1", "=", ",", "t==", "v1==", "\udcff", "\u00b2", "9" * 5000]),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(header=st.text(alphabet=st.characters(exclude_categories=())) | st.lists(_header_parts, max_size=8).map(",".join))
+def test_the_readme_verifier_returns_false_for_any_header_text(header):
+    verify, _ = readme_verifier()
+    assert verify("whsec_x", header, b'{"id":"evt_x"}') is False
+
+
+def test_new_secrets_are_base64_of_33_random_bytes_and_key_both_schemes():
+    secret = new_secret()
+    assert secret.startswith("whsec_") and len(secret) == 6 + 44 and "=" not in secret
+    key = base64.b64decode(secret[6:], validate=True)  # the standard alphabet, no padding needed
+    assert len(key) == SECRET_BYTES >= 24 and standard_key(secret) == key
+    assert len({new_secret() for _ in range(100)}) == 100
+    body, now = b'{"id":"evt_x","type":"payment.created"}', int(time.time())
+    headers = signed_headers([secret], "evt_x", now, body)
+    assert set(headers) == {"Payments-Signature", "webhook-id", "webhook-timestamp", "webhook-signature"}
+    assert headers["webhook-id"] == "evt_x" and headers["webhook-timestamp"] == str(now)
+    assert headers["Payments-Signature"] == signature_header([secret], now, body)
+    # The same one secret, given as it is to each library.
+    assert standardwebhooks.Webhook(secret).verify(body, headers) == json.loads(body)
+    assert standardwebhooks.Webhook(secret).sign("evt_x", dt.datetime.fromtimestamp(now, dt.UTC), body) \
+        == headers["webhook-signature"]
+    assert stripe.WebhookSignature.verify_header(body, headers["Payments-Signature"], secret, 300)
+    for tampered in (body + b" ", body.replace(b"created", b"deleted")):
+        assert not standard_verifies(secret, headers, tampered) and not stripe_verifies(secret, headers["Payments-Signature"], tampered)
+    assert not standard_verifies(secret, {**headers, "webhook-id": "evt_y"}, body)  # the id is signed too
+    assert not standard_verifies(new_secret(), headers, body) and not stripe_verifies(new_secret(), headers["Payments-Signature"], body)
+
+
+def old_secret() -> str:
+    """A secret as endpoints were given before Standard Webhooks (whsec_ + token_urlsafe(32)), with
+    both URL-safe characters in it (three in four of them have at least one)."""
+    while True:
+        secret = "whsec_" + secrets.token_urlsafe(32)
+        if "-" in secret and "_" in secret[6:]:
+            return secret
+
+
+def in_standard_alphabet(secret: str) -> str:
+    """What docs/webhooks.md tells the receivers of older endpoints to give a Standard Webhooks library."""
+    return "whsec_" + base64.b64encode(base64.urlsafe_b64decode(secret[6:] + "=")).decode()
+
+
+def test_an_older_secret_keeps_working_and_keys_the_standard_signature_with_the_bytes_it_encodes():
+    secret = old_secret()
+    key = base64.urlsafe_b64decode(secret[6:] + "=")
+    assert len(key) == 32 and standard_key(secret) == key
+    body, now = b'{"id":"evt_x"}', int(time.time())
+    headers = signed_headers([secret], "evt_x", now, body)
+    # Payments-Signature is what it always was: the README's snippet and Stripe's library take the
+    # secret as the endpoint was given it.
+    assert headers["Payments-Signature"] == ",".join([f"t={now}", f"v1={signature(secret, now, body)}"])
+    assert readme_verifier()[0](secret, headers["Payments-Signature"], body)
+    assert stripe_verifies(secret, headers["Payments-Signature"], body)
+    # Standard Webhooks' library takes it in the standard alphabet (the same key bytes)...
+    standard = in_standard_alphabet(secret)
+    assert standard.replace("+", "-").replace("/", "_").rstrip("=") == secret
+    assert standard_verifies(standard, headers, body)
+    # ...and not as it is: the library drops the URL-safe characters and derives another key (or,
+    # when what is left is not whole base64, refuses the secret outright).
+    try:
+        as_it_is = standard_verifies(secret, headers, body)
+    except ValueError:
+        as_it_is = False
+    assert not as_it_is
+
+
+def test_during_a_rotation_each_header_carries_one_signature_per_secret():
+    old, new = old_secret(), new_secret()
+    body, now = b'{"id":"evt_x"}', int(time.time())
+    headers = signed_headers([new, old], "evt_x", now, body)
+    assert headers["Payments-Signature"].count(",v1=") == 2
+    signatures = headers["webhook-signature"].split(" ")
+    assert len(signatures) == 2 and all(s.startswith("v1,") for s in signatures)
+    for secret, standard in ((new, new), (old, in_standard_alphabet(old))):
+        assert standard_verifies(standard, headers, body)
+        assert stripe_verifies(secret, headers["Payments-Signature"], body)
+        assert readme_verifier()[0](secret, headers["Payments-Signature"], body)
+    assert not standard_verifies(new_secret(), headers, body)
+
+
+def test_the_readmes_library_snippets_verify_a_delivery_and_refuse_a_forgery():
+    scope = readme_block("# with a library")
+    secret = new_secret()
+    body = b'{"id":"evt_x","type":"payment.created"}'
+    headers = CaseInsensitiveDict(signed_headers([secret], "evt_x", int(time.time()), body))  # as frameworks give them
+    assert scope["verify_standard"](secret, headers, body) is True
+    assert scope["verify_stripe"](secret, headers, body) is True
+    for forged in (CaseInsensitiveDict(signed_headers([new_secret()], "evt_x", int(time.time()), body)),
+                   CaseInsensitiveDict(signed_headers([secret], "evt_x", int(time.time()) - 3600, body)),
+                   CaseInsensitiveDict()):
+        assert scope["verify_standard"](secret, forged, body) is False
+        assert scope["verify_stripe"](secret, forged, body) is False
 
 
 _times = st.datetimes(min_value=dt.datetime(1971, 1, 1), max_value=dt.datetime(2200, 1, 1),
@@ -189,7 +317,14 @@ def test_a_failure_holds_back_the_payments_later_events_and_backs_off(rules_with
     url, body, headers = send.sent[-1]
     assert url == "https://shop.example.com/h" and headers["Payments-Event-Id"] == body["id"]
     stamp = int(headers["Payments-Signature"].split(",")[0][2:])
-    assert headers["Payments-Signature"] == signature_header([secret], stamp, json.dumps(body, separators=(",", ":")).encode())
+    assert stamp == int(clock().timestamp()) and headers["webhook-timestamp"] == str(stamp)
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    assert {k: headers[k] for k in signed_headers([secret], body["id"], stamp, raw)} == signed_headers(
+        [secret], body["id"], stamp, raw)
+    # A retry: the same webhook-id (the event's), signed anew at its own time.
+    retried = [h for _, b, h in send.sent if b["type"] == "payment.created"]
+    assert retried[0]["webhook-id"] == retried[1]["webhook-id"] == retried[0]["Payments-Event-Id"]
+    assert int(retried[1]["webhook-timestamp"]) - int(retried[0]["webhook-timestamp"]) == 61
 
 
 def test_backoff_doubles_and_a_delivery_failing_for_the_whole_window_disables_its_endpoint(rules_with_outbox,
@@ -221,6 +356,109 @@ def test_backoff_doubles_and_a_delivery_failing_for_the_whole_window_disables_it
     assert again.enabled and again.disabled_reason is None
     webhook_rules.redeliver(ADMIN_CALLER, event.id, endpoint.id)
     assert deliver_all(d).delivered == 1
+
+
+def test_a_410_gone_disables_the_endpoint_at_once_and_keeps_its_deliveries_for_when_it_is_enabled(
+        rules_with_outbox, webhook_rules, clock):
+    endpoint, _ = webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"],
+                                       enabled=True, description="")
+    first = rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
+    rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=200))
+    send = FakeSend()
+    send.answers = [Attempt(410, "HTTP 410: gone", 3)]
+    seen: list[str] = []
+    d = Dispatcher(queries=storage.WebhookQueries(), send=send, render=event_body, clock=clock, lease_seconds=30,
+                   policy=RetryPolicy(base_seconds=60, max_delay_seconds=600, window_seconds=3600), observe=seen.append)
+    run = deliver_all(d)
+    assert len(send.sent) == 1 and seen == ["gone"] and run.failed == 1
+    after = webhook_rules.get(ADMIN_CALLER, endpoint.id)
+    assert not after.enabled and "410 Gone" in after.disabled_reason and "it wants no more webhooks" in after.disabled_reason
+    [delivery] = storage.WebhookQueries().deliveries_of([send.sent[0][1]["id"]])
+    assert delivery.status == PENDING  # not given up: it goes when the endpoint is enabled again
+    clock.advance(hours=2)
+    assert deliver_all(d).delivered == 0 and len(send.sent) == 1  # nothing more to a disabled endpoint
+    webhook_rules.update(ADMIN_CALLER, endpoint.id, EndpointChange(enabled=True))
+    assert deliver_all(d).delivered == 2
+    assert first.id in {b["payment"]["id"] for _, b, _ in send.sent[1:]}
+
+
+def test_a_410_on_the_last_attempt_of_the_window_gives_up_and_says_gone(rules_with_outbox, webhook_rules, clock):
+    endpoint, _ = webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"],
+                                       enabled=True, description="")
+    rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
+    send = FakeSend()
+    send.answers = [Attempt(410, "HTTP 410", 3)]
+    deliver_all(dispatcher(clock, send, window=30))  # the next attempt (60 s) would be past the window
+    [delivery] = storage.WebhookQueries().deliveries_of([send.sent[0][1]["id"]])
+    assert delivery.status == GAVE_UP
+    assert "410 Gone" in webhook_rules.get(ADMIN_CALLER, endpoint.id).disabled_reason
+
+
+@pytest.mark.parametrize("status, retry_after, wait", [
+    (429, "120", 120.0),  # longer than the backoff (60 s): the next attempt waits as long as it asks
+    (503, "7200", 600.0),  # longer than the max delay: capped there
+    (429, "99999999999999999999", 600.0),
+    (503, "Thu, 01 Jan 2026 12:05:00 GMT", 300 - 0.123456),  # an HTTP-date, against the clock (12:00:00.123456)
+])
+def test_a_429_or_503_with_retry_after_holds_the_whole_endpoint_as_long_as_it_asks(
+        rules_with_outbox, webhook_rules, clock, status, retry_after, wait):
+    endpoint, _ = webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"],
+                                       enabled=True, description="")
+    rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
+    send = FakeSend()
+    send.answers = [Attempt(status, f"HTTP {status} (Retry-After: {retry_after})", 3, retry_after)]
+    d = dispatcher(clock, send)
+    started = clock()
+    deliver_all(d)
+    [delivery] = storage.WebhookQueries().deliveries_of([send.sent[0][1]["id"]])
+    assert delivery.status == PENDING and (delivery.next_attempt_at - started).total_seconds() == pytest.approx(wait)
+    held = webhook_rules.get(ADMIN_CALLER, endpoint.id)
+    assert held.enabled and (held.not_before - started).total_seconds() == pytest.approx(wait)
+    # Another payment's event, due at once, waits for the endpoint too: nothing goes before then.
+    rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=200))
+    clock.advance(seconds=wait - 1)
+    assert deliver_all(d).delivered == 0 and len(send.sent) == 1
+    clock.advance(seconds=1.001)
+    assert deliver_all(d).delivered == 2 and len(send.sent) == 3
+
+
+@pytest.mark.parametrize("status, retry_after", [
+    (429, "5"),  # shorter than the backoff: the backoff stands
+    (503, ""), (429, "soon"), (503, "-5"),  # none, or not a wait
+    (500, "120"), (502, "120"), (301, "120"),  # Retry-After is honoured on 429 and 503 only
+])
+def test_a_retry_after_that_asks_nothing_more_than_the_backoff_leaves_the_backoff(
+        rules_with_outbox, webhook_rules, clock, status, retry_after):
+    endpoint, _ = webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"],
+                                       enabled=True, description="")
+    rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
+    send = FakeSend()
+    send.answers = [Attempt(status, f"HTTP {status}", 3, retry_after)]
+    started = clock()
+    deliver_all(dispatcher(clock, send))
+    [delivery] = storage.WebhookQueries().deliveries_of([send.sent[0][1]["id"]])
+    assert 54 <= (delivery.next_attempt_at - started).total_seconds() <= 60
+    after = webhook_rules.get(ADMIN_CALLER, endpoint.id)
+    assert after.not_before is None or after.not_before <= started + dt.timedelta(seconds=5)
+
+
+def test_retry_after_is_seconds_or_an_http_date():
+    now = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
+    assert retry_after_seconds("120", now) == 120.0 and retry_after_seconds(" 0 ", now) == 0.0
+    assert retry_after_seconds("9" * 40, now) == float("inf")
+    assert retry_after_seconds(email.utils.format_datetime(now + dt.timedelta(minutes=3), usegmt=True), now) == 180.0
+    assert retry_after_seconds("Thu, 01 Jan 2026 11:00:00 GMT", now) == 0.0  # already past
+    for junk in ("", "soon", "-1", "1.5", "\u00b2", "Thu, 99 Foo 2026", "\udcff" * 3):
+        assert retry_after_seconds(junk, now) is None, junk
+
+
+def test_enabling_a_disabled_endpoint_again_clears_its_wait(rules_with_outbox, webhook_rules, clock):
+    endpoint, _ = webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"],
+                                       enabled=True, description="")
+    storage.WebhookQueries().hold_endpoint(endpoint.id, clock() + dt.timedelta(hours=1))
+    assert webhook_rules.update(ADMIN_CALLER, endpoint.id, EndpointChange(enabled=True)).not_before is not None
+    webhook_rules.update(ADMIN_CALLER, endpoint.id, EndpointChange(enabled=False))
+    assert webhook_rules.update(ADMIN_CALLER, endpoint.id, EndpointChange(enabled=True)).not_before is None
 
 
 def test_a_dead_endpoint_gets_one_probe_a_run_and_does_not_hold_back_the_others(rules_with_outbox, webhook_rules,
@@ -328,8 +566,10 @@ def test_registration_rules(webhook_rules):
 
 
 class Answering(http.server.ThreadingHTTPServer):
-    def __init__(self, status: int = 200, delay: float = 0.0, body: bytes = b"ok", drip: bool = False):
+    def __init__(self, status: int = 200, delay: float = 0.0, body: bytes = b"ok", drip: bool = False,
+                 headers: dict | None = None):
         self.status, self.delay, self.body, self.drip, self.hits = status, delay, body, drip, 0
+        self.headers = headers or {}
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -340,6 +580,8 @@ class Answering(http.server.ThreadingHTTPServer):
                 self.send_response(outer.status)
                 if outer.status == 302:
                     self.send_header("Location", "http://127.0.0.1:1/elsewhere")
+                for name, value in outer.headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(outer.body)))
                 self.end_headers()
                 if outer.drip:
@@ -429,18 +671,62 @@ def test_only_part_of_a_large_answer_is_read(answering):
     assert attempt.http_status == 500 and len(attempt.error) < 300
 
 
+def test_the_answers_retry_after_is_passed_on(answering):
+    limited = answering(status=429, body=b"slow down", headers={"Retry-After": "120"})
+    attempt = Sender(allow_loopback=True)(limited.url, b"{}", {})
+    assert (attempt.http_status, attempt.retry_after) == (429, "120")
+    assert attempt.error == "HTTP 429 (Retry-After: 120): slow down"
+    huge = answering(status=503, headers={"Retry-After": "x" * 10_000})
+    assert len(Sender(allow_loopback=True)(huge.url, b"{}", {}).retry_after) == 64
+    assert Sender(allow_loopback=True)(answering(status=500).url, b"{}", {}).retry_after == ""
+
+
 def test_plain_http_only_to_loopback_even_when_allowed():
     attempt = Sender(allow_loopback=True, resolver=lambda h, p: ["93.184.216.34"])("http://shop.example.com/h", b"{}", {})
     assert "plain http" in attempt.error
 
 
-def test_the_receiver_fixture_checks_signatures():
-    receiver = Receiver(secret="whsec_test")
+def test_the_receiver_fixture_checks_both_signatures_with_three_verifiers():
+    secret = new_secret()
+    receiver = Receiver(secret=secret)
     try:
         body = b'{"id":"evt_1","type":"payment.created","payment":{"id":"pay_1"}}'
-        headers = {"Payments-Signature": signature_header(["whsec_test"], int(time.time()), body)}
+        headers = signed_headers([secret], "evt_1", int(time.time()), body)
         assert Sender(allow_loopback=True)(receiver.url, body, headers).ok
-        assert not Sender(allow_loopback=True)(receiver.url, body, {"Payments-Signature": "t=1,v1=00"}).ok
-        assert len(receiver.events) == 1 and len(receiver.bad) == 1
+        assert not Sender(allow_loopback=True)(receiver.url, body, {**headers, "Payments-Signature": "t=1,v1=00"}).ok
+        only_stripes = {"Payments-Signature": headers["Payments-Signature"]}
+        assert not Sender(allow_loopback=True)(receiver.url, body, only_stripes).ok
+        assert len(receiver.events) == 1
+        assert [b["refused"] for b in receiver.bad] == [["readme", "stripe"], ["standardwebhooks"]]
+    finally:
+        receiver.stop()
+
+
+def test_a_delivery_to_an_endpoint_with_an_older_secret_passes_every_verifier_over_http(rules_with_outbox):
+    """The dispatcher and the sender for real, to a real receiver, for an endpoint whose secret is
+    from before Standard Webhooks, then during its rotation to a new one (signed now: the verifiers
+    check the time)."""
+    now = Clock(dt.datetime.now(dt.UTC))
+    webhook_rules = WebhookRules(queries=storage.WebhookQueries(), page_tokens=PageTokens(b"test-page-token-secret"),
+                                 allow_loopback=True, clock=now)
+    receiver = Receiver()
+    try:
+        endpoint, _ = webhook_rules.create(ADMIN_CALLER, url=receiver.url, event_types=["*"], enabled=True,
+                                           description="")
+        old = old_secret()
+        storage.WebhookQueries().update_endpoint(endpoint.id, {"secret": old})
+        receiver.secret, receiver.standard_secret = old, in_standard_alphabet(old)
+        d = Dispatcher(queries=storage.WebhookQueries(), send=Sender(allow_loopback=True), render=event_body,
+                       clock=now, lease_seconds=30, policy=RetryPolicy())
+        rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
+        assert deliver_all(d).delivered == 1
+        _, new = webhook_rules.rotate(ADMIN_CALLER, endpoint.id, previous_ttl_seconds=3600)
+        rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=200))
+        assert deliver_all(d).delivered == 1  # checked with the old secret
+        rotated = receiver.arrivals[-1]
+        assert len(rotated["headers"]["webhook-signature"].split(" ")) == 2
+        assert standard_verifies(new, rotated["headers"], rotated["body"])
+        assert stripe_verifies(new, rotated["headers"]["payments-signature"], rotated["body"])
+        assert receiver.bad == [] and len(receiver.events) == 2
     finally:
         receiver.stop()

@@ -216,6 +216,9 @@ class WebhookEndpoint(BaseModel):
     previous_secret_expires_at = UTCDateTimeField(null=True)
     created_at = UTCDateTimeField()
     updated_at = UTCDateTimeField()
+    # No attempt before this time: the receiver's Retry-After on a 429 or 503 (a wait for the
+    # endpoint, not one delivery: every replica's job reads it here).
+    not_before = UTCDateTimeField(null=True)
 
     class Meta:
         table_name = "webhook_endpoints"

@@ -181,7 +181,8 @@ class WebhookQueries:
 
     def record_attempts(self, outcomes: Sequence, endpoint_id: str) -> None:
         """webhook_delivery.Outcome rows, in one transaction: the attempts, their deliveries' new
-        state (the lease ends), and the endpoint disabled if one of them gave up."""
+        state (the lease ends), the endpoint disabled if one of them gave up or was answered 410,
+        and its wait extended if one was answered a Retry-After."""
         if not outcomes:
             return
         with db.atomic():
@@ -192,7 +193,15 @@ class WebhookQueries:
                                        lease_until=None).where(WebhookDelivery.number == o.delivery_number).execute()
             for o in outcomes:
                 if o.disable:
-                    self.disable_endpoint(endpoint_id, o.disable, o.next_attempt_at)
+                    self.disable_endpoint(endpoint_id, o.disable, o.attempt["at"])
+                if o.hold is not None:
+                    self.hold_endpoint(endpoint_id, o.hold)
+
+    def hold_endpoint(self, endpoint_id: str, until: dt.datetime) -> None:
+        """No attempt to the endpoint before `until` (a later wait already asked for stays)."""
+        WebhookEndpoint.update(not_before=until).where(
+            (WebhookEndpoint.id == endpoint_id)
+            & (WebhookEndpoint.not_before.is_null() | (WebhookEndpoint.not_before < until))).execute()
 
     def redeliver(self, event: EventRecord, endpoint_id: str, now: dt.datetime) -> DeliveryRecord:
         with db.atomic():
