@@ -8,7 +8,9 @@ deliveries, one per enabled endpoint that wants the type, then sends what is due
   receiver sees the same event id twice and drops the second (docs/webhooks.md).
 - **Once per attempt across replicas.** A run leases the deliveries it is about to send (one
   conditional UPDATE: only rows whose lease has passed), so two replicas, or a run outliving its
-  tick, never send the same attempt twice.
+  tick, never send the same attempt twice. Every write after an attempt names that lease (a token
+  per batch): when the lease has passed (run out and taken by another run; taken back by a
+  redelivery, an enable, a delete, a purge) the outcome is dropped and counted (`late`).
 - **In the payment's order.** An event goes to an endpoint only after every earlier event of the
   same payment was delivered there or given up, so a receiver never sees payment.succeeded before
   payment.created; a failed attempt holds back the rest of that payment for that endpoint.
@@ -37,6 +39,7 @@ import dataclasses
 import datetime as dt
 import email.utils
 import random
+import secrets
 import threading
 import time
 from typing import Callable, NamedTuple
@@ -125,6 +128,7 @@ class Run:
     delivered: int = 0
     failed: int = 0
     gave_up: int = 0
+    late: int = 0  # attempts whose outcome was not written: their lease had passed to another
 
 
 Render = Callable[..., str]  # (event id, type, time, reason, payment after the change) -> the JSON body
@@ -189,7 +193,8 @@ class Dispatcher:
         if not due:
             return 0
         run.cursors[endpoint.id] = (due[-1].next_attempt_at, due[-1].number)
-        mine = set(self.queries.lease([d.number for d in due], now, now + self.lease))
+        token = secrets.token_hex(16)  # this batch's lease: every write after its attempts names it
+        mine = set(self.queries.lease([d.number for d in due], now, now + self.lease, token))
         # A delivery may go only if every earlier pending one of its payment goes first (in this batch).
         allowed: set[int] = set()
         for numbers in self.queries.pending_order(endpoint.id, {d.payment_id for d in due}).values():
@@ -223,8 +228,12 @@ class Dispatcher:
         finally:
             # The batch's attempts in one transaction, not a commit each (SQLite: 3.5 ms an attempt
             # went to commits). A run that dies before this line sends them again: at least once.
-            self.queries.record_attempts(outcomes, endpoint.id)
-            self.queries.release(sorted(mine - {o.delivery_number for o in outcomes}))  # due again next run
+            late = self.queries.record_attempts(outcomes, endpoint.id, token)
+            self.queries.release(sorted(mine - {o.delivery_number for o in outcomes}), token)  # due again next run
+            if late:
+                run.late += len(late)
+                for _ in late:
+                    self.observe("late")
         return len(due)
 
     def _senders(self) -> concurrent.futures.ThreadPoolExecutor:

@@ -172,7 +172,7 @@ def deliver_webhooks(dispatcher: Dispatcher, *, batch_size: int, progress: Progr
                 break
     finally:
         progress.rows += run.delivered
-        progress.other_rows.update({"failed_attempts": run.failed, "gave_up": run.gave_up})
+        progress.other_rows.update({"failed_attempts": run.failed, "gave_up": run.gave_up, "late_writes": run.late})
     progress.interrupted = progress.interrupted or stopping.is_set()
     return progress
 

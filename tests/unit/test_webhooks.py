@@ -34,6 +34,7 @@ from server.domain.webhooks import (GAVE_UP, PENDING, SECRET_BYTES, EndpointChan
                                     signature, signature_header, signed_headers, standard_key)
 from server.edge.webhook_body import event_body, event_json, reference_json
 from server.infra import storage
+from server.infra.storage.models import WebhookAttempt, WebhookDelivery
 from server.infra.webhook_sender import Sender
 from tests.conftest import ADMIN_CALLER, ALICE, Clock
 from tests.support.webhook_receiver import (Receiver, readme_block, readme_verifier, standard_verifies,
@@ -535,8 +536,8 @@ def test_a_leased_delivery_is_not_sent_by_a_second_run(rules_with_outbox, webhoo
     d.fan_out(100)
     [endpoint] = queries.enabled_endpoints()
     [due] = queries.due(endpoint.id, clock(), 10)
-    assert queries.lease([due.number], clock(), clock() + dt.timedelta(seconds=30)) == [due.number]
-    assert queries.lease([due.number], clock(), clock() + dt.timedelta(seconds=30)) == []  # another run's
+    assert queries.lease([due.number], clock(), clock() + dt.timedelta(seconds=30), "a") == [due.number]
+    assert queries.lease([due.number], clock(), clock() + dt.timedelta(seconds=30), "b") == []  # another run's
     send = FakeSend()
     run = Run()
     dispatcher(clock, send).deliver(10, run)
@@ -730,3 +731,179 @@ def test_a_delivery_to_an_endpoint_with_an_older_secret_passes_every_verifier_ov
         assert receiver.bad == [] and len(receiver.events) == 2
     finally:
         receiver.stop()
+
+
+# --- leases, fresh schedules and the endpoint rules under races (issue 32, items 3-5) ----------
+
+
+def a_delivery(webhook_rules, rules_with_outbox, **kw):
+    endpoint, secret = webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"],
+                                            enabled=True, description="", **kw)
+    payment = rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
+    [event] = outbox()
+    return endpoint, event, payment
+
+
+class During(FakeSend):
+    """A send that does something else while the POST is in flight (once), then answers."""
+
+    def __init__(self, meanwhile, answer: Attempt = Attempt(503, "HTTP 503", 5)):
+        super().__init__()
+        self.meanwhile, self.answer = meanwhile, answer
+
+    def __call__(self, url, body, headers):
+        super().__call__(url, body, headers)
+        if self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            meanwhile()
+        return self.answer
+
+
+def the_delivery(event):
+    [delivery] = storage.WebhookQueries().deliveries_of([event.id])
+    return delivery
+
+
+def test_a_redelivery_during_an_attempt_is_not_overwritten_and_the_late_write_is_counted(
+        rules_with_outbox, webhook_rules, clock):
+    endpoint, event, _ = a_delivery(webhook_rules, rules_with_outbox)
+    seen: list[str] = []
+    send = During(lambda: webhook_rules.redeliver(ADMIN_CALLER, event.id, endpoint.id))
+    d = Dispatcher(queries=storage.WebhookQueries(), send=send, render=event_body, clock=clock, lease_seconds=30,
+                   policy=RetryPolicy(base_seconds=60, max_delay_seconds=600, window_seconds=3600), observe=seen.append)
+    run = deliver_all(d)
+    delivery = the_delivery(event)
+    # The admin's word stands: pending, due now, no attempt counted, no lease; the late 503 wrote nothing.
+    assert (delivery.status, delivery.attempts, delivery.next_attempt_at, delivery.lease_until) == (PENDING, 0, clock(), None)
+    assert run.late == 1 and seen == ["failed", "late"]
+    assert storage.WebhookQueries().attempts_of([delivery.number]) == {}
+    assert deliver_all(dispatcher(clock, FakeSend())).delivered == 1  # and it goes at once
+
+
+def test_a_run_whose_lease_ran_out_cannot_overwrite_the_newer_runs_outcome(rules_with_outbox, webhook_rules, clock):
+    endpoint, event, _ = a_delivery(webhook_rules, rules_with_outbox)
+    newer = Run()
+
+    def lease_runs_out_and_another_run_delivers():
+        clock.advance(seconds=31)
+        dispatcher(clock, FakeSend()).deliver(10, newer)
+
+    old = Run()
+    d = dispatcher(clock, During(lease_runs_out_and_another_run_delivers, Attempt(0, "timed out after 15 s", 15_000)))
+    d.fan_out(10)
+    d.deliver(10, old)
+    assert newer.delivered == 1 and old.late == 1
+    delivery = the_delivery(event)
+    assert delivery.status == "succeeded" and delivery.attempts == 1
+    [attempt] = storage.WebhookQueries().attempts_of([delivery.number])[delivery.number]
+    assert attempt.http_status == 200  # the late timeout left no attempt and no retry schedule
+
+
+def test_a_redelivery_and_an_enable_start_a_fresh_schedule(rules_with_outbox, webhook_rules, clock):
+    endpoint, event, _ = a_delivery(webhook_rules, rules_with_outbox)
+    send = FakeSend()
+    d = dispatcher(clock, send, window=1000)
+    d.fan_out(10)
+    while the_delivery(event).status == PENDING:  # fail until given up (5 attempts)
+        send.answers = [Attempt(0, "refused", 1)]
+        deliver_all(d)
+        clock.advance(seconds=(the_delivery(event).next_attempt_at - clock()).total_seconds() + 0.001)
+    assert the_delivery(event).attempts == 5 and not webhook_rules.get(ADMIN_CALLER, endpoint.id).enabled
+    webhook_rules.update(ADMIN_CALLER, endpoint.id, EndpointChange(enabled=True))
+    webhook_rules.redeliver(ADMIN_CALLER, event.id, endpoint.id)
+    assert the_delivery(event).attempts == 0
+    send.answers = [Attempt(0, "refused", 1)]
+    started = clock()
+    deliver_all(d)
+    # The first retry's delay (60 s, less up to a tenth), not the last one's (480 s and more).
+    assert 54 <= (the_delivery(event).next_attempt_at - started).total_seconds() <= 60
+    # An enable does the same for what was pending.
+    send.answers = [Attempt(410, "HTTP 410", 1)]
+    clock.advance(seconds=61)
+    deliver_all(d)
+    assert the_delivery(event).attempts == 2 and not webhook_rules.get(ADMIN_CALLER, endpoint.id).enabled
+    webhook_rules.update(ADMIN_CALLER, endpoint.id, EndpointChange(enabled=True))
+    delivery = the_delivery(event)
+    assert (delivery.attempts, delivery.first_attempt_at, delivery.next_attempt_at) == (0, None, clock())
+
+
+def test_enabling_decides_from_the_endpoint_as_it_is_when_it_writes(rules_with_outbox, webhook_rules, clock,
+                                                                     monkeypatch):
+    """The service disables the endpoint (a 410) between the admin's read and write: the enable
+    still resumes its deliveries, because it decides in the UPDATE itself."""
+    endpoint, event, _ = a_delivery(webhook_rules, rules_with_outbox)
+    send = FakeSend()
+    d = dispatcher(clock, send)
+    send.answers = [Attempt(503, "HTTP 503", 1)]
+    deliver_all(d)
+    assert the_delivery(event).attempts == 1
+    real_get = webhook_rules.get
+
+    def stale_get(caller, endpoint_id):
+        row = real_get(caller, endpoint_id)
+        storage.WebhookQueries().disable_endpoint(endpoint_id, "410 meanwhile", clock())
+        monkeypatch.setattr(webhook_rules, "get", real_get)
+        return row
+
+    monkeypatch.setattr(webhook_rules, "get", stale_get)
+    after = webhook_rules.update(ADMIN_CALLER, endpoint.id, EndpointChange(enabled=True))
+    assert after.enabled and after.disabled_reason is None
+    delivery = the_delivery(event)
+    assert (delivery.attempts, delivery.next_attempt_at) == (0, clock())
+
+
+def test_two_rotations_at_once_chain_so_every_secret_handed_out_signs(webhook_rules, clock):
+    endpoint, first = webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"],
+                                           enabled=True, description="")
+    barrier = threading.Barrier(2)
+    got: list[str] = []
+
+    def rotate():
+        barrier.wait(timeout=10)
+        try:
+            got.append(webhook_rules.rotate(ADMIN_CALLER, endpoint.id, previous_ttl_seconds=3600)[1])
+        finally:
+            storage.end_call()
+
+    for _ in range(5):
+        threads = [threading.Thread(target=rotate) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        a, b = got[-2:]
+        row = storage.WebhookQueries().endpoint(endpoint.id)
+        # The later of the two signs as the secret, the earlier as the previous one: both sign now.
+        assert {row.secret, row.previous_secret} == {a, b}, (row.secret, row.previous_secret, a, b)
+        assert set(row.signing_secrets(clock())) == {a, b}
+
+
+def test_deleting_an_endpoint_during_a_send_leaves_no_attempt_without_its_delivery(rules_with_outbox, webhook_rules,
+                                                                                   clock):
+    endpoint, event, _ = a_delivery(webhook_rules, rules_with_outbox)
+    run = Run()
+    d = dispatcher(clock, During(lambda: webhook_rules.delete(ADMIN_CALLER, endpoint.id), Attempt(200, "", 1)))
+    d.fan_out(10)
+    d.deliver(10, run)
+    assert run.late == 1
+    assert storage.WebhookQueries().deliveries_of([event.id]) == []
+    assert WebhookAttempt.select().count() == 0
+
+
+def test_purging_a_payment_during_a_send_leaves_no_attempt_without_its_delivery(rules_with_outbox, webhook_rules,
+                                                                                clock):
+    endpoint, event, payment = a_delivery(webhook_rules, rules_with_outbox)
+    run = Run()
+    d = dispatcher(clock, During(lambda: storage.WebhookQueries().purge_deliveries([payment.id]), Attempt(500, "x", 1)))
+    d.fan_out(10)
+    d.deliver(10, run)
+    assert run.late == 1 and WebhookAttempt.select().count() == 0
+    assert storage.WebhookQueries().deliveries_of([event.id]) == []
+
+
+def test_an_attempt_committed_before_a_delete_goes_with_its_delivery(rules_with_outbox, webhook_rules, clock):
+    endpoint, event, _ = a_delivery(webhook_rules, rules_with_outbox)
+    deliver_all(dispatcher(clock, FakeSend()))
+    assert WebhookAttempt.select().count() == 1
+    webhook_rules.delete(ADMIN_CALLER, endpoint.id)
+    assert WebhookAttempt.select().count() == 0 and WebhookDelivery.select().count() == 0
