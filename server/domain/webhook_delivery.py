@@ -39,6 +39,7 @@ import dataclasses
 import datetime as dt
 import email.utils
 import random
+import re
 import secrets
 import threading
 import time
@@ -99,6 +100,16 @@ def retry_after_seconds(value: str, now: dt.datetime) -> float | None:
 
 
 Send = Callable[[str, bytes, dict], Attempt]  # (url, body, headers) -> Attempt
+
+# What a receiver's text may not bring into the attempt log, the disabled reason or a log line:
+# C0 and C1 controls (CR, LF, ESC and the terminal sequences it starts, NUL), DEL, the Unicode
+# format characters (bidirectional overrides) and line and paragraph separators.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2028\u2029\u2060-\u206f\ufeff]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control or format character a space: what is kept of a receiver's words."""
+    return _UNPRINTABLE.sub(" ", text)
 
 
 class Outcome(NamedTuple):
@@ -259,7 +270,7 @@ class Dispatcher:
         at = self.clock()
         first = d.first_attempt_at or started
         attempt = {"delivery_number": d.number, "at": started, "http_status": result.http_status,
-                   "error": result.error[:500], "duration_ms": result.duration_ms}
+                   "error": printable(result.error)[:500], "duration_ms": result.duration_ms}
         if result.ok:
             with self._lock:
                 run.delivered += 1
@@ -286,4 +297,4 @@ class Dispatcher:
         self.observe("gave_up")
         return Outcome(d.number, attempt, GAVE_UP, first, at, disable=gone or (
             f"disabled at {at.isoformat(timespec='seconds')}: event {d.event_id} could not be delivered in "
-            f"{d.attempts + 1} attempts since {first.isoformat(timespec='seconds')} (last: {result.error[:200]})"))
+            f"{d.attempts + 1} attempts since {first.isoformat(timespec='seconds')} (last: {printable(result.error)[:200]})"))

@@ -261,7 +261,10 @@ class Runner:
                                                           "outcome": job_claims.FAILED})
             self._count(job, job_claims.FAILED, progress, started)
             return job_claims.FAILED
-        log.info("job run", extra={**fields, **self._summary(progress, started), "outcome": outcome})
+        # A run that did nothing logs at DEBUG: an idle stack's webhook job ticks every 5 s.
+        busy = outcome != job_claims.OK or progress.rows or progress.deferred or any(progress.other_rows.values())
+        log.log(logging.INFO if busy else logging.DEBUG, "job run",
+                extra={**fields, **self._summary(progress, started), "outcome": outcome})
         self._count(job, outcome, progress, started)
         return outcome
 

@@ -27,7 +27,8 @@ import urllib.parse
 from typing import Callable
 
 from server.domain.webhook_delivery import Attempt
-from server.domain.webhook_urls import address_problem
+from server.domain.webhook_delivery import printable
+from server.domain.webhook_urls import address_problem, normal_host, port_problem
 
 RESPONSE_BYTES = 4096
 RETRY_AFTER_CHARS = 64  # an HTTP-date is 29
@@ -77,11 +78,15 @@ class Sender:
         def took() -> int:
             return int((time.monotonic() - started) * 1000)
 
-        parts = urllib.parse.urlsplit(url)
-        https = parts.scheme == "https"
-        host, port = parts.hostname or "", parts.port or (443 if https else 80)
+        try:
+            parts = urllib.parse.urlsplit(url)
+            https = parts.scheme == "https"
+            host, port = normal_host(parts.hostname or ""), parts.port or (443 if https else 80)
+        except ValueError as e:
+            return Attempt(0, f"refused: {e}", took())
         if not https and not self.allow_loopback:
             return Attempt(0, "refused: only https URLs are sent to", took())
+        host = host.name  # the one reading registration checked (webhook_urls.normal_host)
         try:
             addresses = self.resolver(host, port)
         except (OSError, UnicodeError) as e:
@@ -93,6 +98,8 @@ class Sender:
                 return Attempt(0, f"refused: {host} resolves to {why}", took())
         if not https and not all(ipaddress.ip_address(a.split("%", 1)[0]).is_loopback for a in addresses):
             return Attempt(0, "refused: plain http is sent only to loopback addresses", took())
+        if why := port_problem(port, addresses, allow_loopback=self.allow_loopback):
+            return Attempt(0, f"refused: {why}", took())
         connection = _Pinned(host, port, addresses[0], self.timeout, self.tls if https else None)
         # The whole attempt ends at the timeout: shutting the socket down wakes any blocked read.
         timer = threading.Timer(self.timeout, self._cut, (connection,))
@@ -104,7 +111,7 @@ class Sender:
             response = connection.getresponse()
             excerpt = response.read(RESPONSE_BYTES)
             status = response.status
-            retry_after = (response.getheader("Retry-After") or "").strip()[:RETRY_AFTER_CHARS]
+            retry_after = printable(response.getheader("Retry-After") or "").strip()[:RETRY_AFTER_CHARS]
         except (OSError, http.client.HTTPException, ssl.SSLError, ValueError) as e:
             if time.monotonic() - started >= self.timeout:
                 return Attempt(0, f"timed out after {self.timeout:g} s", took())
@@ -118,7 +125,7 @@ class Sender:
             return Attempt(status, "", took())
         if 300 <= status < 400:
             return Attempt(status, f"HTTP {status}: redirects are not followed", took())
-        text = excerpt.decode("utf-8", "replace").strip().replace("\n", " ")
+        text = printable(excerpt.decode("utf-8", "replace")).strip()
         asked = f" (Retry-After: {retry_after})" if retry_after else ""
         return Attempt(status, f"HTTP {status}{asked}" + (f": {text[:200]}" if text else ""), took(), retry_after)
 

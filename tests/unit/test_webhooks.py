@@ -47,6 +47,8 @@ from tests.support.webhook_receiver import (Receiver, readme_block, readme_verif
     ("169.254.169.254", False), ("fe80::1", False), ("fd00:ec2::254", False), ("100.64.0.1", False),
     ("0.0.0.0", False), ("224.0.0.1", False), ("255.255.255.255", False), ("::ffff:127.0.0.1", False),
     ("::ffff:93.184.216.34", True), ("64:ff9b::a00:1", False), ("2002:a00:1::", False), ("198.18.0.1", False),
+    ("fec0::1", False), ("feff:ffff::1", False), ("192.0.0.8", False), ("192.0.0.9", False), ("192.0.0.255", False),
+    ("192.0.1.1", True), ("::ffff:192.0.0.8", False),
 ])
 def test_only_public_unicast_addresses_pass(address, allowed):
     assert (webhook_urls.address_problem(address, allow_loopback=False) is None) == allowed
@@ -60,7 +62,47 @@ def test_loopback_passes_only_with_the_development_setting():
     assert webhook_urls.url_problem("http://localhost:8000/h", allow_loopback=True) is None
     assert webhook_urls.url_problem("http://127.0.0.1:8000/h", allow_loopback=False)
     assert webhook_urls.url_problem("http://shop.example.com/h", allow_loopback=True)  # http only to loopback
-    assert webhook_urls.url_problem("https://shop.example.com:8443/hooks?x=1", allow_loopback=False) is None
+    assert webhook_urls.url_problem("https://shop.example.com:443/hooks?x=1", allow_loopback=False) is None
+
+
+@pytest.mark.parametrize("host", [
+    "0177.0.0.1", "0x7f.1", "127.1", "2130706433", "127.0.0.1.", "169.254.169.254.", "0xa9.0xfe.0xa9.0xfe",
+    "\uff11\uff12\uff17.\uff10.\uff10.\uff11",  # full-width digits
+    "127\u30020\u30020\u30021",  # ideographic full stops
+    "%31%32%37.0.0.1", "%6c%6f%63%61%6c%68%6f%73%74", "%6Docalhost",
+    "\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54",  # full-width localhost
+    "metadata.google.\uff49\uff4e\uff54\uff45\uff52\uff4e\uff41\uff4c", "metadata.google.internal.",
+    "METADATA.GOOGLE.INTERNAL", "shop.local.", "[fec0::1]", "192.0.0.8", "[::ffff:7f00:1]", "[::ffff:0177.0.0.1]",
+    "1.2.3.4.5", "999.1.1.1", "a..b.example.com", "%zz.example.com", "%00.example.com", "%2e%2e",
+    "shop.example.com%2f@10.0.0.1",
+])
+def test_registration_refuses_every_spelling_of_a_host_delivery_would_refuse(host):
+    url = f"https://{host}/h"
+    assert webhook_urls.url_problem(url, allow_loopback=False), url
+    # And the sender, given the URL anyway (stored before these rules), refuses it before connecting.
+    attempt = Sender(resolver=lambda h, p: [h] if not h[0].isalpha() else ["127.0.0.1"])(url, b"{}", {})
+    assert attempt.http_status == 0 and attempt.error.startswith("refused"), (url, attempt)
+
+
+@pytest.mark.parametrize("url, host", [
+    ("https://Shop.Example.COM./h", "shop.example.com"), ("https://b\u00fccher.example/h", "xn--bcher-kva.example"),
+    ("https://%73hop.example.com/h", "shop.example.com"), ("https://\uff53hop.example.com/h", "shop.example.com"),
+    ("https://93.184.216.34/h", "93.184.216.34"), ("https://0x5d.0xb8.0xd8.0x22/h", "93.184.216.34"),
+])
+def test_a_public_host_is_registered_and_resolved_in_its_one_normal_form(url, host):
+    assert webhook_urls.url_problem(url, allow_loopback=False) is None
+    resolved = []
+    Sender(resolver=lambda h, p: resolved.append(h) or ["10.0.0.1"])(url, b"{}", {})
+    assert resolved == [host]
+
+
+def test_only_port_443_at_registration_and_at_delivery_except_for_loopback_in_development():
+    assert webhook_urls.url_problem("https://shop.example.com:8443/h", allow_loopback=False)
+    assert webhook_urls.url_problem("https://shop.example.com:8443/h", allow_loopback=True)
+    assert webhook_urls.url_problem("https://shop.example.com:443/h", allow_loopback=False) is None
+    assert webhook_urls.url_problem("https://127.0.0.1:8443/h", allow_loopback=True) is None
+    attempt = Sender(resolver=lambda h, p: ["93.184.216.34"])("https://shop.example.com:25/h", b"{}", {})
+    assert attempt.error == "refused: only port 443 is sent to, not 25"
 
 
 def test_the_readme_verifier_accepts_the_services_signature_and_nothing_else():
@@ -907,3 +949,14 @@ def test_an_attempt_committed_before_a_delete_goes_with_its_delivery(rules_with_
     assert WebhookAttempt.select().count() == 1
     webhook_rules.delete(ADMIN_CALLER, endpoint.id)
     assert WebhookAttempt.select().count() == 0 and WebhookDelivery.select().count() == 0
+
+
+def test_a_receivers_control_bytes_are_not_kept(answering):
+    hostile = answering(status=500, body=b"bad\r\nX-Injected: 1\x1b[31mred\x1b[0m\x00\xc2\x9b2J\xe2\x80\xaeevil")
+    attempt = Sender(allow_loopback=True)(hostile.url, b"{}", {})
+    assert attempt.http_status == 500
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c == "\u202e" for c in attempt.error), attempt.error
+    assert "X-Injected: 1" in attempt.error and "red" in attempt.error
+    # The dispatcher keeps nothing unprintable either, whatever a sender hands it.
+    from server.domain.webhook_delivery import printable
+    assert printable("a\rb\x1bc\u2028d") == "a b c d"
