@@ -30,11 +30,14 @@ deliveries, one per enabled endpoint that wants the type, then sends what is due
   go on.
 - **Several at once.** Up to `concurrency` POSTs are in flight, each for a different payment, so a
   slow receiver costs its latency once per `concurrency` events, not once per event.
+- **A run ends on time.** A batch waits for its senders only until its share of the run's time
+  ends (or the server stops); an attempt still in flight is handed off and writes its own outcome
+  under its lease when it ends (within the sender's timeout), so the job's turn is never held
+  past its budget by a receiver.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import datetime as dt
 import email.utils
@@ -151,9 +154,10 @@ class Dispatcher:
 
     def __init__(self, *, queries, send: Send, render: Render, policy: RetryPolicy, lease_seconds: float,
                  concurrency: int = 1, clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-                 observe: Callable[[str], None] = lambda outcome: None):
-        self.concurrency = concurrency  # POSTs in flight at once (different payments)
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+                 observe: Callable[[str], None] = lambda outcome: None,
+                 release_connection: Callable[[], None] = lambda: None):
+        self.concurrency = concurrency  # POSTs in flight at once per endpoint (different payments)
+        self.release_connection = release_connection  # a sender thread's, after it wrote an outcome
         self._lock = threading.Lock()  # the run's counters and failing set, across the senders
         self.queries = queries
         self.send = send
@@ -218,42 +222,81 @@ class Dispatcher:
         for d in sorted(due, key=lambda d: d.event_number):
             if d.number in allowed:
                 chains.setdefault(d.payment_id, []).append(d)
-        outcomes: list[Outcome] = []
-
-        def send(chain: list) -> None:
-            for d in chain:
-                if endpoint.id in run.failing or _stopped(deadline, stopping):
-                    return  # a failed attempt ends this endpoint's turn in the run
-                outcome = self._attempt(d, endpoint, *payloads[d.event_number], run)
-                with self._lock:
-                    outcomes.append(outcome)
-                if outcome.status != DELIVERED:
-                    return
-
-        try:
-            if self.concurrency > 1 and len(chains) > 1:
-                list(self._senders().map(send, chains.values()))
-            else:
-                for chain in chains.values():
-                    send(chain)
-        finally:
-            # The batch's attempts in one transaction, not a commit each (SQLite: 3.5 ms an attempt
-            # went to commits). A run that dies before this line sends them again: at least once.
-            late = self.queries.record_attempts(outcomes, endpoint.id, token)
-            self.queries.release(sorted(mine - {o.delivery_number for o in outcomes}), token)  # due again next run
-            if late:
-                run.late += len(late)
-                for _ in late:
-                    self.observe("late")
+        self._send_chains(endpoint, list(chains.values()), payloads, mine, token, run, deadline, stopping)
         return len(due)
 
-    def _senders(self) -> concurrent.futures.ThreadPoolExecutor:
-        """The threads that send different payments' events at once (each payment's in order).
-        They only render, sign and POST: every database write stays in the job's thread."""
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency,
-                                                               thread_name_prefix="webhook-send")
-        return self._pool
+    def _send_chains(self, endpoint, chains: list, payloads: dict, mine: set, token: str, run: Run,
+                     until: float | None, stopping) -> None:
+        """Send the chains (each payment's deliveries, in order) from up to `concurrency` threads
+        of this batch's own, and wait for them until `until` (its share of the run's time) or the
+        server stopping. Then the batch's outcomes are written in one transaction and its other
+        leases released; an attempt still in flight is handed off: it was started before `until`,
+        ends within the sender's timeout, and writes its own outcome under the same lease, while
+        the run goes on (and, at the run's end, gives the job's turn back) without waiting for it."""
+        state = {"handed_off": False}
+        outcomes: list[Outcome] = []
+        in_flight: set[int] = set()
+        queue = list(chains)
+
+        def attempt_next(d) -> bool:
+            with self._lock:
+                if state["handed_off"] or endpoint.id in run.failing or _stopped(until, stopping):
+                    return False  # a failed attempt ends this endpoint's turn in the run
+                in_flight.add(d.number)
+            return True
+
+        def finished(outcome: Outcome) -> None:
+            with self._lock:
+                in_flight.discard(outcome.delivery_number)
+                if not state["handed_off"]:
+                    outcomes.append(outcome)
+                    return
+            try:  # the batch has moved on: this attempt writes its own outcome, under its lease
+                self._write(endpoint.id, [outcome], [], token, run)
+            finally:
+                self.release_connection()
+
+        def worker() -> None:
+            while True:
+                with self._lock:
+                    if not queue:
+                        return
+                    chain = queue.pop(0)
+                for d in chain:
+                    if not attempt_next(d):
+                        break
+                    outcome = self._attempt(d, endpoint, *payloads[d.event_number], run)
+                    finished(outcome)
+                    if outcome.status != DELIVERED:
+                        break
+
+        threads = [threading.Thread(target=worker, name="webhook-send", daemon=True)
+                   for _ in range(min(self.concurrency, len(chains)))]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive() and not (stopping is not None and stopping.is_set()):
+                    wait = 0.05 if until is None else min(0.05, until - time.monotonic())
+                    if wait <= 0:
+                        break
+                    t.join(wait)
+        finally:
+            with self._lock:
+                state["handed_off"] = True
+                done, held = list(outcomes), set(in_flight)
+            # The batch's attempts in one transaction, not a commit each (SQLite: 3.5 ms an attempt
+            # went to commits). A run that dies before this line sends them again: at least once.
+            self._write(endpoint.id, done, sorted(mine - {o.delivery_number for o in done} - held), token, run)
+
+    def _write(self, endpoint_id: str, outcomes: list, release: list[int], token: str, run: Run) -> None:
+        late = self.queries.record_attempts(outcomes, endpoint_id, token)
+        self.queries.release(release, token)  # due again next run
+        if late:
+            with self._lock:
+                run.late += len(late)
+            for _ in late:
+                self.observe("late")
 
     def _attempt(self, d, endpoint, event, payment, run: Run) -> Outcome:
         started = self.clock()

@@ -155,6 +155,7 @@ def build(settings: Settings) -> App:
             lease_seconds=jobs.run_budget(settings.webhook_interval_seconds, jobs.WEBHOOK_BUDGET_FRACTION)
             + 2 * settings.webhook_timeout_seconds,
             observe=metrics.webhook_attempt,
+            release_connection=storage.end_call,
             clock=clock)
         scheduler = jobs.start(settings, rules, dispatcher)
 

@@ -960,3 +960,100 @@ def test_a_receivers_control_bytes_are_not_kept(answering):
     # The dispatcher keeps nothing unprintable either, whatever a sender hands it.
     from server.domain.webhook_delivery import printable
     assert printable("a\rb\x1bc\u2028d") == "a b c d"
+
+
+# --- one deadline for the whole attempt (issue 32, item 2) -------------------------------------
+
+import socket  # noqa: E402
+import ssl  # noqa: E402
+
+from server.infra import webhook_sender  # noqa: E402
+
+BOUND = 1.0 + webhook_sender.MARGIN_SECONDS + 0.15  # the deadline, the stated margin, the test's own slack
+
+
+def within_the_deadline(url: str, **kw) -> Attempt:
+    started = time.monotonic()
+    attempt = Sender(timeout=1.0, **kw)(url, b"{}", {})
+    took = time.monotonic() - started
+    assert took < BOUND, (took, attempt)
+    assert not attempt.ok and "timed out after 1 s" in attempt.error, attempt
+    assert attempt.duration_ms < BOUND * 1000
+    return attempt
+
+
+def test_a_slow_name_resolution_counts_against_the_deadline():
+    def slow(host, port):
+        time.sleep(3)
+        return ["93.184.216.34"]
+
+    attempt = within_the_deadline("https://slow-dns.example.com/h", resolver=slow)
+    assert "resolving slow-dns.example.com" in attempt.error
+
+
+@pytest.fixture
+def silent_listener():
+    """A TCP port that accepts connections (the kernel's backlog) and never says a word."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    yield listener
+    listener.close()
+
+
+def test_a_tls_handshake_that_never_ends_counts_against_the_deadline(silent_listener):
+    port = silent_listener.getsockname()[1]
+    attempt = within_the_deadline(f"https://127.0.0.1:{port}/h", allow_loopback=True,
+                                  tls=ssl.create_default_context())
+    assert "connecting" in attempt.error
+
+
+def test_a_status_line_trickled_a_byte_at_a_time_is_cut_at_the_deadline(silent_listener):
+    port = silent_listener.getsockname()[1]
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = silent_listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+                if stop.wait(0.3):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        attempt = within_the_deadline(f"http://127.0.0.1:{port}/h", allow_loopback=True)
+        assert "waiting for the answer" in attempt.error
+    finally:
+        stop.set()
+
+
+def test_a_run_gives_its_turn_back_at_its_deadline_and_an_attempt_in_flight_writes_its_own_outcome(
+        rules_with_outbox, webhook_rules, clock):
+    endpoint, event, _ = a_delivery(webhook_rules, rules_with_outbox)
+
+    class Hanging(FakeSend):
+        def __call__(self, url, body, headers):
+            time.sleep(1.5)
+            return super().__call__(url, body, headers)
+
+    d = dispatcher(clock, Hanging())
+    d.fan_out(10)
+    started = time.monotonic()
+    run = Run()
+    d.deliver(10, run, deadline=time.monotonic() + 0.3)
+    assert time.monotonic() - started < 0.6  # the batch did not wait for the POST
+    delivery = the_delivery(event)
+    assert delivery.status == PENDING and delivery.lease_until is not None  # still leased: nobody else sends it
+    for _ in range(100):
+        if the_delivery(event).status != PENDING:
+            break
+        time.sleep(0.05)
+    delivery = the_delivery(event)
+    assert delivery.status == "succeeded" and delivery.attempts == 1 and delivery.lease_until is None
+    assert len(storage.WebhookQueries().attempts_of([delivery.number])[delivery.number]) == 1
