@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import email.utils
+import logging
 import random
 import re
 import secrets
@@ -50,6 +51,8 @@ from typing import Callable, NamedTuple
 
 from server.domain.webhooks import (DELIVERED, GAVE_UP, PENDING, TYPE_OF_ACTION, payment_after, reason_of,
                                     signed_headers)
+
+log = logging.getLogger(__name__)
 
 GONE = 410  # the receiver wants no more: the endpoint is disabled
 HOLD_STATUSES = (429, 503)  # Too Many Requests, Service Unavailable: their Retry-After is honoured
@@ -158,6 +161,8 @@ class Dispatcher:
                  release_connection: Callable[[], None] = lambda: None):
         self.concurrency = concurrency  # POSTs in flight at once per endpoint (different payments)
         self.release_connection = release_connection  # a sender thread's, after it wrote an outcome
+        self._last_first = ""  # the endpoint that went first in the last round (round robin)
+        self.fanned_out = 0  # events fanned out, ever (the job reads the difference)
         self._lock = threading.Lock()  # the run's counters and failing set, across the senders
         self.queries = queries
         self.send = send
@@ -168,11 +173,15 @@ class Dispatcher:
         self.observe = observe  # (outcome) after each attempt: the metrics
 
     def fan_out(self, limit: int) -> int:
-        """Make the deliveries of up to `limit` new events; how many events."""
-        events = self.queries.undispatched(limit)
+        """Make the deliveries of new events, at most about `limit` delivery rows (never fewer
+        than one event's): as many events as `limit` covers at one row per enabled endpoint. How
+        many rows that allowance was worth: `limit` when there may be more to fan out, less when
+        the outbox ran dry (the job's drain reads a short batch as "done")."""
+        endpoints = self.queries.enabled_endpoints()
+        wanted = max(1, limit // max(1, len(endpoints)))
+        events = self.queries.undispatched(wanted)
         if not events:
             return 0
-        endpoints = self.queries.enabled_endpoints()
         now = self.clock()
         rows = [{"event_number": e.number, "event_id": e.id, "endpoint_id": ep.id, "payment_id": e.payment_id,
                  "status": PENDING, "attempts": 0, "first_attempt_at": None, "next_attempt_at": now,
@@ -181,24 +190,43 @@ class Dispatcher:
         with self.queries.transaction():
             self.queries.add_deliveries(rows)
             self.queries.mark_dispatched([e.number for e in events])
-        return len(events)
+        with self._lock:
+            self.fanned_out += len(events)
+        return limit if len(events) == wanted else min(limit - 1, len(events) * max(1, len(endpoints)))
 
     def deliver(self, limit: int, run: Run, *, deadline: float | None = None,
                 stopping: threading.Event | None = None) -> int:
-        """One batch (up to `limit` due deliveries) for each endpoint that still has some in this
-        run; how many were looked at, 0 when there is nothing more to do."""
+        """One round: each enabled endpoint that still has due deliveries in this run gets one
+        batch of up to `limit`, in turn (round robin: each round starts one endpoint further on,
+        by id, so each is first in turn), within its share of the time the run has left (what is
+        left divided by the endpoints still to go in the round): a slow or hanging endpoint uses
+        its share and no more, and what a fast one leaves goes to the later turns. How many were
+        looked at, 0 when there is nothing more to do."""
         looked = 0
         now = self.clock()
-        for endpoint in self.queries.enabled_endpoints():
+        order = []
+        for endpoint in self._in_turn(self.queries.enabled_endpoints()):
             if endpoint.id in run.failing or endpoint.id in run.finished:
                 continue
             if endpoint.not_before is not None and endpoint.not_before > now:
                 run.finished.add(endpoint.id)  # its receiver asked for a wait (Retry-After)
                 continue
+            order.append(endpoint)
+        for i, endpoint in enumerate(order):
             if _stopped(deadline, stopping):
                 break
-            looked += self._batch(endpoint, limit, run, deadline, stopping)
+            share = None if deadline is None else time.monotonic() + (deadline - time.monotonic()) / (len(order) - i)
+            looked += self._batch(endpoint, limit, run, share, stopping)
         return looked
+
+    def _in_turn(self, endpoints: list) -> list:
+        """The endpoints by id, starting after the one that started the last round."""
+        endpoints = sorted(endpoints, key=lambda e: e.id)
+        after = [e for e in endpoints if e.id > self._last_first]
+        order = after + [e for e in endpoints if e.id <= self._last_first]
+        if order:
+            self._last_first = order[0].id
+        return order
 
     def _batch(self, endpoint, limit: int, run: Run, deadline: float | None, stopping) -> int:
         now = self.clock()
@@ -253,6 +281,9 @@ class Dispatcher:
                     return
             try:  # the batch has moved on: this attempt writes its own outcome, under its lease
                 self._write(endpoint.id, [outcome], [], token, run)
+            except Exception:  # the lease runs out and another run sends it again: at least once
+                log.warning("cannot write a webhook attempt's outcome", exc_info=True,
+                            extra={"delivery": outcome.delivery_number})
             finally:
                 self.release_connection()
 

@@ -238,8 +238,9 @@ class WebhookRules:
     """What admins do with endpoints and events. `queries` is storage's WebhookQueries."""
 
     def __init__(self, *, queries, page_tokens: PageTokens, allow_loopback: bool = False,
-                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)):
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC), max_endpoints: int | None = None):
         self.queries = queries
+        self.max_endpoints = max_endpoints  # per deployment (PAYMENTS_WEBHOOK_MAX_ENDPOINTS)
         self.page_tokens = page_tokens
         self.allow_loopback = allow_loopback
         self.clock = clock
@@ -268,7 +269,10 @@ class WebhookRules:
         row = EndpointRecord(id=opaque_id("whe_"), url=url, event_types=_event_types_text(event_types),
                              enabled=enabled, description=description, disabled_reason=None, secret=secret,
                              previous_secret=None, previous_secret_expires_at=None, created_at=now, updated_at=now)
-        self.queries.insert_endpoint(row)
+        if not self.queries.insert_endpoint(row, self.max_endpoints):
+            raise FailedPrecondition(
+                f"at most {self.max_endpoints} webhook endpoints may exist (PAYMENTS_WEBHOOK_MAX_ENDPOINTS): "
+                "delete one first", reason="WEBHOOK_ENDPOINT_LIMIT", metadata={"limit": str(self.max_endpoints)})
         return row, secret
 
     def get(self, caller: Caller, endpoint_id: str) -> EndpointRecord:

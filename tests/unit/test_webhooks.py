@@ -1057,3 +1057,92 @@ def test_a_run_gives_its_turn_back_at_its_deadline_and_an_attempt_in_flight_writ
     delivery = the_delivery(event)
     assert delivery.status == "succeeded" and delivery.attempts == 1 and delivery.lease_until is None
     assert len(storage.WebhookQueries().attempts_of([delivery.number])[delivery.number]) == 1
+
+
+# --- fair and bounded (issue 32, items 1 and 6) -------------------------------------------------
+
+
+def test_a_slow_healthy_endpoint_does_not_starve_a_fast_one(rules_with_outbox, webhook_rules, clock):
+    """The issue's probe: a receiver that answers 2xx in 50 ms with 300 events queued, and a fast
+    one. Every run, each endpoint gets its share of the run's time."""
+    webhook_rules.create(ADMIN_CALLER, url="https://slow.example.com/h", event_types=["*"], enabled=True, description="")
+    webhook_rules.create(ADMIN_CALLER, url="https://fast.example.com/h", event_types=["*"], enabled=True, description="")
+    for n in range(300):
+        rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100 + n))
+
+    class Split(FakeSend):
+        def __call__(self, url, body, headers):
+            if "slow" in url:
+                time.sleep(0.05)
+            return super().__call__(url, body, headers)
+
+    send = Split()
+    d = Dispatcher(queries=storage.WebhookQueries(), send=send, render=event_body, clock=clock, lease_seconds=30,
+                   policy=RetryPolicy(), concurrency=4)
+    while d.fan_out(500):
+        pass
+    for tick in range(3):
+        run, deadline = Run(), time.monotonic() + 1.0
+        while time.monotonic() < deadline and d.deliver(100, run, deadline=deadline):
+            pass
+        sent = [url for url, _, _ in send.sent]
+        fast, slow = sent.count("https://fast.example.com/h"), sent.count("https://slow.example.com/h")
+        assert fast >= min(300, 100 * (tick + 1)) and slow > 0, (tick, fast, slow)
+    assert fast == 300
+    time.sleep(0.3)  # the slow endpoint's last attempts, handed off at each deadline, write their outcomes
+
+
+def test_round_robin_each_round_starts_one_endpoint_further_on(rules_with_outbox, webhook_rules, clock):
+    ids = sorted(webhook_rules.create(ADMIN_CALLER, url=f"https://e{n}.example.com/h", event_types=["*"],
+                                      enabled=True, description="")[0].id for n in range(3))
+    rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
+    d = dispatcher(clock, FakeSend())
+    endpoints = storage.WebhookQueries().enabled_endpoints()
+    firsts = [d._in_turn(endpoints)[0].id for _ in range(4)]
+    assert firsts == [ids[0], ids[1], ids[2], ids[0]]
+
+
+def test_fan_out_writes_bounded_batches_of_delivery_rows(rules_with_outbox, webhook_rules, clock):
+    for n in range(8):
+        webhook_rules.create(ADMIN_CALLER, url=f"https://e{n}.example.com/h", event_types=["*"], enabled=True,
+                             description="")
+    for n in range(10):
+        rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100 + n))
+    d = dispatcher(clock, FakeSend())
+    assert d.fan_out(20) == 20 and WebhookDelivery.select().count() == 16  # 2 events x 8 endpoints
+    assert d.fan_out(5) == 5 and WebhookDelivery.select().count() == 24  # never less than one event
+    while d.fan_out(40) == 40:
+        pass
+    assert WebhookDelivery.select().count() == 80 and outbox() == []
+
+
+def test_fan_out_takes_at_most_its_share_of_a_run_and_sending_goes_on(rules_with_outbox, webhook_rules, clock,
+                                                                       monkeypatch):
+    from server.infra import jobs
+    webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"], enabled=True, description="")
+    for n in range(30):
+        rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100 + n))
+    d = dispatcher(clock, FakeSend())
+    real = d.fan_out
+
+    def slow_fan_out(limit):
+        time.sleep(0.1)
+        return real(limit)
+
+    monkeypatch.setattr(d, "fan_out", slow_fan_out)
+    progress = jobs.Progress(deadline=time.monotonic() + 1.0)
+    jobs.deliver_webhooks(d, batch_size=100, fan_out_rows=1, progress=progress)
+    events = progress.other_rows["events"]
+    assert 0 < events < 30 and progress.rows == events and progress.deferred  # sent what was fanned out
+
+
+def test_the_number_of_endpoints_is_bounded(database, clock):
+    limited = WebhookRules(queries=storage.WebhookQueries(), page_tokens=PageTokens(b"test-page-token-secret"),
+                           clock=clock, max_endpoints=2)
+    for n in range(2):
+        limited.create(ADMIN_CALLER, url=f"https://e{n}.example.com/h", event_types=["*"], enabled=False,
+                       description="")
+    from server.domain.errors import FailedPrecondition
+    with pytest.raises(FailedPrecondition) as full:
+        limited.create(ADMIN_CALLER, url="https://e3.example.com/h", event_types=["*"], enabled=False, description="")
+    assert full.value.reason == "WEBHOOK_ENDPOINT_LIMIT"

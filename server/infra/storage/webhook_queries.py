@@ -43,6 +43,9 @@ def _delete_deliveries(which) -> None:
         WebhookAttempt.delete().where(among(WebhookAttempt.delivery_number, numbers[start:start + 500])).execute()
 
 
+_ENDPOINTS_LOCK_KEY = 0x77686B5F6C696D  # "whk_lim": creating endpoints, one at a time, under the limit
+
+
 def _endpoints(query) -> list[EndpointRecord]:
     return [EndpointRecord(*row) for row in query.tuples()]
 
@@ -53,8 +56,19 @@ class WebhookQueries:
 
     # --- endpoints ---------------------------------------------------------------------------
 
-    def insert_endpoint(self, row: EndpointRecord) -> None:
-        WebhookEndpoint.insert(row._asdict()).execute()
+    def insert_endpoint(self, row: EndpointRecord, max_endpoints: int | None = None) -> bool:
+        """The endpoint, unless `max_endpoints` exist already (counted and inserted under one lock:
+        PostgreSQL's transaction-level advisory lock, SQLite's write lock); whether it was."""
+        if max_endpoints is None:
+            WebhookEndpoint.insert(row._asdict()).execute()
+            return True
+        with db.atomic() if is_postgres() else db.atomic("IMMEDIATE"):
+            if is_postgres():
+                db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_ENDPOINTS_LOCK_KEY,))
+            if WebhookEndpoint.select().count() >= max_endpoints:
+                return False
+            WebhookEndpoint.insert(row._asdict()).execute()
+            return True
 
     def endpoint(self, endpoint_id: str) -> EndpointRecord | None:
         rows = _endpoints(WebhookEndpoint.select().where(WebhookEndpoint.id == endpoint_id).limit(1))
