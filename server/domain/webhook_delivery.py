@@ -8,7 +8,9 @@ deliveries, one per enabled endpoint that wants the type, then sends what is due
   receiver sees the same event id twice and drops the second (docs/webhooks.md).
 - **Once per attempt across replicas.** A run leases the deliveries it is about to send (one
   conditional UPDATE: only rows whose lease has passed), so two replicas, or a run outliving its
-  tick, never send the same attempt twice.
+  tick, never send the same attempt twice. Every write after an attempt names that lease (a token
+  per batch): when the lease has passed (run out and taken by another run; taken back by a
+  redelivery, an enable, a delete, a purge) the outcome is dropped and counted (`late`).
 - **In the payment's order.** An event goes to an endpoint only after every earlier event of the
   same payment was delivered there or given up, so a receiver never sees payment.succeeded before
   payment.created; a failed attempt holds back the rest of that payment for that endpoint.
@@ -28,21 +30,29 @@ deliveries, one per enabled endpoint that wants the type, then sends what is due
   go on.
 - **Several at once.** Up to `concurrency` POSTs are in flight, each for a different payment, so a
   slow receiver costs its latency once per `concurrency` events, not once per event.
+- **A run ends on time.** A batch waits for its senders only until its share of the run's time
+  ends (or the server stops); an attempt still in flight is handed off and writes its own outcome
+  under its lease when it ends (within the sender's timeout), so the job's turn is never held
+  past its budget by a receiver.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import datetime as dt
 import email.utils
+import logging
 import random
+import re
+import secrets
 import threading
 import time
 from typing import Callable, NamedTuple
 
 from server.domain.webhooks import (DELIVERED, GAVE_UP, PENDING, TYPE_OF_ACTION, payment_after, reason_of,
                                     signed_headers)
+
+log = logging.getLogger(__name__)
 
 GONE = 410  # the receiver wants no more: the endpoint is disabled
 HOLD_STATUSES = (429, 503)  # Too Many Requests, Service Unavailable: their Retry-After is honoured
@@ -97,6 +107,16 @@ def retry_after_seconds(value: str, now: dt.datetime) -> float | None:
 
 Send = Callable[[str, bytes, dict], Attempt]  # (url, body, headers) -> Attempt
 
+# What a receiver's text may not bring into the attempt log, the disabled reason or a log line:
+# C0 and C1 controls (CR, LF, ESC and the terminal sequences it starts, NUL), DEL, the Unicode
+# format characters (bidirectional overrides) and line and paragraph separators.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2028\u2029\u2060-\u206f\ufeff]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control or format character a space: what is kept of a receiver's words."""
+    return _UNPRINTABLE.sub(" ", text)
+
 
 class Outcome(NamedTuple):
     """What an attempt leaves in the database: its row, its delivery's new state, and the reason
@@ -125,6 +145,7 @@ class Run:
     delivered: int = 0
     failed: int = 0
     gave_up: int = 0
+    late: int = 0  # attempts whose outcome was not written: their lease had passed to another
 
 
 Render = Callable[..., str]  # (event id, type, time, reason, payment after the change) -> the JSON body
@@ -136,9 +157,12 @@ class Dispatcher:
 
     def __init__(self, *, queries, send: Send, render: Render, policy: RetryPolicy, lease_seconds: float,
                  concurrency: int = 1, clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-                 observe: Callable[[str], None] = lambda outcome: None):
-        self.concurrency = concurrency  # POSTs in flight at once (different payments)
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+                 observe: Callable[[str], None] = lambda outcome: None,
+                 release_connection: Callable[[], None] = lambda: None):
+        self.concurrency = concurrency  # POSTs in flight at once per endpoint (different payments)
+        self.release_connection = release_connection  # a sender thread's, after it wrote an outcome
+        self._last_first = ""  # the endpoint that went first in the last round (round robin)
+        self.fanned_out = 0  # events fanned out, ever (the job reads the difference)
         self._lock = threading.Lock()  # the run's counters and failing set, across the senders
         self.queries = queries
         self.send = send
@@ -149,11 +173,15 @@ class Dispatcher:
         self.observe = observe  # (outcome) after each attempt: the metrics
 
     def fan_out(self, limit: int) -> int:
-        """Make the deliveries of up to `limit` new events; how many events."""
-        events = self.queries.undispatched(limit)
+        """Make the deliveries of new events, at most about `limit` delivery rows (never fewer
+        than one event's): as many events as `limit` covers at one row per enabled endpoint. How
+        many rows that allowance was worth: `limit` when there may be more to fan out, less when
+        the outbox ran dry (the job's drain reads a short batch as "done")."""
+        endpoints = self.queries.enabled_endpoints()
+        wanted = max(1, limit // max(1, len(endpoints)))
+        events = self.queries.undispatched(wanted)
         if not events:
             return 0
-        endpoints = self.queries.enabled_endpoints()
         now = self.clock()
         rows = [{"event_number": e.number, "event_id": e.id, "endpoint_id": ep.id, "payment_id": e.payment_id,
                  "status": PENDING, "attempts": 0, "first_attempt_at": None, "next_attempt_at": now,
@@ -162,24 +190,43 @@ class Dispatcher:
         with self.queries.transaction():
             self.queries.add_deliveries(rows)
             self.queries.mark_dispatched([e.number for e in events])
-        return len(events)
+        with self._lock:
+            self.fanned_out += len(events)
+        return limit if len(events) == wanted else min(limit - 1, len(events) * max(1, len(endpoints)))
 
     def deliver(self, limit: int, run: Run, *, deadline: float | None = None,
                 stopping: threading.Event | None = None) -> int:
-        """One batch (up to `limit` due deliveries) for each endpoint that still has some in this
-        run; how many were looked at, 0 when there is nothing more to do."""
+        """One round: each enabled endpoint that still has due deliveries in this run gets one
+        batch of up to `limit`, in turn (round robin: each round starts one endpoint further on,
+        by id, so each is first in turn), within its share of the time the run has left (what is
+        left divided by the endpoints still to go in the round): a slow or hanging endpoint uses
+        its share and no more, and what a fast one leaves goes to the later turns. How many were
+        looked at, 0 when there is nothing more to do."""
         looked = 0
         now = self.clock()
-        for endpoint in self.queries.enabled_endpoints():
+        order = []
+        for endpoint in self._in_turn(self.queries.enabled_endpoints()):
             if endpoint.id in run.failing or endpoint.id in run.finished:
                 continue
             if endpoint.not_before is not None and endpoint.not_before > now:
                 run.finished.add(endpoint.id)  # its receiver asked for a wait (Retry-After)
                 continue
+            order.append(endpoint)
+        for i, endpoint in enumerate(order):
             if _stopped(deadline, stopping):
                 break
-            looked += self._batch(endpoint, limit, run, deadline, stopping)
+            share = None if deadline is None else time.monotonic() + (deadline - time.monotonic()) / (len(order) - i)
+            looked += self._batch(endpoint, limit, run, share, stopping)
         return looked
+
+    def _in_turn(self, endpoints: list) -> list:
+        """The endpoints by id, starting after the one that started the last round."""
+        endpoints = sorted(endpoints, key=lambda e: e.id)
+        after = [e for e in endpoints if e.id > self._last_first]
+        order = after + [e for e in endpoints if e.id <= self._last_first]
+        if order:
+            self._last_first = order[0].id
+        return order
 
     def _batch(self, endpoint, limit: int, run: Run, deadline: float | None, stopping) -> int:
         now = self.clock()
@@ -189,7 +236,8 @@ class Dispatcher:
         if not due:
             return 0
         run.cursors[endpoint.id] = (due[-1].next_attempt_at, due[-1].number)
-        mine = set(self.queries.lease([d.number for d in due], now, now + self.lease))
+        token = secrets.token_hex(16)  # this batch's lease: every write after its attempts names it
+        mine = set(self.queries.lease([d.number for d in due], now, now + self.lease, token))
         # A delivery may go only if every earlier pending one of its payment goes first (in this batch).
         allowed: set[int] = set()
         for numbers in self.queries.pending_order(endpoint.id, {d.payment_id for d in due}).values():
@@ -202,38 +250,84 @@ class Dispatcher:
         for d in sorted(due, key=lambda d: d.event_number):
             if d.number in allowed:
                 chains.setdefault(d.payment_id, []).append(d)
-        outcomes: list[Outcome] = []
-
-        def send(chain: list) -> None:
-            for d in chain:
-                if endpoint.id in run.failing or _stopped(deadline, stopping):
-                    return  # a failed attempt ends this endpoint's turn in the run
-                outcome = self._attempt(d, endpoint, *payloads[d.event_number], run)
-                with self._lock:
-                    outcomes.append(outcome)
-                if outcome.status != DELIVERED:
-                    return
-
-        try:
-            if self.concurrency > 1 and len(chains) > 1:
-                list(self._senders().map(send, chains.values()))
-            else:
-                for chain in chains.values():
-                    send(chain)
-        finally:
-            # The batch's attempts in one transaction, not a commit each (SQLite: 3.5 ms an attempt
-            # went to commits). A run that dies before this line sends them again: at least once.
-            self.queries.record_attempts(outcomes, endpoint.id)
-            self.queries.release(sorted(mine - {o.delivery_number for o in outcomes}))  # due again next run
+        self._send_chains(endpoint, list(chains.values()), payloads, mine, token, run, deadline, stopping)
         return len(due)
 
-    def _senders(self) -> concurrent.futures.ThreadPoolExecutor:
-        """The threads that send different payments' events at once (each payment's in order).
-        They only render, sign and POST: every database write stays in the job's thread."""
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency,
-                                                               thread_name_prefix="webhook-send")
-        return self._pool
+    def _send_chains(self, endpoint, chains: list, payloads: dict, mine: set, token: str, run: Run,
+                     until: float | None, stopping) -> None:
+        """Send the chains (each payment's deliveries, in order) from up to `concurrency` threads
+        of this batch's own, and wait for them until `until` (its share of the run's time) or the
+        server stopping. Then the batch's outcomes are written in one transaction and its other
+        leases released; an attempt still in flight is handed off: it was started before `until`,
+        ends within the sender's timeout, and writes its own outcome under the same lease, while
+        the run goes on (and, at the run's end, gives the job's turn back) without waiting for it."""
+        state = {"handed_off": False}
+        outcomes: list[Outcome] = []
+        in_flight: set[int] = set()
+        queue = list(chains)
+
+        def attempt_next(d) -> bool:
+            with self._lock:
+                if state["handed_off"] or endpoint.id in run.failing or _stopped(until, stopping):
+                    return False  # a failed attempt ends this endpoint's turn in the run
+                in_flight.add(d.number)
+            return True
+
+        def finished(outcome: Outcome) -> None:
+            with self._lock:
+                in_flight.discard(outcome.delivery_number)
+                if not state["handed_off"]:
+                    outcomes.append(outcome)
+                    return
+            try:  # the batch has moved on: this attempt writes its own outcome, under its lease
+                self._write(endpoint.id, [outcome], [], token, run)
+            except Exception:  # the lease runs out and another run sends it again: at least once
+                log.warning("cannot write a webhook attempt's outcome", exc_info=True,
+                            extra={"delivery": outcome.delivery_number})
+            finally:
+                self.release_connection()
+
+        def worker() -> None:
+            while True:
+                with self._lock:
+                    if not queue:
+                        return
+                    chain = queue.pop(0)
+                for d in chain:
+                    if not attempt_next(d):
+                        break
+                    outcome = self._attempt(d, endpoint, *payloads[d.event_number], run)
+                    finished(outcome)
+                    if outcome.status != DELIVERED:
+                        break
+
+        threads = [threading.Thread(target=worker, name="webhook-send", daemon=True)
+                   for _ in range(min(self.concurrency, len(chains)))]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive() and not (stopping is not None and stopping.is_set()):
+                    wait = 0.05 if until is None else min(0.05, until - time.monotonic())
+                    if wait <= 0:
+                        break
+                    t.join(wait)
+        finally:
+            with self._lock:
+                state["handed_off"] = True
+                done, held = list(outcomes), set(in_flight)
+            # The batch's attempts in one transaction, not a commit each (SQLite: 3.5 ms an attempt
+            # went to commits). A run that dies before this line sends them again: at least once.
+            self._write(endpoint.id, done, sorted(mine - {o.delivery_number for o in done} - held), token, run)
+
+    def _write(self, endpoint_id: str, outcomes: list, release: list[int], token: str, run: Run) -> None:
+        late = self.queries.record_attempts(outcomes, endpoint_id, token)
+        self.queries.release(release, token)  # due again next run
+        if late:
+            with self._lock:
+                run.late += len(late)
+            for _ in late:
+                self.observe("late")
 
     def _attempt(self, d, endpoint, event, payment, run: Run) -> Outcome:
         started = self.clock()
@@ -250,7 +344,7 @@ class Dispatcher:
         at = self.clock()
         first = d.first_attempt_at or started
         attempt = {"delivery_number": d.number, "at": started, "http_status": result.http_status,
-                   "error": result.error[:500], "duration_ms": result.duration_ms}
+                   "error": printable(result.error)[:500], "duration_ms": result.duration_ms}
         if result.ok:
             with self._lock:
                 run.delivered += 1
@@ -277,4 +371,4 @@ class Dispatcher:
         self.observe("gave_up")
         return Outcome(d.number, attempt, GAVE_UP, first, at, disable=gone or (
             f"disabled at {at.isoformat(timespec='seconds')}: event {d.event_id} could not be delivered in "
-            f"{d.attempts + 1} attempts since {first.isoformat(timespec='seconds')} (last: {result.error[:200]})"))
+            f"{d.attempts + 1} attempts since {first.isoformat(timespec='seconds')} (last: {printable(result.error)[:200]})"))

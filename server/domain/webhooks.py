@@ -143,6 +143,7 @@ class DeliveryRecord(NamedTuple):
     next_attempt_at: dt.datetime
     lease_until: dt.datetime | None
     created_at: dt.datetime
+    lease_token: str | None = None  # the lease lease_until belongs to (webhook_delivery.py)
 
 
 class AttemptRecord(NamedTuple):
@@ -237,8 +238,9 @@ class WebhookRules:
     """What admins do with endpoints and events. `queries` is storage's WebhookQueries."""
 
     def __init__(self, *, queries, page_tokens: PageTokens, allow_loopback: bool = False,
-                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)):
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC), max_endpoints: int | None = None):
         self.queries = queries
+        self.max_endpoints = max_endpoints  # per deployment (PAYMENTS_WEBHOOK_MAX_ENDPOINTS)
         self.page_tokens = page_tokens
         self.allow_loopback = allow_loopback
         self.clock = clock
@@ -267,7 +269,10 @@ class WebhookRules:
         row = EndpointRecord(id=opaque_id("whe_"), url=url, event_types=_event_types_text(event_types),
                              enabled=enabled, description=description, disabled_reason=None, secret=secret,
                              previous_secret=None, previous_secret_expires_at=None, created_at=now, updated_at=now)
-        self.queries.insert_endpoint(row)
+        if not self.queries.insert_endpoint(row, self.max_endpoints):
+            raise FailedPrecondition(
+                f"at most {self.max_endpoints} webhook endpoints may exist (PAYMENTS_WEBHOOK_MAX_ENDPOINTS): "
+                "delete one first", reason="WEBHOOK_ENDPOINT_LIMIT", metadata={"limit": str(self.max_endpoints)})
         return row, secret
 
     def get(self, caller: Caller, endpoint_id: str) -> EndpointRecord:
@@ -286,7 +291,11 @@ class WebhookRules:
         return self.page_tokens.cut(rows, size, lambda last: (last.created_at, last.id), scope, now)
 
     def update(self, caller: Caller, endpoint_id: str, change: EndpointChange) -> EndpointRecord:
-        current = self.get(caller, endpoint_id)
+        """The fields given change. Enabling a disabled endpoint is one conditional UPDATE (only if
+        it is disabled when it runs), and only the call that did it resumes the deliveries: a fresh
+        schedule for each (no attempts counted, due now, a new window), the reason and any
+        Retry-After wait cleared."""
+        self.get(caller, endpoint_id)
         url = change.url.strip() if change.url is not None else None
         types = list(change.event_types) or None
         if violations := self._violations(url, types, change.description):
@@ -303,34 +312,34 @@ class WebhookRules:
             fields["enabled"] = change.enabled
             if change.enabled:
                 fields["disabled_reason"] = None
-            if change.enabled and not current.enabled:
-                fields["not_before"] = None  # a fresh start: no earlier Retry-After holds it back
         with self.queries.transaction():
+            if change.enabled and self.queries.enable_endpoint(endpoint_id, now):
+                self.queries.resume_deliveries(endpoint_id, now)  # what waited is sent at the next tick
             if not self.queries.update_endpoint(endpoint_id, fields):
                 raise endpoint_not_found(endpoint_id)
-            if change.enabled and not current.enabled:
-                self.queries.resume_deliveries(endpoint_id, now)  # what waited is sent at the next tick
         return self.get(caller, endpoint_id)
 
     def delete(self, caller: Caller, endpoint_id: str) -> None:
-        self.get(caller, endpoint_id)
-        with self.queries.transaction():
-            if not self.queries.delete_endpoint(endpoint_id):
+        """The endpoint, its deliveries and their attempts, under the endpoint's row lock: an
+        attempt in flight then finds no delivery to write to (its late write is counted)."""
+        _admin(caller)
+        with self.queries.locked_endpoint(endpoint_id) as current:
+            if current is None or not self.queries.delete_endpoint(endpoint_id):
                 raise endpoint_not_found(endpoint_id)
 
     def rotate(self, caller: Caller, endpoint_id: str, previous_ttl_seconds: int = 0) -> tuple[EndpointRecord, str]:
         """A new secret; the one it replaces keeps signing for `previous_ttl_seconds` (the one before
-        that, if it was still valid, ends now: at most two are ever valid)."""
+        that, if it was still valid, ends now: at most two are ever valid). One statement: the
+        secret it replaces is the one stored when it runs, so two rotations at once chain."""
         if previous_ttl_seconds < 0 or previous_ttl_seconds > MAX_PREVIOUS_SECRET_TTL:
             raise InvalidArgument([("previous_secret_ttl_seconds",
                                     f"must be between 0 and {MAX_PREVIOUS_SECRET_TTL} (0 means {DEFAULT_PREVIOUS_SECRET_TTL})")],
                                   reason="INVALID_ROTATION")
-        current = self.get(caller, endpoint_id)
+        self.get(caller, endpoint_id)
         now = self.clock()
         secret = new_secret()
         ttl = dt.timedelta(seconds=previous_ttl_seconds or DEFAULT_PREVIOUS_SECRET_TTL)
-        if not self.queries.update_endpoint(endpoint_id, {"secret": secret, "previous_secret": current.secret,
-                                                          "previous_secret_expires_at": now + ttl, "updated_at": now}):
+        if not self.queries.rotate_secret(endpoint_id, secret, now + ttl, now):
             raise endpoint_not_found(endpoint_id)
         return self.get(caller, endpoint_id), secret
 
@@ -371,13 +380,19 @@ class WebhookRules:
         return [EventView(e, payment_after(p, e), by_event.get(e.number, [])) for e, p in rows]
 
     def redeliver(self, caller: Caller, event_id: str, endpoint_id: str) -> tuple[DeliveryRecord, list[AttemptRecord]]:
-        """Pending again, due now, with a fresh retry window (the attempts so far stay listed)."""
+        """Pending again, due now, with a fresh schedule: no attempts counted (the next retry waits
+        the first delay, not the last), a new window, and any lease taken back (an attempt in flight
+        writes nothing when it ends). The attempts so far stay listed. Under the endpoint's row
+        lock, so it is enabled and exists when the delivery is written."""
         view = self.event(caller, event_id)
         if not endpoint_id:
             raise InvalidArgument([("endpoint_id", "is required")], reason="INVALID_REDELIVERY")
-        endpoint = self.get(caller, endpoint_id)
-        if not endpoint.enabled:
-            raise FailedPrecondition(f"webhook endpoint {endpoint_id!r} is disabled: enable it first",
-                                     reason="WEBHOOK_ENDPOINT_DISABLED", metadata={"id": endpoint_id})
-        delivery = self.queries.redeliver(view.event, endpoint_id, self.clock())
+        self.get(caller, endpoint_id)
+        with self.queries.locked_endpoint(endpoint_id) as endpoint:
+            if endpoint is None:
+                raise endpoint_not_found(endpoint_id)
+            if not endpoint.enabled:
+                raise FailedPrecondition(f"webhook endpoint {endpoint_id!r} is disabled: enable it first",
+                                         reason="WEBHOOK_ENDPOINT_DISABLED", metadata={"id": endpoint_id})
+            delivery = self.queries.redeliver(view.event, endpoint_id, self.clock())
         return delivery, self.queries.attempts_of([delivery.number]).get(delivery.number, [])

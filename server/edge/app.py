@@ -103,7 +103,8 @@ def build(settings: Settings) -> App:
         observe=metrics.payment_event,
     )
     webhook_rules = WebhookRules(queries=webhook_queries, page_tokens=page_tokens,
-                                 allow_loopback=settings.webhook_allow_loopback, clock=clock)
+                                 allow_loopback=settings.webhook_allow_loopback, clock=clock,
+                                 max_endpoints=settings.webhook_max_endpoints)
     if not settings.page_token_secret:
         log.warning("PAYMENTS_PAGE_TOKEN_SECRET is not set: page tokens work only within this process")
 
@@ -155,6 +156,7 @@ def build(settings: Settings) -> App:
             lease_seconds=jobs.run_budget(settings.webhook_interval_seconds, jobs.WEBHOOK_BUDGET_FRACTION)
             + 2 * settings.webhook_timeout_seconds,
             observe=metrics.webhook_attempt,
+            release_connection=storage.end_call,
             clock=clock)
         scheduler = jobs.start(settings, rules, dispatcher)
 

@@ -59,6 +59,7 @@ class Settings:
     webhook_retry_window_seconds: float = 3 * 24 * 3600.0  # then the delivery is given up, the endpoint disabled
     webhook_batch_size: int = 100
     webhook_concurrency: int = 4  # POSTs in flight at once, each for a different payment
+    webhook_max_endpoints: int = 20  # endpoints per deployment: each multiplies every change's delivery rows
     webhook_allow_loopback: bool = False  # local development and tests only: http:// and 127.0.0.1 endpoints
     # observability (docs/observability.md)
     metrics_addr: str = "127.0.0.1:9464"  # Prometheus scrape endpoint; empty: none
@@ -187,6 +188,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         webhook_retry_window_seconds=_float(env, "PAYMENTS_WEBHOOK_RETRY_WINDOW_SECONDS", d.webhook_retry_window_seconds),
         webhook_batch_size=_int(env, "PAYMENTS_WEBHOOK_BATCH_SIZE", d.webhook_batch_size, 1),
         webhook_concurrency=_int(env, "PAYMENTS_WEBHOOK_CONCURRENCY", d.webhook_concurrency, 1),
+        webhook_max_endpoints=_int(env, "PAYMENTS_WEBHOOK_MAX_ENDPOINTS", d.webhook_max_endpoints, 1),
         webhook_allow_loopback=_bool(env, "PAYMENTS_WEBHOOK_ALLOW_LOOPBACK", d.webhook_allow_loopback),
         metrics_addr=_address(env, "PAYMENTS_METRICS_ADDR", d.metrics_addr),
         # OpenTelemetry's own variables, so a collector set up for other services is found here too.

@@ -67,7 +67,8 @@ login_refusals = Counter("payments_login_refusals_total",
 webhook_attempts = Counter("payments_webhook_attempts_total",
                            "Webhook POSTs by outcome: delivered (a 2xx), failed (retried later), gone (a 410: "
                            "the endpoint was disabled), gave_up (the retry window ran out; the endpoint was "
-                           "disabled).", ("outcome",))
+                           "disabled), late (its outcome was not written: the delivery's lease had passed to "
+                           "another run, a redelivery, an enable or a delete).", ("outcome",))
 
 
 _GO_SPELLINGS = {"OK": "OK", "CANCELLED": "Canceled"}  # the two Go does not spell by capitalizing words

@@ -250,3 +250,13 @@ def test_a_run_starts_at_the_batch_size_the_last_run_of_that_job_ended_at(databa
     clock.advance(seconds=60)
     assert jobs.Runner(clock, replica="b:1").tick(job) == "ok"  # another process's runner starts full
     assert sizes[4] == 400
+
+
+def test_a_run_that_did_nothing_logs_at_debug_and_one_that_did_something_at_info(database, clock, caplog_jobs):
+    runner = jobs.Runner(clock, replica="a:1")
+    caplog_jobs.set_level(logging.DEBUG, logger="server.infra.jobs")
+    assert runner.tick(jobs.Job("webhooks", 5, Counting(rows=0))) == "ok"
+    clock.advance(seconds=5)
+    assert runner.tick(jobs.Job("webhooks", 5, Counting(rows=2))) == "ok"
+    runs = [(r.levelname, r.rows) for r in caplog_jobs.records if r.name == "server.infra.jobs" and r.getMessage() == "job run"]
+    assert runs == [("DEBUG", 0), ("INFO", 2)]

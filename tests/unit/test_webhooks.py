@@ -34,6 +34,7 @@ from server.domain.webhooks import (GAVE_UP, PENDING, SECRET_BYTES, EndpointChan
                                     signature, signature_header, signed_headers, standard_key)
 from server.edge.webhook_body import event_body, event_json, reference_json
 from server.infra import storage
+from server.infra.storage.models import WebhookAttempt, WebhookDelivery
 from server.infra.webhook_sender import Sender
 from tests.conftest import ADMIN_CALLER, ALICE, Clock
 from tests.support.webhook_receiver import (Receiver, readme_block, readme_verifier, standard_verifies,
@@ -46,6 +47,8 @@ from tests.support.webhook_receiver import (Receiver, readme_block, readme_verif
     ("169.254.169.254", False), ("fe80::1", False), ("fd00:ec2::254", False), ("100.64.0.1", False),
     ("0.0.0.0", False), ("224.0.0.1", False), ("255.255.255.255", False), ("::ffff:127.0.0.1", False),
     ("::ffff:93.184.216.34", True), ("64:ff9b::a00:1", False), ("2002:a00:1::", False), ("198.18.0.1", False),
+    ("fec0::1", False), ("feff:ffff::1", False), ("192.0.0.8", False), ("192.0.0.9", False), ("192.0.0.255", False),
+    ("192.0.1.1", True), ("::ffff:192.0.0.8", False),
 ])
 def test_only_public_unicast_addresses_pass(address, allowed):
     assert (webhook_urls.address_problem(address, allow_loopback=False) is None) == allowed
@@ -59,7 +62,47 @@ def test_loopback_passes_only_with_the_development_setting():
     assert webhook_urls.url_problem("http://localhost:8000/h", allow_loopback=True) is None
     assert webhook_urls.url_problem("http://127.0.0.1:8000/h", allow_loopback=False)
     assert webhook_urls.url_problem("http://shop.example.com/h", allow_loopback=True)  # http only to loopback
-    assert webhook_urls.url_problem("https://shop.example.com:8443/hooks?x=1", allow_loopback=False) is None
+    assert webhook_urls.url_problem("https://shop.example.com:443/hooks?x=1", allow_loopback=False) is None
+
+
+@pytest.mark.parametrize("host", [
+    "0177.0.0.1", "0x7f.1", "127.1", "2130706433", "127.0.0.1.", "169.254.169.254.", "0xa9.0xfe.0xa9.0xfe",
+    "\uff11\uff12\uff17.\uff10.\uff10.\uff11",  # full-width digits
+    "127\u30020\u30020\u30021",  # ideographic full stops
+    "%31%32%37.0.0.1", "%6c%6f%63%61%6c%68%6f%73%74", "%6Docalhost",
+    "\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54",  # full-width localhost
+    "metadata.google.\uff49\uff4e\uff54\uff45\uff52\uff4e\uff41\uff4c", "metadata.google.internal.",
+    "METADATA.GOOGLE.INTERNAL", "shop.local.", "[fec0::1]", "192.0.0.8", "[::ffff:7f00:1]", "[::ffff:0177.0.0.1]",
+    "1.2.3.4.5", "999.1.1.1", "a..b.example.com", "%zz.example.com", "%00.example.com", "%2e%2e",
+    "shop.example.com%2f@10.0.0.1",
+])
+def test_registration_refuses_every_spelling_of_a_host_delivery_would_refuse(host):
+    url = f"https://{host}/h"
+    assert webhook_urls.url_problem(url, allow_loopback=False), url
+    # And the sender, given the URL anyway (stored before these rules), refuses it before connecting.
+    attempt = Sender(resolver=lambda h, p: [h] if not h[0].isalpha() else ["127.0.0.1"])(url, b"{}", {})
+    assert attempt.http_status == 0 and attempt.error.startswith("refused"), (url, attempt)
+
+
+@pytest.mark.parametrize("url, host", [
+    ("https://Shop.Example.COM./h", "shop.example.com"), ("https://b\u00fccher.example/h", "xn--bcher-kva.example"),
+    ("https://%73hop.example.com/h", "shop.example.com"), ("https://\uff53hop.example.com/h", "shop.example.com"),
+    ("https://93.184.216.34/h", "93.184.216.34"), ("https://0x5d.0xb8.0xd8.0x22/h", "93.184.216.34"),
+])
+def test_a_public_host_is_registered_and_resolved_in_its_one_normal_form(url, host):
+    assert webhook_urls.url_problem(url, allow_loopback=False) is None
+    resolved = []
+    Sender(resolver=lambda h, p: resolved.append(h) or ["10.0.0.1"])(url, b"{}", {})
+    assert resolved == [host]
+
+
+def test_only_port_443_at_registration_and_at_delivery_except_for_loopback_in_development():
+    assert webhook_urls.url_problem("https://shop.example.com:8443/h", allow_loopback=False)
+    assert webhook_urls.url_problem("https://shop.example.com:8443/h", allow_loopback=True)
+    assert webhook_urls.url_problem("https://shop.example.com:443/h", allow_loopback=False) is None
+    assert webhook_urls.url_problem("https://127.0.0.1:8443/h", allow_loopback=True) is None
+    attempt = Sender(resolver=lambda h, p: ["93.184.216.34"])("https://shop.example.com:25/h", b"{}", {})
+    assert attempt.error == "refused: only port 443 is sent to, not 25"
 
 
 def test_the_readme_verifier_accepts_the_services_signature_and_nothing_else():
@@ -535,8 +578,8 @@ def test_a_leased_delivery_is_not_sent_by_a_second_run(rules_with_outbox, webhoo
     d.fan_out(100)
     [endpoint] = queries.enabled_endpoints()
     [due] = queries.due(endpoint.id, clock(), 10)
-    assert queries.lease([due.number], clock(), clock() + dt.timedelta(seconds=30)) == [due.number]
-    assert queries.lease([due.number], clock(), clock() + dt.timedelta(seconds=30)) == []  # another run's
+    assert queries.lease([due.number], clock(), clock() + dt.timedelta(seconds=30), "a") == [due.number]
+    assert queries.lease([due.number], clock(), clock() + dt.timedelta(seconds=30), "b") == []  # another run's
     send = FakeSend()
     run = Run()
     dispatcher(clock, send).deliver(10, run)
@@ -730,3 +773,376 @@ def test_a_delivery_to_an_endpoint_with_an_older_secret_passes_every_verifier_ov
         assert receiver.bad == [] and len(receiver.events) == 2
     finally:
         receiver.stop()
+
+
+# --- leases, fresh schedules and the endpoint rules under races (issue 32, items 3-5) ----------
+
+
+def a_delivery(webhook_rules, rules_with_outbox, **kw):
+    endpoint, secret = webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"],
+                                            enabled=True, description="", **kw)
+    payment = rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
+    [event] = outbox()
+    return endpoint, event, payment
+
+
+class During(FakeSend):
+    """A send that does something else while the POST is in flight (once), then answers."""
+
+    def __init__(self, meanwhile, answer: Attempt = Attempt(503, "HTTP 503", 5)):
+        super().__init__()
+        self.meanwhile, self.answer = meanwhile, answer
+
+    def __call__(self, url, body, headers):
+        super().__call__(url, body, headers)
+        if self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            meanwhile()
+        return self.answer
+
+
+def the_delivery(event):
+    [delivery] = storage.WebhookQueries().deliveries_of([event.id])
+    return delivery
+
+
+def test_a_redelivery_during_an_attempt_is_not_overwritten_and_the_late_write_is_counted(
+        rules_with_outbox, webhook_rules, clock):
+    endpoint, event, _ = a_delivery(webhook_rules, rules_with_outbox)
+    seen: list[str] = []
+    send = During(lambda: webhook_rules.redeliver(ADMIN_CALLER, event.id, endpoint.id))
+    d = Dispatcher(queries=storage.WebhookQueries(), send=send, render=event_body, clock=clock, lease_seconds=30,
+                   policy=RetryPolicy(base_seconds=60, max_delay_seconds=600, window_seconds=3600), observe=seen.append)
+    run = deliver_all(d)
+    delivery = the_delivery(event)
+    # The admin's word stands: pending, due now, no attempt counted, no lease; the late 503 wrote nothing.
+    assert (delivery.status, delivery.attempts, delivery.next_attempt_at, delivery.lease_until) == (PENDING, 0, clock(), None)
+    assert run.late == 1 and seen == ["failed", "late"]
+    assert storage.WebhookQueries().attempts_of([delivery.number]) == {}
+    assert deliver_all(dispatcher(clock, FakeSend())).delivered == 1  # and it goes at once
+
+
+def test_a_run_whose_lease_ran_out_cannot_overwrite_the_newer_runs_outcome(rules_with_outbox, webhook_rules, clock):
+    endpoint, event, _ = a_delivery(webhook_rules, rules_with_outbox)
+    newer = Run()
+
+    def lease_runs_out_and_another_run_delivers():
+        clock.advance(seconds=31)
+        dispatcher(clock, FakeSend()).deliver(10, newer)
+
+    old = Run()
+    d = dispatcher(clock, During(lease_runs_out_and_another_run_delivers, Attempt(0, "timed out after 15 s", 15_000)))
+    d.fan_out(10)
+    d.deliver(10, old)
+    assert newer.delivered == 1 and old.late == 1
+    delivery = the_delivery(event)
+    assert delivery.status == "succeeded" and delivery.attempts == 1
+    [attempt] = storage.WebhookQueries().attempts_of([delivery.number])[delivery.number]
+    assert attempt.http_status == 200  # the late timeout left no attempt and no retry schedule
+
+
+def test_a_redelivery_and_an_enable_start_a_fresh_schedule(rules_with_outbox, webhook_rules, clock):
+    endpoint, event, _ = a_delivery(webhook_rules, rules_with_outbox)
+    send = FakeSend()
+    d = dispatcher(clock, send, window=1000)
+    d.fan_out(10)
+    while the_delivery(event).status == PENDING:  # fail until given up (5 attempts)
+        send.answers = [Attempt(0, "refused", 1)]
+        deliver_all(d)
+        clock.advance(seconds=(the_delivery(event).next_attempt_at - clock()).total_seconds() + 0.001)
+    assert the_delivery(event).attempts == 5 and not webhook_rules.get(ADMIN_CALLER, endpoint.id).enabled
+    webhook_rules.update(ADMIN_CALLER, endpoint.id, EndpointChange(enabled=True))
+    webhook_rules.redeliver(ADMIN_CALLER, event.id, endpoint.id)
+    assert the_delivery(event).attempts == 0
+    send.answers = [Attempt(0, "refused", 1)]
+    started = clock()
+    deliver_all(d)
+    # The first retry's delay (60 s, less up to a tenth), not the last one's (480 s and more).
+    assert 54 <= (the_delivery(event).next_attempt_at - started).total_seconds() <= 60
+    # An enable does the same for what was pending.
+    send.answers = [Attempt(410, "HTTP 410", 1)]
+    clock.advance(seconds=61)
+    deliver_all(d)
+    assert the_delivery(event).attempts == 2 and not webhook_rules.get(ADMIN_CALLER, endpoint.id).enabled
+    webhook_rules.update(ADMIN_CALLER, endpoint.id, EndpointChange(enabled=True))
+    delivery = the_delivery(event)
+    assert (delivery.attempts, delivery.first_attempt_at, delivery.next_attempt_at) == (0, None, clock())
+
+
+def test_enabling_decides_from_the_endpoint_as_it_is_when_it_writes(rules_with_outbox, webhook_rules, clock,
+                                                                     monkeypatch):
+    """The service disables the endpoint (a 410) between the admin's read and write: the enable
+    still resumes its deliveries, because it decides in the UPDATE itself."""
+    endpoint, event, _ = a_delivery(webhook_rules, rules_with_outbox)
+    send = FakeSend()
+    d = dispatcher(clock, send)
+    send.answers = [Attempt(503, "HTTP 503", 1)]
+    deliver_all(d)
+    assert the_delivery(event).attempts == 1
+    real_get = webhook_rules.get
+
+    def stale_get(caller, endpoint_id):
+        row = real_get(caller, endpoint_id)
+        storage.WebhookQueries().disable_endpoint(endpoint_id, "410 meanwhile", clock())
+        monkeypatch.setattr(webhook_rules, "get", real_get)
+        return row
+
+    monkeypatch.setattr(webhook_rules, "get", stale_get)
+    after = webhook_rules.update(ADMIN_CALLER, endpoint.id, EndpointChange(enabled=True))
+    assert after.enabled and after.disabled_reason is None
+    delivery = the_delivery(event)
+    assert (delivery.attempts, delivery.next_attempt_at) == (0, clock())
+
+
+def test_two_rotations_at_once_chain_so_every_secret_handed_out_signs(webhook_rules, clock):
+    endpoint, first = webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"],
+                                           enabled=True, description="")
+    barrier = threading.Barrier(2)
+    got: list[str] = []
+
+    def rotate():
+        barrier.wait(timeout=10)
+        try:
+            got.append(webhook_rules.rotate(ADMIN_CALLER, endpoint.id, previous_ttl_seconds=3600)[1])
+        finally:
+            storage.end_call()
+
+    for _ in range(5):
+        threads = [threading.Thread(target=rotate) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        a, b = got[-2:]
+        row = storage.WebhookQueries().endpoint(endpoint.id)
+        # The later of the two signs as the secret, the earlier as the previous one: both sign now.
+        assert {row.secret, row.previous_secret} == {a, b}, (row.secret, row.previous_secret, a, b)
+        assert set(row.signing_secrets(clock())) == {a, b}
+
+
+def test_deleting_an_endpoint_during_a_send_leaves_no_attempt_without_its_delivery(rules_with_outbox, webhook_rules,
+                                                                                   clock):
+    endpoint, event, _ = a_delivery(webhook_rules, rules_with_outbox)
+    run = Run()
+    d = dispatcher(clock, During(lambda: webhook_rules.delete(ADMIN_CALLER, endpoint.id), Attempt(200, "", 1)))
+    d.fan_out(10)
+    d.deliver(10, run)
+    assert run.late == 1
+    assert storage.WebhookQueries().deliveries_of([event.id]) == []
+    assert WebhookAttempt.select().count() == 0
+
+
+def test_purging_a_payment_during_a_send_leaves_no_attempt_without_its_delivery(rules_with_outbox, webhook_rules,
+                                                                                clock):
+    endpoint, event, payment = a_delivery(webhook_rules, rules_with_outbox)
+    run = Run()
+    d = dispatcher(clock, During(lambda: storage.WebhookQueries().purge_deliveries([payment.id]), Attempt(500, "x", 1)))
+    d.fan_out(10)
+    d.deliver(10, run)
+    assert run.late == 1 and WebhookAttempt.select().count() == 0
+    assert storage.WebhookQueries().deliveries_of([event.id]) == []
+
+
+def test_an_attempt_committed_before_a_delete_goes_with_its_delivery(rules_with_outbox, webhook_rules, clock):
+    endpoint, event, _ = a_delivery(webhook_rules, rules_with_outbox)
+    deliver_all(dispatcher(clock, FakeSend()))
+    assert WebhookAttempt.select().count() == 1
+    webhook_rules.delete(ADMIN_CALLER, endpoint.id)
+    assert WebhookAttempt.select().count() == 0 and WebhookDelivery.select().count() == 0
+
+
+def test_a_receivers_control_bytes_are_not_kept(answering):
+    hostile = answering(status=500, body=b"bad\r\nX-Injected: 1\x1b[31mred\x1b[0m\x00\xc2\x9b2J\xe2\x80\xaeevil")
+    attempt = Sender(allow_loopback=True)(hostile.url, b"{}", {})
+    assert attempt.http_status == 500
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c == "\u202e" for c in attempt.error), attempt.error
+    assert "X-Injected: 1" in attempt.error and "red" in attempt.error
+    # The dispatcher keeps nothing unprintable either, whatever a sender hands it.
+    from server.domain.webhook_delivery import printable
+    assert printable("a\rb\x1bc\u2028d") == "a b c d"
+
+
+# --- one deadline for the whole attempt (issue 32, item 2) -------------------------------------
+
+import socket  # noqa: E402
+import ssl  # noqa: E402
+
+from server.infra import webhook_sender  # noqa: E402
+
+BOUND = 1.0 + webhook_sender.MARGIN_SECONDS + 0.15  # the deadline, the stated margin, the test's own slack
+
+
+def within_the_deadline(url: str, **kw) -> Attempt:
+    started = time.monotonic()
+    attempt = Sender(timeout=1.0, **kw)(url, b"{}", {})
+    took = time.monotonic() - started
+    assert took < BOUND, (took, attempt)
+    assert not attempt.ok and "timed out after 1 s" in attempt.error, attempt
+    assert attempt.duration_ms < BOUND * 1000
+    return attempt
+
+
+def test_a_slow_name_resolution_counts_against_the_deadline():
+    def slow(host, port):
+        time.sleep(3)
+        return ["93.184.216.34"]
+
+    attempt = within_the_deadline("https://slow-dns.example.com/h", resolver=slow)
+    assert "resolving slow-dns.example.com" in attempt.error
+
+
+@pytest.fixture
+def silent_listener():
+    """A TCP port that accepts connections (the kernel's backlog) and never says a word."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    yield listener
+    listener.close()
+
+
+def test_a_tls_handshake_that_never_ends_counts_against_the_deadline(silent_listener):
+    port = silent_listener.getsockname()[1]
+    attempt = within_the_deadline(f"https://127.0.0.1:{port}/h", allow_loopback=True,
+                                  tls=ssl.create_default_context())
+    assert "connecting" in attempt.error
+
+
+def test_a_status_line_trickled_a_byte_at_a_time_is_cut_at_the_deadline(silent_listener):
+    port = silent_listener.getsockname()[1]
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = silent_listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+                if stop.wait(0.3):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        attempt = within_the_deadline(f"http://127.0.0.1:{port}/h", allow_loopback=True)
+        assert "waiting for the answer" in attempt.error
+    finally:
+        stop.set()
+
+
+def test_a_run_gives_its_turn_back_at_its_deadline_and_an_attempt_in_flight_writes_its_own_outcome(
+        rules_with_outbox, webhook_rules, clock):
+    endpoint, event, _ = a_delivery(webhook_rules, rules_with_outbox)
+
+    class Hanging(FakeSend):
+        def __call__(self, url, body, headers):
+            time.sleep(1.5)
+            return super().__call__(url, body, headers)
+
+    d = dispatcher(clock, Hanging())
+    d.fan_out(10)
+    started = time.monotonic()
+    run = Run()
+    d.deliver(10, run, deadline=time.monotonic() + 0.3)
+    assert time.monotonic() - started < 0.6  # the batch did not wait for the POST
+    delivery = the_delivery(event)
+    assert delivery.status == PENDING and delivery.lease_until is not None  # still leased: nobody else sends it
+    for _ in range(100):
+        if the_delivery(event).status != PENDING:
+            break
+        time.sleep(0.05)
+    delivery = the_delivery(event)
+    assert delivery.status == "succeeded" and delivery.attempts == 1 and delivery.lease_until is None
+    assert len(storage.WebhookQueries().attempts_of([delivery.number])[delivery.number]) == 1
+
+
+# --- fair and bounded (issue 32, items 1 and 6) -------------------------------------------------
+
+
+def test_a_slow_healthy_endpoint_does_not_starve_a_fast_one(rules_with_outbox, webhook_rules, clock):
+    """The issue's probe: a receiver that answers 2xx in 50 ms with 300 events queued, and a fast
+    one. Every run, each endpoint gets its share of the run's time."""
+    webhook_rules.create(ADMIN_CALLER, url="https://slow.example.com/h", event_types=["*"], enabled=True, description="")
+    webhook_rules.create(ADMIN_CALLER, url="https://fast.example.com/h", event_types=["*"], enabled=True, description="")
+    for n in range(300):
+        rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100 + n))
+
+    class Split(FakeSend):
+        def __call__(self, url, body, headers):
+            if "slow" in url:
+                time.sleep(0.05)
+            return super().__call__(url, body, headers)
+
+    send = Split()
+    d = Dispatcher(queries=storage.WebhookQueries(), send=send, render=event_body, clock=clock, lease_seconds=30,
+                   policy=RetryPolicy(), concurrency=4)
+    while d.fan_out(500):
+        pass
+    for tick in range(3):
+        run, deadline = Run(), time.monotonic() + 1.0
+        while time.monotonic() < deadline and d.deliver(100, run, deadline=deadline):
+            pass
+        sent = [url for url, _, _ in send.sent]
+        fast, slow = sent.count("https://fast.example.com/h"), sent.count("https://slow.example.com/h")
+        assert fast >= min(300, 100 * (tick + 1)) and slow > 0, (tick, fast, slow)
+    assert fast == 300
+    time.sleep(0.3)  # the slow endpoint's last attempts, handed off at each deadline, write their outcomes
+
+
+def test_round_robin_each_round_starts_one_endpoint_further_on(rules_with_outbox, webhook_rules, clock):
+    ids = sorted(webhook_rules.create(ADMIN_CALLER, url=f"https://e{n}.example.com/h", event_types=["*"],
+                                      enabled=True, description="")[0].id for n in range(3))
+    rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
+    d = dispatcher(clock, FakeSend())
+    endpoints = storage.WebhookQueries().enabled_endpoints()
+    firsts = [d._in_turn(endpoints)[0].id for _ in range(4)]
+    assert firsts == [ids[0], ids[1], ids[2], ids[0]]
+
+
+def test_fan_out_writes_bounded_batches_of_delivery_rows(rules_with_outbox, webhook_rules, clock):
+    for n in range(8):
+        webhook_rules.create(ADMIN_CALLER, url=f"https://e{n}.example.com/h", event_types=["*"], enabled=True,
+                             description="")
+    for n in range(10):
+        rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100 + n))
+    d = dispatcher(clock, FakeSend())
+    assert d.fan_out(20) == 20 and WebhookDelivery.select().count() == 16  # 2 events x 8 endpoints
+    assert d.fan_out(5) == 5 and WebhookDelivery.select().count() == 24  # never less than one event
+    while d.fan_out(40) == 40:
+        pass
+    assert WebhookDelivery.select().count() == 80 and outbox() == []
+
+
+def test_fan_out_takes_at_most_its_share_of_a_run_and_sending_goes_on(rules_with_outbox, webhook_rules, clock,
+                                                                       monkeypatch):
+    from server.infra import jobs
+    webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"], enabled=True, description="")
+    for n in range(30):
+        rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100 + n))
+    d = dispatcher(clock, FakeSend())
+    real = d.fan_out
+
+    def slow_fan_out(limit):
+        time.sleep(0.1)
+        return real(limit)
+
+    monkeypatch.setattr(d, "fan_out", slow_fan_out)
+    progress = jobs.Progress(deadline=time.monotonic() + 1.0)
+    jobs.deliver_webhooks(d, batch_size=100, fan_out_rows=1, progress=progress)
+    events = progress.other_rows["events"]
+    assert 0 < events < 30 and progress.rows == events and progress.deferred  # sent what was fanned out
+
+
+def test_the_number_of_endpoints_is_bounded(database, clock):
+    limited = WebhookRules(queries=storage.WebhookQueries(), page_tokens=PageTokens(b"test-page-token-secret"),
+                           clock=clock, max_endpoints=2)
+    for n in range(2):
+        limited.create(ADMIN_CALLER, url=f"https://e{n}.example.com/h", event_types=["*"], enabled=False,
+                       description="")
+    from server.domain.errors import FailedPrecondition
+    with pytest.raises(FailedPrecondition) as full:
+        limited.create(ADMIN_CALLER, url="https://e3.example.com/h", event_types=["*"], enabled=False, description="")
+    assert full.value.reason == "WEBHOOK_ENDPOINT_LIMIT"

@@ -241,6 +241,9 @@ class WebhookDelivery(BaseModel):
     next_attempt_at = UTCDateTimeField()
     lease_until = UTCDateTimeField(null=True)
     created_at = UTCDateTimeField()
+    # Which lease `lease_until` is: every write that follows an attempt names it, so a run whose
+    # lease ran out (or was taken back by an admin's redelivery, an enable, a delete) changes nothing.
+    lease_token = peewee.CharField(max_length=32, null=True)
 
     class Meta:
         table_name = "webhook_deliveries"

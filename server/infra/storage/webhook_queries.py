@@ -1,18 +1,22 @@
 """The webhook queries, by name: what server/domain/webhooks.py and webhook_delivery.py ask of the
 database. Reads come back as records (the domain's, and the repository's for payments and their
-history, whose rows are the events); the writes the delivery job races on (lease, record_attempts)
-are single conditional statements.
+history, whose rows are the events); the writes the delivery job races on (lease, record_attempts,
+release) are single conditional statements, and every write after an attempt names the lease it
+ran under (lease_token), so a late writer changes nothing. What admins do to an endpoint that
+reads before it writes runs under the endpoint's row lock (`locked_endpoint`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import peewee
 
 from server.domain.webhooks import PENDING, AttemptRecord, DeliveryRecord, EndpointRecord
 from server.infra.storage.fastpath import among
+from server.infra.storage.database import is_postgres
 from server.infra.storage.models import (UNDISPATCHED, Payment, PaymentEvent, WebhookAttempt, WebhookDelivery,
                                          WebhookEndpoint, db)
 from server.infra.storage.records import EVENT_COLUMNS, PAYMENT_COLUMNS, EventRecord, PaymentRecord
@@ -29,10 +33,17 @@ def _events():
 
 
 def _delete_deliveries(which) -> None:
-    """The deliveries matching `which`, with their attempts."""
-    numbers = WebhookDelivery.select(WebhookDelivery.number).where(which)
-    WebhookAttempt.delete().where(WebhookAttempt.delivery_number.in_(numbers)).execute()
-    WebhookDelivery.delete().where(which).execute()
+    """The deliveries matching `which`, then their attempts (call it in a transaction). The
+    deliveries go first: an attempt's outcome is written only to a delivery it still finds (the
+    conditional UPDATE of record_attempts, which waits for a delete's row locks), so an attempt
+    that committed first is seen and removed here, and one that comes later finds no delivery and
+    adds nothing: no attempt outlives its delivery."""
+    numbers = [n for (n,) in WebhookDelivery.delete().where(which).returning(WebhookDelivery.number).tuples().execute()]
+    for start in range(0, len(numbers), 500):
+        WebhookAttempt.delete().where(among(WebhookAttempt.delivery_number, numbers[start:start + 500])).execute()
+
+
+_ENDPOINTS_LOCK_KEY = 0x77686B5F6C696D  # "whk_lim": creating endpoints, one at a time, under the limit
 
 
 def _endpoints(query) -> list[EndpointRecord]:
@@ -45,8 +56,19 @@ class WebhookQueries:
 
     # --- endpoints ---------------------------------------------------------------------------
 
-    def insert_endpoint(self, row: EndpointRecord) -> None:
-        WebhookEndpoint.insert(row._asdict()).execute()
+    def insert_endpoint(self, row: EndpointRecord, max_endpoints: int | None = None) -> bool:
+        """The endpoint, unless `max_endpoints` exist already (counted and inserted under one lock:
+        PostgreSQL's transaction-level advisory lock, SQLite's write lock); whether it was."""
+        if max_endpoints is None:
+            WebhookEndpoint.insert(row._asdict()).execute()
+            return True
+        with db.atomic() if is_postgres() else db.atomic("IMMEDIATE"):
+            if is_postgres():
+                db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_ENDPOINTS_LOCK_KEY,))
+            if WebhookEndpoint.select().count() >= max_endpoints:
+                return False
+            WebhookEndpoint.insert(row._asdict()).execute()
+            return True
 
     def endpoint(self, endpoint_id: str) -> EndpointRecord | None:
         rows = _endpoints(WebhookEndpoint.select().where(WebhookEndpoint.id == endpoint_id).limit(1))
@@ -65,17 +87,49 @@ class WebhookQueries:
     def update_endpoint(self, endpoint_id: str, fields: dict) -> bool:
         return bool(WebhookEndpoint.update(**fields).where(WebhookEndpoint.id == endpoint_id).execute())
 
+    @contextlib.contextmanager
+    def locked_endpoint(self, endpoint_id: str) -> Iterator[EndpointRecord | None]:
+        """A transaction holding the endpoint's row (SELECT ... FOR UPDATE; on SQLite the write
+        lock, BEGIN IMMEDIATE) from its read to its commit: what an admin's change decides from
+        the endpoint is still so when it writes."""
+        if is_postgres():
+            with db.atomic():
+                rows = _endpoints(WebhookEndpoint.select().where(WebhookEndpoint.id == endpoint_id).for_update())
+                yield rows[0] if rows else None
+        else:
+            with db.atomic("IMMEDIATE"):
+                yield self.endpoint(endpoint_id)
+
     def disable_endpoint(self, endpoint_id: str, reason: str, now: dt.datetime) -> None:
         WebhookEndpoint.update(enabled=False, disabled_reason=reason[:500], updated_at=now).where(
             WebhookEndpoint.id == endpoint_id).execute()
+
+    def enable_endpoint(self, endpoint_id: str, now: dt.datetime) -> bool:
+        """Enabled if it was disabled (one conditional UPDATE): the reason and any Retry-After wait
+        cleared; whether it was disabled (so this call resumes its deliveries)."""
+        return bool(WebhookEndpoint.update(enabled=True, disabled_reason=None, not_before=None, updated_at=now)
+                    .where((WebhookEndpoint.id == endpoint_id) & (WebhookEndpoint.enabled == False))  # noqa: E712
+                    .execute())
+
+    def rotate_secret(self, endpoint_id: str, secret: str, previous_expires_at: dt.datetime,
+                      now: dt.datetime) -> bool:
+        """One statement: the current secret becomes the previous one, whatever it is by then, so
+        two rotations at once chain (the first's secret is the second's previous one) and every
+        secret handed out signs for as long as promised."""
+        return bool(WebhookEndpoint.update(previous_secret=WebhookEndpoint.secret, secret=secret,
+                                           previous_secret_expires_at=previous_expires_at, updated_at=now)
+                    .where(WebhookEndpoint.id == endpoint_id).execute())
 
     def delete_endpoint(self, endpoint_id: str) -> bool:
         _delete_deliveries(WebhookDelivery.endpoint_id == endpoint_id)
         return bool(WebhookEndpoint.delete().where(WebhookEndpoint.id == endpoint_id).execute())
 
     def resume_deliveries(self, endpoint_id: str, now: dt.datetime) -> None:
-        """The endpoint's pending deliveries, due now (an admin enabled it again)."""
-        WebhookDelivery.update(next_attempt_at=now, first_attempt_at=None).where(
+        """The endpoint's pending deliveries, due now with a fresh schedule (an admin enabled it
+        again): no attempts counted, a new window, and any lease taken back (a run still sending
+        one of them writes nothing when it ends)."""
+        WebhookDelivery.update(next_attempt_at=now, first_attempt_at=None, attempts=0, lease_until=None,
+                               lease_token=None).where(
             (WebhookDelivery.endpoint_id == endpoint_id) & (WebhookDelivery.status == PENDING)).execute()
 
     # --- events ------------------------------------------------------------------------------
@@ -165,37 +219,51 @@ class WebhookQueries:
             out.setdefault(payment_id, []).append(number)
         return out
 
-    def lease(self, numbers: Sequence[int], now: dt.datetime, until: dt.datetime) -> list[int]:
-        """Those of `numbers` this run now holds: still pending, and no live lease on them."""
+    def lease(self, numbers: Sequence[int], now: dt.datetime, until: dt.datetime, token: str) -> list[int]:
+        """Those of `numbers` this run now holds under `token`: still pending, and no live lease on them."""
         if not numbers:
             return []
         free = WebhookDelivery.lease_until.is_null() | (WebhookDelivery.lease_until < now)
         with db.atomic():
-            return [n for (n,) in WebhookDelivery.update(lease_until=until)
+            return [n for (n,) in WebhookDelivery.update(lease_until=until, lease_token=token)
                     .where(among(WebhookDelivery.number, list(numbers)) & (WebhookDelivery.status == PENDING) & free)
                     .returning(WebhookDelivery.number).tuples().execute()]
 
-    def release(self, numbers: Sequence[int]) -> None:
+    def release(self, numbers: Sequence[int], token: str) -> None:
+        """The leases `token` still holds on `numbers` end (a lease since taken over stays)."""
         if numbers:
-            WebhookDelivery.update(lease_until=None).where(among(WebhookDelivery.number, list(numbers))).execute()
+            WebhookDelivery.update(lease_until=None, lease_token=None).where(
+                among(WebhookDelivery.number, list(numbers)) & (WebhookDelivery.lease_token == token)).execute()
 
-    def record_attempts(self, outcomes: Sequence, endpoint_id: str) -> None:
-        """webhook_delivery.Outcome rows, in one transaction: the attempts, their deliveries' new
-        state (the lease ends), the endpoint disabled if one of them gave up or was answered 410,
-        and its wait extended if one was answered a Retry-After."""
+    def record_attempts(self, outcomes: Sequence, endpoint_id: str, token: str) -> list[int]:
+        """webhook_delivery.Outcome rows, in one transaction, each only if its delivery is still
+        pending under the lease `token` it was sent under: the attempt, the delivery's new state
+        (the lease ends), the endpoint disabled if it gave up or was answered 410, its wait extended
+        if it was answered a Retry-After. The deliveries whose lease had passed to someone else
+        (ran out and taken by another run, or taken back by a redelivery, an enable, a delete or a
+        purge) get nothing written: their numbers are returned, the late writes."""
         if not outcomes:
-            return
+            return []
+        late: list[int] = []
         with db.atomic():
-            WebhookAttempt.insert_many([o.attempt for o in outcomes]).execute()
+            applied = []
             for o in outcomes:
-                WebhookDelivery.update(status=o.status, attempts=WebhookDelivery.attempts + 1,
-                                       first_attempt_at=o.first_attempt_at, next_attempt_at=o.next_attempt_at,
-                                       lease_until=None).where(WebhookDelivery.number == o.delivery_number).execute()
-            for o in outcomes:
+                mine = ((WebhookDelivery.number == o.delivery_number) & (WebhookDelivery.lease_token == token)
+                        & (WebhookDelivery.status == PENDING))
+                if WebhookDelivery.update(status=o.status, attempts=WebhookDelivery.attempts + 1,
+                                          first_attempt_at=o.first_attempt_at, next_attempt_at=o.next_attempt_at,
+                                          lease_until=None, lease_token=None).where(mine).execute():
+                    applied.append(o)
+                else:
+                    late.append(o.delivery_number)
+            if applied:
+                WebhookAttempt.insert_many([o.attempt for o in applied]).execute()
+            for o in applied:
                 if o.disable:
                     self.disable_endpoint(endpoint_id, o.disable, o.attempt["at"])
                 if o.hold is not None:
                     self.hold_endpoint(endpoint_id, o.hold)
+        return late
 
     def hold_endpoint(self, endpoint_id: str, until: dt.datetime) -> None:
         """No attempt to the endpoint before `until` (a later wait already asked for stays)."""
@@ -204,13 +272,15 @@ class WebhookQueries:
             & (WebhookEndpoint.not_before.is_null() | (WebhookEndpoint.not_before < until))).execute()
 
     def redeliver(self, event: EventRecord, endpoint_id: str, now: dt.datetime) -> DeliveryRecord:
-        with db.atomic():
-            WebhookDelivery.insert({"event_number": event.number, "event_id": event.id, "endpoint_id": endpoint_id,
-                                    "payment_id": event.payment_id, "status": PENDING, "attempts": 0,
-                                    "first_attempt_at": None, "next_attempt_at": now, "lease_until": None,
-                                    "created_at": now}).on_conflict_ignore().execute()
-            WebhookDelivery.update(status=PENDING, first_attempt_at=None, next_attempt_at=now).where(
-                (WebhookDelivery.event_id == event.id) & (WebhookDelivery.endpoint_id == endpoint_id)).execute()
+        """Pending, due now, with a fresh schedule (no attempts counted, a new window) and no lease:
+        a run still sending it writes nothing when it ends. Call it under locked_endpoint."""
+        WebhookDelivery.insert({"event_number": event.number, "event_id": event.id, "endpoint_id": endpoint_id,
+                                "payment_id": event.payment_id, "status": PENDING, "attempts": 0,
+                                "first_attempt_at": None, "next_attempt_at": now, "lease_until": None,
+                                "created_at": now}).on_conflict_ignore().execute()
+        WebhookDelivery.update(status=PENDING, attempts=0, first_attempt_at=None, next_attempt_at=now,
+                               lease_until=None, lease_token=None).where(
+            (WebhookDelivery.event_id == event.id) & (WebhookDelivery.endpoint_id == endpoint_id)).execute()
         row = WebhookDelivery.select().where((WebhookDelivery.event_id == event.id)
                                              & (WebhookDelivery.endpoint_id == endpoint_id)).tuples().get()
         return DeliveryRecord(*row)
