@@ -19,16 +19,31 @@ from server.edge import capacity
 CHECK = "/grpc.health.v1.Health/Check"
 
 
-@pytest.fixture
-def served():
-    """A grpc server with the lanes (a 1 s request deadline, 16 receiving threads) and health."""
+def serve(request_seconds: float):
+    """A grpc server with the lanes (16 receiving threads) and health."""
     lanes = capacity.Lanes.create(worker_threads=2, max_concurrent_rpcs=32, auth_threads=1, max_streams=2,
-                                  stream_max_seconds=5, request_seconds=1.0, receiving=16)
+                                  stream_max_seconds=5, request_seconds=request_seconds, receiving=16)
     server = grpc.server(lanes.payments, maximum_concurrent_rpcs=lanes.total + 64)
     servicer = health.HealthServicer(experimental_non_blocking=True, experimental_thread_pool=lanes.health)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    return server, port, lanes
+
+
+@pytest.fixture
+def served():
+    """A 1 s request deadline."""
+    server, port, lanes = serve(1.0)
+    yield port, lanes
+    server.stop(None)
+    lanes.shutdown()
+
+
+@pytest.fixture
+def served_patiently():
+    """A 30 s request deadline: within a test, only eviction ends a waiting call."""
+    server, port, lanes = serve(30.0)
     yield port, lanes
     server.stop(None)
     lanes.shutdown()
@@ -102,15 +117,15 @@ def test_calls_whose_message_never_comes_hold_no_lane_thread_and_end_at_the_dead
         attack.close()
 
 
-def test_beyond_the_receivers_bound_the_longest_waiting_call_makes_room(served):
-    port, lanes = served
+def test_beyond_the_receivers_bound_the_longest_waiting_call_makes_room(served_patiently):
+    port, lanes = served_patiently
     attacks = [HeaderOnly(port, 10) for _ in range(3)]  # 30 waiting calls against room for 16
     try:
         time.sleep(0.3)
         assert lanes.receiver.waiting <= 16
         for _ in range(5):
             assert check(port) < 0.5  # every whole request is served
-        first = attacks[0].statuses(0.5)  # the oldest were cancelled to make room
+        first = attacks[0].statuses(5.0)  # the oldest were cancelled to make room
         assert set(first.values()) == {str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])}, first
         assert lanes.receiver.evicted >= 14
     finally:
