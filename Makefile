@@ -7,14 +7,16 @@ PY := $(VENV)/bin/python
 TOOLS := .tools/bin
 # What `make run` needs (code generation, the README's grpcurl), and what only tests and benchmarks use.
 RUN_TOOLS := $(TOOLS)/protoc-gen-openapiv2 $(TOOLS)/openapi3 $(TOOLS)/grpcurl
-GO_TOOLS := $(RUN_TOOLS) $(TOOLS)/ghz $(TOOLS)/kustomize $(TOOLS)/composecheck $(TOOLS)/k8scheck
+GO_TOOLS := $(RUN_TOOLS) $(TOOLS)/ghz $(TOOLS)/kustomize $(TOOLS)/composecheck $(TOOLS)/k8scheck $(TOOLS)/buf $(TOOLS)/oasdiff $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc
 SWAGGER_UI := openapi/ui/node_modules/.package-lock.json
+# The example clients the contract tests run (clients/, tests/e2e/test_clients.py).
+CLIENTS := clients/go/.built clients/typescript/node_modules/.package-lock.json
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: run test gen bench images keys setup setup-run lock clean server
 
 setup-run: $(VENV)/.installed $(RUN_TOOLS) gen/.stamp $(SWAGGER_UI)
-setup: setup-run $(GO_TOOLS)
+setup: setup-run $(GO_TOOLS) $(CLIENTS)
 
 # The benchmark's FastAPI peer (bench/versus.py), in a virtualenv of its own: none of it is the server's.
 PEER_VENV := .venv-peer
@@ -37,6 +39,10 @@ PKG_kustomize := sigs.k8s.io/kustomize/kustomize/v5
 PKG_composecheck := payments/tools/composecheck
 PKG_k8scheck := payments/tools/k8scheck
 PKG_openapi3 := payments/tools/openapi3
+PKG_buf := github.com/bufbuild/buf/cmd/buf
+PKG_oasdiff := github.com/oasdiff/oasdiff
+PKG_protoc-gen-go := google.golang.org/protobuf/cmd/protoc-gen-go
+PKG_protoc-gen-go-grpc := google.golang.org/grpc/cmd/protoc-gen-go-grpc
 $(GO_TOOLS): $(TOOLS)/%: tools/go.mod tools/go.sum tools/composecheck/main.go tools/k8scheck/main.go tools/openapi3/main.go
 	@echo "building $* into $(TOOLS) (pinned by tools/go.mod; a first build takes a while)"
 	cd tools && GOBIN=$(CURDIR)/$(TOOLS) go install $(PKG_$*)
@@ -46,6 +52,18 @@ $(GO_TOOLS): $(TOOLS)/%: tools/go.mod tools/go.sum tools/composecheck/main.go to
 # --ignore-scripts: its analytics dependency's install script is never run.
 $(SWAGGER_UI): openapi/ui/package.json openapi/ui/package-lock.json
 	cd openapi/ui && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The Go client's modules (clients/go/go.sum), built once with stubs generated into the git-ignored
+# clients/go/paymentsv1, so the tests' `go run` finds every dependency compiled in Go's build cache.
+clients/go/.built: clients/go/go.mod clients/go/go.sum clients/go/main.go clients/go/gen.sh $(shell find proto -name "*.proto") $(VENV)/.installed $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc
+	clients/go/gen.sh
+	cd clients/go && go build -o /dev/null .
+	touch $@
+
+# The TypeScript client's generator and runtime (npm, pinned by clients/typescript/package-lock.json).
+clients/typescript/node_modules/.package-lock.json: clients/typescript/package.json clients/typescript/package-lock.json
+	cd clients/typescript && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 	touch $@
 
 gen/.stamp: $(VENV)/.installed $(TOOLS)/protoc-gen-openapiv2 $(TOOLS)/openapi3 $(shell find proto -name '*.proto') scripts/gen.sh envoy/envoy.yaml scripts/envoy_variants.py
@@ -96,4 +114,5 @@ lock:
 	cd bench/peer && ../../$(VENV)/bin/pip-compile -q --strip-extras --no-header --no-emit-find-links --allow-unsafe -o requirements.lock requirements.in
 
 clean:
-	rm -rf $(VENV) $(PEER_VENV) .tools gen data .pytest_cache openapi/ui/node_modules
+	rm -rf $(VENV) $(PEER_VENV) .tools gen data .pytest_cache openapi/ui/node_modules \
+		clients/go/.built clients/go/paymentsv1 clients/typescript/node_modules clients/typescript/gen clients/typescript/dist

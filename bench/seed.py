@@ -111,7 +111,7 @@ def seed_callers(settings: config.Settings, callers=CALLERS) -> None:
         for user_id, email, role, session_id in callers:
             storage.User.insert(id=user_id, email=email, password_hash="!", role=role,
                                 created_at=now - dt.timedelta(days=400)).on_conflict_ignore().execute()
-            storage.Session.insert(id=session_id, user_id=user_id, created_at=now,
+            storage.Session.insert(id=session_id, user_id=user_id, role=role, created_at=now,
                                    expires_at=now + dt.timedelta(days=1)).on_conflict_ignore().execute()
     database.close()
 

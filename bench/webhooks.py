@@ -47,7 +47,8 @@ def seed_callers(settings: config.Settings) -> None:
     with database.bind_ctx(storage.MODELS), database.connection_context():
         for c in (PAYER, OPERATOR):
             storage.User.insert(id=c.subject, email=c.email, password_hash="!", role=c.role, created_at=since).execute()
-            storage.Session.insert(id=c.session_id, user_id=c.subject, created_at=since, expires_at=until).execute()
+            storage.Session.insert(id=c.session_id, user_id=c.subject, role=c.role, created_at=since,
+                                   expires_at=until).execute()
     database.close()
 
 

@@ -144,7 +144,7 @@ def seed_accounts() -> None:
     for caller in (ALICE, BOB, ADMIN_CALLER):
         storage.User.insert(id=caller.subject, email=caller.email, password_hash="!", role=caller.role,
                             created_at=long_ago).on_conflict_ignore().execute()
-        storage.Session.insert(id=session_id_of(caller), user_id=caller.subject, created_at=long_ago,
+        storage.Session.insert(id=session_id_of(caller), user_id=caller.subject, role=caller.role, created_at=long_ago,
                                expires_at=dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc)).on_conflict_ignore().execute()
 
 

@@ -16,6 +16,7 @@ from server.edge import capacity
 from server.infra import clock as clocks
 from server.infra import metrics, sqlite_turns, storage, tokens, tracing
 from server.domain.accounts import Accounts
+from server.domain.errors import FailedPrecondition
 from server.edge.interceptor import CallInterceptor
 from server.infra.config import Settings
 from server.domain.paging import PageTokens
@@ -78,6 +79,22 @@ class App:
         log.info("stopped")
 
 
+def ensure_admin(accounts: Accounts, email: str, password: str) -> None:
+    """The admin PAYMENTS_ADMIN_EMAIL names, created if missing. Never a customer made admin: anyone
+    can register an email before the operator uses it, so that is logged as an ERROR and the
+    account stays a customer (`python -m server.cli create-admin --promote-existing` does it on
+    purpose). The server starts either way."""
+    try:
+        accounts.ensure_admin(email, password)
+    except FailedPrecondition as e:
+        log.error("PAYMENTS_ADMIN_EMAIL is an existing customer account: it stays a customer, and there is no "
+                  "admin of that email. If that account is yours, promote it with `python -m server.cli "
+                  "create-admin --promote-existing`; else choose another email",
+                  extra={"email": email, "reason": e.reason})
+        return
+    log.info("admin account ensured", extra={"email": email})
+
+
 def build(settings: Settings) -> App:
     """Create and start a server for these settings; the caller owns stop()."""
     tracing.configure(settings)
@@ -88,11 +105,10 @@ def build(settings: Settings) -> App:
     verifier = tokens.TokenVerifier.from_file(settings.jwks_file, issuer=settings.jwt_issuer,
                                               audience=settings.jwt_audience)
     issuer = tokens.TokenIssuer.from_settings(settings)
-    sessions = Sessions(settings.refresh_ttl_seconds)
-    accounts = Accounts(issuer, sessions=sessions)
+    sessions = Sessions(settings.refresh_ttl_seconds, clock)
+    accounts = Accounts(issuer, clock, sessions=sessions)
     if settings.admin_email and settings.admin_password:
-        accounts.ensure_admin(settings.admin_email, settings.admin_password)
-        log.info("admin account ensured", extra={"email": settings.admin_email})
+        ensure_admin(accounts, settings.admin_email, settings.admin_password)
     page_tokens = PageTokens(settings.page_token_secret, settings.page_token_ttl_seconds)
     webhook_queries = storage.WebhookQueries()
     rules = PaymentRules(

@@ -17,7 +17,10 @@ What the processes share, and how:
   - the database: SQLite in WAL mode takes writers from several processes (its lock is the file's);
     PostgreSQL pools are per process (PAYMENTS_DB_POOL_SIZE each);
   - stdout: every log line is one write, so lines from different processes do not interleave.
-What they do not share: verified-token caches and the per-account login throttle are per process.
+What they do not share: the verified-token and session caches (a revocation reaches each within
+PAYMENTS_REVOCATION_CHECK_SECONDS, server/domain/sessions.py) and the login throttle (per email and
+client address, server/domain/login_throttle.py) are per process; so is the access log's flushing
+thread, started again in each child after the fork (server/infra/logs.py).
 
 This process supervises: SIGTERM or SIGINT is passed to every server process, which drains as a
 single one does (NOT_SERVING, then in-flight calls within PAYMENTS_GRACE_SECONDS); a server process

@@ -13,6 +13,7 @@ import datetime as dt
 from google.protobuf import empty_pb2
 
 from server.edge import auth
+from server.edge.admission import CLIENT_ADDRESS_HEADER
 from server.domain.accounts import Accounts
 from server.domain.payments import PaymentDraft, PaymentRules
 from server.edge.pb import payments_pb2 as pb
@@ -133,7 +134,7 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         return pb.RegisterResponse(user_id=user.id, email=user.email, role=user.role)
 
     def Login(self, request, context):
-        return _login_pb(self.accounts.login(request.email, request.password))
+        return _login_pb(self.accounts.login(request.email, request.password, client_address(context)))
 
     def Refresh(self, request, context):
         return _login_pb(self.accounts.refresh(request.refresh_token))
@@ -141,6 +142,16 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
     def Logout(self, request, context):
         self.accounts.logout(auth.caller())
         return empty_pb2.Empty()
+
+
+def client_address(context) -> str:
+    """The caller's address: what Envoy put in x-payments-client-address (the address it took as the
+    client's, after its trusted hops; it replaces any copy a client sent), else the TCP peer's host
+    (a client on the gRPC port directly). The same as the lanes' key (server/edge/admission.py)."""
+    for key, value in context.invocation_metadata():
+        if key == CLIENT_ADDRESS_HEADER:
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return (context.peer() or "").rsplit(":", 1)[0]
 
 
 def _login_pb(login) -> pb.LoginResponse:

@@ -15,6 +15,11 @@ expire's; PostgreSQL: two jobs' batches at once took the CPU the API calls neede
 Each run logs one JSON line (job, tick, rows changed, batches, duration) and never raises into
 the scheduler or the server: a failed run is logged and the next tick retries.
 
+The purge job also removes sessions that ended (revoked or expired) more than a week ago, with
+their refresh tokens, in the same bounded batches: a live session keeps its used refresh tokens
+(they are what recognises a replayed one), so those tables hold what the logins and refreshes of
+the last PAYMENTS_REFRESH_TTL_SECONDS plus a week made, no more.
+
 Idempotency records need no job of their own: they are columns of the payment (request_id,
 request_hash), so they live exactly as long as the payment, soft-deleted ones included, and are
 purged with it.
@@ -36,6 +41,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from server.infra import job_claims, metrics, storage
 from server.infra.config import Settings
 from server.domain.payments import PaymentRules
+from server.domain.sessions import ENDED_SESSION_RETENTION, Sessions
 from server.domain.webhook_delivery import Dispatcher, Run
 
 log = logging.getLogger(__name__)
@@ -137,9 +143,12 @@ def expire(rules: PaymentRules, now: dt.datetime, *, batch_size: int, progress: 
 
 
 def purge(rules: PaymentRules, now: dt.datetime, *, retention: dt.timedelta, batch_size: int,
-          progress: Progress | None = None, stopping: threading.Event | None = None) -> Progress:
+          progress: Progress | None = None, stopping: threading.Event | None = None,
+          sessions: Sessions | None = None) -> Progress:
     """Remove for good the payments soft-deleted more than `retention` ago (their idempotency
-    records go with them), then job_runs history older than HISTORY_RETENTION."""
+    records go with them), then job_runs history older than HISTORY_RETENTION, then (given
+    `sessions`) the sessions that ended more than ENDED_SESSION_RETENTION ago, with their refresh
+    tokens."""
     progress = progress or Progress()
     resume: dict = {}
     drain(lambda limit: rules.purge_deleted(now - retention, limit=limit, resume=resume), batch_size, progress,
@@ -147,7 +156,11 @@ def purge(rules: PaymentRules, now: dt.datetime, *, retention: dt.timedelta, bat
     if not progress.interrupted and not progress.deferred:
         drain(lambda limit: job_claims.purge_history(now - HISTORY_RETENTION, limit=limit), batch_size, progress,
               stopping, count_as="history_rows")
-    if progress.rows:
+    if sessions is not None and not progress.interrupted and not progress.deferred:
+        ended: dict = {}
+        drain(lambda limit: sessions.purge_ended(now - ENDED_SESSION_RETENTION, limit=limit, resume=ended),
+              batch_size, progress, stopping, count_as="session_rows")
+    if progress.rows or progress.other_rows.get("session_rows"):
         with _JOB_WRITES:
             progress.other_rows["pages_returned"] = storage.give_back_space(GIVE_BACK_PAGES)
     return progress
@@ -216,6 +229,7 @@ def run_budget(interval_seconds: int, fraction: float = RUN_BUDGET_FRACTION) -> 
 def payment_jobs(settings: Settings, rules: PaymentRules, dispatcher: Dispatcher | None = None) -> list[Job]:
     batch = settings.job_batch_size
     retention = dt.timedelta(seconds=settings.delete_retention_seconds)
+    sessions = Sessions(settings.refresh_ttl_seconds, rules.clock)
     webhooks = [] if dispatcher is None else [
         Job(WEBHOOKS, settings.webhook_interval_seconds,
             lambda now, progress, stopping: deliver_webhooks(dispatcher, batch_size=settings.webhook_batch_size,
@@ -228,7 +242,7 @@ def payment_jobs(settings: Settings, rules: PaymentRules, dispatcher: Dispatcher
                                                   stopping=stopping)),
         Job(PURGE, settings.purge_interval_seconds,
             lambda now, progress, stopping: purge(rules, now, retention=retention, batch_size=batch,
-                                                 progress=progress, stopping=stopping)),
+                                                 progress=progress, stopping=stopping, sessions=sessions)),
     ]
 
 

@@ -5,9 +5,15 @@ stderr per call, each one letting go of the GIL and waiting to get it back behin
 handler threads, cost a fifth of a GetPayment under load. Its lines are buffered and written
 every FLUSH_SECONDS by a background thread, and at once with any other line (so a warning
 or an error is never held back, and the lines stay in order). A process killed with -9
-loses at most the last FLUSH_SECONDS of access lines; a normal exit writes them all.
+loses at most the last FLUSH_SECONDS of access lines; a normal exit writes them all. The flushing
+thread is started again in every forked child (the server processes of a supervisor), and the
+buffer is written out before a fork, so no child inherits lines to write twice.
 Its lines are also made without logging's LogRecord and formatter (`access`), which took
 more time than the rest of a GetPayment's own work.
+
+No secret reaches the log at any level: peewee's statement log (DEBUG) would carry every
+statement's parameters - password hashes, refresh token hashes, webhook secrets - so its lines
+keep the SQL and drop the parameters (`SqlOnly`); access lines never hold a request or a token.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import datetime as dt
 import io
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -56,12 +63,32 @@ class BatchingHandler(logging.StreamHandler):
             self.stream.write(line)
 
     def start_flushing(self, interval: float = FLUSH_SECONDS) -> None:
+        """Flush every `interval` from a background thread, in this process and in every process
+        forked from it (a thread does not survive a fork: without this, a child's access lines
+        waited for its next line of another kind)."""
         def flush_regularly():
             while True:
                 time.sleep(interval)
                 self.flush()
 
-        threading.Thread(target=flush_regularly, name="log-flush", daemon=True).start()
+        def start():
+            threading.Thread(target=flush_regularly, name="log-flush", daemon=True).start()
+
+        start()
+        if not self._forks_handled:
+            self._forks_handled = True
+            os.register_at_fork(before=self.flush, after_in_child=start)
+
+    _forks_handled = False
+
+
+class SqlOnly(logging.Filter):
+    """peewee logs each statement as (sql, params) at DEBUG: keep the SQL, never the parameters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("peewee") and isinstance(record.msg, tuple) and record.msg:
+            record.msg, record.args = str(record.msg[0]), ()
+        return True
 
 
 _access = logging.getLogger(ACCESS)
@@ -92,6 +119,8 @@ def configure(level: str = "INFO") -> None:
                               encoding="utf-8", errors="backslashreplace", write_through=False)
     handler = BatchingHandler(stream)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(SqlOnly())
+    logging.getLogger("peewee").addFilter(SqlOnly())  # whichever handler a record reaches
     handler.start_flushing()
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -62,7 +62,8 @@ unreceived_calls = Counter("payments_unreceived_calls_total",
                            "when every receiving thread waited).", ("reason",))
 login_refusals = Counter("payments_login_refusals_total",
                          "Sign-ups and logins refused before a password was checked: throttled (too many "
-                         "failures for the email) or busy (the hashing lane was full).", ("reason",))
+                         "failures for the email from this address) or busy (the hashing lane was full).",
+                         ("reason",))
 
 webhook_attempts = Counter("payments_webhook_attempts_total",
                            "Webhook POSTs by outcome: delivered (a 2xx), failed (retried later), gone (a 410: "

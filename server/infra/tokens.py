@@ -9,11 +9,14 @@ reads the same JWKS file, so both layers accept exactly the same tokens.
 from __future__ import annotations
 
 import base64
+import collections
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -106,6 +109,12 @@ class TokenIssuer:
         return jwt.encode(claims, self._key, algorithm=ALGORITHM, headers={"kid": self.kid, "typ": ACCESS_TOKEN_TYPE})
 
 
+def _is_time(value) -> bool:
+    """A NumericDate (RFC 7519): a JSON number, not a string or a boolean, and one Envoy accepts
+    (not negative)."""
+    return type(value) in (int, float) and math.isfinite(value) and value >= 0
+
+
 class TokenVerifier:
     """Checks a bearer token fully: allow-listed algorithm, signature by kid, time, iss, aud, claims.
 
@@ -120,7 +129,9 @@ class TokenVerifier:
         if not self._keys:
             raise ValueError("the JWKS holds no EC signing keys")
         self.issuer, self.audience = issuer, audience
-        self._verified: dict[str, tuple[Caller, float]] = {}  # token -> (caller, valid until)
+        # token -> (caller, valid until), least recently used first; at most VERIFIED_CACHE_SIZE.
+        self._verified: collections.OrderedDict[str, tuple[Caller, float]] = collections.OrderedDict()
+        self._lock = threading.Lock()
 
     @classmethod
     def from_file(cls, path: Path, **kw) -> "TokenVerifier":
@@ -131,15 +142,24 @@ class TokenVerifier:
 
         A token that verified once is remembered (by its exact text, signature included) until
         it expires: the signature check is most of the server's per-call cost, and a client
-        sends the same token on every call for its whole lifetime.
+        sends the same token on every call for its whole lifetime. At most VERIFIED_CACHE_SIZE
+        are remembered; a new one beyond that evicts the least recently used one, one at a time
+        (a forgotten token costs one more verification, never a refusal).
         """
-        hit = self._verified.get(token)
-        if hit is not None and time.time() < hit[1]:
-            return hit[0]
+        hit = self._verified.get(token)  # no lock to read: each step is atomic under the GIL
+        if hit is not None:
+            try:
+                self._verified.move_to_end(token)
+            except KeyError:  # evicted by another thread in between
+                pass
+            if time.time() < hit[1]:
+                return hit[0]
         caller, exp = self._verify(token)
-        if len(self._verified) >= VERIFIED_CACHE_SIZE:
-            self._verified.clear()  # a crude bound; a full cache only costs re-verification
-        self._verified[token] = (caller, exp + LEEWAY_SECONDS)
+        with self._lock:
+            self._verified[token] = (caller, exp + LEEWAY_SECONDS)
+            self._verified.move_to_end(token)
+            if len(self._verified) > VERIFIED_CACHE_SIZE:
+                self._verified.popitem(last=False)
         return caller
 
     def _verify(self, token: str) -> tuple[Caller, float]:
@@ -172,13 +192,20 @@ class TokenVerifier:
             raise Unauthenticated("token has expired", reason="TOKEN_EXPIRED") from None
         except jwt.ImmatureSignatureError:
             raise bad("not yet valid") from None
-        except jwt.InvalidAudienceError:
-            # 403 like Envoy's jwt_authn, so a client gets one answer from either layer.
+        except (jwt.InvalidAudienceError, jwt.MissingRequiredClaimError) as e:
+            if isinstance(e, jwt.MissingRequiredClaimError) and e.claim != "aud":
+                raise bad(f"no {e.claim} claim") from None
+            # 403 like Envoy's jwt_authn, a token without an audience too, so a client gets one
+            # answer from either layer.
             raise PermissionDenied("token is not for this API (wrong audience)", reason="WRONG_AUDIENCE") from None
         except jwt.InvalidIssuerError:
             raise bad("wrong issuer") from None
         except jwt.PyJWTError:
             raise bad("signature or claims do not verify") from None
+        # Times are JSON numbers, as Envoy's jwt_authn insists (PyJWT also takes "1700000000").
+        for name in ("exp", "iat", "nbf"):
+            if name in claims and not _is_time(claims[name]):
+                raise bad(f"{name} must be a number")
         role, email, sub, sid = claims.get("role"), claims.get("email"), claims.get("sub"), claims.get("sid")
         if role not in ROLES or not isinstance(email, str) or not email or not isinstance(sub, str):
             raise bad("missing or unknown role, email or subject")

@@ -76,11 +76,17 @@ class Forge:
             "wrong_issuer": self.sign(self.claims(iss="someone-else")),
             "tampered_payload": f"{head}.{segment(tampered)}.{sig}",
             "garbage": "not-a-jwt",
+            # Times as numeric strings: PyJWT alone would take them, Envoy does not.
+            "exp_as_string": self.sign(self.claims(exp=str(now + 600))),
+            "iat_as_string": self.sign(self.claims(iat=str(now))),
+            "nbf_as_string": self.sign(self.claims(nbf=str(now))),
+            "negative_exp": self.sign(self.claims(exp=-1)),
         }
 
 
 ATTACKS = ["expired", "not_yet_valid", "wrong_signature", "unknown_kid", "alg_none",
-           "hs256_with_public_key", "wrong_issuer", "tampered_payload", "garbage"]
+           "hs256_with_public_key", "wrong_issuer", "tampered_payload", "garbage",
+           "exp_as_string", "iat_as_string", "nbf_as_string", "negative_exp"]
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +115,9 @@ def test_envoy_rejects_a_missing_token_with_401_json(api):
     assert r.error()[:2] == (16, "MISSING_TOKEN")
 
 
-def test_envoy_rejects_a_wrong_audience_with_403_json(api, forge):
-    r = api.get("/v1/payments", token=forge.sign(forge.claims(aud="another-api")))
+@pytest.mark.parametrize("aud", ["another-api", None], ids=["wrong", "missing"])
+def test_envoy_rejects_a_wrong_or_missing_audience_with_403_json(api, forge, aud):
+    r = api.get("/v1/payments", token=forge.sign(forge.claims(aud=aud)))
     assert r.status == 403
     assert r.error()[:2] == (7, "WRONG_AUDIENCE")
 
@@ -162,6 +169,8 @@ def test_server_rejects_missing_token_and_wrong_audience_like_envoy(direct_chann
     assert direct_call(direct_channel, None) == grpc.StatusCode.UNAUTHENTICATED
     wrong_aud = forge.sign(forge.claims(aud="another-api"))
     assert direct_call(direct_channel, wrong_aud) == grpc.StatusCode.PERMISSION_DENIED
+    no_aud = forge.sign(forge.claims(aud=None))  # 403 at Envoy too: one answer from either layer
+    assert direct_call(direct_channel, no_aud) == grpc.StatusCode.PERMISSION_DENIED
     ok = pb_grpc.PaymentServiceStub(direct_channel).ListPayments(
         pb.ListPaymentsRequest(), metadata=(("authorization", f"Bearer {forge.valid()}"),), timeout=10)
     assert isinstance(ok, pb.ListPaymentsResponse)

@@ -90,7 +90,7 @@ def test_a_refused_login_is_counted_by_reason(stack, make_user):
     before = scrape(stack.server.metrics_port)
     statuses = [api.post("/v1/auth/login", {"email": user.email, "password": "wrong password!"}).status
                 for _ in range(12)]
-    assert 429 in statuses, statuses  # the per-email throttle (server/domain/login_throttle.py)
+    assert 429 in statuses, statuses  # the throttle per email and address (server/domain/login_throttle.py)
     after = scrape(stack.server.metrics_port)
     refused = value(after, "payments_login_refusals_total", reason="throttled") - \
         value(before, "payments_login_refusals_total", reason="throttled")

@@ -1,6 +1,7 @@
 """The server as it really runs (`python -m server`, the entry point of `make run` and the image):
 JSON logs, grpcurl through reflection, graceful SIGTERM."""
 
+import hashlib
 import json
 import os
 import signal
@@ -21,6 +22,15 @@ GRPCURL = ROOT / ".tools" / "bin" / "grpcurl"
 
 @pytest.fixture
 def server_process(settings, tmp_path):
+    proc = start_server_process(settings, tmp_path)
+    yield proc
+    proc.channel.close()
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def start_server_process(settings, tmp_path, **more_env: str) -> subprocess.Popen:
     port = free_port()
     env = {
         **os.environ,
@@ -35,6 +45,7 @@ def server_process(settings, tmp_path):
         "PAYMENTS_ADMIN_EMAIL": "root@example.com",
         "PAYMENTS_PROCESSES": "1",  # one process here; several: test_processes.py
         "PAYMENTS_METRICS_ADDR": "127.0.0.1:0",
+        **more_env,
     }
     log = tmp_path / "server.log"
     proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env,
@@ -47,11 +58,7 @@ def server_process(settings, tmp_path):
         pytest.fail("server did not start:\n" + log.read_text())
     seed_accounts_into(settings)  # the sessions behind token_for's tokens
     proc.port, proc.channel, proc.log = port, channel, log
-    yield proc
-    channel.close()
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    return proc
 
 
 def log_lines(path):
@@ -78,6 +85,56 @@ def test_logs_are_json_lines_with_method_code_duration_and_no_secrets(server_pro
     assert not [r for r in rpcs if "Health" in r["method"]], "health checks are logged only at DEBUG"
     text = server_process.log.read_text()
     assert token_for(ALICE).split(".")[2] not in text and "admin password do not log" not in text
+
+
+def test_a_debug_log_holds_no_password_hash_token_or_secret(settings, tmp_path):
+    """PAYMENTS_LOG_LEVEL=DEBUG, SQL statements logged and all: register, log in, refresh, log in
+    as the admin, create a webhook endpoint and let the job deliver to it, log out; no password,
+    argon2 hash, refresh token (or its hash), access token or webhook secret is in the log."""
+    from server.edge.pb import payments_pb2_grpc
+    from tests.support.webhook_receiver import FAST_WEBHOOKS, Receiver
+
+    receiver = Receiver()
+    proc = start_server_process(settings, tmp_path, PAYMENTS_LOG_LEVEL="DEBUG", **FAST_WEBHOOKS)
+    try:
+        auth = payments_pb2_grpc.AuthServiceStub(proc.channel)
+        password = "a customer's secret password"
+        auth.Register(pb.RegisterRequest(email="debug@example.com", password=password))
+        login = auth.Login(pb.LoginRequest(email="debug@example.com", password=password))
+        with pytest.raises(grpc.RpcError):
+            auth.Login(pb.LoginRequest(email="debug@example.com", password="a wrong password guess"))
+        refreshed = auth.Refresh(pb.RefreshRequest(refresh_token=login.refresh_token))
+        admin = auth.Login(pb.LoginRequest(email="root@example.com", password="admin password do not log"))
+        md = (("authorization", f"Bearer {admin.access_token}"),)
+        made = payments_pb2_grpc.WebhookServiceStub(proc.channel).CreateWebhookEndpoint(
+            pb.CreateWebhookEndpointRequest(endpoint=pb.WebhookEndpoint(url=receiver.url, event_types=["*"],
+                                                                         enabled=True)), metadata=md)
+        receiver.secret = made.secret
+        pb_stub(proc.channel).CreatePayment(
+            pb.CreatePaymentRequest(payment=pb.Payment(email="debug@example.com", amount=5)), metadata=md)
+        receiver.wait_for(lambda r: r.events, what="the payment's event")
+        auth.Logout(pb.LogoutRequest(), metadata=(("authorization", f"Bearer {refreshed.access_token}"),))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        receiver.stop()
+        proc.channel.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = proc.log.read_text()
+    lines = log_lines(proc.log)
+    statements = [line["message"] for line in lines if line.get("logger") == "peewee"]
+    assert any('"users"' in sql for sql in statements), "no SQL at DEBUG: the test would prove nothing"
+    secrets = {
+        "customer password": password, "admin password": "admin password do not log",
+        "wrong password": "a wrong password guess", "argon2 hash": "$argon2",
+        "refresh token": login.refresh_token, "refreshed refresh token": refreshed.refresh_token,
+        "refresh token hash": hashlib.sha256(login.refresh_token.encode()).hexdigest(),
+        "access token": login.access_token.split(".")[2], "admin access token": admin.access_token.split(".")[2],
+        "webhook secret": made.secret,
+    }
+    assert not [name for name, secret in secrets.items() if secret in text], text[-3000:]
 
 
 def pb_stub(channel):

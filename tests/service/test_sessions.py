@@ -1,9 +1,13 @@
 """Sessions over a real channel, on both databases: refresh tokens rotate and a reused one
-revokes the session; logout, a disabled or deleted account and a role change end access within
-the revocation bound (PAYMENTS_REVOCATION_CHECK_SECONDS, 0.5 s in the tests' settings)."""
+revokes the session, a retried one or several at once get the same answer; logout, a disabled or
+deleted account and a role change end access within the revocation bound
+(PAYMENTS_REVOCATION_CHECK_SECONDS, 0.5 s in the tests' settings); failed logins slow the guesser's
+address, not the owner's. Several processes: test_session_processes.py."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 import time
 
 import grpc
@@ -63,13 +67,17 @@ def test_refresh_rotates_and_a_reused_refresh_token_revokes_the_session(stubs, s
     second = stubs.auth.Refresh(pb.RefreshRequest(refresh_token=first.refresh_token))
     assert second.refresh_token != first.refresh_token and second.access_token != first.access_token
     assert list_code(stubs, second.access_token)[0] == grpc.StatusCode.OK
-    with pytest.raises(grpc.RpcError) as e:  # the first one again: stolen or replayed
+    # The first one again at once (its answer was lost): the same successor, the session lives.
+    retried = stubs.auth.Refresh(pb.RefreshRequest(refresh_token=first.refresh_token))
+    assert retried.refresh_token == second.refresh_token and list_code(stubs, retried.access_token)[0] == grpc.StatusCode.OK
+    third = stubs.auth.Refresh(pb.RefreshRequest(refresh_token=second.refresh_token))
+    with pytest.raises(grpc.RpcError) as e:  # once its successor was used, the first one again: stolen or replayed
         stubs.auth.Refresh(pb.RefreshRequest(refresh_token=first.refresh_token))
     assert rich_status(e.value)[1].reason == "REFRESH_TOKEN_REUSED"
     with pytest.raises(grpc.RpcError) as e:  # and the whole session is gone, the newest token too
-        stubs.auth.Refresh(pb.RefreshRequest(refresh_token=second.refresh_token))
+        stubs.auth.Refresh(pb.RefreshRequest(refresh_token=third.refresh_token))
     assert rich_status(e.value)[1].reason == "INVALID_REFRESH_TOKEN"
-    assert refused_within_the_bound(stubs, second.access_token, settings) == "TOKEN_REVOKED"
+    assert refused_within_the_bound(stubs, third.access_token, settings) == "TOKEN_REVOKED"
     for junk in ("", "rt_nonsense", "x" * 100):
         with pytest.raises(grpc.RpcError) as e:
             stubs.auth.Refresh(pb.RefreshRequest(refresh_token=junk))
@@ -105,13 +113,57 @@ def test_a_disabled_deleted_or_re_roled_account_loses_access_within_the_bound(st
     storage.User.delete().where(storage.User.email == "deleted@example.com").execute()
     assert refused_within_the_bound(stubs, deleted.access_token, settings) == "TOKEN_REVOKED"
 
-    promoted = login(stubs, "demoted@example.com")
-    storage.User.update(role="admin").where(storage.User.email == "demoted@example.com").execute()
-    admin_token = stubs.auth.Refresh(pb.RefreshRequest(refresh_token=promoted.refresh_token))
-    assert jwt.decode(admin_token.access_token, options={"verify_signature": False})["role"] == "admin"
-    storage.User.update(role="customer").where(storage.User.email == "demoted@example.com").execute()
-    assert refused_within_the_bound(stubs, admin_token.access_token, settings) == "TOKEN_REVOKED"
+    # A role change ends the session: no refresh of it carries the new role (or any), and the
+    # tokens it had are refused within the bound; the next login carries the new role.
+    promoted = login(stubs, "promoted@example.com")
+    accounts = Accounts(None, sessions=Sessions(settings.refresh_ttl_seconds))
+    accounts.change_role("promoted@example.com", "admin", promote_existing=True)
+    with pytest.raises(grpc.RpcError) as e:
+        stubs.auth.Refresh(pb.RefreshRequest(refresh_token=promoted.refresh_token))
+    assert rich_status(e.value)[1].reason == "INVALID_REFRESH_TOKEN"
+    assert refused_within_the_bound(stubs, promoted.access_token, settings) == "TOKEN_REVOKED"
+    admin = stubs.auth.Login(pb.LoginRequest(email="promoted@example.com", password=PASSWORD))
+    assert jwt.decode(admin.access_token, options={"verify_signature": False})["role"] == "admin"
+    assert list_code(stubs, admin.access_token)[0] == grpc.StatusCode.OK
+    accounts.change_role("promoted@example.com", "customer")
+    assert refused_within_the_bound(stubs, admin.access_token, settings) == "TOKEN_REVOKED"
     storage.end_call()
+
+
+def test_refreshes_of_one_token_at_once_get_the_same_answer_and_never_a_busy_database(stubs, settings):
+    """Twelve races of eight refreshes of one token: all answered OK with the same successor, on
+    SQLite too (the spend takes the write lock first), and the session lives on."""
+    for n in range(12):
+        got = login(stubs, f"racer{n}@example.com")
+        start = threading.Barrier(8)
+
+        def refresh(_):
+            start.wait()
+            try:
+                return stubs.auth.Refresh(pb.RefreshRequest(refresh_token=got.refresh_token)).refresh_token
+            except grpc.RpcError as e:
+                return f"{e.code().name} {rich_status(e)[1].reason}"
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = set(pool.map(refresh, range(8)))
+        assert len(answers) == 1 and next(iter(answers)).startswith("rt_"), answers
+        assert stubs.auth.Refresh(pb.RefreshRequest(refresh_token=answers.pop())).refresh_token
+
+
+def test_a_guesser_slows_itself_down_not_the_owner_at_another_address(stubs):
+    """The throttle counts per email and client address (Envoy's x-payments-client-address)."""
+    login(stubs, "guessed@example.com")
+    guesser = (("x-payments-client-address", "203.0.113.9"),)
+    owner = (("x-payments-client-address", "198.51.100.7"),)
+    reasons = []
+    for i in range(12):
+        try:
+            stubs.auth.Login(pb.LoginRequest(email="guessed@example.com", password=f"guess number {i}"),
+                             metadata=guesser)
+        except grpc.RpcError as e:
+            reasons.append(rich_status(e)[1].reason)
+    assert reasons[:5] == ["BAD_CREDENTIALS"] * 5 and set(reasons[5:]) == {"LOGIN_THROTTLED"}
+    assert stubs.auth.Login(pb.LoginRequest(email="guessed@example.com", password=PASSWORD), metadata=owner)
 
 
 def test_a_token_without_a_session_or_of_another_type_is_refused(stubs, issuer, keys_dir):

@@ -232,3 +232,32 @@ def test_purge_removes_old_job_history(rules, clock):
     progress = jobs.purge(rules, now, retention=RETENTION, batch_size=1)
     assert progress.other_rows == {"history_rows": 2}
     assert sorted((now - r.started_at).days for r in JobRun.select()) == [1, 6]
+
+
+def test_purge_removes_sessions_that_ended_a_week_ago_with_their_refresh_tokens(rules, clock):
+    """Sessions and refresh tokens do not only grow: an ended session (revoked, or expired) goes
+    with its tokens a week later, in bounded batches; live sessions keep every token."""
+    from server.domain.sessions import ENDED_SESSION_RETENTION, Sessions
+    from server.infra.storage import RefreshToken, Session, User
+
+    sessions = Sessions(3600, clock)
+    user = User.get(User.id == ALICE.subject)
+    for n in range(30):
+        grant = sessions.start(user)
+        token = grant.refresh_token
+        for _ in range(n % 4):
+            token = sessions.refresh(token).refresh_token
+        if n % 3 == 0:
+            sessions.revoke(grant.session_id, "logout")
+    clock.advance(seconds=3600)  # all 30 have expired or were revoked
+    live = sessions.start(user)
+    sessions.refresh(live.refresh_token)
+    quiet = jobs.purge(rules, clock.now, retention=RETENTION, batch_size=7, sessions=sessions)
+    assert quiet.other_rows.get("session_rows", 0) == 0  # ended, but not a week ago yet
+    later = clock.advance(seconds=ENDED_SESSION_RETENTION.total_seconds() + 1)
+    progress = jobs.purge(rules, later, retention=RETENTION, batch_size=7, sessions=sessions)
+    tokens = sum(1 + n % 4 for n in range(30))
+    assert progress.other_rows["session_rows"] == 30 + tokens
+    mine = Session.select().where((Session.user_id == ALICE.subject) & ~Session.id.startswith("ses_test_"))
+    assert [s.id for s in mine] == [live.session_id]
+    assert RefreshToken.select().where(RefreshToken.session_id == live.session_id).count() == 2

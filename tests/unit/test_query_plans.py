@@ -165,3 +165,38 @@ def test_the_webhook_jobs_scans_use_their_indexes(database, caplog):
                                       lambda: queries.due("whe_" + "a" * 26, now, 100, after=after))
         text = plan(database, sql, params)
         assert "webhook_deliveries_endpoint_id_status_next_attempt_at_number" in text, text
+
+
+@pytest.mark.parametrize("kind, index", [("revoked", "sessions_revoked_set"), ("expired", "sessions_expires_at_id")])
+def test_the_session_purge_scans_its_index_from_where_the_last_batch_ended(database, caplog, kind, index):
+    """The purge job's scans of ended sessions: revoked ones through a partial index of only those,
+    expired ones by expiry, each later batch starting after the one before; their refresh tokens
+    by session (an index), then removed by primary key."""
+    import datetime as dt
+
+    from server.domain.sessions import Sessions
+    from server.infra import storage
+
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    sessions = Sessions(60, lambda: now)
+    user = storage.User.get(storage.User.id == ALICE.subject)
+    for _ in range(30):
+        grant = sessions.start(user)
+        if kind == "revoked":
+            sessions.revoke(grant.session_id, "logout")
+    before = now + dt.timedelta(hours=1)
+    resume = {"revoked": "done"} if kind == "expired" else {}
+    assert sessions.purge_ended(before, limit=10, resume=resume) == 20
+    sql, params = _last_select_on(caplog, "sessions", lambda: sessions.purge_ended(before, limit=10, resume=resume))
+    text = plan(database, sql, params)
+    assert index in text, text
+    key = "revoked_at" if kind == "revoked" else "expires_at"
+    if '"Plan"' in text:  # PostgreSQL
+        [node] = [n for n in nodes(json.loads(text)[0]["Plan"]) if n.get("Index Name") == index]
+        assert f"ROW({key}" in node.get("Index Cond", ""), node
+    else:
+        assert "SCAN" not in text and "TEMP B-TREE" not in text and f"({key},id)>(?,?)" in text, text
+    sql, params = _last_select_on(caplog, "refresh_tokens",
+                                  lambda: sessions.purge_ended(before, limit=10, resume=dict(resume)))
+    text = plan(database, sql, params)
+    assert "refresh_tokens_session_id" in text, text

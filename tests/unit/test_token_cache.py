@@ -58,3 +58,23 @@ def test_a_remembered_token_does_not_vouch_for_a_tampered_copy(pair):
     forged = f"{head}.{body}.{sig[:-4]}{'AAAA' if sig[-4:] != 'AAAA' else 'BBBB'}"
     with pytest.raises(Unauthenticated):
         verifier.verify(forged)
+
+
+def test_the_cache_evicts_the_least_recently_used_token_one_at_a_time(pair, monkeypatch):
+    issuer, verifier = pair
+    monkeypatch.setattr(tokens, "VERIFIED_CACHE_SIZE", 3)
+    made = [issuer.issue(subject=ALICE.subject, email=ALICE.email, role=ALICE.role, session_id=f"ses_{i}")
+            for i in range(5)]
+    for token in made[:3]:
+        verifier.verify(token)
+    verifier.verify(made[0])  # used again: made[1] is now the least recently used
+    verifier.verify(made[3])
+    assert list(verifier._verified) == [made[2], made[0], made[3]]
+    verified = []
+    real = verifier._verify
+    monkeypatch.setattr(verifier, "_verify", lambda t: verified.append(t) or real(t))
+    for token in (made[0], made[2], made[3]):
+        verifier.verify(token)
+    assert verified == []
+    verifier.verify(made[1])  # forgotten: verified again, not refused
+    assert verified == [made[1]] and len(verifier._verified) == 3

@@ -84,3 +84,27 @@ def test_private_key_file_is_owner_only(tmp_path):
 def test_empty_jwks_is_refused():
     with pytest.raises(ValueError):
         tokens.TokenVerifier({"keys": []}, issuer="i", audience="a")
+
+
+@pytest.mark.parametrize("claim", ["exp", "iat", "nbf"])
+@pytest.mark.parametrize("value", ["as a numeric string", "as a boolean", "negative"])
+def test_times_must_be_json_numbers_as_envoy_insists(keys_dir, verifier, claim, value):
+    import time
+
+    pem = (keys_dir / "jwt-private.pem").read_bytes()
+    now = int(time.time())
+    good = {"exp": now + 600, "iat": now, "nbf": now}[claim]
+    bad = {"as a numeric string": str(good), "as a boolean": True, "negative": -1}[value]
+    with pytest.raises(Unauthenticated) as e:
+        verifier.verify(jwt_attacks.sign(pem, jwt_attacks.claims(**{claim: bad})))
+    assert e.value.reason in ("INVALID_TOKEN", "TOKEN_EXPIRED")
+    assert verifier.verify(jwt_attacks.sign(pem, jwt_attacks.claims(**{claim: float(good)})))  # a number is fine
+
+
+def test_a_token_without_an_audience_is_permission_denied_like_a_wrong_one(keys_dir, verifier):
+    pem = (keys_dir / "jwt-private.pem").read_bytes()
+    with pytest.raises(PermissionDenied) as e:
+        verifier.verify(jwt_attacks.sign(pem, jwt_attacks.claims(aud=None)))
+    assert e.value.reason == "WRONG_AUDIENCE"
+    with pytest.raises(Unauthenticated):  # any other missing claim stays a 401
+        verifier.verify(jwt_attacks.sign(pem, jwt_attacks.claims(exp=None)))

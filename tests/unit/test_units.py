@@ -122,6 +122,61 @@ def test_cli_create_admin_with_a_short_password_says_so_in_one_line(settings):
     assert out.stderr.startswith("error: password") and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def cli(settings, *args: str, password: str = "a long admin password") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PAYMENTS_JWT_PRIVATE_KEY_FILE": str(settings.jwt_private_key_file),
+           "PAYMENTS_JWKS_FILE": str(settings.jwks_file), "PAYMENTS_DATA_DIR": str(settings.data_dir),
+           "DATABASE_URL": settings.database_url, "PAYMENTS_ADMIN_PASSWORD": password}
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_cli_create_admin_refuses_an_email_a_customer_holds_unless_told_to_promote(settings, database, issuer):
+    """Anyone can register ops@ before the operator: create-admin says so, and needs a flag to proceed."""
+    from server.domain.accounts import Accounts
+    from server.domain.sessions import Sessions
+    from server.infra.storage import Session, User
+
+    accounts = Accounts(issuer, sessions=Sessions(3600))
+    accounts.register("ops@example.com", "squatters password")
+    squatter = accounts.login("ops@example.com", "squatters password")
+    refused = cli(settings, "create-admin", "Ops@Example.com")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "ops@example.com is an existing customer account" in refused.stderr
+    assert "--promote-existing" in refused.stderr and "a long admin password" not in refused.stderr
+    user = User.get(User.email == "ops@example.com")
+    assert user.role == "customer" and Session.get(Session.user_id == user.id).revoked_at is None
+
+    promoted = cli(settings, "create-admin", "ops@example.com", "--promote-existing")
+    assert promoted.returncode == 0, promoted.stderr
+    assert "admin ops@example.com" in promoted.stdout
+    assert User.get(User.email == "ops@example.com").role == "admin"
+    with pytest.raises(errors.Unauthenticated):  # the squatter's session ended with the promotion
+        accounts.refresh(squatter.refresh_token)
+    with pytest.raises(errors.Unauthenticated):
+        accounts.login("ops@example.com", "squatters password")
+    assert accounts.login("ops@example.com", "a long admin password")
+
+
+def test_cli_set_role_ends_the_sessions_and_promotes_a_customer_only_when_told(settings, database, issuer):
+    from server.domain.accounts import Accounts
+    from server.domain.sessions import Sessions
+    from server.infra.storage import User
+
+    accounts = Accounts(issuer, sessions=Sessions(3600))
+    accounts.register("someone@example.com", "a customers password")
+    login = accounts.login("someone@example.com", "a customers password")
+    refused = cli(settings, "set-role", "someone@example.com", "admin")
+    assert refused.returncode == 1 and "existing customer account" in refused.stderr
+    assert User.get(User.email == "someone@example.com").role == "customer"
+    assert accounts.refresh(login.refresh_token)
+    done = cli(settings, "set-role", "someone@example.com", "admin", "--promote-existing")
+    assert done.returncode == 0 and "is an admin; its sessions are revoked" in done.stdout, done.stderr
+    demoted = cli(settings, "set-role", "someone@example.com", "customer")
+    assert demoted.returncode == 0 and "is a customer" in demoted.stdout, demoted.stderr
+    nobody = cli(settings, "set-role", "nobody@example.com", "customer")
+    assert nobody.returncode == 1 and "no account has this email" in nobody.stderr
+
+
 @pytest.mark.parametrize("value", [
     dt.datetime(2026, 3, 1, 8, 0, 0, 5, tzinfo=dt.timezone.utc),
     dt.datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc),  # before the epoch: nanos stay positive

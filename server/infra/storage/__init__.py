@@ -6,7 +6,7 @@ Everything else imports from here.
 
 from server.infra.storage.database import (DATA_ERRORS, OUTAGE_ERRORS, backfill_owners, end_call, give_back_space,
                                            is_busy, is_postgres, make_database, migrate_schema, open_database,
-                                           release_connection)
+                                           release_connection, write_transaction)
 from server.infra.storage.fastpath import Prepared, PreparedInsert, among, row_check
 from server.domain.records import DuplicateRequest, EventRecord, PaymentRecord
 from server.infra.storage.repository import PaymentQueries
@@ -16,7 +16,7 @@ from server.infra.storage.webhook_queries import WebhookQueries
 
 __all__ = [
     "DATA_ERRORS", "OUTAGE_ERRORS", "backfill_owners", "end_call", "give_back_space", "is_busy", "is_postgres",
-    "make_database", "migrate_schema", "open_database", "release_connection",
+    "make_database", "migrate_schema", "open_database", "release_connection", "write_transaction",
     "Prepared", "PreparedInsert", "among", "row_check",
     "DuplicateRequest", "EventRecord", "PaymentQueries", "PaymentRecord",
     "MODELS", "BaseModel", "JobRun", "Payment", "PaymentEvent", "RefreshToken", "Session", "User",

@@ -200,6 +200,17 @@ def give_back_space(pages: int) -> int:
     return before - db.execute_sql("PRAGMA freelist_count").fetchone()[0]
 
 
+def write_transaction():
+    """A transaction that will write, with its write lock taken first.
+
+    SQLite: BEGIN IMMEDIATE, so the transaction queues for the file's one write lock in
+    busy_timeout from its first statement. A deferred transaction that reads first and writes
+    later cannot wait for the lock (its snapshot may be stale): SQLite answers SQLITE_BUSY at
+    once, and two refreshes of one token at the same moment got DATABASE_BUSY. PostgreSQL: an
+    ordinary transaction (row locks do the queueing)."""
+    return db.atomic() if is_postgres() else db.atomic("IMMEDIATE")
+
+
 def is_postgres(database: peewee.Database | None = None) -> bool:
     return isinstance(database or db.obj, peewee.PostgresqlDatabase)
 

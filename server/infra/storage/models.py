@@ -152,21 +152,34 @@ class User(BaseModel):
 
 class Session(BaseModel):
     """One login: what its access tokens (claim `sid`) and refresh tokens belong to. Revoking it
-    (logout, reuse of a refresh token, an operator) ends them all (server/domain/sessions.py)."""
+    (logout, reuse of a refresh token, a role change, a password reset, disabling, an operator)
+    ends them all (server/domain/sessions.py). Ended sessions are purged with their refresh
+    tokens by the purge job."""
 
     id = peewee.CharField(primary_key=True, max_length=48)
     user_id = peewee.CharField(max_length=40, index=True)
+    # The account's role at the login: no token of the session ever carries another one, and an
+    # account whose role is no longer this one has lost the session. NULL: a session started by
+    # an older version, which counts as a customer's.
+    role = peewee.CharField(max_length=16, null=True)
     created_at = UTCDateTimeField()
     expires_at = UTCDateTimeField()  # the refresh tokens' absolute end: log in again after it
-    revoked_at = UTCDateTimeField(null=True)
+    revoked_at = UTCDateTimeField(null=True)  # indexed only where set: see below the class
     revoke_reason = peewee.CharField(max_length=64, null=True)
 
     class Meta:
         table_name = "sessions"
+        indexes = ((("expires_at", "id"), False),)  # the purge job's scan of expired sessions
+
+
+# The purge job's scan of revoked sessions: only revoked rows are in it.
+Session.add_index(Session.index(Session.revoked_at, Session.id, name="sessions_revoked_set")
+                  .where(Session.revoked_at.is_null(False)))
 
 
 class RefreshToken(BaseModel):
-    """A refresh token, by its SHA-256 (the token itself is never stored). Used once."""
+    """A refresh token, by its SHA-256 (the token itself is never stored). Used once; a used one
+    is kept as long as its session, so presenting it again is recognised as a reuse."""
 
     hash = peewee.CharField(primary_key=True, max_length=64)
     session_id = peewee.CharField(max_length=48, index=True)
