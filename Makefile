@@ -13,7 +13,7 @@ SWAGGER_UI := openapi/ui/node_modules/.package-lock.json
 CLIENTS := clients/go/.built clients/typescript/node_modules/.package-lock.json
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test gen bench images keys setup setup-run lock clean server
+.PHONY: run test test-models gen bench images keys setup setup-run lock clean server
 
 setup-run: $(VENV)/.installed $(RUN_TOOLS) gen/.stamp $(SWAGGER_UI)
 setup: setup-run $(GO_TOOLS) $(CLIENTS)
@@ -89,6 +89,13 @@ run: setup-run
 test: setup
 	scripts/system-deps.sh test
 	PAYMENTS_TEST_DATABASE_URL=$$(scripts/pg-test-db.sh) $(PY) -m pytest $(PYTEST_ARGS)
+
+# The model-based tests at length (not part of `make test`, which runs a hundred-odd examples of
+# each): PAYMENTS_MODEL_EXAMPLES and friends, tests/README.md.
+test-models: setup
+	PAYMENTS_TEST_DATABASE_URL=$$(scripts/pg-test-db.sh) PAYMENTS_MODEL_EXAMPLES=1000 PAYMENTS_MODEL_STEPS=50 \
+		PAYMENTS_SESSION_MODEL_EXAMPLES=1500 PAYMENTS_SESSION_MODEL_STEPS=50 \
+		$(PY) -m pytest --timeout 0 tests/unit/test_payments_model.py tests/unit/test_sessions_model.py tests/unit/test_webhooks_model.py
 
 # Benchmarks (not part of `make test`): ghz for gRPC, wrk (Debian package) for REST, a few minutes;
 # then the images' size, start-to-ready time and idle memory (bench/images.py).

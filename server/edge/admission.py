@@ -14,13 +14,15 @@ at once:
    "argument thunk"), at most `seconds`; a call whose message has not arrived by then is
    cancelled (`DEADLINE_EXCEEDED`, "the request message did not arrive within N s"), and a call
    whose client went away frees its thread at once. Waiting costs a mostly idle thread, and the
-   receiver has a bound of its own: beyond it, the call that has waited longest is cancelled
-   (`RESOURCE_EXHAUSTED`) to make room. For streaming requests (server reflection) the thunk returns at once.
+   receiver has a bound of its own: beyond it, the call that has waited longest for its message
+   (and at least 0.1 s) is cancelled (`RESOURCE_EXHAUSTED`) to make room. Each lane has a
+   receiver of its own, so a flood of one kind of call never evicts another kind (health checks
+   above all). For streaming requests (server reflection) the thunk returns at once.
 2. *Serving*: the call, its message in hand, joins its lane's queue under a *key*: the caller
    (the access token's subject) for payment calls, the client's address for sign-up and login.
-   The lane's threads take the keys in turn, one call each, so a caller with hundreds of calls
-   queued delays another caller's call by at most one call per other key. When the lane is
-   full, the newest call of the key that has the most queued is shed, not the newcomer's.
+   The lane serves keys by virtual-time fair queueing (capacity.Lane): a key that has been
+   served little comes first, one that sends faster than its share waits, and when the lane is
+   full the call with the latest turn is shed, not a newcomer's.
 
 If grpc ever calls `submit` in another shape, the call is served as before (a worker thread waits
 for the message), and tests/faults/test_partial_requests.py fails; tests/unit/test_capacity.py
@@ -34,6 +36,7 @@ import collections
 import itertools
 import json
 import threading
+import time
 from concurrent import futures
 from typing import Callable
 
@@ -142,16 +145,25 @@ def client_address(call: Call) -> str:
 class Receiver:
     """Threads that wait for request messages, so that no lane thread ever waits for a client.
 
-    At most `limit` calls wait at once. A call that arrives when that many wait cancels the one
-    that has waited longest (`RESOURCE_EXHAUSTED`): a request that is being sent whole waits for
-    microseconds, so under pressure the oldest waiter is the one that is not sending."""
+    `limit` threads wait at once. A call that arrives when that many are taken cancels the one
+    that has been waiting for its message longest (`RESOURCE_EXHAUSTED`), if it has waited
+    STALE_SECONDS at least: a request sent whole waits for microseconds, so that one is not
+    sending. Calls that have not yet reached a receiving thread are never cancelled for room
+    (under a CPU flood, a ready call can wait for a thread longer than a stalled one has: the
+    attack run saw other customers' calls and health checks evicted that way); they queue for a
+    thread instead. With twice `limit` calls waiting or queued (a burst of stalled calls comes
+    faster than STALE_SECONDS), the call in its thread longest is cancelled at once."""
 
-    def __init__(self, limit: int, seconds: float, deadlines):
+    STALE_SECONDS = 0.1
+
+    def __init__(self, limit: int, seconds: float, deadlines, name: str = "receive"):
         self.limit, self.seconds = limit, seconds
+        self.bound = 2 * limit  # waiting and queued for a thread: beyond it, eviction need not wait for staleness
         self._deadlines = deadlines
-        self._pool = futures.ThreadPoolExecutor(max_workers=limit, thread_name_prefix="receive")
+        self._pool = futures.ThreadPoolExecutor(max_workers=limit, thread_name_prefix=name)
         self._lock = threading.Lock()
-        self._waiting: collections.OrderedDict[int, Call] = collections.OrderedDict()  # oldest first
+        # ident -> (call, monotonic time its thread began waiting, or None while it waits for a thread)
+        self._waiting: collections.OrderedDict[int, list] = collections.OrderedDict()
         self._ids = itertools.count()
         self.evicted = 0  # calls cancelled to make room for a newer one
         self.expired = 0  # calls cancelled because their message did not arrive in time
@@ -164,15 +176,17 @@ class Receiver:
         """Wait for `call`'s message on a receiving thread, then `then(args)` with the message
         in hand; `done` is completed here for a call that never gets that far."""
         ident = next(self._ids)
+        stalled = None
         with self._lock:
-            oldest = self._waiting.popitem(last=False)[1] if len(self._waiting) >= self.limit else None
-            self._waiting[ident] = call
-            if oldest is not None:
-                self.evicted += 1
-        if oldest is not None:
-            metrics.unreceived_calls.labels("evicted").inc()
-            oldest.cancel(cygrpc.StatusCode.resource_exhausted,
-                          "the request message was not sent while others waited; retry shortly")
+            full = len(self._waiting) >= self.limit
+            if full:
+                stalled = self._stalled(crowded=len(self._waiting) >= self.bound)
+            self._waiting[ident] = [call, None]
+        self._cancel(stalled)
+        if full and stalled is None:
+            # Every thread waits, none long enough to be called stalled yet: look again once one
+            # is, so this call does not queue behind stalled ones until their deadline.
+            self._deadlines.after(self.STALE_SECONDS, self._make_room)
         try:
             self._pool.submit(self._wait, ident, call, then, done)
         except RuntimeError:  # shut down: the server is stopping
@@ -181,7 +195,38 @@ class Receiver:
             call.cancel(cygrpc.StatusCode.unavailable, "the server is stopping")
             _complete(done, call.finish_unserved)
 
+    def _stalled(self, *, crowded: bool) -> Call | None:
+        """The call in its thread longest, if it is stalled (or `crowded`), taken out of the waiting."""
+        now = time.monotonic()
+        for other, (waiting_call, since) in self._waiting.items():  # oldest first
+            if since is not None and (crowded or now - since >= self.STALE_SECONDS):
+                del self._waiting[other]
+                self.evicted += 1
+                return waiting_call
+            if since is not None:
+                return None  # the oldest in a thread is not stalled: none younger is
+        return None
+
+    def _make_room(self) -> None:
+        with self._lock:
+            queued = any(since is None for _, since in self._waiting.values())
+            stalled = self._stalled(crowded=False) if queued and len(self._waiting) > self.limit - 1 else None
+        self._cancel(stalled)
+        if queued and stalled is None and len(self._waiting) >= self.limit:
+            self._deadlines.after(self.STALE_SECONDS, self._make_room)
+
+    @staticmethod
+    def _cancel(stalled: Call | None) -> None:
+        if stalled is not None:
+            metrics.unreceived_calls.labels("evicted").inc()
+            stalled.cancel(cygrpc.StatusCode.resource_exhausted,
+                           "the request message was not sent while others waited; retry shortly")
+
     def _wait(self, ident: int, call: Call, then, done: futures.Future) -> None:
+        with self._lock:
+            entry = self._waiting.get(ident)
+            if entry is not None:
+                entry[1] = time.monotonic()
         key = self._deadlines.after(self.seconds, lambda: self._expire(call))
         try:
             argument = call.receive()

@@ -17,12 +17,13 @@ So each kind of call gets a *lane*: threads of its own and a bound on the calls 
 and health Watch, which holds no thread, is bounded by a count of open watches. Every admitted
 stream is ended after PAYMENTS_STREAM_MAX_SECONDS (Envoy ends them earlier at the edge).
 
-Within a lane, calls are served key by key in turn (server/edge/admission.py): a key is the
-caller (payments) or the client's address (the others), so one caller's hundreds of calls delay
-another's by one call each, and when a lane is full the call shed is the newest of the key with
-the most queued, answered at once with RESOURCE_EXHAUSTED (HTTP 429, `retry-after`) on a
-shedding thread. And no lane thread waits for a client: a call joins its lane only once its
-request message has arrived (admission.Receiver, at most PAYMENTS_REQUEST_SECONDS after its headers).
+Within a lane, calls are served fairly between keys (server/edge/admission.py): a key is the
+caller (payments) or the client's address (the others), and virtual-time fair queueing serves
+first the key that has been served least, so one caller's hundreds of calls do not delay
+another's first; when a lane is full, the call shed is the one with the latest turn (the busiest
+key's), answered at once with RESOURCE_EXHAUSTED (HTTP 429, `retry-after`) on a shedding thread.
+And no lane thread waits for a client: a call joins its lane only once its request message has
+arrived (admission.Receiver, one per lane, at most PAYMENTS_REQUEST_SECONDS after its headers).
 
 grpc takes a method's pool from its behaviour's `experimental_thread_pool` attribute
 (grpc/_server.py, `_select_thread_pool_for_behavior`), only if it is a ThreadPoolExecutor: that
@@ -46,7 +47,7 @@ AUTH_WAITING = 32  # logins/sign-ups that may wait for a hashing thread; more ar
 HEALTH_THREADS = 2
 HEALTH_ADMITTED = 64
 MAX_WATCHES = 64
-RECEIVING = 128  # calls that may wait for their request message at once; more are refused
+RECEIVING = 128  # payment calls that may wait for their request message at once (the other lanes: shares of it)
 
 _shedding = threading.local()
 
@@ -65,12 +66,20 @@ def _shed(fn, *args, **kwargs):
 
 
 class Lane(futures.ThreadPoolExecutor):
-    """Threads of its own and a bound on the calls it admits (queued or running), served key by key
-    in turn (server/edge/admission.py: a key is a caller, or a client's address). Beyond the bound
-    the newest call of the key with the most queued is shed (or the newcomer, if its key has as
-    many): it runs on `shedder` instead, where shedding() is True, and is answered at once.
+    """Threads of its own and a bound on the calls it admits (queued or running), served fairly
+    between keys (server/edge/admission.py: a key is a caller, or a client's address) by
+    virtual-time fair queueing: each call is tagged one past the later of the lane's virtual time
+    (the tag of the call last begun) and its key's previous tag, and the smallest tag runs next.
+    A key that has been served little, a newcomer above all, is next; a key that sends faster
+    than its share gets ever later tags. Beyond the bound, the call with the latest tag is shed
+    (on a tie, the one whose key has the most queued; the newcomer if it is that call): it runs
+    on `shedder` instead, where shedding() is True, and is answered at once.
 
-    With a `receiver`, a call joins the queue only once its request message has arrived.
+    (Round robin over keys, before this, shed from the head of the line once every key had one
+    call queued: with more flooding addresses than the lane admits, a stranger's login was never
+    served. The attack run found it.)
+
+    With a receiver, a call joins the queue only once its request message has arrived.
     (A ThreadPoolExecutor only in name: grpc honours `experimental_thread_pool` only on one.)"""
 
     def __init__(self, name: str, threads: int, admit: int, shedder: futures.ThreadPoolExecutor,
@@ -80,13 +89,20 @@ class Lane(futures.ThreadPoolExecutor):
         self.admit = max(admit, threads)
         self._shedder, self._key, self._receiver = shedder, key, receiver
         self._cond = threading.Condition()
-        self._queues: dict[str, collections.deque] = {}  # key -> its queued jobs, oldest first
-        self._turns: collections.deque[str] = collections.deque()  # keys with queued jobs, next first
+        self._heap: list[tuple[int, int, str, tuple]] = []  # (tag, arrival, key, job): queued calls
+        self._queued: collections.Counter[str] = collections.Counter()  # key -> calls queued
+        self._last_tag: dict[str, int] = {}  # key -> the tag of its latest call
+        self._virtual = 0  # the tag of the call last begun
+        self._arrivals = itertools.count()
         self._workers: list[threading.Thread] = []
         self._idle = 0
         self._closed = False
         self.admitted = 0  # running or queued now
         self.shed = 0  # calls refused since start
+
+    @property
+    def receiver(self) -> admission.Receiver | None:
+        return self._receiver
 
     def submit(self, fn, /, *args, **kwargs):
         """grpc's way in: a call waits for its message (with a receiver), then takes its turn."""
@@ -99,7 +115,7 @@ class Lane(futures.ThreadPoolExecutor):
         return done
 
     def submit_keyed(self, key: str, fn, /, *args, **kwargs) -> futures.Future:
-        """Queue `fn` under `key` (its turn comes after one call of every other key queued)."""
+        """Queue `fn` under `key`, fairly against the other keys."""
         done: futures.Future = futures.Future()
         self._enqueue(key, (fn, args, kwargs, done))
         return done
@@ -107,26 +123,29 @@ class Lane(futures.ThreadPoolExecutor):
     def _enqueue(self, key: str, job) -> None:
         victim = None
         with self._cond:
+            tag = max(self._virtual, self._last_tag.get(key, 0)) + 1
             if self._closed:
                 victim = job
             elif self.admitted >= self.admit:
                 self.shed += 1
-                biggest = max(self._queues, key=lambda k: len(self._queues[k]), default=None)
-                if biggest is None or len(self._queues[biggest]) <= len(self._queues.get(key, ())):
+                latest = max(range(len(self._heap)), default=None,
+                             key=lambda i: (self._heap[i][0], self._queued[self._heap[i][2]], self._heap[i][1]))
+                if latest is None or (self._heap[latest][0], self._queued[self._heap[latest][2]]) <= (tag, self._queued[key]):
                     victim = job
                 else:
-                    victim = self._queues[biggest].pop()  # its newest
-                    if not self._queues[biggest]:
-                        del self._queues[biggest]
-                        self._turns.remove(biggest)
+                    _, _, gone, victim = self._heap[latest]
+                    self._heap[latest] = self._heap[-1]
+                    self._heap.pop()
+                    heapq.heapify(self._heap)
+                    self._forget(gone)
                     self.admitted -= 1
             if victim is not job:
+                self._last_tag[key] = tag
                 self.admitted += 1
-                queue = self._queues.get(key)
-                if queue is None:
-                    queue = self._queues[key] = collections.deque()
-                    self._turns.append(key)
-                queue.append(job)
+                self._queued[key] += 1
+                heapq.heappush(self._heap, (tag, next(self._arrivals), key, job))
+                if len(self._last_tag) > 4 * self.admit + 64:  # keys whose tags fell behind are as good as new
+                    self._last_tag = {k: t for k, t in self._last_tag.items() if t > self._virtual}
                 if self._idle:
                     self._cond.notify()
                 elif len(self._workers) < self.threads:
@@ -135,6 +154,11 @@ class Lane(futures.ThreadPoolExecutor):
                     worker.start()
         if victim is not None:
             self._shed_job(victim)
+
+    def _forget(self, key: str) -> None:
+        self._queued[key] -= 1
+        if not self._queued[key]:
+            del self._queued[key]
 
     def _shed_job(self, job) -> None:
         fn, args, kwargs, done = job
@@ -146,19 +170,15 @@ class Lane(futures.ThreadPoolExecutor):
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._turns:
+                while not self._heap:
                     if self._closed:
                         return
                     self._idle += 1
                     self._cond.wait()
                     self._idle -= 1
-                key = self._turns.popleft()
-                queue = self._queues[key]
-                fn, args, kwargs, done = queue.popleft()
-                if queue:
-                    self._turns.append(key)  # its next call waits for every other key's turn
-                else:
-                    del self._queues[key]
+                tag, _, key, (fn, args, kwargs, done) = heapq.heappop(self._heap)
+                self._virtual = max(self._virtual, tag)
+                self._forget(key)
             try:
                 _run(done, fn, *args, **kwargs, _before_done=self._release)
             except BaseException:  # the future holds it
@@ -256,7 +276,12 @@ class Lanes:
     deadlines: Deadlines
     stream_max_seconds: float
     shedder: futures.ThreadPoolExecutor
-    receiver: admission.Receiver | None = None
+    receivers: tuple[admission.Receiver, ...] = ()
+
+    @property
+    def receiver(self) -> admission.Receiver:
+        """The payment calls' receiver (the lane a flood of protected calls lands on)."""
+        return self.receivers[0]
 
     @classmethod
     def create(cls, *, worker_threads: int, max_concurrent_rpcs: int, auth_threads: int, max_streams: int,
@@ -264,25 +289,28 @@ class Lanes:
                receiving: int = RECEIVING) -> "Lanes":
         shedder = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shed")
         deadlines = Deadlines()
-        receiver = admission.Receiver(receiving, request_seconds, deadlines)
+        # A receiver per lane: a flood of one kind of call never evicts another's (health checks).
+        receivers = {name: admission.Receiver(max(8, receiving * share // 8), request_seconds, deadlines, name=f"receive-{name}")
+                     for name, share in (("rpc", 8), ("auth", 4), ("health", 2), ("stream", 1))}
         callers, addresses = admission.CallerKeys(), admission.client_address
         return cls(
-            payments=Lane("rpc", worker_threads, max_concurrent_rpcs, shedder, key=callers, receiver=receiver),
-            auth=Lane("auth", auth_threads, auth_threads + AUTH_WAITING, shedder, key=addresses, receiver=receiver),
-            health=Lane("health", HEALTH_THREADS, HEALTH_ADMITTED, shedder, key=addresses, receiver=receiver),
-            streams=Lane("stream", max_streams, max_streams, shedder, key=addresses, receiver=receiver),
+            payments=Lane("rpc", worker_threads, max_concurrent_rpcs, shedder, key=callers, receiver=receivers["rpc"]),
+            auth=Lane("auth", auth_threads, auth_threads + AUTH_WAITING, shedder, key=addresses,
+                      receiver=receivers["auth"]),
+            health=Lane("health", HEALTH_THREADS, HEALTH_ADMITTED, shedder, key=addresses, receiver=receivers["health"]),
+            streams=Lane("stream", max_streams, max_streams, shedder, key=addresses, receiver=receivers["stream"]),
             watches=Counter(MAX_WATCHES),
             deadlines=deadlines,
             stream_max_seconds=stream_max_seconds,
             shedder=shedder,
-            receiver=receiver,
+            receivers=tuple(receivers.values()),
         )
 
     @property
     def total(self) -> int:
         """Calls all lanes together admit, and those waiting for their message: grpc's own cap sits
         above it, as a last backstop."""
-        receiving = self.receiver.limit if self.receiver is not None else 0
+        receiving = sum(r.bound for r in self.receivers)
         return (self.payments.admit + self.auth.admit + self.health.admit + self.streams.admit + self.watches.limit
                 + receiving)
 
@@ -292,6 +320,6 @@ class Lanes:
     def shutdown(self) -> None:
         for lane in self.all():
             lane.shutdown(wait=False)
-        if self.receiver is not None:
-            self.receiver.shutdown()
+        for receiver in self.receivers:
+            receiver.shutdown()
         self.shedder.shutdown(wait=False)

@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from server.edge import capacity
+from server.edge.interceptor import CallInterceptor
 
 CHECK = "/grpc.health.v1.Health/Check"
 
@@ -23,7 +24,9 @@ def serve(request_seconds: float):
     """A grpc server with the lanes (16 receiving threads) and health."""
     lanes = capacity.Lanes.create(worker_threads=2, max_concurrent_rpcs=32, auth_threads=1, max_streams=2,
                                   stream_max_seconds=5, request_seconds=request_seconds, receiving=16)
-    server = grpc.server(lanes.payments, maximum_concurrent_rpcs=lanes.total + 64)
+    # The server's interceptor puts each method in its lane (health checks in the health lane).
+    server = grpc.server(lanes.payments, interceptors=[CallInterceptor(None, None, lanes, None)],
+                         maximum_concurrent_rpcs=lanes.total + 64)
     servicer = health.HealthServicer(experimental_non_blocking=True, experimental_thread_pool=lanes.health)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -101,45 +104,59 @@ def check(port: int) -> float:
 
 def test_calls_whose_message_never_comes_hold_no_lane_thread_and_end_at_the_deadline(served):
     port, lanes = served
-    attack = HeaderOnly(port, 12)  # six times the health lane's two threads
+    receiver = lanes.health.receiver
+    attack = HeaderOnly(port, 6)  # three times the health lane's two threads, fewer than its receiver holds
     try:
         time.sleep(0.3)
-        assert lanes.receiver.waiting == 12
+        assert receiver.waiting == 6 < receiver.limit
         assert check(port) < 0.5  # a whole request is served at once, beside them
         statuses = attack.statuses(3.0)
         assert set(statuses.values()) == {str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])}, statuses
-        assert len(statuses) == 12
+        assert len(statuses) == 6
         until = time.monotonic() + 2  # the receiving threads wake a moment after the status went out
-        while lanes.receiver.waiting and time.monotonic() < until:
+        while receiver.waiting and time.monotonic() < until:
             time.sleep(0.02)
-        assert lanes.receiver.waiting == 0 and lanes.receiver.expired == 12
+        assert receiver.waiting == 0 and receiver.expired == 6
     finally:
         attack.close()
 
 
-def test_beyond_the_receivers_bound_the_longest_waiting_call_makes_room(served_patiently):
+def test_beyond_the_receivers_bound_the_longest_stalled_call_makes_room(served_patiently):
     port, lanes = served_patiently
-    attacks = [HeaderOnly(port, 10) for _ in range(3)]  # 30 waiting calls against room for 16
+    receiver = lanes.health.receiver
+    attack = HeaderOnly(port, receiver.limit)  # every receiving thread of the health lane
+    try:
+        time.sleep(0.3)  # stalled for longer than Receiver.STALE_SECONDS
+        assert receiver.waiting == receiver.limit
+        assert check(port) < 0.5  # a whole request is taken at once
+        assert receiver.evicted == 1  # the one stalled call that made room for it
+        assert check(port) < 0.5 and receiver.evicted == 1  # that room is still there
+        ended = attack.statuses(1.5)
+        assert sorted(ended) == attack.streams[:1], ended  # the oldest
+        assert set(ended.values()) == {str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])}, ended
+    finally:
+        attack.close()
+
+
+def test_calls_of_one_kind_never_make_room_from_anothers(served_patiently):
+    port, lanes = served_patiently
+    attack = HeaderOnly(port, lanes.payments.receiver.limit, path="/payments.v1.PaymentService/GetPayment")
     try:
         time.sleep(0.3)
-        assert lanes.receiver.waiting <= 16
-        for _ in range(5):
-            assert check(port) < 0.5  # every whole request is served
-        first = attacks[0].statuses(5.0)  # the oldest were cancelled to make room
-        assert set(first.values()) == {str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])}, first
-        assert lanes.receiver.evicted >= 14
+        assert check(port) < 0.5  # health has receiving threads of its own
+        assert lanes.payments.receiver.evicted == 0 and lanes.health.receiver.evicted == 0
     finally:
-        for attack in attacks:
-            attack.close()
+        attack.close()
 
 
 def test_a_client_that_goes_away_frees_its_receiving_thread_at_once(served):
     port, lanes = served
-    attack = HeaderOnly(port, 8)
+    receiver = lanes.health.receiver
+    attack = HeaderOnly(port, 6)
     time.sleep(0.3)
-    assert lanes.receiver.waiting == 8
+    assert receiver.waiting == 6
     attack.close()
     deadline = time.monotonic() + 0.9  # before the 1 s request deadline
-    while lanes.receiver.waiting and time.monotonic() < deadline:
+    while receiver.waiting and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert lanes.receiver.waiting == 0 and lanes.receiver.expired == 0
+    assert receiver.waiting == 0 and receiver.expired == 0

@@ -140,3 +140,34 @@ def test_the_installed_grpc_hands_every_call_to_its_lane_in_the_shape_admission_
         server.stop(None)
         lanes.shutdown()
     assert seen and all(seen), seen  # unary and server-streaming calls both recognised
+
+
+def test_with_more_flooding_keys_than_the_lane_admits_a_strangers_call_is_still_served_soon():
+    """The attack run: 40-250 addresses at their allowed rate filled the auth lane, and round robin
+    shed from the head of the line, so a stranger's login was never served. Fair queueing tags a
+    key that sends faster than its share ever later; the stranger's first call comes before them."""
+    lane, shedder = _one_thread_lane(admit=8)
+    gate, started, order, shed = threading.Event(), threading.Event(), [], []
+
+    def work(name):
+        if capacity.shedding():
+            shed.append(name)
+            return
+        if name == "first":
+            started.set()
+            gate.wait(5)
+        order.append(name)
+
+    done = [lane.submit_keyed("f0", work, "first")]
+    assert started.wait(5)  # the lane's one thread is busy from here on
+    for round_ in range(3):  # each of 40 addresses sends three calls, most of them beyond the bound
+        done += [lane.submit_keyed(f"f{k}", work, f"f{k}-{round_}") for k in range(40)]
+    done.append(lane.submit_keyed("stranger", work, "stranger"))
+    gate.set()
+    for f in done:
+        f.result(timeout=5)
+    assert "stranger" not in shed
+    assert order.index("stranger") <= 8, order  # behind at most what the lane held, not every flooder
+    assert len(shed) == len(done) - len(order)
+    lane.shutdown()
+    shedder.shutdown()

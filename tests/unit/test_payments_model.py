@@ -40,7 +40,7 @@ from server.infra.storage.models import PaymentEvent
 from tests.conftest import ADMIN_CALLER, ALICE, BOB
 from tests.support.reached import reached
 
-EXAMPLES = int(os.environ.get("PAYMENTS_MODEL_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("PAYMENTS_MODEL_EXAMPLES", "100"))
 STEPS = int(os.environ.get("PAYMENTS_MODEL_STEPS", "25"))
 MACHINE = "payment lifecycle"
 
