@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import ipaddress
 import itertools
 import json
 import threading
@@ -137,9 +138,27 @@ def _unverified_subject(token: str) -> str:
         return "?"
 
 
+def trusted_address(claimed: str | None, peer: str) -> str:
+    """The client's address: what Envoy wrote in x-payments-client-address (the address it took as
+    the client's, after its trusted hops; Envoy replaces any copy a client sent), but only from a
+    peer on loopback, which is where the pod's Envoy connects from; from anywhere else (a client on
+    the server's own port, from the node) the header is the caller's own claim and the TCP peer
+    counts instead. `peer` is grpc's form: ipv4:127.0.0.1:5000, ipv6:[::1]:5000."""
+    host = peer.split(":", 1)[1] if ":" in peer else peer
+    host = host[1:host.index("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(host)
+        loopback = address.is_loopback or (getattr(address, "ipv4_mapped", None) or address).is_loopback
+    except ValueError:
+        loopback = False
+    return claimed if claimed and loopback else host
+
+
 def client_address(call: Call) -> str:
-    """Envoy's word for the client's address (after its trusted hops), else the TCP peer."""
-    return "addr:" + (_header(call.metadata(), CLIENT_ADDRESS_HEADER) or call.peer_host())
+    """The lanes' key for a call without a caller: its client's address (trusted_address)."""
+    peer = call.rpc_event.call.peer()
+    peer = peer.decode("latin-1") if isinstance(peer, bytes) else peer
+    return "addr:" + trusted_address(_header(call.metadata(), CLIENT_ADDRESS_HEADER), peer)
 
 
 class Receiver:

@@ -12,7 +12,7 @@ import datetime as dt
 
 from google.protobuf import empty_pb2
 
-from server.edge import auth
+from server.edge import admission, auth
 from server.edge.admission import CLIENT_ADDRESS_HEADER
 from server.domain.accounts import Accounts
 from server.domain.payments import PaymentDraft, PaymentRules
@@ -145,13 +145,14 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
 
 
 def client_address(context) -> str:
-    """The caller's address: what Envoy put in x-payments-client-address (the address it took as the
-    client's, after its trusted hops; it replaces any copy a client sent), else the TCP peer's host
-    (a client on the gRPC port directly). The same as the lanes' key (server/edge/admission.py)."""
+    """The caller's address, as the lanes take it (server/edge/admission.py trusted_address): what
+    Envoy wrote in x-payments-client-address when the call comes through the pod's Envoy, else the
+    TCP peer's host (a client on the gRPC port directly cannot claim another address)."""
+    claimed = None
     for key, value in context.invocation_metadata():
         if key == CLIENT_ADDRESS_HEADER:
-            return value if isinstance(value, str) else value.decode("latin-1")
-    return (context.peer() or "").rsplit(":", 1)[0]
+            claimed = value if isinstance(value, str) else value.decode("latin-1")
+    return admission.trusted_address(claimed, context.peer() or "")
 
 
 def _login_pb(login) -> pb.LoginResponse:

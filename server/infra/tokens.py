@@ -111,8 +111,8 @@ class TokenIssuer:
 
 def _is_time(value) -> bool:
     """A NumericDate (RFC 7519): a JSON number, not a string or a boolean, and one Envoy accepts
-    (not negative)."""
-    return type(value) in (int, float) and math.isfinite(value) and value >= 0
+    (a positive 64-bit integer's range: 1e300 or 2**64 is refused there, so here too)."""
+    return type(value) in (int, float) and math.isfinite(value) and 0 <= value < 2 ** 63
 
 
 class TokenVerifier:

@@ -160,3 +160,19 @@ def test_a_client_that_goes_away_frees_its_receiving_thread_at_once(served):
     while receiver.waiting and time.monotonic() < deadline:
         time.sleep(0.02)
     assert receiver.waiting == 0 and receiver.expired == 0
+
+
+@pytest.mark.parametrize("peer, claimed, taken", [
+    ("ipv4:127.0.0.1:5000", "203.0.113.7", "203.0.113.7"),  # the pod's Envoy, on loopback: its word
+    ("ipv6:[::1]:5000", "203.0.113.7", "203.0.113.7"),
+    ("ipv6:[::ffff:127.0.0.1]:5000", "203.0.113.7", "203.0.113.7"),
+    ("ipv4:10.8.0.1:5000", "127.0.0.2", "10.8.0.1"),  # the node, on the server's own port: its own claim, ignored
+    ("ipv6:[2001:db8::5]:5000", "127.0.0.2", "2001:db8::5"),
+    ("ipv4:127.0.0.1:5000", None, "127.0.0.1"),
+])
+def test_only_the_pods_own_envoy_names_the_client_address(peer, claimed, taken):
+    """A client on the server's port could otherwise pick any address: get around the login
+    throttle's per-address count, or throttle the owner's address (the sessions attack run)."""
+    from server.edge import admission
+
+    assert admission.trusted_address(claimed, peer) == taken

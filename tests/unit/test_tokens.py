@@ -87,14 +87,15 @@ def test_empty_jwks_is_refused():
 
 
 @pytest.mark.parametrize("claim", ["exp", "iat", "nbf"])
-@pytest.mark.parametrize("value", ["as a numeric string", "as a boolean", "negative"])
+@pytest.mark.parametrize("value", ["as a numeric string", "as a boolean", "negative", "beyond 64 bits", "1e300"])
 def test_times_must_be_json_numbers_as_envoy_insists(keys_dir, verifier, claim, value):
     import time
 
     pem = (keys_dir / "jwt-private.pem").read_bytes()
     now = int(time.time())
     good = {"exp": now + 600, "iat": now, "nbf": now}[claim]
-    bad = {"as a numeric string": str(good), "as a boolean": True, "negative": -1}[value]
+    bad = {"as a numeric string": str(good), "as a boolean": True, "negative": -1, "beyond 64 bits": 2 ** 64,
+           "1e300": 1e300}[value]
     with pytest.raises(Unauthenticated) as e:
         verifier.verify(jwt_attacks.sign(pem, jwt_attacks.claims(**{claim: bad})))
     assert e.value.reason in ("INVALID_TOKEN", "TOKEN_EXPIRED")
