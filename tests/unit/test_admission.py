@@ -4,6 +4,7 @@ against a real grpc server on loopback with the server's lanes."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -34,22 +35,28 @@ def serve(request_seconds: float):
     return server, port, lanes
 
 
+@contextlib.contextmanager
+def serving(request_seconds: float):
+    server, port, lanes = serve(request_seconds)
+    try:
+        yield port, lanes
+    finally:
+        server.stop(None)
+        lanes.shutdown()
+
+
 @pytest.fixture
 def served():
     """A 1 s request deadline."""
-    server, port, lanes = serve(1.0)
-    yield port, lanes
-    server.stop(None)
-    lanes.shutdown()
+    with serving(1.0) as it:
+        yield it
 
 
 @pytest.fixture
 def served_patiently():
     """A 30 s request deadline: within a test, only eviction ends a waiting call."""
-    server, port, lanes = serve(30.0)
-    yield port, lanes
-    server.stop(None)
-    lanes.shutdown()
+    with serving(30.0) as it:
+        yield it
 
 
 class HeaderOnly:
