@@ -74,8 +74,15 @@ class App:
         self.server.stop(grace).wait()
         if self.lanes is not None:
             self.lanes.shutdown()
-        if storage.db.obj is not None and not storage.db.is_closed():
-            storage.db.close()
+        if storage.db.obj is not None:
+            # Every connection of the pool, not only this thread's: the worker threads' went back
+            # to the pool idle, and a server stopped inside a longer-lived process (the tests)
+            # left them open on PostgreSQL, which ran out of connection slots.
+            close_all = getattr(storage.db.obj, "close_all", None)
+            if close_all is not None:
+                close_all()
+            elif not storage.db.is_closed():
+                storage.db.close()
         log.info("stopped")
 
 
