@@ -64,11 +64,6 @@ class Call:
     def metadata(self):
         return self.rpc_event.invocation_metadata
 
-    def peer_host(self) -> str:
-        peer = self.rpc_event.call.peer()
-        peer = peer.decode("latin-1") if isinstance(peer, bytes) else peer
-        return peer.rsplit(":", 1)[0]
-
     def receive(self):
         """grpc's thunk: blocks until the request message (or the stream) is there; None if the
         client went away or the call was cancelled."""

@@ -278,11 +278,6 @@ class Lanes:
     shedder: futures.ThreadPoolExecutor
     receivers: tuple[admission.Receiver, ...] = ()
 
-    @property
-    def receiver(self) -> admission.Receiver:
-        """The payment calls' receiver (the lane a flood of protected calls lands on)."""
-        return self.receivers[0]
-
     @classmethod
     def create(cls, *, worker_threads: int, max_concurrent_rpcs: int, auth_threads: int, max_streams: int,
                stream_max_seconds: float, request_seconds: float = 5.0,
