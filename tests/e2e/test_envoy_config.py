@@ -109,6 +109,7 @@ def test_jwt_rules_fail_closed_and_read_only_the_authorization_header():
         {"prefix": "/v1/auth/"},
         {"path": "/payments.v1.AuthService/Register"}, {"path": "/payments.v1.AuthService/Login"},
         {"path": "/payments.v1.AuthService/Refresh"},
+        {"path": "/oauth2/token"}, {"path": "/payments.v1.TokenService/CreateToken"},
         {"prefix": "/grpc.health.v1.Health/"}, {"path": "/ready"},
     ]
 
