@@ -146,7 +146,6 @@ def test_odd_bytes_in_any_form_field_are_never_a_server_error(any_stack, rest, a
     good = {"grant_type": "client_credentials", "client_id": client["client"]["id"],
             "client_secret": client["secret"], "scope": "payments.read"}
     odd = ["%00", "%FF%FE", "a" * 5000, "%E2%80%AE", "\u00e9\u0301", "%0d%0a", "%22%5c", "=", "&", " ", "%2B"]
-    address = loopback_address()
     for field in good:
         for value in odd:
             form = "&".join(f"{k}={value if k == field else urllib.parse.quote(v, safe='')}" for k, v in good.items())
@@ -154,7 +153,13 @@ def test_odd_bytes_in_any_form_field_are_never_a_server_error(any_stack, rest, a
                                    "content-type: application/x-www-form-urlencoded", address=loopback_address())
             assert status in (200, 400, 401, 429), (field, value, status, body)
             assert "error" in json.loads(body) or status == 200
-    del address
+
+def test_a_form_larger_than_the_gateway_takes_is_a_413(any_stack, tmp_path):
+    huge = tmp_path / "form"
+    huge.write_text("grant_type=client_credentials&client_id=cli_x&client_secret=" + "a" * 200_000)
+    status, _, body = curl(any_stack, "--data-binary", f"@{huge}", "-H",
+                           "content-type: application/x-www-form-urlencoded")
+    assert status == 413 and json.loads(body)["details"][0]["reason"] == "BODY_TOO_LARGE"
 
 
 def test_rotation_grace_and_revocation_over_rest(any_stack, rest, admin_token):
