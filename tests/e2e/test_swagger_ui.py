@@ -85,3 +85,28 @@ def test_register_login_authorize_create_and_list_from_swagger_ui(page, stack, u
     # Everything the page loaded came from its own origin or the API: no CDN, works offline.
     foreign = [u for u in page.requested if not u.startswith((ui_origin + "/", stack.url + "/"))]
     assert foreign == []
+
+
+def test_an_admin_creates_a_service_client_and_it_gets_a_token_from_swagger_ui(page, stack):
+    """The "Service clients" operations on the page: log in as the admin, Authorize, CreateClient
+    (its secret shown once), then the token endpoint's form (RFC 6749 4.4.2) filled field by field."""
+    from tests.support.stack import ADMIN_EMAIL, ADMIN_PASSWORD
+
+    status, tokens = Operation(page, "Auth", "Login").try_it_out().execute({"email": ADMIN_EMAIL,
+                                                                             "password": ADMIN_PASSWORD})
+    assert status == 200, tokens
+    authorize(page, f"Bearer {tokens['access_token']}")
+    status, made = Operation(page, "Service_clients", "CreateClient").try_it_out().execute(
+        {"name": "shopping", "permissions": ["payments.create", "payments.read"]})
+    assert status == 200, made
+    assert made["secret"].startswith("pmt_cs_") and made["client"]["id"].startswith("cli_")
+
+    grant = Operation(page, "Service_clients", "CreateToken").try_it_out()
+    for name, value in (("grant_type", "client_credentials"), ("client_id", made["client"]["id"]),
+                        ("client_secret", made["secret"]), ("scope", "payments.read")):
+        grant.block.locator(f'tr[data-param-name="{name}"] input').fill(value)
+    status, token = grant.execute()
+    assert status == 200, token
+    assert (token["token_type"], token["expires_in"], token["scope"]) == ("Bearer", 300, "payments.read")
+    assert grant.request_url() == f"{stack.url}/oauth2/token"
+    assert "application/x-www-form-urlencoded" in grant.curl()
