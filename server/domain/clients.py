@@ -37,7 +37,7 @@ from server.domain.paging import DEFAULT_PAGE_SIZE, PageTokens, invalid_page_siz
 from server.domain.permissions import PERMISSIONS
 from server.domain.ports import ClientStore, Clock
 from server.domain.records import ClientRecord
-from server.domain.sessions import _Remembered
+from server.domain.remembered import Remembered
 
 SECRET_PREFIX = "pmt_cs_"
 CLIENT_ID_PREFIX = "cli_"
@@ -248,8 +248,8 @@ class ClientCheck:
                  wall_clock: Clock = lambda: dt.datetime.now(dt.UTC), bound: int = 10_000):
         self.store, self.check_seconds = store, check_seconds
         self.clock, self.wall_clock = clock, wall_clock
-        self._live = _Remembered(bound)  # client id -> (permissions, expires_at, checked at)
-        self._revoked = _Remembered(bound)  # client id -> True
+        self._live = Remembered(bound)  # client id -> (permissions, expires_at, checked at)
+        self._revoked = Remembered(bound)  # client id -> True
 
     def check(self, caller: Caller) -> Caller:
         client_id = caller.subject

@@ -26,13 +26,11 @@ token's lifetime. No gRPC here.
 from __future__ import annotations
 
 import base64
-import collections
 import dataclasses
 import datetime as dt
 import hashlib
 import hmac
 import logging
-import threading
 import time
 from typing import Callable
 
@@ -42,6 +40,7 @@ from server.infra import storage
 from server.domain.errors import Unauthenticated
 from server.domain.ids import opaque_id
 from server.domain.caller import CUSTOMER, Caller
+from server.domain.remembered import Remembered
 from server.infra.storage import RefreshToken, Session, User
 
 log = logging.getLogger(__name__)
@@ -225,41 +224,6 @@ class Sessions:
         return len(hashes) + sessions, len(rows) < limit
 
 
-class _Remembered:
-    """A bounded map whose least recently used entry is evicted, one at a time, when it is full.
-
-    Reads take no lock (OrderedDict's get and move_to_end are each one step under the GIL: a
-    third of the cost of a locked read on the path of every call); writes and evictions do."""
-
-    def __init__(self, bound: int):
-        self.bound = bound
-        self._entries: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key):
-        value = self._entries.get(key)
-        if value is not None:
-            try:
-                self._entries.move_to_end(key)
-            except KeyError:  # evicted by another thread in between: still a hit this time
-                pass
-        return value
-
-    def put(self, key, value) -> None:
-        with self._lock:
-            self._entries[key] = value
-            self._entries.move_to_end(key)
-            if len(self._entries) > self.bound:
-                self._entries.popitem(last=False)
-
-    def pop(self, key) -> None:
-        with self._lock:
-            self._entries.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
 class SessionCheck:
     """Is the session behind an access token still live, with the token's subject and role?
 
@@ -277,8 +241,8 @@ class SessionCheck:
                  bound: int = MAX_REMEMBERED_SESSIONS):
         self.check_seconds = check_seconds
         self.clock, self.wall_clock = clock, wall_clock
-        self._live = _Remembered(bound)  # sid -> (user id, role, checked at)
-        self._dead = _Remembered(bound)  # sid -> why
+        self._live = Remembered(bound)  # sid -> (user id, role, checked at)
+        self._dead = Remembered(bound)  # sid -> why
 
     def check(self, caller: Caller) -> None:
         sid = caller.session_id
