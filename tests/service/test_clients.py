@@ -266,8 +266,17 @@ def test_bad_management_input_gets_clear_errors(s):
         assert refused(lambda: s.clients.GetClient(pb.GetClientRequest(id=junk), metadata=s.admin)) \
             == (grpc.StatusCode.NOT_FOUND, "CLIENT_NOT_FOUND")
     made = create(s, "payments.read")
-    assert refused(lambda: s.clients.RotateClientSecret(pb.RotateClientSecretRequest(
-        id=made.client.id, previous_secret_ttl_seconds=-1), metadata=s.admin))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    for ttl in (-1, 7 * 86400 + 1):
+        assert refused(lambda: s.clients.RotateClientSecret(pb.RotateClientSecretRequest(
+            id=made.client.id, previous_secret_ttl_seconds=ttl), metadata=s.admin)) \
+            == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_CLIENT_REQUEST")
+    week = s.clients.RotateClientSecret(pb.RotateClientSecretRequest(id=made.client.id,
+                                                                     previous_secret_ttl_seconds=7 * 86400),
+                                        metadata=s.admin).client
+    day = s.clients.RotateClientSecret(pb.RotateClientSecretRequest(id=made.client.id), metadata=s.admin).client
+    assert week.previous_secret_expires_at.seconds - week.created_at.seconds >= 7 * 86400 - 5
+    assert abs(day.previous_secret_expires_at.ToDatetime() - dt.datetime.utcnow() - dt.timedelta(days=1)) \
+        < dt.timedelta(minutes=1)  # a day by default
 
 
 def test_listing_pages_newest_first(s):
@@ -278,7 +287,7 @@ def test_listing_pages_newest_first(s):
         seen += [c.id for c in page.clients]
         if not (page_token := page.next_page_token):
             break
-    assert sorted(seen) == sorted(ids) and len(seen) == 5
+    assert seen == list(reversed(ids))  # newest first
 
 
 def test_every_method_of_the_api_enforces_the_permission_table(s, channel):
