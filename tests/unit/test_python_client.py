@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -33,8 +34,13 @@ SLACK = 0.05
 
 
 @pytest.fixture(scope="module")
-def pc(tmp_path_factory):
-    return import_from(generated_copy(tmp_path_factory.mktemp("python-client")))
+def copy_dir(tmp_path_factory):
+    return generated_copy(tmp_path_factory.mktemp("python-client"))
+
+
+@pytest.fixture(scope="module")
+def pc(copy_dir):
+    return import_from(copy_dir)
 
 
 @pytest.fixture(scope="module")
@@ -463,3 +469,19 @@ def test_its_pins_are_the_versions_the_tests_run():
     pins = tomllib.loads((ROOT / "clients" / "python" / "pyproject.toml").read_text())["project"]["dependencies"]
     locked = dict(re.findall(r"^([a-z0-9-]+)==(\S+)", (ROOT / "requirements.lock").read_text(), re.M))
     assert pins and all(pin.split("==")[1] == locked[pin.split("==")[0]] for pin in pins), (pins, locked)
+
+
+def test_the_shop_settles_an_order_once_per_event_and_ignores_a_repeat(pc, copy_dir):
+    from shop.app import Order, Shop
+
+    secret = standard_secret()
+    said: list[dict] = []
+    shop = Shop(payments=None, webhook_secret=secret, say=said.append)
+    shop.orders["ord_1"] = Order(id="ord_1", email="b@example.com", amount=1, status="awaiting_payment", payment_id="pay_1")
+    body = json.dumps({"id": "evt_1", "type": "payment.succeeded", "payment": {"id": "pay_1", "request_id": "ord_1"}}).encode()
+    assert shop.webhook(signed(secret, body), body) == 200
+    assert shop.webhook(signed(secret, body), body) == 200  # the same event again (a retry)
+    failed = json.dumps({"id": "evt_2", "type": "payment.failed", "reason": "CANCELLED",
+                         "payment": {"id": "pay_1", "request_id": "ord_1"}}).encode()
+    assert shop.webhook(signed(secret, failed), failed) == 200  # a paid order stays paid
+    assert shop.orders["ord_1"].status == "paid" and said == [{"event": "order_paid", "order": "ord_1", "payment": "pay_1"}]
