@@ -25,6 +25,7 @@ from typing import Callable, Iterable
 
 from server.domain.caller import Caller
 from server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from server.domain.permissions import PAYMENTS_CONFIRM
 from server.domain.ids import new_payment_id, opaque_id
 from server.domain.lifecycle import CANCELLED, EXPIRED, FAILED, PENDING, STATUSES, SUCCESS
 from server.domain.paging import DEFAULT_PAGE_SIZE, PageTokens, invalid_page_size
@@ -169,7 +170,7 @@ class PaymentRules:
         # A customer sees the payments of their own account, whatever their email says.
         if not PAYMENT_ID.fullmatch(payment_id or ""):
             raise not_found(payment_id)
-        row = self.queries.live(payment_id, owner_id=None if caller.is_admin else caller.subject)
+        row = self.queries.live(payment_id, owner_id=None if caller.reaches_all else caller.subject)
         if row is None:
             raise not_found(payment_id)
         return row
@@ -184,7 +185,7 @@ class PaymentRules:
             violations.append(("email", why))
         if violations:
             raise InvalidArgument(violations, reason="INVALID_LIST_REQUEST")
-        if email and not caller.is_admin and email != caller.email:
+        if email and not caller.reaches_all and email != caller.email:
             raise PermissionDenied("only admins may list another payer's payments", reason="EMAIL_FILTER_FORBIDDEN")
         if show_deleted and not caller.is_admin:
             raise PermissionDenied("only admins may list deleted payments", reason="SHOW_DELETED_FORBIDDEN")
@@ -193,7 +194,7 @@ class PaymentRules:
         scope = self.page_tokens.scope(caller.subject, caller.role, caller.email, status, email,
                                        "deleted" if show_deleted else "")
         after = self.page_tokens.decode(page_token, scope, now) if page_token else None
-        rows = self.queries.page(owner_id=None if caller.is_admin else caller.subject, status=status, email=email,
+        rows = self.queries.page(owner_id=None if caller.reaches_all else caller.subject, status=status, email=email,
                                  after=after, show_deleted=show_deleted, limit=size + 1)
         return Page(*self.page_tokens.cut(rows, size, lambda last: (last.created_at, last.id), scope, now))
 
@@ -217,7 +218,7 @@ class PaymentRules:
 
     def create(self, caller: Caller, draft: PaymentDraft) -> PaymentRecord:
         draft = draft.validated()
-        if not caller.is_admin and draft.email != caller.email:
+        if not caller.reaches_all and draft.email != caller.email:
             raise PermissionDenied(
                 "customers may create payments only for their own email", reason="EMAIL_NOT_CALLERS"
             )
@@ -226,7 +227,7 @@ class PaymentRules:
             earlier = self.queries.by_request_id(caller.subject, draft.request_id)
             if earlier is not None:
                 return self._replay(earlier, fingerprint, draft.request_id)
-        owner_id = caller.subject if not caller.is_admin else self._account_of(draft.email)
+        owner_id = caller.subject if not caller.reaches_all else self._account_of(draft.email)
         now = self.clock()
         row = PaymentRecord(
             id=new_payment_id(),
@@ -259,7 +260,8 @@ class PaymentRules:
         return row
 
     def _account_of(self, email: str) -> str:
-        """The account that holds `email` now: an admin's payment for an email belongs to it."""
+        """The account that holds `email` now: an admin's or a service client's payment for an email
+        belongs to it."""
         account_id = self.queries.account_id(email)
         if account_id is None:
             raise FailedPrecondition(f"no account holds {email!r}: the payer registers first",
@@ -309,7 +311,7 @@ class PaymentRules:
 
     @staticmethod
     def _owns(caller: Caller, payment: PaymentRecord) -> bool:
-        return caller.is_admin or payment.owner_id == caller.subject
+        return caller.reaches_all or payment.owner_id == caller.subject
 
     def _made_by(self, caller: Caller, payment_id: str, action: str) -> bool:
         """Whether the payment's latest change of this kind was this caller's (read under the lock)."""
@@ -337,7 +339,7 @@ class PaymentRules:
         return current._replace(deleted_at=None, updated_at=now)
 
     def confirm(self, caller: Caller, payment_id: str) -> PaymentRecord:
-        if not caller.is_admin:
+        if not caller.may(PAYMENTS_CONFIRM):
             raise PermissionDenied("only admins may confirm payments", reason="ADMIN_ONLY")
         return self._leave_pending(caller, payment_id, SUCCESS, None)
 

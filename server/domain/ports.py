@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Callable, ContextManager, Protocol, Sequence
 
-from server.domain.records import EventRecord, PaymentRecord
+from server.domain.records import ClientRecord, EventRecord, PaymentRecord
 
 Clock = Callable[[], dt.datetime]
 
@@ -53,3 +53,26 @@ class PaymentStore(Protocol):
     def expire(self, ids: Sequence[str], now: dt.datetime) -> list[str]: ...
 
     def purge(self, ids: Sequence[str], before: dt.datetime) -> list[str]: ...
+
+
+class ClientStore(Protocol):
+    """What the service client rules (server/domain/clients.py) ask of storage."""
+
+    def insert(self, client: ClientRecord) -> None: ...
+
+    def get(self, client_id: str) -> ClientRecord | None: ...
+
+    def state(self, client_id: str) -> ClientRecord | None:
+        """get(), for the check on every call (the store may hand its connection back at once)."""
+
+    def page(self, *, after: tuple[dt.datetime, str] | None, limit: int) -> list[ClientRecord]:
+        """Newest first, after (created_at, id)."""
+
+    def rotate(self, client_id: str, secret_hash: str, secret_prefix: str,
+               previous_until: dt.datetime | None) -> bool: ...
+
+    def set_expiry(self, client_id: str, expires_at: dt.datetime | None) -> bool: ...
+
+    def revoke(self, client_id: str, now: dt.datetime) -> bool: ...
+
+    def used(self, client_id: str, now: dt.datetime) -> None: ...

@@ -45,3 +45,20 @@ class EventRecord(NamedTuple):
 
 class DuplicateRequest(Exception):
     """The (created_by, request_id) pair of an insert is taken: a concurrent retry won."""
+
+
+class ClientRecord(NamedTuple):
+    """A service client (the store keeps these columns, in this order)."""
+
+    id: str
+    name: str
+    permissions: str  # space-separated
+    secret_hash: str
+    secret_prefix: str
+    previous_secret_hash: str | None
+    previous_secret_expires_at: dt.datetime | None
+    created_by: str
+    created_at: dt.datetime
+    last_used_at: dt.datetime | None
+    expires_at: dt.datetime | None
+    revoked_at: dt.datetime | None

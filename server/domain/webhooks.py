@@ -23,6 +23,7 @@ import secrets
 from typing import Callable, NamedTuple, Sequence
 
 from server.domain.caller import Caller
+from server.domain.permissions import WEBHOOKS_MANAGE
 from server.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from server.domain.ids import opaque_id
 from server.domain.paging import DEFAULT_PAGE_SIZE, PageTokens, invalid_page_size
@@ -199,7 +200,8 @@ class EndpointChange:
 
 
 def _admin(caller: Caller) -> None:
-    if not caller.is_admin:
+    """Admins, and service clients holding webhooks.manage."""
+    if not caller.may(WEBHOOKS_MANAGE):
         raise PermissionDenied("only admins manage webhooks", reason="ADMIN_ONLY")
 
 

@@ -28,6 +28,8 @@ from server.edge.reflection_pool import pool_for
 from server.edge.servicers import AuthServicer, PaymentServicer
 from server.edge.webhook_body import event_body
 from server.edge.webhook_servicer import WebhookServicer
+from server.edge.client_servicer import ClientServicer, TokenServicer
+from server.domain.clients import ClientCheck, ClientRules
 from server.domain.webhook_delivery import Dispatcher, RetryPolicy
 from server.domain.webhooks import WebhookRules
 from server.infra.webhook_sender import Sender
@@ -46,6 +48,8 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["PaymentService"].full_name,
     pb.DESCRIPTOR.services_by_name["AuthService"].full_name,
     pb.DESCRIPTOR.services_by_name["WebhookService"].full_name,
+    pb.DESCRIPTOR.services_by_name["TokenService"].full_name,
+    pb.DESCRIPTOR.services_by_name["ClientService"].full_name,
 )
 
 
@@ -128,6 +132,9 @@ def build(settings: Settings) -> App:
     webhook_rules = WebhookRules(queries=webhook_queries, page_tokens=page_tokens,
                                  allow_loopback=settings.webhook_allow_loopback, clock=clock,
                                  max_endpoints=settings.webhook_max_endpoints)
+    client_queries = storage.ClientQueries()
+    client_rules = ClientRules(store=client_queries, clock=clock, page_tokens=page_tokens,
+                               issue=issuer.issue_client)
     if not settings.page_token_secret:
         log.warning("PAYMENTS_PAGE_TOKEN_SECRET is not set: page tokens work only within this process")
 
@@ -139,7 +146,8 @@ def build(settings: Settings) -> App:
     server = grpc.server(
         lanes.payments,
         interceptors=[CallInterceptor(verifier, None if storage.is_postgres(database) else sqlite_turns.Turns(), lanes,
-                                      SessionCheck(settings.revocation_check_seconds))],
+                                      SessionCheck(settings.revocation_check_seconds),
+                                      ClientCheck(client_queries, settings.revocation_check_seconds, wall_clock=clock))],
         # The lanes bound each kind of call; grpc's own cap only backs them up.
         maximum_concurrent_rpcs=lanes.total + 64,
         options=[
@@ -153,6 +161,8 @@ def build(settings: Settings) -> App:
     pb_grpc.add_PaymentServiceServicer_to_server(PaymentServicer(rules), server)
     pb_grpc.add_AuthServiceServicer_to_server(AuthServicer(accounts), server)
     pb_grpc.add_WebhookServiceServicer_to_server(WebhookServicer(webhook_rules), server)
+    pb_grpc.add_TokenServiceServicer_to_server(TokenServicer(client_rules), server)
+    pb_grpc.add_ClientServiceServicer_to_server(ClientServicer(client_rules), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True, experimental_thread_pool=lanes.health)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -2,7 +2,8 @@
 
 The server verifies the bearer token itself, even behind Envoy (which checks it too): a client
 that reaches the gRPC port directly gets the same answers, and no header that only Envoy should
-set is ever trusted. Public methods are listed explicitly; everything else needs a token.
+set is ever trusted. Public methods are listed explicitly (the permission table); everything else
+needs a token.
 server/edge/interceptor.py runs `authenticate` before the handler and hands the caller over with
 `acting_as`; the handler reads it with `caller()`.
 """
@@ -11,17 +12,13 @@ from __future__ import annotations
 
 import contextvars
 
-from server.domain import errors
+from server.domain import errors, permissions
 from server.domain.caller import Caller
 from server.infra.tokens import TokenVerifier
 
-PUBLIC_METHODS = frozenset({
-    "/payments.v1.AuthService/Register",
-    "/payments.v1.AuthService/Login",
-    "/payments.v1.AuthService/Refresh",  # its own proof is the refresh token
-})
-PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
-                   "/grpc.reflection.v1.ServerReflection/")
+# Which methods need no token: the permission table says (server/domain/permissions.py).
+PUBLIC_METHODS = frozenset(m for m, need in permissions.METHODS.items() if need == permissions.PUBLIC)
+PUBLIC_PREFIXES = permissions.PUBLIC_PREFIXES
 
 _caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller")
 

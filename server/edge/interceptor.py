@@ -23,6 +23,8 @@ from server.domain import errors
 from server.edge import auth, capacity, decoding, textcheck
 from server.infra import logs, metrics, sqlite_turns, tracing
 from server.edge.status import abort, mapped_errors
+from server.domain import permissions
+from server.domain.clients import ClientCheck
 from server.domain.sessions import SessionCheck
 from server.infra.storage import end_call
 from server.infra.tokens import TokenVerifier
@@ -30,6 +32,7 @@ from server.infra.tokens import TokenVerifier
 _HEALTH = "/grpc.health.v1.Health/"
 _WATCH = "/grpc.health.v1.Health/Watch"
 _AUTH = "/payments.v1.AuthService/"
+_TOKEN = "/payments.v1.TokenService/"
 
 
 def busy(kind: str) -> errors.ResourceExhausted:
@@ -49,9 +52,11 @@ class CallInterceptor(grpc.ServerInterceptor):
     server's own pool, which is lanes.payments."""
 
     def __init__(self, verifier: TokenVerifier, database_turns: sqlite_turns.Turns | None = None,
-                 lanes: capacity.Lanes | None = None, sessions: SessionCheck | None = None):
+                 lanes: capacity.Lanes | None = None, sessions: SessionCheck | None = None,
+                 clients: ClientCheck | None = None):
         self._verifier = verifier
         self._sessions = sessions
+        self._clients = clients
         self._turns = database_turns
         self._lanes = lanes
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}  # by method: the wrapped handler
@@ -70,7 +75,7 @@ class CallInterceptor(grpc.ServerInterceptor):
         lanes = self._lanes
         if lanes is None or not auth.is_public(method):
             return "payment", None  # the server's own pool (lanes.payments)
-        if method.startswith(_AUTH):
+        if method.startswith((_AUTH, _TOKEN)):
             return "sign-up and login", lanes.auth
         if method.startswith(_HEALTH):
             return "health", lanes.health
@@ -84,7 +89,7 @@ class CallInterceptor(grpc.ServerInterceptor):
             if not auth.is_public(method):
                 raise RuntimeError(f"protected method {method} is not unary")
             return self._wrap_stream(method, handler, kind, lane)
-        behavior, verifier, sessions = handler.unary_unary, self._verifier, self._sessions
+        behavior, verifier, sessions, clients = handler.unary_unary, self._verifier, self._sessions, self._clients
         public = auth.is_public(method)
         turn = self._turns if self._turns is not None and sqlite_turns.takes_turns(method) else None
         # Health checks (Envoy every few seconds, kubelet probes) would drown the log at INFO.
@@ -104,12 +109,18 @@ class CallInterceptor(grpc.ServerInterceptor):
 
         def identify(context, metadata):
             """2. The caller, from the token and its live session (revoked, disabled, deleted or
-            re-roled: refused); None for a public method."""
+            re-roled: refused), or its live service client (revoked or expired: refused) and the
+            permission this method needs (server/domain/permissions.py); None for a public method."""
             if public:
                 return None
             with mapped_errors(context):
                 who = auth.authenticate(verifier, metadata)
-                if sessions is not None:
+                if who.is_client:
+                    if clients is None:
+                        raise errors.Unauthenticated("service clients are not accepted here", reason="INVALID_TOKEN")
+                    who = clients.check(who)
+                    permissions.check(method, who.permissions)
+                elif sessions is not None:
                     sessions.check(who)
                 return auth.acting_as(who)
 

@@ -10,15 +10,16 @@ from server.infra.storage.database import (DATA_ERRORS, OUTAGE_ERRORS, backfill_
 from server.infra.storage.fastpath import Prepared, PreparedInsert, among, row_check
 from server.domain.records import DuplicateRequest, EventRecord, PaymentRecord
 from server.infra.storage.repository import PaymentQueries
-from server.infra.storage.models import (MODELS, BaseModel, JobRun, Payment, PaymentEvent, RefreshToken, Session,
-                                         User, UTCDateTimeField, db)
+from server.infra.storage.models import (MODELS, BaseModel, JobRun, Payment, PaymentEvent, RefreshToken, ServiceClient,
+                                         Session, User, UTCDateTimeField, db)
 from server.infra.storage.webhook_queries import WebhookQueries
+from server.infra.storage.client_queries import ClientQueries
 
 __all__ = [
     "DATA_ERRORS", "OUTAGE_ERRORS", "backfill_owners", "end_call", "give_back_space", "is_busy", "is_postgres",
     "make_database", "migrate_schema", "open_database", "release_connection", "write_transaction",
     "Prepared", "PreparedInsert", "among", "row_check",
     "DuplicateRequest", "EventRecord", "PaymentQueries", "PaymentRecord",
-    "MODELS", "BaseModel", "JobRun", "Payment", "PaymentEvent", "RefreshToken", "Session", "User",
-    "UTCDateTimeField", "db", "WebhookQueries",
+    "MODELS", "BaseModel", "JobRun", "Payment", "PaymentEvent", "RefreshToken", "ServiceClient", "Session", "User",
+    "UTCDateTimeField", "db", "WebhookQueries", "ClientQueries",
 ]

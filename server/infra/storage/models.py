@@ -1,4 +1,5 @@
-"""The tables, as peewee models: payments, their history, accounts, sessions, job claims and webhooks.
+"""The tables, as peewee models: payments, their history, accounts, sessions, job claims, webhooks
+and service clients.
 
 Columns are only ever added (see database.migrate_schema), so an older replica keeps working
 against a newer schema during a rolling update. The models are bound to `db`, a proxy that
@@ -284,5 +285,28 @@ class WebhookAttempt(BaseModel):
         table_name = "webhook_attempts"
 
 
+class ServiceClient(BaseModel):
+    """A program that calls the API with credentials of its own (server/domain/clients.py). Its
+    secret is stored only as a keyed hash; after a rotation the previous one's hash is kept until
+    previous_secret_expires_at."""
+
+    id = peewee.CharField(primary_key=True, max_length=40)
+    name = peewee.CharField(max_length=100)
+    permissions = peewee.CharField(max_length=255)  # space-separated, sorted
+    secret_hash = peewee.CharField(max_length=64)
+    secret_prefix = peewee.CharField(max_length=16)
+    previous_secret_hash = peewee.CharField(max_length=64, null=True)
+    previous_secret_expires_at = UTCDateTimeField(null=True)
+    created_by = peewee.CharField(max_length=40, default="")
+    created_at = UTCDateTimeField()
+    last_used_at = UTCDateTimeField(null=True)
+    expires_at = UTCDateTimeField(null=True)
+    revoked_at = UTCDateTimeField(null=True)
+
+    class Meta:
+        table_name = "service_clients"
+        indexes = ((("created_at", "id"), False),)  # listing, newest first
+
+
 MODELS: Sequence[type[BaseModel]] = (Payment, PaymentEvent, User, Session, RefreshToken, JobRun, WebhookEndpoint,
-                                     WebhookDelivery, WebhookAttempt)
+                                     WebhookDelivery, WebhookAttempt, ServiceClient)

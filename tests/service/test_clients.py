@@ -1,0 +1,273 @@
+"""Service clients through the real server, on both databases: an admin creates a client, the
+client gets a token with its id and secret (the client credentials grant over gRPC) and calls
+within its permissions only; rotation keeps the old secret for its grace; revocation and expiry
+end access within the revocation bound (PAYMENTS_REVOCATION_CHECK_SECONDS, 0.5 s in the tests'
+settings); a client's payment belongs to the payer's account and its history names the client.
+REST through Envoy: tests/e2e/test_clients_rest.py."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import grpc
+import jwt
+import pytest
+from google.protobuf import timestamp_pb2
+
+from server.domain import permissions
+from server.infra import storage
+from server.edge.pb import payments_pb2 as pb
+from server.edge.pb import payments_pb2_grpc as pb_grpc
+from tests.conftest import ADMIN_CALLER, ALICE, BOB, rich_status
+
+
+@pytest.fixture
+def s(channel, auth_md):
+    class Stubs:
+        payments = pb_grpc.PaymentServiceStub(channel)
+        auth = pb_grpc.AuthServiceStub(channel)
+        webhooks = pb_grpc.WebhookServiceStub(channel)
+        tokens = pb_grpc.TokenServiceStub(channel)
+        clients = pb_grpc.ClientServiceStub(channel)
+        admin = auth_md(ADMIN_CALLER)
+
+    return Stubs
+
+
+def md(token: str):
+    return (("authorization", f"Bearer {token}"),)
+
+
+def create(s, *perms, name="shopping") -> pb.ClientWithSecret:
+    return s.clients.CreateClient(pb.CreateClientRequest(client=pb.Client(name=name, permissions=list(perms))),
+                                  metadata=s.admin)
+
+
+def token(s, made: pb.ClientWithSecret, scope: str = "", secret: str | None = None) -> pb.Token:
+    return s.tokens.CreateToken(pb.CreateTokenRequest(grant_type="client_credentials", client_id=made.client.id,
+                                                      client_secret=made.secret if secret is None else secret,
+                                                      scope=scope))
+
+
+def refused(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    return e.value.code(), rich_status(e.value)[1].reason
+
+
+def test_a_client_gets_a_token_in_the_contracts_shape(s):
+    made = create(s, "payments.create", "payments.read")
+    assert made.secret.startswith("pmt_cs_") and made.client.id.startswith("cli_")
+    assert made.client.permissions == ["payments.create", "payments.read"]
+    got = token(s, made)
+    assert (got.token_type, got.expires_in, got.scope) == ("Bearer", 300, "payments.create payments.read")
+    header = jwt.get_unverified_header(got.access_token)
+    claims = jwt.decode(got.access_token, options={"verify_signature": False})
+    assert header["typ"] == "at+jwt"
+    assert claims["sub"] == claims["client_id"] == made.client.id
+    assert claims["role"] == "client" and claims["scope"] == "payments.create payments.read"
+    assert claims["exp"] - claims["iat"] == 300 and "sid" not in claims and "email" not in claims
+    narrower = token(s, made, scope="payments.read")
+    assert narrower.scope == "payments.read"
+
+
+def test_the_secret_is_shown_once_and_stored_only_as_a_keyed_hash(s):
+    made = create(s, "payments.read")
+    row = storage.ServiceClient.get_by_id(made.client.id)
+    stored = " ".join(str(v) for v in row.__data__.values())
+    assert made.secret not in stored and made.secret[7:] not in stored
+    assert len(row.secret_hash) == 64 and row.secret_prefix == made.secret[:12]
+    listed = s.clients.ListClients(pb.ListClientsRequest(), metadata=s.admin)
+    assert made.secret not in str(listed) and made.secret[:12] == listed.clients[0].secret_prefix
+    got = s.clients.GetClient(pb.GetClientRequest(id=made.client.id), metadata=s.admin)
+    assert made.secret not in str(got) and not got.HasField("last_used_at")
+    token(s, made)
+    used = s.clients.GetClient(pb.GetClientRequest(id=made.client.id), metadata=s.admin)
+    assert used.HasField("last_used_at")
+
+
+def test_permissions_are_enforced_per_method(s):
+    reader = create(s, "payments.read")
+    t = token(s, reader).access_token
+    s.payments.ListPayments(pb.ListPaymentsRequest(), metadata=md(t))
+    code, reason = refused(lambda: s.payments.CreatePayment(
+        pb.CreatePaymentRequest(payment=pb.Payment(email="alice@example.com", amount=1)), metadata=md(t)))
+    assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_MISSING")
+    for call in (lambda: s.payments.ConfirmPayment(pb.ConfirmPaymentRequest(id="pay_x"), metadata=md(t)),
+                 lambda: s.webhooks.ListWebhookEndpoints(pb.ListWebhookEndpointsRequest(), metadata=md(t))):
+        assert refused(call) == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_MISSING")
+    # Person-only methods, whatever the client holds.
+    everything = create(s, *permissions.PERMISSIONS)
+    t_all = token(s, everything).access_token
+    for call in (lambda: s.payments.DeletePayment(pb.DeletePaymentRequest(id="pay_x"), metadata=md(t_all)),
+                 lambda: s.payments.UndeletePayment(pb.UndeletePaymentRequest(id="pay_x"), metadata=md(t_all)),
+                 lambda: s.auth.Logout(pb.LogoutRequest(), metadata=md(t_all)),
+                 lambda: s.clients.ListClients(pb.ListClientsRequest(), metadata=md(t_all)),
+                 lambda: s.clients.CreateClient(pb.CreateClientRequest(client=pb.Client(
+                     name="x", permissions=["payments.read"])), metadata=md(t_all))):
+        assert refused(call) == (grpc.StatusCode.PERMISSION_DENIED, "PERSONS_ONLY")
+    s.webhooks.ListWebhookEndpoints(pb.ListWebhookEndpointsRequest(), metadata=md(t_all))
+    # A token asked with a narrower scope carries only that.
+    narrow = token(s, everything, scope="payments.read").access_token
+    assert refused(lambda: s.webhooks.ListWebhookEndpoints(pb.ListWebhookEndpointsRequest(), metadata=md(narrow))) \
+        == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_MISSING")
+
+
+def test_customers_and_admins_cannot_manage_clients_but_admins_can(s, auth_md):
+    for caller in (ALICE, BOB):
+        assert refused(lambda: s.clients.ListClients(pb.ListClientsRequest(), metadata=auth_md(caller))) \
+            == (grpc.StatusCode.PERMISSION_DENIED, "ADMIN_ONLY")
+    assert refused(lambda: s.clients.ListClients(pb.ListClientsRequest())) \
+        == (grpc.StatusCode.UNAUTHENTICATED, "MISSING_TOKEN")
+
+
+def test_a_clients_payment_belongs_to_the_payers_account_and_its_history_names_the_client(s, auth_md):
+    made = create(s, "payments.create", "payments.read", "payments.confirm", "payments.cancel")
+    t = md(token(s, made).access_token)
+    draft = pb.Payment(email="alice@example.com", amount=150000, request_id="order-1")
+    paid = s.payments.CreatePayment(pb.CreatePaymentRequest(payment=draft), metadata=t)
+    assert paid.owner_id == ALICE.subject
+    # The payer sees it as their own; another customer does not.
+    assert s.payments.GetPayment(pb.GetPaymentRequest(id=paid.id), metadata=auth_md(ALICE)).id == paid.id
+    assert refused(lambda: s.payments.GetPayment(pb.GetPaymentRequest(id=paid.id), metadata=auth_md(BOB)))[0] \
+        == grpc.StatusCode.NOT_FOUND
+    confirmed = s.payments.ConfirmPayment(pb.ConfirmPaymentRequest(id=paid.id), metadata=t)
+    assert confirmed.status == pb.Payment.SUCCESS
+    history = s.payments.ListPaymentEvents(pb.ListPaymentEventsRequest(payment_id=paid.id), metadata=t).events
+    assert [(e.actor_id, e.actor_role) for e in history] == [(made.client.id, "client")] * 2
+    # Idempotency is the client's own: a replay gets the first answer, another caller's same
+    # request_id is another payment.
+    again = s.payments.CreatePayment(pb.CreatePaymentRequest(payment=draft), metadata=t)
+    assert again.id == paid.id and again.status == pb.Payment.PENDING
+    admins = s.payments.CreatePayment(pb.CreatePaymentRequest(payment=draft), metadata=s.admin)
+    assert admins.id != paid.id
+    other = create(s, "payments.create")
+    theirs = s.payments.CreatePayment(pb.CreatePaymentRequest(payment=draft), metadata=md(token(s, other).access_token))
+    assert theirs.id not in (paid.id, admins.id)
+    # Nobody holds the email: the payer registers first.
+    assert refused(lambda: s.payments.CreatePayment(pb.CreatePaymentRequest(
+        payment=pb.Payment(email="stranger@example.com", amount=1)), metadata=t)) \
+        == (grpc.StatusCode.FAILED_PRECONDITION, "NO_ACCOUNT")
+
+
+@pytest.mark.parametrize("request_fields, code, reason", [
+    ({}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST"),
+    ({"grant_type": "password"}, grpc.StatusCode.INVALID_ARGUMENT, "UNSUPPORTED_GRANT_TYPE"),
+    ({"grant_type": "client_credentials"}, grpc.StatusCode.UNAUTHENTICATED, "INVALID_CLIENT"),
+    ({"grant_type": "client_credentials", "client_id": "cli_nobody", "client_secret": "pmt_cs_x"},
+     grpc.StatusCode.UNAUTHENTICATED, "INVALID_CLIENT"),
+    ({"grant_type": "client_credentials", "client_id": "x" * 1000, "client_secret": "y" * 1000},
+     grpc.StatusCode.UNAUTHENTICATED, "INVALID_CLIENT"),
+    ({"grant_type": "client_credentials", "scope": "a  b"}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SCOPE"),
+])
+def test_malformed_grant_requests_get_the_contracts_errors(s, request_fields, code, reason):
+    assert refused(lambda: s.tokens.CreateToken(pb.CreateTokenRequest(**request_fields))) == (code, reason)
+
+
+def test_wrong_secret_and_a_scope_not_held(s):
+    made = create(s, "payments.read")
+    assert refused(lambda: token(s, made, secret=made.secret[:-1] + ("b" if made.secret[-1] == "a" else "a"))) \
+        == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_CLIENT")
+    assert refused(lambda: token(s, made, scope="payments.read payments.confirm")) \
+        == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SCOPE")
+    assert refused(lambda: token(s, made, scope="payments.everything")) \
+        == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SCOPE")
+
+
+def test_wrong_secrets_are_throttled_like_logins(s):
+    made = create(s, "payments.read")
+    answers = []
+    for _ in range(7):
+        answers.append(refused(lambda: token(s, made, secret="pmt_cs_wrong"))[1])
+    assert answers[:5] == ["INVALID_CLIENT"] * 5 and "TOO_MANY_ATTEMPTS" in answers[5:]
+
+
+def refused_within_the_bound(s, t: str, settings) -> str:
+    deadline = time.monotonic() + settings.revocation_check_seconds + 2
+    while True:
+        try:
+            s.payments.ListPayments(pb.ListPaymentsRequest(), metadata=md(t))
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+            return rich_status(e)[1].reason
+        assert time.monotonic() < deadline, "still accepted past the revocation bound"
+        time.sleep(0.05)
+
+
+def test_rotation_keeps_the_old_secret_for_its_grace_and_revocation_ends_everything(s, settings):
+    made = create(s, "payments.read")
+    rotated = s.clients.RotateClientSecret(pb.RotateClientSecretRequest(id=made.client.id), metadata=s.admin)
+    assert rotated.secret != made.secret and rotated.client.HasField("previous_secret_expires_at")
+    old, new = token(s, made), token(s, made, secret=rotated.secret)
+    # Without a grace the previous secret stops at once.
+    third = s.clients.RotateClientSecret(pb.RotateClientSecretRequest(id=made.client.id,
+                                                                      previous_secret_ttl_seconds=0),
+                                         metadata=s.admin)
+    assert refused(lambda: token(s, made, secret=rotated.secret)) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_CLIENT")
+    token(s, made, secret=third.secret)
+    s.payments.ListPayments(pb.ListPaymentsRequest(), metadata=md(old.access_token))
+    revoked = s.clients.RevokeClient(pb.RevokeClientRequest(id=made.client.id), metadata=s.admin)
+    assert revoked.HasField("revoked_at")
+    assert s.clients.RevokeClient(pb.RevokeClientRequest(id=made.client.id), metadata=s.admin).revoked_at \
+        == revoked.revoked_at  # a retry answers as the first did
+    for t in (old.access_token, new.access_token):
+        assert refused_within_the_bound(s, t, settings) == "TOKEN_REVOKED"
+    assert refused(lambda: token(s, made, secret=third.secret)) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_CLIENT")
+    assert refused(lambda: s.clients.RotateClientSecret(pb.RotateClientSecretRequest(id=made.client.id),
+                                                        metadata=s.admin)) \
+        == (grpc.StatusCode.FAILED_PRECONDITION, "CLIENT_REVOKED")
+
+
+def test_a_revoked_clients_old_secret_does_not_work_during_its_grace(s):
+    made = create(s, "payments.read")
+    s.clients.RotateClientSecret(pb.RotateClientSecretRequest(id=made.client.id), metadata=s.admin)
+    token(s, made)  # in its grace
+    s.clients.RevokeClient(pb.RevokeClientRequest(id=made.client.id), metadata=s.admin)
+    assert refused(lambda: token(s, made)) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_CLIENT")
+
+
+def test_an_expired_client_gets_no_token_and_its_tokens_stop_within_the_bound(s, settings):
+    made = create(s, "payments.read")
+    t = token(s, made).access_token
+    soon = timestamp_pb2.Timestamp()
+    soon.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1))
+    s.clients.SetClientExpiry(pb.SetClientExpiryRequest(id=made.client.id, expire_time=soon), metadata=s.admin)
+    time.sleep(1.1)
+    assert refused(lambda: token(s, made)) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_CLIENT")
+    assert refused_within_the_bound(s, t, settings) == "TOKEN_REVOKED"
+    past = timestamp_pb2.Timestamp(seconds=1)
+    assert refused(lambda: s.clients.SetClientExpiry(pb.SetClientExpiryRequest(id=made.client.id, expire_time=past),
+                                                     metadata=s.admin))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    s.clients.SetClientExpiry(pb.SetClientExpiryRequest(id=made.client.id), metadata=s.admin)  # cleared
+    time.sleep(settings.revocation_check_seconds)  # what the server remembers of it is that old at most
+    s.payments.ListPayments(pb.ListPaymentsRequest(), metadata=md(token(s, made).access_token))
+
+
+def test_bad_management_input_gets_clear_errors(s):
+    for client, field in ((pb.Client(name="", permissions=["payments.read"]), "client.name"),
+                          (pb.Client(name="x" * 101, permissions=["payments.read"]), "client.name"),
+                          (pb.Client(name="ok", permissions=[]), "client.permissions"),
+                          (pb.Client(name="ok", permissions=["payments.all"]), "client.permissions")):
+        with pytest.raises(grpc.RpcError) as e:
+            s.clients.CreateClient(pb.CreateClientRequest(client=client), metadata=s.admin)
+        code, info, bad = rich_status(e.value)
+        assert (code, info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_CLIENT_REQUEST")
+        assert [v.field for v in bad.field_violations] == [field]
+    for junk in ("", "cli_nobody", "x" * 500, "cli_" + "a" * 26):
+        assert refused(lambda: s.clients.GetClient(pb.GetClientRequest(id=junk), metadata=s.admin)) \
+            == (grpc.StatusCode.NOT_FOUND, "CLIENT_NOT_FOUND")
+    made = create(s, "payments.read")
+    assert refused(lambda: s.clients.RotateClientSecret(pb.RotateClientSecretRequest(
+        id=made.client.id, previous_secret_ttl_seconds=-1), metadata=s.admin))[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_listing_pages_newest_first(s):
+    ids = [create(s, "payments.read", name=f"c{i}").client.id for i in range(5)]
+    seen, page_token = [], ""
+    while True:
+        page = s.clients.ListClients(pb.ListClientsRequest(page_size=2, page_token=page_token), metadata=s.admin)
+        seen += [c.id for c in page.clients]
+        if not (page_token := page.next_page_token):
+            break
+    assert sorted(seen) == sorted(ids) and len(seen) == 5
