@@ -26,7 +26,7 @@ import pytest
 
 from tests.conftest import own_pg_database
 from tests.e2e.conftest import PASSWORD, new_email
-from tests.support.python_client import generated_copy, import_from
+from tests.support.python_client import import_from, shared_copy
 from tests.support.rest import Client, loopback_address
 from tests.support.stack import ADMIN_EMAIL, ADMIN_PASSWORD, running_stack
 from tests.support.webhook_receiver import FAST_WEBHOOKS, free_port
@@ -46,7 +46,7 @@ def shop_stack(request, tmp_path_factory, keys_dir):
 
 @pytest.fixture(scope="module")
 def copy(tmp_path_factory):
-    return generated_copy(tmp_path_factory.mktemp("python-client"))
+    return shared_copy(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -33,3 +33,13 @@ def import_from(copy: Path):
 
     assert Path(payments_client.__file__).parent == copy / "payments_client", payments_client.__file__
     return payments_client
+
+
+_shared: list[Path] = []
+
+
+def shared_copy(tmp_path_factory) -> Path:
+    """One generated copy per test session: the package can be imported into a process only once."""
+    if not _shared:
+        _shared.append(generated_copy(tmp_path_factory.mktemp("python-client")))
+    return _shared[0]

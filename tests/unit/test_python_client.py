@@ -26,7 +26,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from hypothesis import given, settings, strategies as st
 
-from tests.support.python_client import ROOT, generated_copy, import_from
+from tests.support.python_client import ROOT, generated_copy, import_from, shared_copy
 
 
 # gRPC sends a deadline as a timeout rounded up, so the server may see a few ms more than was set.
@@ -35,7 +35,7 @@ SLACK = 0.05
 
 @pytest.fixture(scope="module")
 def copy_dir(tmp_path_factory):
-    return generated_copy(tmp_path_factory.mktemp("python-client"))
+    return shared_copy(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
