@@ -26,6 +26,7 @@ from typing import Callable, Mapping
 
 import jwt
 
+from server.domain.caller import CLIENT, Caller
 from server.domain.errors import PermissionDenied, Unauthenticated, Unavailable
 
 ALGORITHM = "RS256"
@@ -156,3 +157,29 @@ class GoogleTokenVerifier:
             raise bad("an email claim must be verified")
         return GoogleIdentity(subject=sub, client_id=client_id, email=email if isinstance(email, str) else "",
                               expires_at=float(claims["exp"]))
+
+
+class EitherIssuer:
+    """The server's own tokens, and Google's when the deployment configured them: the token's
+    claimed issuer picks the verifier (unverified, only to choose; the chosen one verifies
+    everything). A Google token's caller is its pinned service client with no scope of its own,
+    so the client check (server/domain/clients.py ClientCheck) gives it all the client holds and
+    refuses it as soon as the client is revoked or expired."""
+
+    def __init__(self, own, google: GoogleTokenVerifier | None):
+        self.own, self.google = own, google
+
+    @classmethod
+    def from_settings(cls, own, settings) -> "EitherIssuer":
+        if not settings.google_audience:
+            return cls(own, None)
+        keys = GoogleKeys(settings.google_jwks_url)
+        return cls(own, GoogleTokenVerifier(keys, audience=settings.google_audience,
+                                            accounts=dict(settings.google_service_accounts),
+                                            issuer=settings.google_issuer))
+
+    def verify(self, token: str) -> Caller:
+        if self.google is not None and issuer_of(token) == self.google.issuer:
+            identity = self.google.verify(token)
+            return Caller(subject=identity.client_id, email="", role=CLIENT)
+        return self.own.verify(token)
