@@ -103,6 +103,7 @@ class Scripted:
         self.script: dict[str, list] = {}
         self.attempts: list[Attempt] = []
         self.token_requests: list = []
+        self.serverless: list = []  # what each call carried in x-serverless-authorization
         self.token_lifetime = 300
         self.issued = 0
         self.lock = threading.Lock()
@@ -135,7 +136,10 @@ class Scripted:
 
         class Payments(self.pb_grpc.PaymentServiceServicer):
             def _record(self, name, request, context):
-                token = dict(context.invocation_metadata()).get("authorization", "")
+                metadata = dict(context.invocation_metadata())
+                token = metadata.get("authorization", "")
+                with scripted.lock:
+                    scripted.serverless.append(metadata.get("x-serverless-authorization"))
                 with scripted.lock:
                     scripted.attempts.append(Attempt(name, token.removeprefix("Bearer "),
                                                      getattr(getattr(request, "payment", None), "request_id", ""),
@@ -287,6 +291,16 @@ def test_a_refused_token_is_dropped_renewed_and_the_call_repeated_once(make_clie
         client.create_payment("buyer@example.com", 1000, request_id="order-2")
     assert refused.value.reason == "TOKEN_REVOKED"
     assert [a.token for a in service.calls("CreatePayment")][-2:] == ["token-2", "token-3"]
+
+
+def test_behind_cloud_runs_invoker_check_the_token_goes_in_both_headers(pc, service):
+    with pc.PaymentsClient(service.target, pc.StaticToken("id-token"),
+                           auth_headers=("authorization", "x-serverless-authorization")) as client:
+        client.get_payment("pay_1")
+    with pc.PaymentsClient(service.target, pc.StaticToken("id-token")) as client:
+        client.get_payment("pay_1")
+    assert [a.token for a in service.attempts] == ["id-token", "id-token"]
+    assert service.serverless == ["Bearer id-token", None]
 
 
 def test_the_secret_is_in_no_representation(pc):
@@ -485,3 +499,35 @@ def test_the_shop_settles_an_order_once_per_event_and_ignores_a_repeat(pc, copy_
                          "payment": {"id": "pay_1", "request_id": "ord_1"}}).encode()
     assert shop.webhook(signed(secret, failed), failed) == 200  # a paid order stays paid
     assert shop.orders["ord_1"].status == "paid" and said == [{"event": "order_paid", "order": "ord_1", "payment": "pay_1"}]
+
+
+def test_a_google_id_token_is_fetched_from_the_metadata_server_and_renewed_before_its_exp(pc):
+    from tests.support.google_standin import GoogleStandIn, ServiceAccount
+
+    google = GoogleStandIn()
+    google.workload = ServiceAccount("shopping")
+    clock, wall = Clock(), Clock()
+    wall.now = time.time()
+    tokens = pc.GoogleIdToken("https://payments.example.com", metadata_url=google.identity_url, clock=clock,
+                              wall_clock=lambda: wall.now)
+    try:
+        first = tokens.token()
+        assert tokens.token() == first and len(google.identity_requests) == 1
+        claims = pc.tokens.unverified_claims(first)
+        assert (claims["aud"], claims["sub"]) == ("https://payments.example.com", google.workload.sub)
+        assert google.identity_requests[0] == {"query": {"audience": "https://payments.example.com", "format": "full"},
+                                               "flavor": "Google"}
+        renew_at = 1000.0 + (claims["exp"] - wall.now) - 60  # the lifetime is read from its exp
+        clock.now = renew_at - 0.01
+        assert tokens.token() == first and len(google.identity_requests) == 1
+        clock.now = renew_at + 0.01
+        tokens.token()
+        assert len(google.identity_requests) == 2
+        google.stop()
+        clock.now += 4000  # the cached one has expired and the metadata server is gone
+        with pytest.raises(pc.errors.Unavailable) as refused:
+            tokens.token()
+        assert refused.value.reason == "METADATA_UNAVAILABLE"
+    finally:
+        with contextlib.suppress(OSError):
+            google.stop()

@@ -23,12 +23,13 @@ class PaymentsClient:
     """`target`: host:port of Envoy's gRPC port (or the server's). `tokens`: where the bearer token
     comes from (tokens.ClientCredentials, tokens.GoogleIdToken, ...). `deadline`: seconds each
     attempt may take. `credentials`: grpc.ssl_channel_credentials() for TLS; plaintext (h2c) if
-    None. `auth_header`: the metadata key the token goes in (`x-serverless-authorization` when
-    Cloud Run's own IAM check takes `authorization`: docs/cloudrun.md)."""
+    None. `auth_headers`: the metadata keys the token goes in, each as `Bearer <token>`; behind
+    Cloud Run's own invoker check, ("authorization", "x-serverless-authorization"): Cloud Run checks
+    the second, the service the first (docs/cloudrun.md)."""
 
     def __init__(self, target: str, tokens: TokenSource, *, deadline: float = 5.0, retry: RetryPolicy | None = None,
                  credentials: grpc.ChannelCredentials | None = None, channel: grpc.Channel | None = None,
-                 auth_header: str = "authorization"):
+                 auth_headers: tuple[str, ...] = ("authorization",)):
         if channel is None:
             channel = (grpc.secure_channel(target, credentials) if credentials is not None
                        else grpc.insecure_channel(target))
@@ -39,7 +40,7 @@ class PaymentsClient:
             bind(channel)
         self.deadline = deadline
         self.retry = retry or RetryPolicy()
-        self.auth_header = auth_header
+        self.auth_headers = auth_headers
         self._payments = payments_pb2_grpc.PaymentServiceStub(channel)
 
     def close(self) -> None:
@@ -89,7 +90,7 @@ class PaymentsClient:
             try:
                 token = self.tokens.token()  # a token service that is down is retried like the call
                 return method(request, timeout=max(0.001, min(self.deadline, left)),
-                              metadata=((self.auth_header, f"Bearer {token}"),))
+                              metadata=tuple((name, f"Bearer {token}") for name in self.auth_headers))
             except grpc.RpcError as raw:
                 error = errors.from_rpc_error(raw)
             except errors.PaymentsError as refused:
