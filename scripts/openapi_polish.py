@@ -7,6 +7,9 @@
    are kept as they are.
 2. Model names lose the generator's prefixes (v1Payment -> Payment, googleRpcStatus -> Status,
    protobufAny -> Any, PaymentServiceCancelPaymentBody -> CancelPaymentBody, WebhookServiceRotateWebhookSecretBody -> RotateWebhookSecretBody).
+3. The OAuth 2.0 token endpoint (POST /oauth2/token) takes a form, not JSON (RFC 6749 4.4.2;
+   Envoy's Lua filter turns it into CreateToken's JSON): its body parameter becomes formData
+   fields, and its errors the RFC's {"error", "error_description"} (OAuthError).
 
 Usage: scripts/openapi_polish.py DOCUMENT (rewritten in place).
 """
@@ -32,7 +35,18 @@ USUAL = {
 }
 CODES = {"INVALID_ARGUMENT": 3, "FAILED_PRECONDITION": 9, "UNAUTHENTICATED": 16, "PERMISSION_DENIED": 7,
          "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "RESOURCE_EXHAUSTED": 8, "UNAVAILABLE": 14}
-PREFIXES = ("googleRpc", "protobuf", "PaymentService", "WebhookService", "v1")
+PREFIXES = ("googleRpc", "protobuf", "PaymentService", "WebhookService", "ClientService", "v1")
+TOKEN_PATH = "/oauth2/token"
+OAUTH_ERROR = {
+    "type": "object",
+    "description": "An OAuth 2.0 error answer (RFC 6749 section 5.2).",
+    "properties": {
+        "error": {"type": "string", "description": "invalid_request, invalid_client, unsupported_grant_type, "
+                  "invalid_scope, or slow_down (429)."},
+        "error_description": {"type": "string", "description": "What was wrong, for a person."},
+    },
+    "required": ["error"],
+}
 
 
 def example(status: str, description: str) -> dict:
@@ -56,7 +70,26 @@ def short_name(name: str) -> str:
     return name
 
 
+def form_token_endpoint(doc: dict) -> None:
+    op = doc["paths"].get(TOKEN_PATH, {}).get("post")
+    if op is None:
+        return
+    fields = doc["definitions"]["v1CreateTokenRequest"]
+    required = set(fields.get("required", []))
+    op["parameters"] = [
+        {"name": name, "in": "formData", "type": "string", "required": name in required,
+         **({"description": spec["description"]} if "description" in spec else {})}
+        for name, spec in fields["properties"].items()
+    ]
+    op["consumes"] = ["application/x-www-form-urlencoded"]
+    doc["definitions"]["OAuthError"] = OAUTH_ERROR
+    for status, response in op["responses"].items():
+        if status in ("400", "401", "429"):
+            response["schema"] = {"$ref": "#/definitions/OAuthError"}
+
+
 def polish(doc: dict) -> dict:
+    form_token_endpoint(doc)
     for item in doc["paths"].values():
         for op in item.values():
             for status, response in op.get("responses", {}).items():

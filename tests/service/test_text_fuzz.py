@@ -17,7 +17,8 @@ from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
 from tests.conftest import ADMIN_CALLER, ALICE, rich_status
 
-SERVICES = [pb.DESCRIPTOR.services_by_name[name] for name in ("PaymentService", "AuthService", "WebhookService")]
+SERVICES = [pb.DESCRIPTOR.services_by_name[name] for name in ("PaymentService", "AuthService", "WebhookService",
+                                                                "TokenService", "ClientService")]
 # Codes an input may get; INTERNAL, UNKNOWN, UNAVAILABLE (a "database error") and the rest may not.
 CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
                  grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
@@ -45,11 +46,12 @@ def test_every_rpc_with_a_string_field_is_fuzzed():
                        "CancelPayment", "UndeletePayment", "ListPaymentEvents", "Register", "Login", "Refresh",
                        "CreateWebhookEndpoint", "ListWebhookEndpoints", "GetWebhookEndpoint", "UpdateWebhookEndpoint",
                        "DeleteWebhookEndpoint", "RotateWebhookSecret", "ListWebhookEvents", "GetWebhookEvent",
-                       "RedeliverWebhookEvent"}, methods
+                       "RedeliverWebhookEvent", "CreateToken", "CreateClient", "ListClients", "GetClient",
+                       "RotateClientSecret", "SetClientExpiry", "RevokeClient"}, methods
     assert ("PaymentService", "CreatePayment", ("payment", "description")) in CASES
 
 
-def baseline(method: str, payment_id: str, endpoint_id: str = "") -> object:
+def baseline(method: str, payment_id: str, endpoint_id: str = "", client: pb.ClientWithSecret | None = None) -> object:
     """A valid request for the method (the fuzzed field is then overwritten)."""
     request_type = {
         "CreatePayment": lambda: pb.CreatePaymentRequest(payment=pb.Payment(email=ALICE.email, amount=1250,
@@ -63,6 +65,8 @@ def baseline(method: str, payment_id: str, endpoint_id: str = "") -> object:
                                                                          description="d"),
         "ListWebhookEndpoints": pb.ListWebhookEndpointsRequest,
         "ListWebhookEvents": pb.ListWebhookEventsRequest,
+        "CreateClient": lambda: pb.CreateClientRequest(client=pb.Client(name="shop", permissions=["payments.read"])),
+        "ListClients": pb.ListClientsRequest,
     }.get(method)
     if request_type is not None:
         return request_type()
@@ -72,6 +76,11 @@ def baseline(method: str, payment_id: str, endpoint_id: str = "") -> object:
         return pb.ListPaymentEventsRequest(payment_id=payment_id)
     if method in ("GetWebhookEndpoint", "DeleteWebhookEndpoint", "RotateWebhookSecret"):
         return getattr(pb, f"{method}Request")(id=endpoint_id)
+    if method == "CreateToken":
+        return pb.CreateTokenRequest(grant_type="client_credentials", client_id=client.client.id,
+                                     client_secret=client.secret, scope="payments.read")
+    if method in ("GetClient", "RotateClientSecret", "SetClientExpiry", "RevokeClient"):
+        return getattr(pb, f"{method}Request")(id=client.client.id)
     if method == "RedeliverWebhookEvent":
         return pb.RedeliverWebhookEventRequest(id=payment_id, endpoint_id=endpoint_id)
     return getattr(pb, f"{method}Request")(id=payment_id)
@@ -101,13 +110,19 @@ def endpoint_id(channel, auth_md) -> str:
     return made.endpoint.id
 
 
+@pytest.fixture
+def client(channel, auth_md) -> pb.ClientWithSecret:
+    return pb_grpc.ClientServiceStub(channel).CreateClient(pb.CreateClientRequest(
+        client=pb.Client(name="shop", permissions=["payments.read"])), metadata=auth_md(ADMIN_CALLER))
+
+
 # One server per database for all examples (hypothesis runs them inside one test call).
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=st.sampled_from(CASES), text=TEXT)
-def test_arbitrary_text_in_any_string_field_is_never_a_server_error(channel, auth_md, payment_id, endpoint_id, case,
-                                                                    text):
+def test_arbitrary_text_in_any_string_field_is_never_a_server_error(channel, auth_md, payment_id, endpoint_id, client,
+                                                                    case, text):
     service, method, path = case
-    request = baseline(method, payment_id, endpoint_id)
+    request = baseline(method, payment_id, endpoint_id, client)
     target = request
     for name in path[:-1]:
         target = getattr(target, name)

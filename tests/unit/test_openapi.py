@@ -26,7 +26,9 @@ DOCUMENT = ROOT / "openapi" / "payments.swagger.json"
 DOCUMENT_3 = ROOT / "openapi" / "payments.openapi.json"  # tools/openapi3 converts the 2.0 one
 STATUS_REF = "#/definitions/Status"
 
-PUBLIC_OPERATIONS = {"Register", "Login", "Refresh"}
+PUBLIC_OPERATIONS = {"Register", "Login", "Refresh", "CreateToken"}
+# Answered in RFC 6749's shape, {"error", "error_description"}, not google.rpc.Status.
+OAUTH_ERRORS = {("CreateToken", "400"), ("CreateToken", "401"), ("CreateToken", "429")}
 # The error statuses each operation really answers (besides 503 and default, on every operation).
 ERRORS = {
     "CreatePayment": {"400", "401", "403", "409", "413"},
@@ -50,6 +52,13 @@ ERRORS = {
     "ListWebhookEvents": {"400", "401", "403"},
     "GetWebhookEvent": {"400", "401", "403", "404"},
     "RedeliverWebhookEvent": {"400", "401", "403", "404", "413"},
+    "CreateToken": {"400", "401", "413", "429"},
+    "CreateClient": {"400", "401", "403", "413"},
+    "ListClients": {"400", "401", "403"},
+    "GetClient": {"400", "401", "403", "404"},
+    "RotateClientSecret": {"400", "401", "403", "404", "413"},
+    "SetClientExpiry": {"400", "401", "403", "404", "413"},
+    "RevokeClient": {"400", "401", "403", "404", "413"},
 }
 
 
@@ -109,8 +118,12 @@ def test_the_openapi_3_document_matches_the_2_0_one_route_for_route(doc, doc3):
     assert doc3["info"] == doc["info"] and "servers" not in doc3  # the page's own origin, as 2.0 has no host
     for path, method, op in operations(doc):  # request bodies and their schemas survive the move
         body = [p for p in op.get("parameters", []) if p["in"] == "body"]
+        form = [p["name"] for p in op.get("parameters", []) if p["in"] == "formData"]
         converted = doc3["paths"][path][method]
-        assert ("requestBody" in converted) == bool(body), (path, method)
+        assert ("requestBody" in converted) == bool(body or form), (path, method)
+        if form:  # the token endpoint's form (RFC 6749 4.4.2)
+            schema = converted["requestBody"]["content"]["application/x-www-form-urlencoded"]["schema"]
+            assert sorted(schema["properties"]) == sorted(form)
         if body:
             schema = converted["requestBody"]["content"]["application/json"]["schema"]
             assert json.dumps(schema).replace("#/components/schemas/", "#/definitions/") == json.dumps(body[0]["schema"])
@@ -145,7 +158,7 @@ def test_payment_calls_need_a_bearer_token_and_auth_calls_do_not(doc):
 
 def test_every_operation_is_documented(doc):
     tags = {t["name"] for t in doc["tags"]}
-    assert tags == {"Payments", "Auth", "Webhooks"}
+    assert tags == {"Payments", "Auth", "Webhooks", "Service clients"}
     ids = [op["operationId"] for _, _, op in operations(doc)]
     assert sorted(ids) == sorted(ERRORS)
     for _, _, op in operations(doc):
@@ -161,7 +174,7 @@ def test_error_responses_are_the_real_ones_in_the_google_rpc_status_shape(doc):
         assert codes == {"200", "503", "default"} | ERRORS[op["operationId"]], op["operationId"]
         for code, response in op["responses"].items():
             assert response["description"]
-            if code != "200":
+            if code != "200" and (op["operationId"], code) not in OAUTH_ERRORS:
                 assert response["schema"] == {"$ref": STATUS_REF}, (op["operationId"], code)
 
 
@@ -226,7 +239,7 @@ def test_every_error_example_is_a_real_error_shape(doc):
     seen = 0
     for _, _, op in operations(doc):
         for status, response in op["responses"].items():
-            if status == "200":
+            if status == "200" or (op["operationId"], status) in OAUTH_ERRORS:
                 continue
             example = response["examples"]["application/json"]
             assert set(example) == {"code", "message", "details"} and example["message"], (op["operationId"], status)
@@ -241,3 +254,15 @@ def test_every_error_example_is_a_real_error_shape(doc):
 def test_models_carry_no_generator_prefixes(doc):
     assert not [name for name in doc["definitions"]
                 if name.startswith(("v1", "googleRpc", "protobuf", "PaymentService"))]
+
+
+def test_the_token_endpoint_takes_the_oauth_form_and_answers_oauth_errors(doc):
+    """RFC 6749 4.4.2 and 5.2, as Envoy's Lua filter serves them (tests/e2e/test_clients_rest.py)."""
+    op = doc["paths"]["/oauth2/token"]["post"]
+    assert op["consumes"] == ["application/x-www-form-urlencoded"] and op["security"] == []
+    assert {p["name"]: (p["in"], p["required"]) for p in op["parameters"]} == {
+        "grant_type": ("formData", True), "client_id": ("formData", True), "client_secret": ("formData", True),
+        "scope": ("formData", False)}
+    for status in ("400", "401", "429"):
+        assert op["responses"][status]["schema"] == {"$ref": "#/definitions/OAuthError"}
+        assert set(op["responses"][status]["examples"]["application/json"]) == {"error", "error_description"}
