@@ -112,6 +112,13 @@ class Shop:
             time.sleep(0.05)
         raise AssertionError(f"order {order_id} still {self.order(order_id)} after {timeout}s; said {self.said}")
 
+    def wait_said(self, record: dict, timeout: float = 10) -> None:
+        """The shop printed `record` (its lines are read by another thread)."""
+        deadline = time.monotonic() + timeout
+        while record not in self.said:
+            assert time.monotonic() < deadline, f"the shop never said {record}: {self.said}"
+            time.sleep(0.02)
+
     def stop(self) -> str:
         self.process.terminate()
         try:
@@ -162,7 +169,7 @@ def test_a_confirmed_payment_marks_the_order_paid(shop, back_office, api, admin_
     assert back_office.confirm_payment(order["payment_id"]).status == 2  # SUCCESS
     paid = shop.wait_for(order["id"], "paid")
     assert paid["failure"] == "" and paid["payment_id"] == order["payment_id"]
-    assert {"event": "order_paid", "order": order["id"], "payment": order["payment_id"]} in shop.said
+    shop.wait_said({"event": "order_paid", "order": order["id"], "payment": order["payment_id"]})
 
 
 def test_a_cancelled_payment_fails_the_order(shop, back_office, buyer):
@@ -190,4 +197,4 @@ def test_a_delivery_not_signed_with_the_endpoints_secret_changes_nothing(shop, a
     answer, _ = shop.post("/hooks/payments", forged, headers)
     assert answer == 400
     assert shop.order(order["id"])["status"] == "awaiting_payment"
-    assert {"event": "webhook_refused", "webhook_id": "evt_forged"} in shop.said
+    shop.wait_said({"event": "webhook_refused", "webhook_id": "evt_forged"})
