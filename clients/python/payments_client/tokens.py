@@ -55,7 +55,9 @@ class CachedTokenSource:
     If a renewal fails while the cached token is still valid (more than `min_left` seconds left),
     that token is used and the next call tries again: a token service that is down for a moment
     does not fail calls that the old token still authorises. Once it has expired, the error is
-    raised. One fetch at a time: concurrent callers wait for it instead of each sending one."""
+    raised. One fetch at a time: concurrent callers wait for it and share its outcome, the error
+    too, instead of each sending one (behind a token service that is down, a queue of callers would
+    otherwise each wait out a fetch's deadline in turn)."""
 
     def __init__(self, renew_before: float = 60.0, min_left: float = 5.0, clock: Clock = time.monotonic):
         self.renew_before = renew_before
@@ -65,6 +67,8 @@ class CachedTokenSource:
         self._value = ""
         self._expires_at = 0.0
         self._renew_at = 0.0
+        self._completed = 0  # fetches ended: a caller that waited sees whether one ended meanwhile
+        self._failure: errors.PaymentsError | None = None  # how the last fetch failed, if it did
         self._lock = threading.Lock()
 
     def fetch(self) -> tuple[str, float]:
@@ -73,17 +77,26 @@ class CachedTokenSource:
     def token(self) -> str:
         if self._value and self.clock() < self._renew_at:
             return self._value
+        seen = self._completed
         with self._lock:
             now = self.clock()
             if self._value and now < self._renew_at:
                 return self._value  # another caller renewed it while we waited
-            try:
+            if self._completed != seen and self._failure is not None:
+                failure = self._failure  # another caller's fetch failed while we waited: its answer is ours
+            else:
                 self.fetches += 1
-                value, lifetime = self.fetch()
-            except errors.PaymentsError:
+                try:
+                    value, lifetime = self.fetch()
+                    failure = None
+                except errors.PaymentsError as error:
+                    failure = error
+                self._failure = failure
+                self._completed += 1
+            if failure is not None:
                 if self._value and now < self._expires_at - self.min_left:
                     return self._value
-                raise
+                raise failure
             self._value = value
             self._expires_at = now + lifetime
             self._renew_at = self._expires_at - min(self.renew_before, lifetime / 2)
