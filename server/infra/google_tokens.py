@@ -16,6 +16,7 @@ cannot make the server hammer Google.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import re
@@ -36,6 +37,7 @@ LEEWAY_SECONDS = 30
 REFETCH_SECONDS = 10.0  # the least time between two fetches of the keys
 DEFAULT_MAX_AGE = 3600.0
 FETCH_TIMEOUT = 5.0
+VERIFIED_CACHE_SIZE = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +117,39 @@ class GoogleTokenVerifier:
     (sub -> client id). A wrong audience or a service account not pinned is PERMISSION_DENIED (a
     genuine Google identity, not one of ours); everything else UNAUTHENTICATED."""
 
-    def __init__(self, keys: GoogleKeys, *, audience: str, accounts: Mapping[str, str], issuer: str = ISSUER):
+    def __init__(self, keys: GoogleKeys, *, audience: str, accounts: Mapping[str, str], issuer: str = ISSUER,
+                 wall_clock: Callable[[], float] = time.time):
         if not audience or not accounts:
             raise ValueError("a Google token verifier needs an audience and at least one service account")
         self.keys, self.audience, self.accounts, self.issuer = keys, audience, dict(accounts), issuer
+        self.wall_clock = wall_clock
+        # token -> identity, least recently used first: a caller sends the same ID token for up
+        # to an hour, and the RS256 check is most of what a call costs (bench/google_tokens.py).
+        self._verified: collections.OrderedDict[str, GoogleIdentity] = collections.OrderedDict()
+        self._lock = threading.Lock()
 
     def verify(self, token: str) -> GoogleIdentity:
+        """As _verify, remembered by the token's exact text until it expires (with the leeway),
+        at most VERIFIED_CACHE_SIZE at a time, as the server's own TokenVerifier does."""
+        hit = self.remembered(token)
+        if hit is not None:
+            return hit
+        identity = self._verify(token)
+        with self._lock:
+            self._verified[token] = identity
+            self._verified.move_to_end(token)
+            if len(self._verified) > VERIFIED_CACHE_SIZE:
+                self._verified.popitem(last=False)
+        return identity
+
+    def remembered(self, token: str) -> GoogleIdentity | None:
+        """The identity of a token verified before and not yet expired, else None."""
+        hit = self._verified.get(token)  # no lock to read: each step is atomic under the GIL
+        if hit is not None and self.wall_clock() < hit.expires_at + LEEWAY_SECONDS:
+            return hit
+        return None
+
+    def _verify(self, token: str) -> GoogleIdentity:
         def bad(why: str) -> Unauthenticated:
             return Unauthenticated(f"invalid Google ID token: {why}", reason="INVALID_TOKEN")
 
@@ -160,9 +189,9 @@ class GoogleTokenVerifier:
 
 
 class EitherIssuer:
-    """The server's own tokens, and Google's when the deployment configured them: the token's
-    claimed issuer picks the verifier (unverified, only to choose; the chosen one verifies
-    everything). A Google token's caller is its pinned service client with no scope of its own,
+    """The server's own tokens, and Google's when the deployment configured them: a token ours
+    refuses that claims Google's issuer (unverified, only to choose) goes to Google's verifier,
+    which verifies everything. A Google token's caller is its pinned service client with no scope of its own,
     so the client check (server/domain/clients.py ClientCheck) gives it all the client holds and
     refuses it as soon as the client is revoked or expired."""
 
@@ -179,7 +208,15 @@ class EitherIssuer:
                                             issuer=settings.google_issuer))
 
     def verify(self, token: str) -> Caller:
-        if self.google is not None and issuer_of(token) == self.google.issuer:
+        """A Google token verified before from memory; then our own verifier (its cache answers our
+        tokens at once); a token it refuses that claims Google's issuer is Google's verifier's to
+        judge, and gets that verifier's answer."""
+        identity = self.google.remembered(token) if self.google is not None else None
+        if identity is None:
+            try:
+                return self.own.verify(token)
+            except (Unauthenticated, PermissionDenied):
+                if self.google is None or issuer_of(token) != self.google.issuer:
+                    raise
             identity = self.google.verify(token)
-            return Caller(subject=identity.client_id, email="", role=CLIENT)
-        return self.own.verify(token)
+        return Caller(subject=identity.client_id, email="", role=CLIENT)

@@ -123,8 +123,8 @@ def test_keys_are_fetched_once_kept_for_max_age_and_refetched_for_a_new_kid_at_m
     for n in range(5):  # ...but made-up key ids do not make us fetch again within ten seconds
         refused(verifier, google.mint(shop, AUDIENCE, kid=f"made-up-{n}"), Unauthenticated, "INVALID_TOKEN")
     assert google.cert_fetches == 2
-    clock.now += 601  # max-age over: fetched again before use
-    verifier.verify(google.mint(shop, AUDIENCE))
+    clock.now += 601  # max-age over: fetched again before use (a token not verified before)
+    verifier.verify(google.mint(shop, AUDIENCE, issued=time.time() - 5))
     assert google.cert_fetches == 3
 
 
@@ -149,3 +149,37 @@ def test_a_verifier_needs_an_audience_and_pinned_accounts(google):
         GoogleTokenVerifier(keys, audience="", accounts={"1": "c"})
     with pytest.raises(ValueError, match="service account"):
         GoogleTokenVerifier(keys, audience=AUDIENCE, accounts={})
+
+
+def test_a_verified_token_is_remembered_until_it_expires_and_then_refused(google, shop):
+    wall = [time.time()]
+    verifier = GoogleTokenVerifier(GoogleKeys(google.certs_url), audience=AUDIENCE, accounts={shop.sub: "cli_shop"},
+                                   wall_clock=lambda: wall[0])
+    token = google.mint(shop, AUDIENCE, lifetime=100)
+    assert verifier.verify(token) is verifier.verify(token)  # the second from memory
+    assert verifier.remembered(token) is not None
+    wall[0] += 100 + 30 + 1  # past exp and the leeway: forgotten, and PyJWT (real time) is asked again
+    assert verifier.remembered(token) is None
+
+
+def test_either_issuer_sends_each_token_to_its_verifier_and_answers_with_its_reasons(keys_dir, google, shop):
+    from server.domain.caller import CLIENT
+    from server.infra import tokens
+
+    issuer = tokens.TokenIssuer(tokens.load_private_key(keys_dir / "jwt-private.pem"), issuer="payments",
+                                audience="payments-api", ttl_seconds=300)
+    own = tokens.TokenVerifier.from_file(keys_dir / "jwks.json", issuer="payments", audience="payments-api")
+    google_verifier = GoogleTokenVerifier(GoogleKeys(google.certs_url), audience=AUDIENCE, accounts={shop.sub: "cli_shop"})
+    either = google_tokens.EitherIssuer(own, google_verifier)
+    ours = issuer.issue_client("cli_other", "payments.read")
+    assert either.verify(ours).subject == "cli_other" and either.verify(ours).permissions == frozenset({"payments.read"})
+    theirs = either.verify(google.mint(shop, AUDIENCE))
+    # The pinned client with no scope of its own: the client check gives it what the client holds.
+    assert (theirs.subject, theirs.role, theirs.permissions, theirs.email) == ("cli_shop", CLIENT, frozenset(), "")
+    refused(either, google.mint(shop, "https://elsewhere.example.com"), PermissionDenied, "WRONG_AUDIENCE")
+    refused(either, google.mint(ServiceAccount("x"), AUDIENCE), PermissionDenied, "SERVICE_ACCOUNT_NOT_ALLOWED")
+    refused(either, "junk", Unauthenticated, "INVALID_TOKEN")
+    # Without Google configured, a Google token is just a token we did not sign.
+    alone = google_tokens.EitherIssuer(own, None)
+    refused(alone, google.mint(shop, AUDIENCE), Unauthenticated, "INVALID_TOKEN")
+    assert alone.verify(ours).subject == "cli_other"
