@@ -531,3 +531,16 @@ def test_a_google_id_token_is_fetched_from_the_metadata_server_and_renewed_befor
     finally:
         with contextlib.suppress(OSError):
             google.stop()
+
+
+def test_the_documented_defaults_backoff_cap_and_jitter(pc):
+    policy = pc.RetryPolicy()
+    assert (policy.attempts, policy.budget, policy.base, policy.cap) == (4, 20.0, 0.1, 2.0)
+    assert pc.PaymentsClient("127.0.0.1:1", pc.StaticToken("t")).deadline == 5.0
+    busy = pc.errors.ResourceExhausted(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", reason="SERVER_BUSY")
+    top = pc.RetryPolicy(jitter=lambda top: top)
+    assert [top.delay(n, busy) for n in range(1, 8)] == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+    waits = [policy.delay(5, busy) for _ in range(200)]  # full jitter: anywhere from 0 to the cap's top
+    assert all(0 <= w <= 1.6 for w in waits) and min(waits) < 0.4 and max(waits) > 1.2
+    ca = pc.tokens.ClientCredentials("cli_x", "pmt_cs_x")
+    assert (ca.renew_before, ca.min_left, ca.deadline) == (60.0, 5.0, 5.0)
