@@ -101,7 +101,9 @@ test: setup
 test-models: setup
 	PAYMENTS_TEST_DATABASE_URL=$$(scripts/pg-test-db.sh) PAYMENTS_WEBHOOK_MODEL=1 PAYMENTS_MODEL_EXAMPLES=1000 PAYMENTS_MODEL_STEPS=50 \
 		PAYMENTS_SESSION_MODEL_EXAMPLES=1500 PAYMENTS_SESSION_MODEL_STEPS=50 \
-		$(PY) -m pytest --timeout 0 tests/unit/test_payments_model.py tests/unit/test_sessions_model.py tests/unit/test_webhooks_model.py
+		PAYMENTS_CLIENT_MODEL_EXAMPLES=1000 PAYMENTS_CLIENT_MODEL_STEPS=50 \
+		$(PY) -m pytest --timeout 0 tests/unit/test_payments_model.py tests/unit/test_sessions_model.py tests/unit/test_webhooks_model.py \
+		tests/unit/test_clients_model.py
 
 # Benchmarks (not part of `make test`): ghz for gRPC, wrk (Debian package) for REST, a few minutes;
 # then the images' size, start-to-ready time and idle memory (bench/images.py).

@@ -95,11 +95,16 @@ def test_make_run_serves_rest_grpc_and_swagger_ui_and_stops_cleanly(stack):
     assert "stopped" in stack.log.read_text()
 
 
+def readme_blocks(title: str) -> list[str]:
+    """The shell blocks of a README section, as written."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```sh\n(.*?)^```", section, flags=re.M | re.S)
+
+
 def quick_start_blocks() -> list[str]:
     """The shell blocks of the README's "Quick start" section, as written."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"^```sh\n(.*?)^```", section, flags=re.M | re.S)
+    blocks = readme_blocks("Quick start")
     assert len(blocks) >= 2, "the quick start has a REST and a gRPC block"
     return blocks
 
@@ -118,3 +123,22 @@ def test_the_readme_quick_start_runs_as_written(stack, tmp_path):
     assert '"status":"SUCCESS"' in out.replace(" ", "")  # confirmed by the admin
     assert '"failure_reason":"CANCELLED"' in out.replace(" ", "")  # the second one, cancelled
     assert "payments.v1.PaymentService" in out and '"amount": "150000"' in out  # grpcurl list and Get
+
+
+def test_the_readme_service_clients_section_runs_as_written(stack, tmp_path):
+    """The quick start, then the "Service clients" steps in the same shell: create a client, get a
+    token with curl, call over REST and grpcurl, a call outside its permissions refused, rotate,
+    revoke."""
+    blocks = readme_blocks("Service clients")
+    assert len(blocks) == 1
+    script = tmp_path / "service-clients.sh"
+    script.write_text("set -euo pipefail\n" + "\n".join(quick_start_blocks() + blocks))
+    env = {**os.environ, "PAYMENTS_DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run(["nsenter", "-t", str(stack.pid), "-n", "bash", str(script)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout.replace(" ", "")
+    assert '"amount":"250000"' in out  # grpcurl read the client's payment
+    assert '"reason":"PERMISSION_MISSING"' in out and '"permission":"payments.confirm"' in out
+    assert '"previous_secret_expires_at"' in out and '"revoked_at"' in out
+    assert "pmt_cs_" in out  # the rotated secret, shown once

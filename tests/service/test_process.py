@@ -2,6 +2,7 @@
 JSON logs, grpcurl through reflection, graceful SIGTERM."""
 
 import hashlib
+import hmac
 import json
 import os
 import signal
@@ -89,8 +90,10 @@ def test_logs_are_json_lines_with_method_code_duration_and_no_secrets(server_pro
 
 def test_a_debug_log_holds_no_password_hash_token_or_secret(settings, tmp_path):
     """PAYMENTS_LOG_LEVEL=DEBUG, SQL statements logged and all: register, log in, refresh, log in
-    as the admin, create a webhook endpoint and let the job deliver to it, log out; no password,
-    argon2 hash, refresh token (or its hash), access token or webhook secret is in the log."""
+    as the admin, create a webhook endpoint and let the job deliver to it, create a service client,
+    rotate its secret, get tokens with the old and the new secret and a wrong one, log out; no
+    password, argon2 hash, refresh token (or its hash), access token, webhook secret, client secret
+    (or its hash) is in the log."""
     from server.edge.pb import payments_pb2_grpc
     from tests.support.webhook_receiver import FAST_WEBHOOKS, Receiver
 
@@ -113,6 +116,19 @@ def test_a_debug_log_holds_no_password_hash_token_or_secret(settings, tmp_path):
         pb_stub(proc.channel).CreatePayment(
             pb.CreatePaymentRequest(payment=pb.Payment(email="debug@example.com", amount=5)), metadata=md)
         receiver.wait_for(lambda r: r.events, what="the payment's event")
+        clients = payments_pb2_grpc.ClientServiceStub(proc.channel)
+        tokens = payments_pb2_grpc.TokenServiceStub(proc.channel)
+        client = clients.CreateClient(pb.CreateClientRequest(client=pb.Client(name="shop", permissions=[
+            "payments.read"])), metadata=md)
+        rotated = clients.RotateClientSecret(pb.RotateClientSecretRequest(id=client.client.id), metadata=md)
+        grants = [tokens.CreateToken(pb.CreateTokenRequest(grant_type="client_credentials", client_id=client.client.id,
+                                                           client_secret=secret)) for secret in (client.secret,
+                                                                                                  rotated.secret)]
+        with pytest.raises(grpc.RpcError):
+            tokens.CreateToken(pb.CreateTokenRequest(grant_type="client_credentials", client_id=client.client.id,
+                                                     client_secret="pmt_cs_a wrong guess do not log"))
+        pb_stub(proc.channel).ListPayments(pb.ListPaymentsRequest(),
+                                           metadata=(("authorization", f"Bearer {grants[1].access_token}"),))
         auth.Logout(pb.LogoutRequest(), metadata=(("authorization", f"Bearer {refreshed.access_token}"),))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
@@ -133,6 +149,11 @@ def test_a_debug_log_holds_no_password_hash_token_or_secret(settings, tmp_path):
         "refresh token hash": hashlib.sha256(login.refresh_token.encode()).hexdigest(),
         "access token": login.access_token.split(".")[2], "admin access token": admin.access_token.split(".")[2],
         "webhook secret": made.secret,
+        "client secret": client.secret, "rotated client secret": rotated.secret,
+        "client secret's random part": client.secret[len("pmt_cs_"):],
+        "wrong client secret": "pmt_cs_a wrong guess do not log",
+        "client secret hash": hmac.new(client.client.id.encode(), client.secret.encode(), hashlib.sha256).hexdigest(),
+        "client access token": grants[0].access_token.split(".")[2],
     }
     assert not [name for name, secret in secrets.items() if secret in text], text[-3000:]
 
