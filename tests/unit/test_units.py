@@ -64,7 +64,7 @@ def test_bearer_token_parsing(metadata, ok):
             auth.bearer_token(metadata)
 
 
-def test_public_methods_are_exactly_sign_up_login_refresh_health_and_reflection():
+def test_public_methods_are_exactly_sign_up_login_refresh_client_tokens_health_and_reflection():
     """Every method the server serves, from the descriptors: only these need no token (Logout does)."""
     from grpc_health.v1 import health_pb2
     from grpc_reflection.v1alpha import reflection_pb2 as reflection_v1alpha
@@ -76,6 +76,7 @@ def test_public_methods_are_exactly_sign_up_login_refresh_health_and_reflection(
                for service in module.DESCRIPTOR.services_by_name.values() for m in service.methods}
     assert {m for m in methods if auth.is_public(m)} == {
         "/payments.v1.AuthService/Register", "/payments.v1.AuthService/Login", "/payments.v1.AuthService/Refresh",
+        "/payments.v1.TokenService/CreateToken",
         "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/List", "/grpc.health.v1.Health/Watch",
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"}
     assert "/payments.v1.AuthService/Logout" in methods and len(methods) > 8
