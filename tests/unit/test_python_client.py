@@ -544,3 +544,21 @@ def test_the_documented_defaults_backoff_cap_and_jitter(pc):
     assert all(0 <= w <= 1.6 for w in waits) and min(waits) < 0.4 and max(waits) > 1.2
     ca = pc.tokens.ClientCredentials("cli_x", "pmt_cs_x")
     assert (ca.renew_before, ca.min_left, ca.deadline) == (60.0, 5.0, 5.0)
+
+
+def test_it_builds_into_a_wheel_of_its_own_with_its_stubs(tmp_path):
+    import zipfile
+
+    copy = generated_copy(tmp_path)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "out"), str(copy)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    [wheel] = (tmp_path / "out").glob("payments_client-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"payments_client/client.py", "payments_client/_gen/payments/v1/payments_pb2_grpc.py",
+            "payments_client/_gen/protoc_gen_openapiv2/options/annotations_pb2.py"} <= names
+    assert not [n for n in names if n.startswith(("shop/", "server/", "tests/"))]  # the example and the server stay out
+    metadata = next(n for n in names if n.endswith("METADATA"))
+    requires = [line for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines() if line.startswith("Requires-Dist")]
+    assert sorted(requires) == ["Requires-Dist: googleapis-common-protos==1.76.0", "Requires-Dist: grpcio-tools==1.85.1; "
+                                'extra == "gen"', "Requires-Dist: grpcio==1.85.3", "Requires-Dist: protobuf==7.36.2"], requires
