@@ -80,6 +80,7 @@ def test_the_secret_is_shown_once_and_stored_only_as_a_keyed_hash(s):
     assert len(row.secret_hash) == 64 and row.secret_prefix == made.secret[:12]
     listed = s.clients.ListClients(pb.ListClientsRequest(), metadata=s.admin)
     assert made.secret not in str(listed) and made.secret[:12] == listed.clients[0].secret_prefix
+    assert listed.clients[0].created_by == ADMIN_CALLER.subject and listed.clients[0].HasField("created_at")
     got = s.clients.GetClient(pb.GetClientRequest(id=made.client.id), metadata=s.admin)
     assert made.secret not in str(got) and not got.HasField("last_used_at")
     token(s, made)
@@ -145,6 +146,13 @@ def test_a_clients_payment_belongs_to_the_payers_account_and_its_history_names_t
     other = create(s, "payments.create")
     theirs = s.payments.CreatePayment(pb.CreatePaymentRequest(payment=draft), metadata=md(token(s, other).access_token))
     assert theirs.id not in (paid.id, admins.id)
+    # Within its permissions a client reaches every account's payments, a customer's own included.
+    bobs = s.payments.CreatePayment(pb.CreatePaymentRequest(payment=pb.Payment(email=BOB.email, amount=5)),
+                                    metadata=auth_md(BOB))
+    assert s.payments.GetPayment(pb.GetPaymentRequest(id=bobs.id), metadata=t).owner_id == BOB.subject
+    assert s.payments.CancelPayment(pb.CancelPaymentRequest(id=bobs.id), metadata=t).status == pb.Payment.FAILED
+    listed = s.payments.ListPayments(pb.ListPaymentsRequest(email=BOB.email), metadata=t).payments
+    assert [p.id for p in listed] == [bobs.id]
     # Nobody holds the email: the payer registers first.
     assert refused(lambda: s.payments.CreatePayment(pb.CreatePaymentRequest(
         payment=pb.Payment(email="stranger@example.com", amount=1)), metadata=t)) \
