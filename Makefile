@@ -10,7 +10,7 @@ RUN_TOOLS := $(TOOLS)/protoc-gen-openapiv2 $(TOOLS)/openapi3 $(TOOLS)/grpcurl
 GO_TOOLS := $(RUN_TOOLS) $(TOOLS)/ghz $(TOOLS)/kustomize $(TOOLS)/composecheck $(TOOLS)/k8scheck $(TOOLS)/buf $(TOOLS)/oasdiff $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc
 SWAGGER_UI := openapi/ui/node_modules/.package-lock.json
 # The example clients the contract tests run (clients/, tests/e2e/test_clients.py).
-CLIENTS := clients/go/.built clients/typescript/node_modules/.package-lock.json
+CLIENTS := clients/go/.built clients/typescript/node_modules/.package-lock.json clients/python/.built
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: run test test-models gen bench images keys setup setup-run lock clean server
@@ -59,6 +59,12 @@ $(SWAGGER_UI): openapi/ui/package.json openapi/ui/package-lock.json
 clients/go/.built: clients/go/go.mod clients/go/go.sum clients/go/main.go clients/go/gen.sh $(shell find proto -name "*.proto") $(VENV)/.installed $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc
 	clients/go/gen.sh
 	cd clients/go && go build -o /dev/null .
+	touch $@
+
+# The Python client's stubs, generated into the git-ignored clients/python/payments_client/_gen (its
+# tests generate their own copy in a temporary directory; tests/support/python_client.py).
+clients/python/.built: clients/python/gen.sh $(shell find proto -name "*.proto") $(VENV)/.installed
+	clients/python/gen.sh
 	touch $@
 
 # The TypeScript client's generator and runtime (npm, pinned by clients/typescript/package-lock.json).

@@ -27,6 +27,35 @@ LISTEN_ADDRESS = "{address: 0.0.0.0, port_value: 8080}"
 METRICS_ADDRESS = "{address: 0.0.0.0, port_value: 9902}"
 
 
+# Where Envoy fetches Google's keys (jwt_authn's google provider): the tests put a local stand-in
+# (plain HTTP on loopback) in its place; each must occur exactly once.
+GOOGLE_JWKS_URI = "uri: https://www.googleapis.com/oauth2/v3/certs\n"
+GOOGLE_JWKS_ADDRESS = "socket_address: {address: www.googleapis.com, port_value: 443}\n"
+GOOGLE_JWKS_TLS = """    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: www.googleapis.com
+        common_tls_context:
+          validation_context:
+            trusted_ca: {filename: /etc/ssl/certs/ca-certificates.crt}
+            match_typed_subject_alt_names:
+            - san_type: DNS
+              matcher: {exact: www.googleapis.com}
+"""
+
+
+def with_google_keys_at(text: str, url: str) -> str:
+    """envoy.yaml fetching Google's keys from `url` (http://127.0.0.1:<port>/...) instead."""
+    port = int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+    for needle in (GOOGLE_JWKS_URI, GOOGLE_JWKS_ADDRESS, GOOGLE_JWKS_TLS):
+        if text.count(needle) != 1:
+            raise ValueError(f"envoy.yaml must contain {needle.strip()!r} exactly once")
+    return (text.replace(GOOGLE_JWKS_URI, f"uri: {url}\n")
+            .replace(GOOGLE_JWKS_ADDRESS, f"socket_address: {{address: 127.0.0.1, port_value: {port}}}\n")
+            .replace(GOOGLE_JWKS_TLS, ""))
+
+
 def render(text: str, *, listen_port: int, admin_port: int, backend_port: int | list[int],
            metrics_port: int = 0, loopback_only: bool = False) -> str:
     """The ports substituted (`backend_port`: the server's, one per process, at most four;

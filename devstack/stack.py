@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from devstack.envoyconf import CONFIG, ROOT, render
+from devstack.envoyconf import CONFIG, ROOT, render, with_google_keys_at
 from server.infra import config
 
 ENVOY = ROOT / ".venv" / "bin" / "envoy"
@@ -235,12 +235,16 @@ class Envoy:
 
     @classmethod
     def start(cls, work: Path, backend_port: int | list[int], env: dict[str, str] | None = None,
-              source: Path = CONFIG, ca: Path | None = None) -> "Envoy":
+              source: Path = CONFIG, ca: Path | None = None, google_jwks: str = "") -> "Envoy":
         """`backend_port`: the server's, or one per server process; `source`: envoy.yaml, or
-        envoy-tls.yaml with `ca` the authority of work/tls/tls.crt."""
+        envoy-tls.yaml with `ca` the authority of work/tls/tls.crt; `google_jwks`: a stand-in's
+        URL for Google's keys."""
         config = work / "envoy.yaml"
         # The admin port is chosen here, not by the kernel: the metrics listener forwards to it.
-        config.write_text(render(source.read_text(), listen_port=0, admin_port=free_port(), backend_port=backend_port))
+        text = source.read_text()
+        if google_jwks:
+            text = with_google_keys_at(text, google_jwks)
+        config.write_text(render(text, listen_port=0, admin_port=free_port(), backend_port=backend_port))
         admin_file = work / "envoy-admin.txt"
         admin_file.unlink(missing_ok=True)
         log, access_log = work / "envoy.log", work / "envoy-access.log"

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server.edge import capacity
 from server.infra import clock as clocks
-from server.infra import metrics, sqlite_turns, storage, tokens, tracing
+from server.infra import google_tokens, metrics, sqlite_turns, storage, tokens, tracing
 from server.domain.accounts import Accounts
 from server.domain.errors import FailedPrecondition
 from server.edge.interceptor import CallInterceptor
@@ -113,8 +113,9 @@ def build(settings: Settings) -> App:
     tracing.trace_queries(database, "postgresql" if storage.is_postgres(database) else "sqlite")
     # One clock for every rule and job, which replicas share: the database's time (clock.py).
     clock = clocks.for_database(database)
-    verifier = tokens.TokenVerifier.from_file(settings.jwks_file, issuer=settings.jwt_issuer,
-                                              audience=settings.jwt_audience)
+    verifier = google_tokens.EitherIssuer.from_settings(
+        tokens.TokenVerifier.from_file(settings.jwks_file, issuer=settings.jwt_issuer, audience=settings.jwt_audience),
+        settings)
     issuer = tokens.TokenIssuer.from_settings(settings)
     sessions = Sessions(settings.refresh_ttl_seconds, clock)
     accounts = Accounts(issuer, clock, sessions=sessions)

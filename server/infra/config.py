@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -44,6 +45,13 @@ class Settings:
     jwt_ttl_seconds: int = 300  # access tokens: short, a refresh token gets the next one
     refresh_ttl_seconds: int = 30 * 24 * 3600  # a session's refresh tokens end this long after login
     revocation_check_seconds: float = 5.0  # logout, disable, delete or a role change reach every call within this
+    # Google service accounts as callers (server/infra/google_tokens.py, docs/cloudrun.md): off
+    # unless an audience and at least one account are given; each account pinned by its unique id
+    # (`sub`) and acting as a service client, whose permissions it gets.
+    google_audience: str = ""
+    google_issuer: str = "https://accounts.google.com"
+    google_jwks_url: str = "https://www.googleapis.com/oauth2/v3/certs"
+    google_service_accounts: tuple[tuple[str, str], ...] = ()  # (sub, client id)
     admin_email: str = ""
     admin_password: str = dataclasses.field(default="", repr=False)
     # jobs (APScheduler, in-process)
@@ -136,6 +144,29 @@ def _address(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+_GOOGLE_SUB = re.compile(r"[0-9]{1,64}")
+_CLIENT_ID = re.compile(r"cli_[a-z2-7]{26}")
+
+
+def _google_accounts(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """PAYMENTS_GOOGLE_SERVICE_ACCOUNTS: `<sub>=<client id>` pairs, comma-separated. The sub is
+    the account's unique id (digits), never its email: an email is a name that can be deleted and
+    taken again by another account; the unique id never is."""
+    raw = env.get("PAYMENTS_GOOGLE_SERVICE_ACCOUNTS", "").strip()
+    pairs: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        sub, _, client_id = (x.strip() for x in item.partition("="))
+        if not _GOOGLE_SUB.fullmatch(sub):
+            raise ConfigError("PAYMENTS_GOOGLE_SERVICE_ACCOUNTS pins each service account by its unique id "
+                              f"(digits: gcloud iam service-accounts describe ... --format='value(uniqueId)'), got {sub!r}")
+        if not _CLIENT_ID.fullmatch(client_id):
+            raise ConfigError(f"PAYMENTS_GOOGLE_SERVICE_ACCOUNTS maps {sub} to {client_id!r}: not a service client id (cli_...)")
+        if sub in pairs:
+            raise ConfigError(f"PAYMENTS_GOOGLE_SERVICE_ACCOUNTS names {sub} twice")
+        pairs[sub] = client_id
+    return tuple(pairs.items())
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from the environment; unset variables keep the safe defaults."""
     env = os.environ if env is None else env
@@ -149,6 +180,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     secret = env.get("PAYMENTS_PAGE_TOKEN_SECRET", "")
     if secret and len(secret) < 16:
         raise ConfigError("PAYMENTS_PAGE_TOKEN_SECRET must be at least 16 characters")
+    google_audience = env.get("PAYMENTS_GOOGLE_AUDIENCE", "").strip()
+    google_accounts = _google_accounts(env)
+    if bool(google_audience) != bool(google_accounts):
+        raise ConfigError("Google service accounts need both PAYMENTS_GOOGLE_AUDIENCE and "
+                          "PAYMENTS_GOOGLE_SERVICE_ACCOUNTS (or neither)")
     return Settings(
         listen_addr=env.get("PAYMENTS_LISTEN_ADDR", d.listen_addr),
         processes=_processes(env),
@@ -174,6 +210,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         jwt_ttl_seconds=_int(env, "PAYMENTS_JWT_TTL_SECONDS", d.jwt_ttl_seconds, 30),
         refresh_ttl_seconds=_int(env, "PAYMENTS_REFRESH_TTL_SECONDS", d.refresh_ttl_seconds, 60),
         revocation_check_seconds=_float(env, "PAYMENTS_REVOCATION_CHECK_SECONDS", d.revocation_check_seconds),
+        google_audience=google_audience,
+        google_issuer=env.get("PAYMENTS_GOOGLE_ISSUER", "").strip() or d.google_issuer,
+        google_jwks_url=env.get("PAYMENTS_GOOGLE_JWKS_URL", "").strip() or d.google_jwks_url,
+        google_service_accounts=google_accounts,
         admin_email=env.get("PAYMENTS_ADMIN_EMAIL", ""),
         admin_password=env.get("PAYMENTS_ADMIN_PASSWORD", ""),
         jobs_enabled=_bool(env, "PAYMENTS_JOBS_ENABLED", d.jobs_enabled),

@@ -113,6 +113,9 @@ def test_envoy_image_runs_the_config_make_run_and_the_end_to_end_tests_run():
                 assert local[local.index(arg) + 1] == value, f"the image runs Envoy with {arg} {value}"
 
 
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
 def test_files_envoy_reads_are_in_the_image_or_mounted():
     """envoy.yaml names files relative to Envoy's working directory: each must be copied into the
     image there, or be the JWKS that compose and Kubernetes mount at keys/."""
@@ -121,6 +124,9 @@ def test_files_envoy_reads_are_in_the_image_or_mounted():
     paths = support.envoy_file_paths()
     assert "gen/payments.pb" in paths and "keys/jwks.json" in paths, paths
     for path in paths:
+        if path == CA_BUNDLE:  # the system's authorities (Google's keys over TLS): the image's root has them
+            assert f"cp {CA_BUNDLE} /rootfs/etc/ssl/certs/" in support.stage("envoy", "binary").text
+            continue
         assert not path.startswith("/"), f"{path}: absolute paths break the image layout"
         where = final.workdir / path
         if path.startswith("keys/"):

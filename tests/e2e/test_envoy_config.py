@@ -65,7 +65,16 @@ def test_admin_is_loopback_and_backend_is_the_sidecar():
     config = yaml.safe_load(CONFIG.read_text())
     assert config["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9901}
     clusters = config["static_resources"]["clusters"]
-    assert [c["name"] for c in clusters] == ["payments_grpc", "payments_auth", "payments_streams", "envoy_admin"]
+    assert [c["name"] for c in clusters] == ["payments_grpc", "payments_auth", "payments_streams", "envoy_admin",
+                                             "google_jwks"]
+    # Google's keys, over TLS checked against the system's authorities for www.googleapis.com.
+    google = clusters.pop()
+    assert google["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] == {
+        "address": "www.googleapis.com", "port_value": 443}
+    tls = google["transport_socket"]["typed_config"]
+    assert tls["sni"] == "www.googleapis.com"
+    assert tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "www.googleapis.com"}}]
     admin = clusters.pop()["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
     assert admin == config["admin"]["address"]["socket_address"]  # the metrics listener's upstream: the admin port
     for cluster in clusters:  # one server, three connection pools with their own circuit breakers
@@ -111,6 +120,43 @@ def test_jwt_rules_fail_closed_and_read_only_the_authorization_header():
         {"path": "/payments.v1.AuthService/Refresh"},
         {"path": "/oauth2/token"}, {"path": "/payments.v1.TokenService/CreateToken"},
         {"prefix": "/grpc.health.v1.Health/"}, {"path": "/ready"},
+    ]
+
+
+def test_google_id_tokens_are_taken_only_where_service_clients_call():
+    """The google provider: Google's issuer and keys, the Authorization header only, forwarded to
+    the server (which checks audience and the pinned account); required-or-ours on the payment and
+    webhook routes alone, so managing clients, logout and everything else stay our tokens only."""
+    jwt = _filters()["envoy.filters.http.jwt_authn"]
+    google = jwt["providers"]["google"]
+    assert google["issuer"] == "https://accounts.google.com"
+    assert google["remote_jwks"]["http_uri"]["uri"] == "https://www.googleapis.com/oauth2/v3/certs"
+    assert google["from_headers"] == [{"name": "Authorization", "value_prefix": "Bearer "}] and google["forward"] is True
+    assert "audiences" not in google  # each deployment's: the server checks it
+    either = {"requires_any": {"requirements": [{"provider_name": "payments"}, {"provider_name": "google"}]}}
+    taking = [r["match"]["prefix"] for r in jwt["rules"] if r.get("requires") == either]
+    assert taking == ["/v1/payments", "/payments.v1.PaymentService/", "/v1/webhook", "/payments.v1.WebhookService/"]
+    others = [r["requires"] for r in jwt["rules"] if "requires" in r and r["requires"] != either]
+    assert others and all(r == {"provider_name": "payments"} for r in others)
+
+
+def test_the_google_keys_stand_in_changes_only_where_envoy_fetches_them():
+    from devstack.envoyconf import with_google_keys_at
+
+    original = CONFIG.read_text()
+    moved = with_google_keys_at(original, "http://127.0.0.1:4321/oauth2/v3/certs")
+    diff = [line for line in difflib.unified_diff(original.splitlines(), moved.splitlines(), lineterm="", n=0)
+            if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert [line for line in diff if line[0] == "+"] == [
+        "+                      uri: http://127.0.0.1:4321/oauth2/v3/certs",
+        "+              socket_address: {address: 127.0.0.1, port_value: 4321}",
+    ]
+    from devstack.envoyconf import GOOGLE_JWKS_TLS
+
+    assert [line for line in diff if line[0] == "-"] == [
+        "-                      uri: https://www.googleapis.com/oauth2/v3/certs",
+        "-              socket_address: {address: www.googleapis.com, port_value: 443}",
+        *("-" + line for line in GOOGLE_JWKS_TLS.splitlines()),
     ]
 
 

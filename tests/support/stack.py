@@ -23,15 +23,17 @@ class Server(stack.Server):
 
 @contextlib.contextmanager
 def running_stack(work: Path, keys: Path, envoy_env: dict[str, str] | None = None, database_url: str = "",
-                  envoy_source: Path | None = None, ca: Path | None = None, server_overrides: dict[str, str] | None = None):
+                  envoy_source: Path | None = None, ca: Path | None = None, server_overrides: dict[str, str] | None = None,
+                  google_jwks: str = ""):
     """A server (SQLite, or PostgreSQL at database_url) and the real Envoy in front of it, stopped on
     exit; `envoy_source`: one of envoy.yaml's variants instead (with `ca` for envoy-tls.yaml);
-    `server_overrides`: more of the server's environment."""
+    `server_overrides`: more of the server's environment; `google_jwks`: where Envoy fetches
+    Google's keys (a stand-in's URL)."""
     prepare_workdir(work, keys)
     overrides = {**({"DATABASE_URL": database_url} if database_url else {}), **(server_overrides or {})}
     server = Server.start(work, server_env(work, **overrides) if overrides else None)
     try:
-        envoy = Envoy.start(work, server.port, env=envoy_env, ca=ca,
+        envoy = Envoy.start(work, server.port, env=envoy_env, ca=ca, google_jwks=google_jwks,
                             **({"source": envoy_source} if envoy_source else {}))
     except BaseException:
         server.stop()

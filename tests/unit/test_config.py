@@ -102,3 +102,30 @@ def test_each_server_process_gets_its_port_the_shared_page_key_and_only_the_firs
     assert {c.page_token_secret for c in children} == {b"k" * 32} and {c.processes for c in children} == {1}
     assert settings_for(dataclasses.replace(base, jobs_enabled=False), 0, b"k").jobs_enabled is False
     assert settings_for(dataclasses.replace(base, listen_addr="127.0.0.1:0"), 2, b"k").listen_addr == "127.0.0.1:0"
+
+
+SUB, CLIENT = "104412345678901234567", "cli_" + "a" * 26
+
+
+def test_google_service_accounts_are_off_by_default_and_pinned_by_sub_to_a_client():
+    assert (config.load({}).google_audience, config.load({}).google_service_accounts) == ("", ())
+    s = config.load({"PAYMENTS_GOOGLE_AUDIENCE": "https://payments.example.com",
+                     "PAYMENTS_GOOGLE_SERVICE_ACCOUNTS": f" {SUB}={CLIENT}, 7=cli_{'b' * 26} ",
+                     "PAYMENTS_GOOGLE_JWKS_URL": "http://127.0.0.1:1/certs"})
+    assert s.google_service_accounts == ((SUB, CLIENT), ("7", "cli_" + "b" * 26))
+    assert (s.google_audience, s.google_issuer, s.google_jwks_url) == (
+        "https://payments.example.com", "https://accounts.google.com", "http://127.0.0.1:1/certs")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"PAYMENTS_GOOGLE_AUDIENCE": "https://p.example.com"}, "both PAYMENTS_GOOGLE_AUDIENCE and"),
+    ({"PAYMENTS_GOOGLE_SERVICE_ACCOUNTS": f"{SUB}={CLIENT}"}, "both PAYMENTS_GOOGLE_AUDIENCE and"),
+    ({"PAYMENTS_GOOGLE_AUDIENCE": "a", "PAYMENTS_GOOGLE_SERVICE_ACCOUNTS": f"shop@p.iam.gserviceaccount.com={CLIENT}"},
+     "unique id"),
+    ({"PAYMENTS_GOOGLE_AUDIENCE": "a", "PAYMENTS_GOOGLE_SERVICE_ACCOUNTS": f"{SUB}=shopping"}, "not a service client id"),
+    ({"PAYMENTS_GOOGLE_AUDIENCE": "a", "PAYMENTS_GOOGLE_SERVICE_ACCOUNTS": f"{SUB}"}, "not a service client id"),
+    ({"PAYMENTS_GOOGLE_AUDIENCE": "a", "PAYMENTS_GOOGLE_SERVICE_ACCOUNTS": f"{SUB}={CLIENT},{SUB}={CLIENT}"}, "twice"),
+])
+def test_google_settings_that_cannot_work_stop_the_start(env, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(env)
