@@ -9,7 +9,9 @@ What an attacker without an account (or with one) can do to hold the service's r
     slow_body_posts          HTTP/1.1 POSTs whose body never reaches its Content-Length
     idle_connections         TCP connections that send nothing
     preface_connections      HTTP/2 connections that send the client preface and SETTINGS only
+    partial_bodies           the same with a message of about 64 KiB, from several addresses at once
     rapid_reset              HTTP/2 streams opened and reset at once, as fast as the client can
+    control_frame_flood      HTTP/2 PING, SETTINGS or WINDOW_UPDATE frames as fast as they are read
     closed_loop_calls        one customer's many concurrent unary calls, each followed by the next
 
 and what the tests read back: what each stream or connection got and when (.outcomes(),
@@ -19,7 +21,8 @@ and its heap as it reports it), envoy_stats(), thread_count() (a server's thread
 configured_timeouts() (what envoy.yaml promises), grpc_methods() (every public method, from the
 generated descriptors), parse_http_response(), median() and percentile(). address_relay() lets a
 grpc client (which cannot choose its source address) come from another loopback address.
-Every tool takes `source`, the loopback address its connections come from (127.0.0.0/8 is all
+InChildProcess runs an attack in a process of its own, so the test's clients do not share its
+interpreter lock. Every tool takes `source`, the loopback address its connections come from (127.0.0.0/8 is all
 loopback on Linux), so an attack and the clients it must not hurt are told apart by address.
 
 Thousands of sockets need as many file descriptors: raise_open_files() raises this process's soft
@@ -721,17 +724,17 @@ CONTROL_FRAMES = {
 class ControlFrameFlood:
     """For `seconds`, on `connections` threads, each on a connection of its own from `source`: the
     client preface, then `kind` frames (CONTROL_FRAMES) in batches of `batch` as fast as the peer
-    reads them; every `call_every` batches (0: never) a whole health Check call, whose answer a
-    grpc server counts as activity (it forgives ping strikes then). Whatever comes back is read
+    reads them; every `call_every` batches (0: never) a whole call on `call_path` (a health Check
+    unless told), whose answer a grpc server counts as activity (it forgives ping strikes then). Whatever comes back is read
     and dropped. A connection the peer closes is opened again. Counts in .counts (frames,
     connections, closed_by_server, goaway)."""
 
     def __init__(self, host: str, port: int, kind: str, seconds: float = 8.0, *, connections: int = 4,
-                 batch: int = 200, call_every: int = 10, source: str | None = None):
+                 batch: int = 200, call_every: int = 10, call_path: str = HEALTH_CHECK, source: str | None = None):
         self.host, self.port, self.kind, self.seconds = host, port, kind, seconds
         self.frames = CONTROL_FRAMES[kind] * batch
         self.batch, self.call_every, self.source = batch, call_every, source
-        self._call_headers = grpc_headers(host, port, HEALTH_CHECK)
+        self._call_headers = grpc_headers(host, port, call_path)
         self.counts: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
