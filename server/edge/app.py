@@ -48,12 +48,13 @@ MAX_METADATA_BYTES = HEADER_LIMIT_BYTES + 100 * 32 + 1024
 # the connection (GOAWAY ENHANCE_YOUR_CALM); Envoy sends the server no keepalive pings. A client
 # that gets a call answered between its pings is forgiven its strikes, so this bounds a bare
 # flood, not one mixed with calls (envoy/README.md, "What is still open").
-# Streams a connection may have open: a stream the client reset counts until the server is done
-# with it, so streams opened and reset at once (rapid reset) are refused by grpc past this many
-# instead of each becoming a cancelled call the server works through (50,000 in 8 s held every
-# lane and Envoy's health checks of it: /ready and every call 503 for seconds). 4,096 is far
-# above what Envoy's breakers put on its connections (about 1,300): at 256 or 1,024, grpc
-# refused Envoy's streams under one customer's load ("remote refused stream reset").
+# Streams a connection may have open. Without it, rapid reset on this port (about 50,000 streams
+# opened and reset in 8 s, tests/faults/test_control_frames.py) left the server working through
+# cancelled calls, Envoy's health checks of it missed, and /ready and every call through Envoy
+# were 503 for seconds; with it (grpc counts a reset stream until the server is done with it)
+# no call failed. 4,096 is far above what Envoy's breakers put on its connections (about 1,300):
+# at 256 or 1,024, grpc refused Envoy's streams under one customer's load ("remote refused
+# stream reset").
 HTTP2_FLOOD_LIMITS = [
     ("grpc.http2.max_ping_strikes", 2),
     ("grpc.http2.min_ping_interval_without_data_ms", 300_000),
