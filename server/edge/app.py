@@ -141,7 +141,8 @@ def build(settings: Settings) -> App:
     server = grpc.server(
         lanes.payments,
         interceptors=[CallInterceptor(verifier, None if storage.is_postgres(database) else sqlite_turns.Turns(), lanes,
-                                      SessionCheck(settings.revocation_check_seconds, store=session_store))],
+                                      SessionCheck(settings.revocation_check_seconds, wall_clock=clock,
+                                                   store=session_store))],
         # The lanes bound each kind of call; grpc's own cap only backs them up.
         maximum_concurrent_rpcs=lanes.total + 64,
         options=[
