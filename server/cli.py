@@ -98,12 +98,16 @@ _EXISTING_CUSTOMER = (
 
 
 def _accounts(settings, issuer):
-    """The account rules on the opened database, each port handed over as the server's assembly does."""
+    """The account rules on the opened database, each port handed over as the server's assembly
+    does (the same clock too: the database's time on PostgreSQL)."""
     from server.domain.accounts import Accounts
     from server.domain.sessions import Sessions
+    from server.infra import clock as clocks
     from server.infra import passwords
 
-    return Accounts(issuer, sessions=Sessions(settings.refresh_ttl_seconds, store=storage.SessionQueries()),
+    clock = clocks.for_database(storage.db.obj)
+    return Accounts(issuer, clock,
+                    sessions=Sessions(settings.refresh_ttl_seconds, clock, store=storage.SessionQueries()),
                     store=storage.AccountQueries(), passwords=passwords.Argon2Passwords())
 
 
