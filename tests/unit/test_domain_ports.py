@@ -5,7 +5,6 @@ tests/unit/test_accounts.py, test_sessions.py and test_sessions_model.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import threading
