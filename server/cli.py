@@ -42,12 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = config.load()
 
     if args.command in ("disable-account", "revoke-sessions", "set-role"):
-        from server.domain.accounts import Accounts
         from server.domain.errors import InvalidArgument
-        from server.domain.sessions import Sessions
 
         storage.open_database(settings)
-        accounts = Accounts(None, sessions=Sessions(settings.refresh_ttl_seconds))
+        accounts = _accounts(settings, None)
         try:
             if args.command == "disable-account":
                 user = accounts.disable(args.email)
@@ -71,13 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     password = settings.admin_password or getpass.getpass("admin password: ")
-    from server.domain.accounts import Accounts
     from server.domain.errors import FailedPrecondition, InvalidArgument
-    from server.domain.sessions import Sessions
 
     storage.open_database(settings)
-    issuer = tokens.TokenIssuer.from_settings(settings)
-    accounts = Accounts(issuer, sessions=Sessions(settings.refresh_ttl_seconds))
+    accounts = _accounts(settings, tokens.TokenIssuer.from_settings(settings))
     try:
         user = accounts.ensure_admin(args.email, password, promote_existing=args.promote_existing)
     except InvalidArgument as e:  # one line naming what is wrong, not a traceback
@@ -100,6 +95,20 @@ _EXISTING_CUSTOMER = (
     "rights.\n"
     "If you are sure the account is yours, run the same command with --promote-existing: it becomes an admin, "
     "{effect}, and every session it had ends. Otherwise choose another email.")
+
+
+def _accounts(settings, issuer):
+    """The account rules on the opened database, each port handed over as the server's assembly
+    does (the same clock too: the database's time on PostgreSQL)."""
+    from server.domain.accounts import Accounts
+    from server.domain.sessions import Sessions
+    from server.infra import clock as clocks
+    from server.infra import passwords
+
+    clock = clocks.for_database(storage.db.obj)
+    return Accounts(issuer, clock,
+                    sessions=Sessions(settings.refresh_ttl_seconds, clock, store=storage.SessionQueries()),
+                    store=storage.AccountQueries(), passwords=passwords.Argon2Passwords())
 
 
 def _set_role(accounts, args) -> int:

@@ -10,26 +10,26 @@ session of the account in the transaction that makes the change, so no token min
 within the session check's bound (server/domain/sessions.py). Sign-up is open and emails are
 unverified, so an account an operator did not create is never made an admin silently:
 `ensure_admin` refuses an email a customer holds unless told `promote_existing`.
+
+The store, the password hasher, the token issuer and the clock are ports (server/domain/ports.py)
+the assembly hands over.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from typing import Callable
 
-import peewee
-
-from server.infra import passwords
+from server.domain import ports
 from server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unauthenticated
 from server.domain.login_throttle import LoginThrottle
 from server.domain.caller import Caller
 from server.domain.sessions import Grant, Sessions
 from server.domain.ids import opaque_id
+from server.domain.ports import AccountStore, Clock, PasswordHasher, TokenIssuer
+from server.domain.records import AccountRecord, DuplicateEmail
 from server.domain.validation import email_problem, normalize_email
 from server.domain.caller import ADMIN, CUSTOMER, ROLES
-from server.infra.storage import User, db, write_transaction
-from server.infra.tokens import TokenIssuer
 
 
 def _existing_customer(email: str) -> FailedPrecondition:
@@ -51,37 +51,41 @@ class Login:
 
 
 class Accounts:
-    def __init__(self, issuer: TokenIssuer, clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-                 sessions: Sessions | None = None):
+    """`issuer` may be None where no login is made (the operator commands); `store` and
+    `passwords`: the installed ones if None (server/domain/ports.py)."""
+
+    def __init__(self, issuer: TokenIssuer | None, clock: Clock = lambda: dt.datetime.now(dt.UTC),
+                 sessions: Sessions | None = None, *, store: AccountStore | None = None,
+                 passwords: PasswordHasher | None = None):
         self.issuer = issuer
         self.clock = clock
         self.throttle = LoginThrottle()
         self.sessions = sessions or Sessions(30 * 24 * 3600, clock)
+        self.store = store if store is not None else ports.default(AccountStore)
+        self.passwords = passwords if passwords is not None else ports.default(PasswordHasher)
 
-    @staticmethod
-    def _validate(email: str, password: str, reason: str) -> str:
+    def _validate(self, email: str, password: str, reason: str) -> str:
         email = normalize_email(email)
         violations = []
         if (why := email_problem(email)) is not None:
             violations.append(("email", why))
-        if (why := passwords.password_problem(password)) is not None:
+        if (why := self.passwords.problem(password)) is not None:
             violations.append(("password", why))
         if violations:
             raise InvalidArgument(violations, reason=reason)
         return email
 
-    def register(self, email: str, password: str, role: str = CUSTOMER) -> User:
+    def register(self, email: str, password: str, role: str = CUSTOMER) -> AccountRecord:
         email = self._validate(email, password, "INVALID_REGISTRATION")
-        user = User(id=new_user_id(), email=email, password_hash=passwords.hash_password(password),
-                    role=role, created_at=self.clock())
+        user = AccountRecord(id=new_user_id(), email=email, password_hash=self.passwords.hash(password),
+                             role=role, created_at=self.clock(), disabled_at=None)
         try:
-            with db.atomic():
-                user.save(force_insert=True)
-        except peewee.IntegrityError:
+            self.store.insert(user)
+        except DuplicateEmail:
             raise AlreadyExists("that email is already registered", reason="EMAIL_TAKEN") from None
         return user
 
-    def ensure_admin(self, email: str, password: str, *, promote_existing: bool = False) -> User:
+    def ensure_admin(self, email: str, password: str, *, promote_existing: bool = False) -> AccountRecord:
         """Create the admin, or give an existing admin this password (idempotent).
 
         An email a customer holds is refused (FailedPrecondition, EXISTING_CUSTOMER) unless
@@ -89,21 +93,21 @@ class Accounts:
         it gets this password, and every session it had ends (so does every session of an admin
         whose password this changes)."""
         email = self._validate(email, password, "INVALID_ADMIN")
-        existing = User.get_or_none(User.email == email)
+        existing = self.store.by_email(email)
         if existing is None:
             try:
                 return self.register(email, password, role=ADMIN)
             except AlreadyExists:  # another replica bootstrapped it (or someone registered it) at this moment
-                existing = User.get(User.email == email)
+                existing = self._existing(email)
         if existing.role != ADMIN:
             if not promote_existing:
                 raise _existing_customer(email)
-            self._change(existing, "promoted to admin", role=ADMIN, password_hash=passwords.hash_password(password))
-        elif not passwords.verify_password(existing.password_hash, password):
-            self._change(existing, "password reset", password_hash=passwords.hash_password(password))
-        return User.get_by_id(existing.id)
+            self._change(existing, "promoted to admin", role=ADMIN, password_hash=self.passwords.hash(password))
+        elif not self.passwords.verify(existing.password_hash, password):
+            self._change(existing, "password reset", password_hash=self.passwords.hash(password))
+        return self._reread(existing)
 
-    def change_role(self, email: str, role: str, *, promote_existing: bool = False) -> User:
+    def change_role(self, email: str, role: str, *, promote_existing: bool = False) -> AccountRecord:
         """Operators: the account's new role; every session it had ends (the next login carries the
         new role). No change, no revocation. Making a customer an admin needs `promote_existing`,
         as in ensure_admin (and it keeps the password whoever registered it chose)."""
@@ -114,20 +118,20 @@ class Accounts:
             if role == ADMIN and not promote_existing:
                 raise _existing_customer(user.email)
             self._change(user, f"role changed to {role}", role=role)
-        return User.get_by_id(user.id)
+        return self._reread(user)
 
-    def reset_password(self, email: str, password: str) -> User:
+    def reset_password(self, email: str, password: str) -> AccountRecord:
         """A new password for the account; every session it had ends."""
-        if (why := passwords.password_problem(password)) is not None:
+        if (why := self.passwords.problem(password)) is not None:
             raise InvalidArgument([("password", why)], reason="INVALID_PASSWORD")
         user = self._account(email)
-        self._change(user, "password reset", password_hash=passwords.hash_password(password))
-        return User.get_by_id(user.id)
+        self._change(user, "password reset", password_hash=self.passwords.hash(password))
+        return self._reread(user)
 
-    def _change(self, user: User, why: str, **columns) -> None:
+    def _change(self, user: AccountRecord, why: str, **columns) -> None:
         """Change the account and end all its sessions, in one transaction."""
-        with write_transaction():
-            User.update(**columns).where(User.id == user.id).execute()
+        with self.store.write_transaction():
+            self.store.update(user.id, **columns)
             self.sessions.revoke_user(user.id, why)
 
     def login(self, email: str, password: str, client: str = "") -> Login:
@@ -137,8 +141,8 @@ class Accounts:
         # Before the hash, and counted at once: a refused attempt costs nothing, and concurrent
         # guesses cannot all pass before the first failure is counted.
         attempt = self.throttle.attempt(email, client)
-        user = User.get_or_none(User.email == email) if email else None
-        ok = passwords.verify_password(user.password_hash if user else None, password)
+        user = self.store.by_email(email) if email else None
+        ok = self.passwords.verify(user.password_hash if user else None, password)
         # A disabled account gets the same answer as a wrong password: nothing to learn from it.
         if not ok or user is None or user.disabled_at is not None:
             raise Unauthenticated("wrong email or password", reason="BAD_CREDENTIALS")
@@ -160,7 +164,7 @@ class Accounts:
         return Login(access_token=token, expires_in=self.issuer.ttl_seconds, refresh_token=grant.refresh_token,
                      refresh_expires_in=grant.refresh_expires_in)
 
-    def disable(self, email: str) -> User:
+    def disable(self, email: str) -> AccountRecord:
         """Operators: no more logins or refreshes, and every session ends (server/cli.py)."""
         user = self._account(email)
         self._change(user, "account disabled", disabled_at=self.clock())
@@ -169,9 +173,22 @@ class Accounts:
     def revoke_sessions(self, email: str) -> int:
         return self.sessions.revoke_user(self._account(email).id, "revoked by an operator")
 
-    @staticmethod
-    def _account(email: str) -> User:
-        user = User.get_or_none(User.email == normalize_email(email))
+    def _account(self, email: str) -> AccountRecord:
+        user = self.store.by_email(normalize_email(email))
         if user is None:
             raise InvalidArgument([("email", "no account has this email")], reason="NO_ACCOUNT")
         return user
+
+    def _existing(self, email: str) -> AccountRecord:
+        """An account that must exist (its insert just lost to another's)."""
+        user = self.store.by_email(email)
+        if user is None:
+            raise LookupError(f"no account {email}, yet its insert found the email taken")
+        return user
+
+    def _reread(self, user: AccountRecord) -> AccountRecord:
+        """The account as it is now, after a change."""
+        now = self.store.by_id(user.id)
+        if now is None:
+            raise LookupError(f"account {user.id} is gone")
+        return now

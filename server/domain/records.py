@@ -1,5 +1,5 @@
 """What the rules read and write, as the domain names it: frozen rows that any store returns (the
-storage adapter reads them from its tables, a test's fake from dicts), and the one store error the
+storage adapters read them from their tables, a test's fake from dicts), and the store errors the
 rules act on. No peewee, no SQL."""
 
 from __future__ import annotations
@@ -62,3 +62,43 @@ class ClientRecord(NamedTuple):
     last_used_at: dt.datetime | None
     expires_at: dt.datetime | None
     revoked_at: dt.datetime | None
+
+
+class AccountRecord(NamedTuple):
+    """An account (the store keeps these columns)."""
+
+    id: str
+    email: str
+    password_hash: str
+    role: str
+    created_at: dt.datetime
+    disabled_at: dt.datetime | None
+
+
+class RefreshView(NamedTuple):
+    """A refresh token with its session and account, as a refresh reads them in its transaction."""
+
+    session_id: str
+    used_at: dt.datetime | None
+    session_role: str | None  # None: a session started before sessions had a role
+    expires_at: dt.datetime
+    revoked_at: dt.datetime | None
+    user_id: str
+    email: str
+    account_role: str
+    disabled_at: dt.datetime | None
+
+
+class SessionState(NamedTuple):
+    """A session and its account, as the session check reads them."""
+
+    user_id: str
+    session_role: str | None
+    revoked_at: dt.datetime | None
+    expires_at: dt.datetime
+    account_role: str
+    disabled_at: dt.datetime | None
+
+
+class DuplicateEmail(Exception):
+    """An insert's email is taken: someone registered it first, or at the same moment."""

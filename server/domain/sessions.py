@@ -20,7 +20,8 @@ unnoticed reuse.
 
 Every protected call checks its session (`SessionCheck`), at most `check_seconds` old, so the
 bound for logout, revocation, a role change or a disabled account is seconds, not the access
-token's lifetime. No gRPC here.
+token's lifetime. No gRPC and no SQL here: the store, and the clocks, are ports
+(server/domain/ports.py) the assembly hands over.
 """
 
 from __future__ import annotations
@@ -34,14 +35,13 @@ import logging
 import time
 from typing import Callable
 
-import peewee
-
-from server.infra import storage
+from server.domain import ports
 from server.domain.errors import Unauthenticated
 from server.domain.ids import opaque_id
 from server.domain.caller import CUSTOMER, Caller
+from server.domain.ports import Clock, SessionStore
+from server.domain.records import RefreshView
 from server.domain.remembered import Remembered
-from server.infra.storage import RefreshToken, Session, User
 
 log = logging.getLogger(__name__)
 
@@ -94,20 +94,22 @@ _BAD, _REUSED, _GRANTED = "bad", "reused", "granted"
 
 
 class Sessions:
-    def __init__(self, refresh_ttl_seconds: int, clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-                 grace_seconds: float = REFRESH_GRACE_SECONDS):
+    """`store`: the session store (server/domain/ports.py), the installed one if None."""
+
+    def __init__(self, refresh_ttl_seconds: int, clock: Clock = lambda: dt.datetime.now(dt.UTC),
+                 grace_seconds: float = REFRESH_GRACE_SECONDS, *, store: SessionStore | None = None):
         self.refresh_ttl = dt.timedelta(seconds=refresh_ttl_seconds)
         self.clock = clock
         self.grace = dt.timedelta(seconds=grace_seconds)
+        self.store = store if store is not None else ports.default(SessionStore)
 
-    def start(self, user: User) -> Grant:
+    def start(self, user) -> Grant:
+        """A session for the account (anything with its id, email and role: an AccountRecord)."""
         now = self.clock()
         token = opaque_id("rt_", random_bytes=20)
-        with storage.db.atomic():
-            session = Session.create(id=opaque_id("ses_", random_bytes=20), user_id=user.id, role=user.role,
-                                     created_at=now, expires_at=now + self.refresh_ttl)
-            RefreshToken.create(hash=_hash(token), session_id=session.id, issued_at=now)
-        return Grant(user.id, user.email, user.role, session.id, token, int(self.refresh_ttl.total_seconds()))
+        session_id = opaque_id("ses_", random_bytes=20)
+        self.store.start(session_id, user.id, user.role, now, now + self.refresh_ttl, _hash(token))
+        return Grant(user.id, user.email, user.role, session_id, token, int(self.refresh_ttl.total_seconds()))
 
     def refresh(self, refresh_token: str) -> Grant:
         """A new access token's grant and the successor of an unused refresh token (which is then
@@ -118,66 +120,48 @@ class Sessions:
         now = self.clock()
         spent_hash, successor = _hash(refresh_token), successor_of(refresh_token)
         # A token nobody issued is refused by a read: only real ones queue for SQLite's write lock.
-        if not RefreshToken.select(RefreshToken.hash).where(RefreshToken.hash == spent_hash).exists():
+        if not self.store.token_known(spent_hash):
             raise bad
-        with storage.write_transaction():
+        with self.store.write_transaction():
             # Write first: of two refreshes of one token, exactly one spends it, and the other
             # waits for that and then reads what it did.
-            spent = (RefreshToken.update(used_at=now)
-                     .where((RefreshToken.hash == spent_hash) & RefreshToken.used_at.is_null()).execute())
-            row = (RefreshToken
-                   .select(RefreshToken.session_id, RefreshToken.used_at, Session.role, Session.expires_at,
-                           Session.revoked_at, User.id, User.email, User.role, User.disabled_at)
-                   .join(Session, on=(Session.id == RefreshToken.session_id))
-                   .join(User, on=(User.id == Session.user_id))
-                   .where(RefreshToken.hash == spent_hash).tuples().first())
-            outcome, row = self._judge(spent, row, successor, now)
+            spent = self.store.spend(spent_hash, now)
+            row = self.store.refresh_view(spent_hash)
+            outcome = self._judge(spent, row, successor, now)
         if outcome == _REUSED:
             raise Unauthenticated("refresh token already used: the session is revoked, log in again",
                                   reason="REFRESH_TOKEN_REUSED")
         if outcome != _GRANTED:
             raise bad
-        session_id, _, role, expires_at, _, user_id, email, _, _ = row
-        return Grant(user_id, email, session_role(role), session_id, successor,
-                     int((Session.expires_at.python_value(expires_at) - now).total_seconds()))
+        return Grant(row.user_id, row.email, session_role(row.session_role), row.session_id, successor,
+                     int((row.expires_at - now).total_seconds()))
 
-    def _judge(self, spent: int, row, successor: str, now: dt.datetime):
+    def _judge(self, spent: bool, row: RefreshView | None, successor: str, now: dt.datetime) -> str:
         """Inside refresh's transaction: what the token earns, with any revocation it causes."""
         if row is None:  # no such token, or its session or account is gone
-            return _BAD, row
-        session_id, used_at, role, expires_at, revoked_at, _, _, account_role, disabled_at = row
-        if revoked_at is not None or Session.expires_at.python_value(expires_at) <= now or disabled_at is not None:
-            return _BAD, row
-        if session_role(role) != account_role:  # changed behind the rules' back: the session is over
-            self._revoke_in_transaction(session_id, "the account's role changed", now)
-            return _BAD, row
+            return _BAD
+        if row.revoked_at is not None or row.expires_at <= now or row.disabled_at is not None:
+            return _BAD
+        if session_role(row.session_role) != row.account_role:  # changed behind the rules' back: it is over
+            self.store.revoke(row.session_id, "the account's role changed", now)
+            return _BAD
         if spent:
-            RefreshToken.create(hash=_hash(successor), session_id=session_id, issued_at=now)
-            return _GRANTED, row
+            self.store.add_token(_hash(successor), row.session_id, now)
+            return _GRANTED
         # Used before: a retry of a refresh whose answer was lost, or the loser of two at once,
         # gets the same successor, if it comes within the grace and nobody has used that yet.
-        used_at = RefreshToken.used_at.python_value(used_at)
-        successor_unused = (RefreshToken.select(RefreshToken.hash)
-                            .where((RefreshToken.hash == _hash(successor)) & RefreshToken.used_at.is_null()).exists())
-        if used_at is not None and abs(now - used_at) <= self.grace and successor_unused:
-            return _GRANTED, row
-        self._revoke_in_transaction(session_id, "refresh token reused", now)
-        return _REUSED, row
-
-    @staticmethod
-    def _revoke_in_transaction(session_id: str, why: str, now: dt.datetime) -> None:
-        (Session.update(revoked_at=now, revoke_reason=why[:64])
-         .where((Session.id == session_id) & Session.revoked_at.is_null()).execute())
+        successor_unused = self.store.token_unused(_hash(successor))
+        if row.used_at is not None and abs(now - row.used_at) <= self.grace and successor_unused:
+            return _GRANTED
+        self.store.revoke(row.session_id, "refresh token reused", now)
+        return _REUSED
 
     def revoke(self, session_id: str, why: str) -> bool:
-        changed = (Session.update(revoked_at=self.clock(), revoke_reason=why[:64])
-                   .where((Session.id == session_id) & Session.revoked_at.is_null()).execute())
-        return bool(changed)
+        return self.store.revoke(session_id, why[:64], self.clock())
 
     def revoke_user(self, user_id: str, why: str) -> int:
         """End every session of an account (call it in the transaction that changes the account)."""
-        return (Session.update(revoked_at=self.clock(), revoke_reason=why[:64])
-                .where((Session.user_id == user_id) & Session.revoked_at.is_null()).execute())
+        return self.store.revoke_account(user_id, why[:64], self.clock())
 
     # --- the purge job -----------------------------------------------------------------------
 
@@ -189,38 +173,30 @@ class Sessions:
         fewer than `limit` only when nothing more has ended."""
         resume = {} if resume is None else resume
         removed = 0
-        for kind, key in (("revoked", Session.revoked_at), ("expired", Session.expires_at)):
+        for kind in ("revoked", "expired"):
             if resume.get(kind) == "done":
                 continue
-            rows, exhausted = self._purge_batch(kind, key, before, limit, resume)
+            rows, exhausted = self._purge_batch(kind, before, limit, resume)
             removed += rows
             if not exhausted:
                 return removed
             resume[kind] = "done"
         return removed
 
-    @staticmethod
-    def _purge_batch(kind: str, key: peewee.Field, before: dt.datetime, limit: int,
-                     resume: dict) -> tuple[int, bool]:
+    def _purge_batch(self, kind: str, before: dt.datetime, limit: int, resume: dict) -> tuple[int, bool]:
         """(rows removed, whether no session of this kind is left)."""
-        ended = key.is_null(False) & (key < before)
-        query = Session.select(Session.id, key).where(ended)
-        if kind in resume:
-            last_key, last_id = resume[kind]
-            query = query.where(peewee.Tuple(key, Session.id) > peewee.Tuple(key.db_value(last_key), last_id))
-        rows = list(query.order_by(key, Session.id).limit(limit).tuples())
+        rows = self.store.ended(kind, before, resume.get(kind), limit)
         if not rows:
             return 0, True
-        ids = [sid for sid, _ in rows]
-        with storage.db.atomic():
-            hashes = [h for (h,) in RefreshToken.select(RefreshToken.hash)
-                      .where(storage.among(RefreshToken.session_id, ids)).limit(limit + 1).tuples()]
+        ids = [sid for _, sid in rows]
+        with self.store.transaction():
+            hashes = self.store.token_hashes(ids, limit + 1)
             if hashes:
-                RefreshToken.delete().where(storage.among(RefreshToken.hash, hashes[:limit])).execute()
+                self.store.delete_tokens(hashes[:limit])
             if len(hashes) > limit:  # more tokens than a batch: the sessions wait for the next one
                 return limit, False
-            sessions = Session.delete().where(storage.among(Session.id, ids)).execute()
-        resume[kind] = (rows[-1][1], rows[-1][0])
+            sessions = self.store.delete_sessions(ids)
+        resume[kind] = rows[-1]
         return len(hashes) + sessions, len(rows) < limit
 
 
@@ -237,10 +213,11 @@ class SessionCheck:
     """
 
     def __init__(self, check_seconds: float, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-                 bound: int = MAX_REMEMBERED_SESSIONS):
+                 wall_clock: Clock = lambda: dt.datetime.now(dt.UTC),
+                 bound: int = MAX_REMEMBERED_SESSIONS, *, store: SessionStore | None = None):
         self.check_seconds = check_seconds
         self.clock, self.wall_clock = clock, wall_clock
+        self.store = store if store is not None else ports.default(SessionStore)
         self._live = Remembered(bound)  # sid -> (user id, role, checked at)
         self._dead = Remembered(bound)  # sid -> why
 
@@ -273,28 +250,24 @@ class SessionCheck:
         # Once per session per check_seconds: an ordinary query is cheap enough here. The connection
         # goes back to the pool at once (the call may end right here, before any handler runs).
         try:
-            row = (Session.select(Session.user_id, Session.role, Session.revoked_at, Session.expires_at, User.role,
-                                  User.disabled_at)
-                   .join(User, on=(User.id == Session.user_id)).where(Session.id == sid).tuples().first())
+            row = self.store.state(sid)
             if row is None:
                 return "no such session or account"
-            user_id, role, revoked_at, expires_at, account_role, disabled_at = row
-            if revoked_at is not None:
+            if row.revoked_at is not None:
                 return "logged out or revoked"
-            if Session.expires_at.python_value(expires_at) <= self.wall_clock():
+            if row.expires_at <= self.wall_clock():
                 return "expired"
-            if disabled_at is not None:
+            if row.disabled_at is not None:
                 return "the account is disabled"
-            if session_role(role) != account_role:
+            if session_role(row.session_role) != row.account_role:
                 # Changed behind the rules' back: end the session in the database too, so every
                 # process says the same from now on, whatever the role does next.
                 why = "the account's role changed"
                 try:
-                    (Session.update(revoked_at=self.wall_clock(), revoke_reason=why)
-                     .where((Session.id == sid) & Session.revoked_at.is_null()).execute())
-                except peewee.PeeweeException:  # refused here all the same; the next refresh revokes it
+                    self.store.revoke(sid, why, self.wall_clock())
+                except self.store.errors:  # refused here all the same; the next refresh revokes it
                     log.warning("cannot revoke a session whose account changed role", exc_info=True)
                 return why
-            return user_id, session_role(role)
+            return row.user_id, session_role(row.session_role)
         finally:
-            storage.end_call()
+            self.store.release()

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server.edge import capacity
 from server.infra import clock as clocks
-from server.infra import google_tokens, metrics, sqlite_turns, storage, tokens, tracing
+from server.infra import google_tokens, metrics, passwords, sqlite_turns, storage, tokens, tracing
 from server.domain.accounts import Accounts
 from server.domain.errors import FailedPrecondition
 from server.edge.interceptor import CallInterceptor
@@ -136,8 +136,10 @@ def build(settings: Settings) -> App:
         tokens.TokenVerifier.from_file(settings.jwks_file, issuer=settings.jwt_issuer, audience=settings.jwt_audience),
         settings)
     issuer = tokens.TokenIssuer.from_settings(settings)
-    sessions = Sessions(settings.refresh_ttl_seconds, clock)
-    accounts = Accounts(issuer, clock, sessions=sessions)
+    session_store = storage.SessionQueries()
+    sessions = Sessions(settings.refresh_ttl_seconds, clock, store=session_store)
+    accounts = Accounts(issuer, clock, sessions=sessions, store=storage.AccountQueries(),
+                        passwords=passwords.Argon2Passwords())
     if settings.admin_email and settings.admin_password:
         ensure_admin(accounts, settings.admin_email, settings.admin_password)
     page_tokens = PageTokens(settings.page_token_secret, settings.page_token_ttl_seconds)
@@ -166,7 +168,8 @@ def build(settings: Settings) -> App:
     server = grpc.server(
         lanes.payments,
         interceptors=[CallInterceptor(verifier, None if storage.is_postgres(database) else sqlite_turns.Turns(), lanes,
-                                      SessionCheck(settings.revocation_check_seconds),
+                                      SessionCheck(settings.revocation_check_seconds, wall_clock=clock,
+                                                   store=session_store),
                                       ClientCheck(client_queries, settings.revocation_check_seconds, wall_clock=clock))],
         # The lanes bound each kind of call; grpc's own cap only backs them up.
         maximum_concurrent_rpcs=lanes.total + 64,

@@ -229,7 +229,7 @@ def run_budget(interval_seconds: int, fraction: float = RUN_BUDGET_FRACTION) -> 
 def payment_jobs(settings: Settings, rules: PaymentRules, dispatcher: Dispatcher | None = None) -> list[Job]:
     batch = settings.job_batch_size
     retention = dt.timedelta(seconds=settings.delete_retention_seconds)
-    sessions = Sessions(settings.refresh_ttl_seconds, rules.clock)
+    sessions = Sessions(settings.refresh_ttl_seconds, rules.clock, store=storage.SessionQueries())
     webhooks = [] if dispatcher is None else [
         Job(WEBHOOKS, settings.webhook_interval_seconds,
             lambda now, progress, stopping: deliver_webhooks(dispatcher, batch_size=settings.webhook_batch_size,

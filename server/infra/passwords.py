@@ -32,3 +32,16 @@ def password_problem(password: str) -> str | None:
     if len(password) > MAX_LENGTH:
         return f"must be at most {MAX_LENGTH} characters"
     return None
+
+
+class Argon2Passwords:
+    """The rules' password hasher (server/domain/ports.py's PasswordHasher): the functions above."""
+
+    def hash(self, password: str) -> str:
+        return hash_password(password)
+
+    def verify(self, password_hash: str | None, password: str) -> bool:
+        return verify_password(password_hash, password)
+
+    def problem(self, password: str) -> str | None:
+        return password_problem(password)

@@ -69,3 +69,38 @@ def test_a_replica_whose_wall_clock_runs_an_hour_ahead_expires_nothing_early(dat
     assert rules["ahead"].expire_due(rules["ahead"].clock()) == 0
     assert rules["ahead"].confirm(type(ALICE)(subject="usr_admin", email="admin@example.com", role="admin"),
                                   made.id).status == "success"
+
+
+def test_the_servers_session_check_decides_expiry_by_the_assemblys_clock(settings, monkeypatch):
+    """A session ends when the one clock (the database's time on PostgreSQL) says its end has come,
+    in the session check of every process as in a refresh: the check is handed the assembly's
+    clock, not its host's wall clock. The test moves that clock past the session's end (and back)."""
+    import dataclasses
+
+    import grpc
+
+    from server.edge import app
+    from server.edge.pb import payments_pb2 as pb
+    from server.edge.pb import payments_pb2_grpc as pb_grpc
+    from tests.conftest import Clock, rich_status
+
+    moved = Clock(dt.datetime.now(dt.UTC))
+    monkeypatch.setattr(clocks, "for_database", lambda database: moved)
+    settings = dataclasses.replace(settings, refresh_ttl_seconds=3600, revocation_check_seconds=0.0)
+    running = app.build(settings)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            auth, payments = pb_grpc.AuthServiceStub(channel), pb_grpc.PaymentServiceStub(channel)
+            auth.Register(pb.RegisterRequest(email="clock@example.com", password="a long password"))
+            login = auth.Login(pb.LoginRequest(email="clock@example.com", password="a long password"))
+            metadata = (("authorization", f"Bearer {login.access_token}"),)
+            moved.advance(seconds=3590)
+            payments.ListPayments(pb.ListPaymentsRequest(), metadata=metadata)  # ten seconds left
+            moved.advance(seconds=-7200)  # stepped back: still live
+            payments.ListPayments(pb.ListPaymentsRequest(), metadata=metadata)
+            moved.advance(seconds=7211)  # one second past its end, by the one clock (the host's is an hour short)
+            with pytest.raises(grpc.RpcError) as e:
+                payments.ListPayments(pb.ListPaymentsRequest(), metadata=metadata)
+            assert rich_status(e.value)[1].reason == "TOKEN_REVOKED" and "expired" in e.value.details()
+    finally:
+        running.stop(grace=0.5)

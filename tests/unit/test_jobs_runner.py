@@ -86,6 +86,26 @@ def test_a_tick_slot_runs_once_even_when_replicas_tick_at_different_moments(data
     assert runs == [("12:00:00", "a:1", "ok", 3), ("12:01:00", "b:1", "ok", 3)]
 
 
+def test_a_clock_stepped_back_runs_no_tick_twice(database, clock):
+    """The tick a run claims is named by its slot on the one clock: stepped back (a step of the
+    clock the assembly hands the jobs) into a slot that ran, every replica skips it; time moving
+    on from there runs the slots that have not run, each once."""
+    work = Counting()
+    job = jobs.Job("expire", 60, work)
+    a, b = jobs.Runner(clock, replica="a:1"), jobs.Runner(clock, replica="b:1")
+    assert a.tick(job) == "ok"  # 12:00
+    clock.advance(minutes=2)
+    assert b.tick(job) == "ok"  # 12:02
+    clock.advance(minutes=-2, seconds=10)
+    assert a.tick(job) == b.tick(job) == jobs.SKIPPED  # back in 12:00, which ran
+    clock.advance(minutes=1)
+    assert b.tick(job) == "ok" and a.tick(job) == jobs.SKIPPED  # 12:01 had not run: once
+    clock.advance(minutes=1)
+    assert a.tick(job) == jobs.SKIPPED  # 12:02 again
+    assert [r.tick_at.strftime("%H:%M") for r in JobRun.select().order_by(JobRun.tick_at)] == ["12:00", "12:01", "12:02"]
+    assert len(work.calls) == 3
+
+
 def test_each_run_logs_one_json_line(database, clock, caplog_jobs):
     runner = jobs.Runner(clock, replica="a:1")
     assert runner.tick(jobs.Job("expire", 60, Counting(rows=7))) == "ok"
