@@ -7,6 +7,7 @@ part to peewee's own result.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import re
@@ -155,27 +156,37 @@ class PreparedCreate:
     the change's own transaction; BEGIN, the two INSERTs and COMMIT had been four round trips.
     SQLite: BEGIN, the two INSERTs, COMMIT, as before (in-process, no round trips to save).
 
-    Returns False, with nothing written, when the payment's (created_by, request_id) pair is taken
-    (a retry, or a concurrent one that won)."""
+    Returns False, with nothing written, when the payment's INSERT is refused (its (created_by,
+    request_id) pair is taken: a retry, or a concurrent one that won); an event that cannot be
+    written raises, and its payment is not written either."""
 
     def __init__(self, payments: PreparedInsert, events: PreparedInsert):
         self.payments, self.events = payments, events
         self._joined: dict[type, str] = {}
 
     def __call__(self, payment: tuple, event: dict) -> bool:
-        try:
-            if is_postgres() and not db.in_transaction():
-                key = type(db.obj)
-                sql = self._joined.get(key)
-                if sql is None:
-                    sql = self._joined[key] = f"{self.payments._sql()}; {self.events._sql()}"
+        if is_postgres() and not db.in_transaction():
+            key = type(db.obj)
+            sql = self._joined.get(key)
+            if sql is None:
+                sql = self._joined[key] = f"{self.payments._sql()}; {self.events._sql()}"
+            try:
                 _execute(sql, self.payments.values(payment) + self.events.dict_values(event))
-            else:
-                with db.atomic():
+            except peewee.IntegrityError as e:
+                table = getattr(getattr(getattr(e, "orig", None), "diag", None), "table_name", None)
+                if table != self.payments.model._meta.table_name:
+                    raise
+                return False
+            return True
+        with db.atomic():
+            try:
+                # SQLite undoes a refused statement alone; PostgreSQL (inside a caller's
+                # transaction) needs a savepoint for that.
+                with db.atomic() if is_postgres() else contextlib.nullcontext():
                     self.payments(payment)
-                    self.events.many([event])
-        except peewee.IntegrityError:
-            return False
+            except peewee.IntegrityError:
+                return False
+            self.events.many([event])
         return True
 
 
