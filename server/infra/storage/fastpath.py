@@ -105,11 +105,11 @@ class PreparedInsert:
 
     def values(self, row: tuple) -> list:
         """The record `row` as the INSERT's parameters."""
-        return [row[i] if convert is None else convert(row[i]) for i, convert in self._slots]
+        return [convert(row[i]) for i, convert in self._slots]
 
     def dict_values(self, row: dict) -> list:
         """The dict `row` (of every column) as the INSERT's parameters."""
-        return [row.get(name) if convert is None else convert(row.get(name)) for name, convert in self._converters]
+        return [convert(row.get(name)) for name, convert in self._converters]
 
     def __call__(self, row: tuple) -> None:
         """Insert the record `row` (IntegrityError and the rest as peewee raises them)."""
@@ -127,10 +127,10 @@ class PreparedInsert:
                  [value for row in rows for value in self.dict_values(row)])
 
 
-def _converter(field: peewee.Field) -> Callable | None:
-    """The field's db_value, or None where it hands text and integers on unchanged (peewee's
-    CharField, TextField and IntegerField adapt a str or int to itself; a create converted
-    twenty values through three calls each)."""
+def _converter(field: peewee.Field) -> Callable:
+    """The field's db_value, or for text and integer fields one that hands a str or an int on
+    without a call into peewee (whose CharField and IntegerField adapt them to themselves; a
+    create converted twenty values through three calls each)."""
     if type(field) in (peewee.CharField, peewee.TextField, peewee.FixedCharField):
         return _text
     if type(field) in (peewee.IntegerField, peewee.BigIntegerField):
@@ -186,7 +186,7 @@ class PreparedCreate:
                     self.payments(payment)
             except peewee.IntegrityError:
                 return False
-            self.events.many([event])
+            _execute(self.events._sql(), self.events.dict_values(event))
         return True
 
 
