@@ -141,6 +141,24 @@ def test_a_first_create_reads_nothing_before_it_writes(rules, monkeypatch):
     assert "SELECT" in sent
 
 
+def test_bursts_of_concurrent_retries_each_make_one_payment_and_no_error(rules):
+    import concurrent.futures
+
+    from server.infra import storage
+
+    def create(request_id):
+        try:
+            return rules.create(ALICE, draft(request_id=request_id)).id
+        finally:
+            storage.end_call()
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        for n in range(10):  # the write-lock wait this guards against showed within 10 rounds
+            ids = set(pool.map(create, [f"burst-{n}"] * 48))
+            assert len(ids) == 1
+    assert Payment.select().count() == 10
+
+
 def test_an_admins_retry_is_answered_after_the_email_left_its_account(rules):
     from server.infra.storage import User
 
