@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from server.infra import google_tokens, tokens  # noqa: E402
-from tests.support.google_standin import GoogleStandIn, ServiceAccount  # noqa: E402
+from devstack.google_standin import GoogleStandIn, ServiceAccount  # noqa: E402
 
 AUDIENCE = "https://payments.example.com"
 

@@ -1,7 +1,7 @@
 """The images' numbers: size, time from container start to ready, memory at idle (part of `make bench`).
 
 Builds with scripts/images.sh (cached after the first time), then, --rounds times, starts the API pod
-(server + Envoy with the manifest's security settings, tests/support/containers.py's ApiPod) and the Swagger UI container, and times each from
+(server + Envoy with the manifest's security settings, devstack/containers.py's ApiPod) and the Swagger UI container, and times each from
 `podman run` to its readiness answer (the server: grpc.health SERVING; Envoy: /ready 200, which needs
 the server; Swagger UI: /ui/ 200). Memory is each container's cgroup usage after 10 s at idle.
 Prints the median round.
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.containers import IMAGES, ApiPod, Podman, free_port, grpc_health  # noqa: E402
+from devstack.containers import IMAGES, ApiPod, Podman, free_port, grpc_health  # noqa: E402
 from devstack.stack import http_status  # noqa: E402
 
 

@@ -217,7 +217,8 @@ class Bench:
         return Target(label, server, envoy, target.payment_id)
 
     def versus(self, target: Target) -> str:
-        """bench/versus.py: REST GetPayment and ListPayments, this project (1 and N processes) against FastAPI."""
+        """bench/versus.py: REST GetPayment, ListPayments and CreatePayment, this project (1 and N processes)
+        against FastAPI."""
         processes = config.load({}).processes
         contenders = [versus.Contender(f"this project, 1 process ({target.label})", target.envoy.url,
                                        [target.server.proc.pid, target.envoy.proc.pid])]
@@ -228,12 +229,14 @@ class Bench:
         database = self.work / f"data-{target.label}" / "payments.db"
         for workers in (1, 2):
             peer = self.stack.enter_context(stopping(versus.Peer(self.work, free_port(), workers, database,
-                                                                 self.keys / "jwks.json")))
+                                                                 self.keys / "jwks.json",
+                                                                 config.load({}).payment_ttl_seconds)))
             contenders.append(versus.Contender(f"FastAPI + uvicorn, {workers} worker{'s' if workers > 1 else ''}",
                                                peer.url, [peer.proc.pid]))
-        print("versus: REST GetPayment and ListPayments, interleaved ...", flush=True)
+        print("versus: REST, interleaved ...", flush=True)
         rows = versus.run(contenders, target.payment_id, self.token, seconds=self.args.seconds,
-                          rounds=self.args.rounds, concurrency=self.args.concurrency)
+                          rounds=self.args.rounds, concurrency=self.args.concurrency, email=EMAIL,
+                          only=self.args.versus_operations)
         return versus.report(rows, reference=contenders[-1].label)
 
     def paging(self, target: Target) -> None:
@@ -304,7 +307,7 @@ def stopping(process):
         process.stop()
 
 
-def postgres_url(name: str = "payments_bench") -> str:
+def postgres_url(name: str = "") -> str:
     """A fresh database of the bench's own on the local PostgreSQL that `make test` uses."""
     base = subprocess.run([str(ROOT / "scripts" / "pg-test-db.sh")], capture_output=True, text=True, check=True).stdout.strip()
     import peewee
@@ -314,7 +317,8 @@ def postgres_url(name: str = "payments_bench") -> str:
     admin = peewee.PostgresqlDatabase("postgres", **params)
     admin.connect()
     admin.connection().autocommit = True
-    name = name.replace("-", "_")
+    # PAYMENTS_BENCH_DATABASE: a name of one's own, when others may run benchmarks on the same PostgreSQL.
+    name = (name or os.environ.get("PAYMENTS_BENCH_DATABASE") or "payments_bench").replace("-", "_")
     admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.execute_sql(f'CREATE DATABASE "{name}"')
     admin.close()
@@ -333,6 +337,8 @@ def main() -> int:
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
     parser.add_argument("--no-versus", dest="versus", action="store_false",
                         help="skip the comparison with FastAPI (bench/versus.py)")
+    parser.add_argument("--versus-operations", nargs="*", default=None,
+                        help="the operations compared with FastAPI (default: GetPayment, ListPayments, CreatePayment)")
     parser.add_argument("--churn-rows", type=int, nargs="*", default=[100_000, 200_000],
                         help="backlog sizes of the job-churn case (bench/churn.py); none to skip it")
     args = parser.parse_args()

@@ -1,7 +1,8 @@
 """This project against what a team would pick instead, in one interleaved run: REST
-`GET /v1/payments/{id}` and the first page of `GET /v1/payments` with wrk, the same token, the same
-SQLite file and rows, the same JSON bytes (checked before anything is measured; a page's
-next_page_token is each side's own), against
+`GET /v1/payments/{id}`, the first page of `GET /v1/payments` and `POST /v1/payments` (a create with
+a fresh request_id each) with wrk, the same token, the same SQLite file and rows, the same JSON bytes
+(checked before anything is measured; a page's next_page_token is each side's own; a create's id and
+times are each side's own, and its replay must repeat the first answer byte for byte), against
 
     this project, 1 server process     behind Envoy (PAYMENTS_PROCESSES=1)
     this project, N server processes   behind Envoy (PAYMENTS_PROCESSES=N, the CPUs available)
@@ -17,11 +18,14 @@ Ratios are against FastAPI with 2 workers, the strongest peer.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import os
 import subprocess
 import time
+import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import loadgen
@@ -78,9 +82,10 @@ class VersusRow:
 class Peer:
     """uvicorn serving bench/peer/app.py on a port of its own."""
 
-    def __init__(self, work: Path, port: int, workers: int, database: Path, jwks: Path):
+    def __init__(self, work: Path, port: int, workers: int, database: Path, jwks: Path, payment_ttl_seconds: int):
         self.log = work / f"peer-{workers}.log"
-        env = {**os.environ, "PEER_DB": str(database), "PEER_JWKS": str(jwks)}
+        env = {**os.environ, "PEER_DB": str(database), "PEER_JWKS": str(jwks),
+               "PEER_PAYMENT_TTL_SECONDS": str(payment_ttl_seconds)}
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [str(PEER_PYTHON), "-m", "uvicorn", "app:app", "--app-dir", str(ROOT / "bench" / "peer"),
@@ -111,6 +116,45 @@ def fetch(url: str, token: str) -> bytes:
         return r.read()
 
 
+def post(url: str, token: str, body: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body.encode(), method="POST", headers={
+        "authorization": f"Bearer {token}", "content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+# What each side makes its own in a create's answer: its id and its times.
+_OWN = ("id", "created_at", "updated_at", "expires_at")
+
+
+def same_create(contenders: list[Contender], body: str, token: str) -> None:
+    """The same answer to the same create (but for each side's own id and times, which must still be
+    there, with the same time to live), the same bytes again for its replay, 409 for a different body
+    under the same request_id."""
+    answers = {}
+    for n, c in enumerate(contenders):
+        request_id = f"versus-check-{uuid.uuid4().hex[:12]}-{n}"
+        status, first = post(f"{c.url}/v1/payments", token, body.replace("{{n}}", request_id))
+        replay_status, replay = post(f"{c.url}/v1/payments", token, body.replace("{{n}}", request_id))
+        conflict, _ = post(f"{c.url}/v1/payments", token, body.replace("{{n}}", request_id).replace('"1250"', '"1251"'))
+        if (status, replay_status, conflict) != (200, 200, 409) or replay != first:
+            raise SystemExit(f"versus: {c.label} creates differently: {status} {first!r}, replay {replay_status} "
+                             f"{replay!r}, different body {conflict}")
+        answer = json.loads(first)
+        created, expires = (dt.datetime.fromisoformat(answer[k].replace("Z", "+00:00")) for k in ("created_at", "expires_at"))
+        if answer["updated_at"] != answer["created_at"] or not answer["id"].startswith("pay_"):
+            raise SystemExit(f"versus: {c.label} answers a create with {first!r}")
+        answer.update({k: type(answer[k]).__name__ for k in _OWN}, request_id="", ttl=str(expires - created))
+        answers[c.label] = json.dumps(answer)  # the same keys in the same order, the same values
+    expected = next(iter(answers.values()))
+    for label, answer in answers.items():
+        if answer != expected:
+            raise SystemExit(f"versus: {label} answers a create differently:\n{answer}\n{expected}")
+
+
 def comparable(body: bytes) -> dict:
     """An answer without what each side makes its own way (the page token)."""
     answer = json.loads(body)
@@ -128,24 +172,33 @@ def same_answer(contenders: list[Contender], path: str, token: str) -> None:
         assert all("next_page_token" in json.loads(b) for b in answers.values()), f"versus: a side does not page {path}"
 
 
-def operations(payment_id: str) -> dict[str, str]:
-    """What each contender is asked, by operation: a payment of the bench payer's, its first page."""
-    return {"GetPayment": f"/v1/payments/{payment_id}", "ListPayments": "/v1/payments?page_size=20"}
+def operations(payment_id: str, email: str) -> dict[str, tuple[str, str, str | None]]:
+    """What each contender is asked, by operation (method, path, body): a payment of the bench
+    payer's, its first page, a new payment of theirs (wrk makes each request_id unique)."""
+    create = '{"email":"%s","amount":"1250","currency":"IDR","request_id":"{{n}}"}' % email
+    return {"GetPayment": ("GET", f"/v1/payments/{payment_id}", None),
+            "ListPayments": ("GET", "/v1/payments?page_size=20", None),
+            "CreatePayment": ("POST", "/v1/payments", create)}
 
 
 def run(contenders: list[Contender], payment_id: str, token: str, *, seconds: float, rounds: int,
-        concurrency: int) -> list[VersusRow]:
+        concurrency: int, email: str, only: list[str] | None = None) -> list[VersusRow]:
     rows: dict[tuple[str, str], list[VersusRow]] = {}
-    for operation, path in operations(payment_id).items():
-        same_answer(contenders, path, token)
+    for operation, (method, path, body) in operations(payment_id, email).items():
+        if only and operation not in only:
+            continue
+        if body is None:
+            same_answer(contenders, path, token)
+        else:
+            same_create(contenders, body, token)
         for n in range(rounds):
             for c in contenders:
                 url = f"{c.url}{path}"
                 if n == 0:
-                    loadgen.wrk(url, "GET", token, seconds=1, concurrency=concurrency)  # warm
+                    loadgen.wrk(url, method, token, body=body, seconds=1, concurrency=concurrency)  # warm
                 pids = [p for root in c.pids for p in tree(root)]
                 before, start = cpu_seconds(pids), time.monotonic()
-                result = loadgen.wrk(url, "GET", token, seconds=seconds, concurrency=concurrency)
+                result = loadgen.wrk(url, method, token, body=body, seconds=seconds, concurrency=concurrency)
                 cores = (cpu_seconds(pids) - before) / (time.monotonic() - start)
                 rows.setdefault((operation, c.label), []).append(VersusRow(c.label, operation, result, cores))
                 print(f"  versus {operation:12} {c.label:34} {result.rps:8.0f} req/s  p99 {result.p99_ms:6.2f} ms  "

@@ -2,7 +2,7 @@
 
 N payments are created with the jobs off (so N `payment.created` events wait), then a server with
 the delivery job on (its defaults, or --interval) starts, and the clock runs until a receiver on
-loopback (tests/support/webhook_receiver.py: it checks every signature) has all N. The baseline, in
+loopback (devstack/webhook_receiver.py: it checks every signature) has all N. The baseline, in
 the same run and against the same receiver: the same N bodies, signed the same two ways, POSTed one
 after another by the server's own HTTP client (server/infra/webhook_sender.py), with no database,
 leases or job ticks.
@@ -34,7 +34,7 @@ from server.edge.pb import payments_pb2 as pb  # noqa: E402
 from server.edge.pb import payments_pb2_grpc as pb_grpc  # noqa: E402
 from server.infra import config, storage, tokens  # noqa: E402
 from server.infra.webhook_sender import Sender  # noqa: E402
-from tests.support.webhook_receiver import FAST_WEBHOOKS, Receiver  # noqa: E402
+from devstack.webhook_receiver import FAST_WEBHOOKS, Receiver  # noqa: E402
 
 PAYER = Caller(subject="usr_bench_payer", email="payer@example.com", role=CUSTOMER, session_id="ses_bench_payer")
 OPERATOR = Caller(subject="usr_bench_admin", email="operator@example.com", role=ADMIN, session_id="ses_bench_admin")

@@ -121,6 +121,13 @@ def not_found(payment_id: str) -> NotFound:
     return NotFound(f"payment {payment_id!r} not found", reason="PAYMENT_NOT_FOUND", metadata={"id": payment_id})
 
 
+def no_account(email: str) -> FailedPrecondition:
+    """An admin's or a service client's payment for an email belongs to the account that holds the
+    email now: none does."""
+    return FailedPrecondition(f"no account holds {email!r}: the payer registers first",
+                              reason="NO_ACCOUNT", metadata={"email": email})
+
+
 def settled(payment_id: str) -> FailedPrecondition:
     return FailedPrecondition(f"payment {payment_id!r} moved money (success) and is never deleted",
                               reason="PAYMENT_SETTLED", metadata={"id": payment_id})
@@ -223,11 +230,15 @@ class PaymentRules:
                 "customers may create payments only for their own email", reason="EMAIL_NOT_CALLERS"
             )
         fingerprint = draft.fingerprint()
-        if draft.request_id:
-            earlier = self.queries.by_request_id(caller.subject, draft.request_id)
-            if earlier is not None:
+        # No look-up of the request_id first: the insert itself finds a retry (the unique index
+        # on created_by and request_id refuses it, and nothing is written), and a first create,
+        # nearly every create, saves that query.
+        # An admin's or a service client's payment for an email belongs to the account holding it now.
+        owner_id = caller.subject if not caller.reaches_all else self.queries.account_id(draft.email)
+        if owner_id is None:  # a retry is answered even if the email's account went since
+            if draft.request_id and (earlier := self.queries.by_request_id(caller.subject, draft.request_id)):
                 return self._replay(earlier, fingerprint, draft.request_id)
-        owner_id = caller.subject if not caller.reaches_all else self._account_of(draft.email)
+            raise no_account(draft.email)
         now = self.clock()
         row = PaymentRecord(
             id=new_payment_id(),
@@ -246,27 +257,15 @@ class PaymentRules:
             expires_at=now + self.payment_ttl,
             deleted_at=None,
         )
-        try:
-            with self.queries.transaction():
-                self.queries.insert(row)
-                self._record(row.id, CREATED, None, PENDING, now, caller)
-        except DuplicateRequest:
-            # A concurrent retry with the same request_id won the insert: answer as a replay.
+        # The payment and its history event (the webhook outbox's) in one transaction.
+        if not self.queries.create(row, _event(row.id, CREATED, None, PENDING, now, caller, None)):
+            # Its request_id is taken: a retry, or a concurrent one that won the insert; answer as a replay.
             earlier = self.queries.by_request_id(caller.subject, draft.request_id) if draft.request_id else None
             if earlier is None:
-                raise
+                raise DuplicateRequest()
             return self._replay(earlier, fingerprint, draft.request_id)
         self.observe(CREATED, None, 1)
         return row
-
-    def _account_of(self, email: str) -> str:
-        """The account that holds `email` now: an admin's or a service client's payment for an email
-        belongs to it."""
-        account_id = self.queries.account_id(email)
-        if account_id is None:
-            raise FailedPrecondition(f"no account holds {email!r}: the payer registers first",
-                                     reason="NO_ACCOUNT", metadata={"email": email})
-        return account_id
 
     @staticmethod
     def _replay(earlier: PaymentRecord, fingerprint: str, request_id: str) -> PaymentRecord:

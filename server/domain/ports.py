@@ -48,6 +48,10 @@ class PaymentStore(Protocol):
     def insert(self, payment: PaymentRecord) -> None:
         """Raises records.DuplicateRequest if its (created_by, request_id) pair is taken."""
 
+    def create(self, payment: PaymentRecord, event: dict) -> bool:
+        """The payment and its history event in one transaction of their own; False, with nothing
+        written, if its (created_by, request_id) pair is taken."""
+
     def insert_events(self, events: Sequence[dict]) -> None: ...
 
     def leave_pending(self, payment_id: str, status: str, reason: str | None, now: dt.datetime) -> bool: ...

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.containers import Podman, api_pod, free_port
+from devstack.containers import Podman, api_pod, free_port
 
 # The first test of a session builds the base and the images (about 3 minutes on a fresh machine,
 # seconds from podman's cache afterwards); pytest-timeout counts fixture setup in the test's time.

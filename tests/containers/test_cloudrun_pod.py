@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from server.infra import tokens
-from tests.support.containers import GRPCURL, IMAGES, free_port, grpc_health, wait_ready
+from devstack.containers import GRPCURL, IMAGES, free_port, grpc_health, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "correct horse battery"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.containers import wait_ready
+from devstack.containers import wait_ready
 from tests.support.rest import Client
 from devstack.stack import port_in_use
 

@@ -16,7 +16,7 @@ import yaml
 from server.infra import tokens
 from tests.containers.conftest import ADMIN_EMAIL, ADMIN_PASSWORD
 from tests.support import deploy
-from tests.support.containers import IMAGES, free_port, grpc_health, wait_ready
+from devstack.containers import IMAGES, free_port, grpc_health, wait_ready
 from tests.support.rest import Client
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ import uuid
 
 from tests.containers.conftest import ADMIN_EMAIL, ADMIN_PASSWORD
 from tests.support import deploy
-from tests.support.containers import GRPCURL, IMAGES, api_pod, api_pod_spec, grpc_health
+from devstack.containers import GRPCURL, IMAGES, api_pod, api_pod_spec, grpc_health
 from tests.support.rest import Client
 
 PASSWORD = "correct horse battery"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.containers import IMAGES, wait_ready
+from devstack.containers import IMAGES, wait_ready
 from tests.support.swagger_ui import browser, open_page, sign_up_log_in_and_create  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import own_pg_database
 from tests.e2e.conftest import PASSWORD, new_email
-from tests.support.google_standin import GoogleStandIn, ServiceAccount
+from devstack.google_standin import GoogleStandIn, ServiceAccount
 from tests.support.python_client import import_from, shared_copy
 from tests.support.rest import Client, loopback_address
 from tests.support.stack import ADMIN_EMAIL, ADMIN_PASSWORD, running_stack

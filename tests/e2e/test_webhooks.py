@@ -1,7 +1,7 @@
 """Webhooks end to end: endpoints registered over REST through the real Envoy, the server's own
 delivery job POSTing to a real HTTP receiver on loopback, which checks every delivery with three
 independent verifiers (the README's snippet and Stripe's library on Payments-Signature, Standard
-Webhooks' reference library on its headers: tests/support/webhook_receiver.py) and deduplicates by
+Webhooks' reference library on its headers: devstack/webhook_receiver.py) and deduplicates by
 event id as the README says.
 
 The stack runs its jobs every second, allows loopback endpoints (PAYMENTS_WEBHOOK_ALLOW_LOOPBACK,
@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.rest import Client, loopback_address
 from tests.support.stack import ADMIN_EMAIL, ADMIN_PASSWORD, running_stack
-from tests.support.webhook_receiver import FAST_WEBHOOKS, Receiver, standard_verifies, stripe_verifies
+from devstack.webhook_receiver import FAST_WEBHOOKS, Receiver, standard_verifies, stripe_verifies
 from tests.e2e.conftest import PASSWORD, User, new_email
 
 

@@ -95,7 +95,7 @@ def test_a_debug_log_holds_no_password_hash_token_or_secret(settings, tmp_path):
     password, argon2 hash, refresh token (or its hash), access token, webhook secret, client secret
     (or its hash) is in the log."""
     from server.edge.pb import payments_pb2_grpc
-    from tests.support.webhook_receiver import FAST_WEBHOOKS, Receiver
+    from devstack.webhook_receiver import FAST_WEBHOOKS, Receiver
 
     receiver = Receiver()
     proc = start_server_process(settings, tmp_path, PAYMENTS_LOG_LEVEL="DEBUG", **FAST_WEBHOOKS)

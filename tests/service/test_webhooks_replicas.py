@@ -26,7 +26,7 @@ from server.infra import config
 from tests.conftest import ADMIN_CALLER, ALICE, _reset_postgres, seed_accounts_into
 from tests.service.test_jobs_replicas import Replica
 from tests.support.jobs import wait_for
-from tests.support.webhook_receiver import FAST_WEBHOOKS, Receiver
+from devstack.webhook_receiver import FAST_WEBHOOKS, Receiver
 
 
 def base_env(keys_dir, tmp_path, database_url: str = "") -> dict:

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from server.domain.errors import PermissionDenied, Unauthenticated, Unavailable
 from server.infra import google_tokens
 from server.infra.google_tokens import GoogleKeys, GoogleTokenVerifier
-from tests.support.google_standin import GoogleStandIn, ServiceAccount
+from devstack.google_standin import GoogleStandIn, ServiceAccount
 
 AUDIENCE = "https://payments.example.com"
 

@@ -127,6 +127,49 @@ def test_without_request_id_every_create_is_new(rules):
     assert rules.create(ALICE, draft()).id != rules.create(ALICE, draft()).id
 
 
+def test_a_first_create_reads_nothing_before_it_writes(rules, monkeypatch):
+    from server.infra.storage import fastpath
+
+    sent = []
+    execute = fastpath._run
+    monkeypatch.setattr(fastpath, "_run", lambda sql, *rest: sent.append(sql.lstrip().split()[0].upper())
+                        or execute(sql, *rest))
+    first = rules.create(ALICE, draft(request_id="order-1"))
+    assert "SELECT" not in sent and sent.count("INSERT") >= 1
+    sent.clear()
+    assert rules.create(ALICE, draft(request_id="order-1")).id == first.id  # the retry: refused, then read
+    assert "SELECT" in sent
+
+
+def test_bursts_of_concurrent_retries_each_make_one_payment_and_no_error(rules):
+    import concurrent.futures
+
+    from server.infra import storage
+
+    def create(request_id):
+        try:
+            return rules.create(ALICE, draft(request_id=request_id)).id
+        finally:
+            storage.end_call()
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        for n in range(10):  # the write-lock wait this guards against showed within 10 rounds
+            ids = set(pool.map(create, [f"burst-{n}"] * 48))
+            assert len(ids) == 1
+    assert Payment.select().count() == 10
+
+
+def test_an_admins_retry_is_answered_after_the_email_left_its_account(rules):
+    from server.infra.storage import User
+
+    first = rules.create(ADMIN_CALLER, draft(request_id="order-1"))
+    User.update(email="alice-elsewhere@example.com").where(User.email == "alice@example.com").execute()
+    assert rules.create(ADMIN_CALLER, draft(request_id="order-1")) == first
+    with pytest.raises(FailedPrecondition) as e:
+        rules.create(ADMIN_CALLER, draft(request_id="order-2"))
+    assert e.value.reason == "NO_ACCOUNT"
+
+
 def test_replay_of_a_deleted_payment_says_so(rules):
     p = rules.create(ALICE, draft(request_id="order-1"))
     rules.delete(ALICE, p.id)

@@ -502,7 +502,7 @@ def test_the_shop_settles_an_order_once_per_event_and_ignores_a_repeat(pc, copy_
 
 
 def test_a_google_id_token_is_fetched_from_the_metadata_server_and_renewed_before_its_exp(pc):
-    from tests.support.google_standin import GoogleStandIn, ServiceAccount
+    from devstack.google_standin import GoogleStandIn, ServiceAccount
 
     google = GoogleStandIn()
     google.workload = ServiceAccount("shopping")

@@ -185,3 +185,50 @@ def test_prepared_queries_are_planned_once_per_postgresql_connection(database):
     storage.release_connection()  # what an outage does: the next call gets a new connection
     assert _BY_EMAIL.first(email="a@example.com", limit=1).id == "pay_a"
     assert _BY_EMAIL.first(email="nobody@example.com", limit=1) is None
+
+
+def _created(pid: str, request_id: str | None = "r-1") -> tuple[PaymentRecord, dict]:
+    at = dt.datetime(2026, 3, 1, 8, 0, 0, 5, tzinfo=UTC)
+    payment = PaymentRecord(id=pid, email="a@example.com", owner_id="usr_1", amount=1250, currency="IDR",
+                            description="", status="pending", failure_reason=None, created_by="usr_1",
+                            request_id=request_id, request_hash="h" if request_id else None, created_at=at,
+                            updated_at=at, expires_at=at, deleted_at=None)
+    event = {"id": f"evt_{pid}", "payment_id": pid, "at": at, "action": "created", "from_status": None,
+             "to_status": "pending", "failure_reason": None, "actor_id": "usr_1", "actor_role": "customer",
+             "dispatched": False}
+    return payment, event
+
+
+def test_a_create_writes_the_payment_and_its_event_together_or_neither(database):
+    queries = storage.PaymentQueries()
+    payment, event = _created("pay_a")
+    assert queries.create(payment, event) is True
+    assert queries.any("pay_a") == payment
+    assert [(e.id, e.action, e.actor_id) for e in queries.events("pay_a", after_number=None, limit=5)] == [
+        ("evt_pay_a", "created", "usr_1")]
+    # Its request_id again: refused, nothing written (the payment, nor the event).
+    retry, retry_event = _created("pay_b")
+    assert queries.create(retry, retry_event) is False
+    assert queries.any("pay_b") is None and queries.events("pay_b", after_number=None, limit=5) == []
+    # An event that cannot be written takes its payment with it (its id is taken).
+    other, _ = _created("pay_c", request_id="r-2")
+    with pytest.raises(peewee.IntegrityError):
+        queries.create(other, event)
+    assert queries.any("pay_c") is None
+    # And nothing of either is left in a transaction: the next create commits.
+    fine, fine_event = _created("pay_d", request_id=None)
+    assert queries.create(fine, fine_event) is True and not storage.db.in_transaction()
+    assert queries.any("pay_d") == fine
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_create_on_postgresql_is_one_round_trip(database, monkeypatch):
+    from server.infra.storage import fastpath
+
+    sent = []
+    execute = fastpath._run
+    monkeypatch.setattr(fastpath, "_run", lambda sql, *rest: sent.append(sql) or execute(sql, *rest))
+    payment, event = _created("pay_a")
+    assert storage.PaymentQueries().create(payment, event) is True
+    assert len(sent) == 1 and sent[0].count("INSERT INTO") == 2
+    assert storage.PaymentQueries().any("pay_a") == payment

@@ -37,7 +37,7 @@ from server.infra import storage
 from server.infra.storage.models import WebhookAttempt, WebhookDelivery
 from server.infra.webhook_sender import Sender
 from tests.conftest import ADMIN_CALLER, ALICE, Clock
-from tests.support.webhook_receiver import (Receiver, readme_block, readme_verifier, standard_verifies,
+from devstack.webhook_receiver import (Receiver, readme_block, readme_verifier, standard_verifies,
                                             stripe_verifies)
 
 

@@ -17,7 +17,7 @@ import peewee
 
 from server.domain.lifecycle import EXPIRED, FAILED, PENDING, SUCCESS
 from server.domain.records import DuplicateRequest
-from server.infra.storage.fastpath import Prepared, PreparedInsert, among, row_check
+from server.infra.storage.fastpath import Prepared, PreparedCreate, PreparedInsert, among, row_check
 from server.infra.storage.models import Payment, PaymentEvent, User, db
 from server.infra.storage.records import EVENT_COLUMNS, PAYMENT_COLUMNS, EventRecord, PaymentRecord
 from server.infra.storage.webhook_queries import WebhookQueries
@@ -83,6 +83,7 @@ class PaymentQueries:
         self._pages: dict[tuple, Prepared] = {}
         self._insert = PreparedInsert(Payment, PaymentRecord)
         self._insert_event = PreparedInsert(PaymentEvent)
+        self._create = PreparedCreate(self._insert, self._insert_event)
 
     transaction = staticmethod(db.atomic)
 
@@ -166,6 +167,11 @@ class PaymentQueries:
             self._insert(payment)
         except peewee.IntegrityError as e:
             raise DuplicateRequest() from e
+
+    def create(self, payment: PaymentRecord, event: dict) -> bool:
+        """A new payment and its history event, in one transaction of their own; False, with
+        nothing written, if its (created_by, request_id) pair is taken."""
+        return self._create(payment, event)
 
     def insert_events(self, events: Sequence[dict]) -> None:
         self._insert_event.many(events)

@@ -1,4 +1,4 @@
-"""A merchant's webhook receiver on loopback, for the tests: a real HTTP server that checks every
+"""A merchant's webhook receiver on loopback, for the tests and the webhook benchmark: a real HTTP server that checks every
 delivery three times, independently: Payments-Signature with the code the README gives merchants
 (taken from the README itself, so the snippet is tested) and with Stripe's own library (`stripe`,
 pinned in requirements.lock), and the Standard Webhooks headers with that project's reference
@@ -20,7 +20,7 @@ from pathlib import Path
 import standardwebhooks
 import stripe
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parent.parent
 # A server that delivers fast, for tests: its job every second, loopback receivers allowed (the
 # development setting), retries after 0.2 s doubling to at most 1 s, a 2-second deadline an attempt.
 FAST_WEBHOOKS = {

@@ -18,10 +18,10 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.support import deploy
-from tests.support.stack import free_port, http_status  # noqa: F401 (free_port: for the container tests)
+from devstack import manifests
+from devstack.stack import free_port, http_status  # noqa: F401 (free_port: for the container tests)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parent.parent
 GRPCURL = str(ROOT / ".tools" / "bin" / "grpcurl")
 IMAGES = {name: f"localhost/payments-{name}:local" for name in ("server", "envoy", "swagger-ui")}
 SERVER_UID = 10001
@@ -72,7 +72,7 @@ def security_flags(container: dict) -> list[str]:
 
 
 def api_pod_spec() -> dict:
-    return deploy.find(deploy.render_k8s(), "Deployment", "payments")["spec"]["template"]["spec"]
+    return manifests.find(manifests.render_k8s(), "Deployment", "payments")["spec"]["template"]["spec"]
 
 
 def grpc_health(addr: str) -> str | None:
@@ -135,13 +135,13 @@ class ApiPod:
 
     def run_containers(self) -> None:
         """Both containers started in the pod, without waiting for them to be ready."""
-        server = deploy.container(self.spec, "server")
+        server = manifests.container(self.spec, "server")
         envs = [f"--env={k}={v}" for k, v in self.env.items()]
         self.podman("run", "-d", "--pod", self.name, "--name", f"{self.name}-server", *security_flags(server),
                     "--tmpfs=/tmp:size=16m", *envs,
                     "-v", f"{self.work / 'keys'}:/app/keys:ro", "-v", f"{self.work / 'data'}:/app/data",
                     IMAGES["server"])
-        envoy = deploy.container(self.spec, "envoy")
+        envoy = manifests.container(self.spec, "envoy")
         envoy_envs = [f"--env={k}={v}" for k, v in self.envoy_env.items()]
         # Envoy gets the public keys only, as in k8s/ (the jwks item of the Secret).
         self.podman("run", "-d", "--pod", self.name, "--name", f"{self.name}-envoy", *security_flags(envoy),
