@@ -589,6 +589,58 @@ def test_a_leased_delivery_is_not_sent_by_a_second_run(rules_with_outbox, webhoo
     assert len(send.sent) == 1
 
 
+def _own_connection_closed() -> None:
+    if not storage.db.is_closed():
+        storage.db.close()
+
+
+def test_an_endpoint_deleted_while_events_fan_out_gets_no_delivery(rules_with_outbox, webhook_rules, clock):
+    """Fan-out holds the endpoints it read until its rows commit (PostgreSQL: FOR SHARE; SQLite:
+    the write lock): a delete arriving between the read and the insert waits, then removes the
+    rows just made. Without the hold the delete went through and the rows outlived their endpoint."""
+    endpoint, _ = webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"],
+                                       enabled=True, description="")
+    rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
+    read, go, deleted = threading.Event(), threading.Event(), threading.Event()
+
+    class PausedAfterTheEndpoints(storage.WebhookQueries):
+        def undispatched(self, limit):  # the endpoints are read by now
+            read.set()
+            go.wait(10)
+            return super().undispatched(limit)
+
+    d = Dispatcher(queries=PausedAfterTheEndpoints(), send=FakeSend(), render=event_body, clock=clock,
+                   lease_seconds=30, policy=RetryPolicy())
+    fanned = []
+
+    def fan_out():
+        try:
+            fanned.append(d.fan_out(100))
+        finally:
+            _own_connection_closed()
+
+    def delete():
+        try:
+            webhook_rules.delete(ADMIN_CALLER, endpoint.id)
+            deleted.set()
+        finally:
+            _own_connection_closed()
+
+    fanning = threading.Thread(target=fan_out)
+    fanning.start()
+    assert read.wait(10)
+    deleting = threading.Thread(target=delete)
+    deleting.start()
+    time.sleep(0.3)
+    assert not deleted.is_set()  # the delete waits for the fan-out's rows
+    go.set()
+    fanning.join(10)
+    deleting.join(10)
+    assert fanned == [1] and deleted.is_set()
+    assert WebhookDelivery.select().where(WebhookDelivery.endpoint_id == endpoint.id).count() == 0
+    assert storage.WebhookQueries().undispatched(10) == []  # the event was fanned out, to nobody left
+
+
 def test_registration_rules(webhook_rules):
     with pytest.raises(InvalidArgument) as bad:
         webhook_rules.create(ADMIN_CALLER, url="https://10.0.0.8/h", event_types=["*", "payment.created"], enabled=True,
