@@ -85,6 +85,12 @@ def backlog(settings: config.Settings, receiver: Receiver, issuer: tokens.TokenI
         server.stop()
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a running process has used (user and system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def drop_tables(url: str) -> None:
     database = storage.make_database(dataclasses.replace(config.Settings(), database_url=url))
     with database.connection_context():
@@ -121,7 +127,11 @@ def scaling(args) -> int:
             servers = [Server.start(work, server_env(work, **{**base, "PAYMENTS_DATA_DIR": str(work / f"data{i}")}))
                        for i in range(count)]
             try:
+                receiving = time.process_time()
                 receiver.wait_for(lambda r: len(r.events) >= args.events, timeout=3600, what="every event")
+                receiving = time.process_time() - receiving
+                cpu = sum(cpu_seconds(server.proc.pid) for server in servers)
+                load = os.getloadavg()[0]
             finally:
                 for server in servers:
                     server.stop()
@@ -131,17 +141,18 @@ def scaling(args) -> int:
         finally:
             receiver.stop()
         took = arrivals[-1] - arrivals[0]
-        results.append((count, (len(arrivals) - 1) / took, took, duplicates, started, arrivals))
+        results.append((count, (len(arrivals) - 1) / took, took, duplicates, started, arrivals, cpu, receiving, load))
     settings = config.Settings()
     print(f"webhooks by replicas, {args.events} events to one endpoint answering in {args.receiver_delay * 1000:.0f} ms, "
           f"PostgreSQL, job every {args.interval} s, {settings.webhook_concurrency} POSTs at once per process")
     one = results[0][1]
-    for count, rate, took, duplicates, _, _ in results:
+    for count, rate, took, duplicates, _, _, cpu, receiving, load in results:
         print(f"  {count} process{'es' if count > 1 else '  '}  {rate:8.1f} events/s  {rate / one:5.2f}x  "
-              f"(first to last delivery: {took:.1f} s; sent twice: {duplicates})")
+              f"(first to last delivery: {took:.1f} s; sent twice: {duplicates}; CPU: servers {cpu:.1f} s, "
+              f"receiver {receiving:.1f} s; load average {load:.1f} on {os.cpu_count()} CPUs)")
     step = max(1, round(results[0][2] / 10))
     print(f"  backlog (events not yet received) every {step} s from the servers' start:")
-    for count, _, _, _, started, arrivals in results:
+    for count, _, _, _, started, arrivals, *_ in results:
         curve, t = [], 0
         while True:
             left = args.events - sum(1 for a in arrivals if a <= started + t)
