@@ -166,13 +166,15 @@ def test_replicas_split_one_endpoints_backlog_and_keep_each_payments_order(reque
     try:
         seed_accounts_into(config.load(env))
         subscribe(making.port, receiver)
-        payments = create_payments([making.port], 60)
+        payments = create_payments([making.port], 80)
     finally:
         assert making.stop() == 0
     expected = outbox_ids(config.load(env))
-    assert len(expected) == 90  # created, and every other one cancelled
-    replicas = [started(i, env, tmp_path) for i in (1, 2)]
+    assert len(expected) == 120  # created, and every other one cancelled
+    replicas = [Replica(i, env, tmp_path / f"server{i}.log") for i in (1, 2)]  # started together
     try:
+        for r in replicas:
+            wait_for(r.listening_port, timeout=30, what=f"server {r.index} to listen")
         receiver.wait_for(lambda r: len(r.events) >= len(expected), timeout=90, what="every event")
         time.sleep(1.5)  # more ticks on both: nothing is sent again
     finally:
