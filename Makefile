@@ -105,6 +105,7 @@ bench: setup $(PEER_VENV)/.installed
 	$(PY) bench/run.py $(BENCH_ARGS)
 	$(PY) bench/webhooks.py
 	$(PY) bench/webhooks.py --events 400 --receiver-delay 0.05
+	PAYMENTS_TEST_DATABASE_URL=$$(scripts/pg-test-db.sh) $(PY) bench/webhooks.py --processes 1,2,4 --receiver-delay 0.1 --events 1200
 	scripts/system-deps.sh images
 	$(PY) bench/images.py
 

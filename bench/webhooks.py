@@ -12,9 +12,9 @@ sending several payments' events at once (PAYMENTS_WEBHOOK_CONCURRENCY) wins bac
 
     .venv/bin/python bench/webhooks.py [--events 2000] [--interval 5] [--receiver-delay 0.05]
 
-With --processes 1,2,4 (PostgreSQL: --database-url, or PAYMENTS_TEST_DATABASE_URL; its tables are
-dropped before each case) it measures instead how delivery to one endpoint grows with replicas:
-for each count, the same backlog of N `payment.created` events, then that many server processes
+With --processes 1,2,4 (PostgreSQL: --database-url, or PAYMENTS_TEST_DATABASE_URL, next to which
+it makes a database of its own, emptied before each case and dropped at the end) it measures
+instead how delivery to one endpoint grows with replicas: for each count, the same backlog of N `payment.created` events, then that many server processes
 with the delivery job on; events/s from the first delivery to the last, the ratio to one process
 in the same run, and the backlog (events the receiver has not had yet) over time.
 
@@ -100,11 +100,28 @@ def drop_tables(url: str) -> None:
 
 
 def scaling(args) -> int:
-    """Delivery to one endpoint by 1, 2, 4... server processes on one PostgreSQL."""
+    """Delivery to one endpoint by 1, 2, 4... server processes on one PostgreSQL, in a database
+    of the benchmark's own (made next to the one the URL names, dropped at the end)."""
     url = args.database_url or os.environ.get("PAYMENTS_TEST_DATABASE_URL", "")
     if not url.startswith("postgres"):
         print("--processes needs PostgreSQL: --database-url or PAYMENTS_TEST_DATABASE_URL", file=sys.stderr)
         return 2
+    from tests.conftest import _admin_pg  # noqa: PLC0415 (the tests' own way to make a database)
+
+    name = f"payments_bench_{os.getpid()}"
+    admin = _admin_pg(url)
+    with admin.connection_context():
+        admin.connection().autocommit = True
+        admin.execute_sql(f'CREATE DATABASE "{name}"')
+    try:
+        return _scaling(args, url.rsplit("/", 1)[0] + "/" + name)
+    finally:
+        with admin.connection_context():
+            admin.connection().autocommit = True
+            admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _scaling(args, url: str) -> int:
     counts = [int(n) for n in args.processes.split(",")]
     results = []
     for count in counts:

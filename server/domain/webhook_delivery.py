@@ -143,7 +143,10 @@ def _stopped(deadline: float | None, stopping: threading.Event | None) -> bool:
 class Run:
     """What one job run keeps between its batches."""
 
-    cursors: dict = dataclasses.field(default_factory=dict)  # endpoint -> (next_attempt_at, number) done up to
+    # Deliveries this run held back (an earlier event of their payment was pending and not in the
+    # same batch): not claimed again in this run. Everything else released (another replica's run
+    # ending, this run's own hand-off) may be claimed again at once.
+    held_back: set = dataclasses.field(default_factory=set)
     finished: set = dataclasses.field(default_factory=set)  # endpoints with nothing more due in this run
     failing: set = dataclasses.field(default_factory=set)  # endpoints that failed in this run
     delivered: int = 0
@@ -238,12 +241,11 @@ class Dispatcher:
         token = secrets.token_hex(16)  # this batch's lease: every write after its attempts names it
         # Claimed and leased in one statement: another replica's claim at the same moment gets
         # the next free deliveries, not these (and does not wait for them).
-        due = self.queries.claim(endpoint.id, now, limit, now + self.lease, token, after=run.cursors.get(endpoint.id))
+        due = self.queries.claim(endpoint.id, now, limit, now + self.lease, token, skip=run.held_back)
         if len(due) < limit:
             run.finished.add(endpoint.id)
         if not due:
             return 0
-        run.cursors[endpoint.id] = (due[-1].next_attempt_at, due[-1].number)
         mine = {d.number for d in due}
         # A delivery may go only if every earlier pending one of its payment goes first (in this batch).
         allowed: set[int] = set()
@@ -252,6 +254,7 @@ class Dispatcher:
                 if number not in mine:
                     break
                 allowed.add(number)
+        run.held_back.update(mine - allowed)
         payloads = self.queries.payloads([d.event_number for d in due if d.number in allowed])
         chains: dict[str, list] = {}  # each payment's deliveries, in its order
         for d in sorted(due, key=lambda d: d.event_number):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from typing import Iterable, Iterator, Sequence
+from typing import Collection, Iterable, Iterator, Sequence
 
 import peewee
 
@@ -235,15 +235,18 @@ class WebhookQueries:
         return [DeliveryRecord(*r) for r in _due(WebhookDelivery.select(), endpoint_id, now, limit, after).tuples()]
 
     def claim(self, endpoint_id: str, now: dt.datetime, limit: int, until: dt.datetime, token: str,
-              after: tuple[dt.datetime, int] | None = None) -> list[DeliveryRecord]:
+              skip: Collection[int] = ()) -> list[DeliveryRecord]:
         """`due`'s deliveries, leased to `token` until `until` in the same statement, by next
         attempt: what this run now holds. Several replicas claiming at once get disjoint pieces,
         each the next free one: on PostgreSQL the scan skips the rows another claim is leasing
         (FOR UPDATE SKIP LOCKED) instead of waiting for them and then finding them gone; on
         SQLite the statement runs under the file's one write lock, so claims from several
         processes follow one another. The outer conditions are checked again on each row (a
-        lease taken between the scan and the lock is kept)."""
-        pick = _due(WebhookDelivery.select(WebhookDelivery.number), endpoint_id, now, limit, after)
+        lease taken between the scan and the lock is kept). `skip`: deliveries this run has
+        already held back (a payment's later events waiting for an earlier one)."""
+        pick = _due(WebhookDelivery.select(WebhookDelivery.number), endpoint_id, now, limit, None)
+        if skip:
+            pick = pick.where(WebhookDelivery.number.not_in(sorted(skip)))
         if is_postgres():
             pick = pick.for_update("FOR UPDATE SKIP LOCKED")
         free = WebhookDelivery.lease_until.is_null() | (WebhookDelivery.lease_until < now)
