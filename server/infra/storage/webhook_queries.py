@@ -247,12 +247,17 @@ class WebhookQueries:
         pick = _due(WebhookDelivery.select(WebhookDelivery.number), endpoint_id, now, limit, None)
         if skip:
             pick = pick.where(WebhookDelivery.number.not_in(sorted(skip)))
+        update = WebhookDelivery.update(lease_until=until, lease_token=token)
         if is_postgres():
-            pick = pick.for_update("FOR UPDATE SKIP LOCKED")
+            # A materialized CTE: the scan runs once. As `IN (sub-select)` PostgreSQL may run it
+            # again for each row, and each run skips the rows this statement just updated and
+            # takes the next ones, so a claim of 1 leased two.
+            picked = pick.for_update("FOR UPDATE SKIP LOCKED").cte("picked", materialized=True)
+            update = update.with_cte(picked)
+            pick = picked.select(picked.c.number)
         free = WebhookDelivery.lease_until.is_null() | (WebhookDelivery.lease_until < now)
         with db.atomic():
-            rows = (WebhookDelivery.update(lease_until=until, lease_token=token)
-                    .where(WebhookDelivery.number.in_(pick) & (WebhookDelivery.status == PENDING) & free)
+            rows = (update.where(WebhookDelivery.number.in_(pick) & (WebhookDelivery.status == PENDING) & free)
                     .returning(*WebhookDelivery._meta.sorted_fields).tuples().execute())
             claimed = [DeliveryRecord(*r) for r in rows]
         return sorted(claimed, key=lambda d: (d.next_attempt_at, d.number))
