@@ -99,7 +99,7 @@ test: setup
 # The model-based tests at length (not part of `make test`, which runs a hundred-odd examples of
 # each): PAYMENTS_MODEL_EXAMPLES and friends, tests/README.md.
 test-models: setup
-	PAYMENTS_TEST_DATABASE_URL=$$(scripts/pg-test-db.sh) PAYMENTS_WEBHOOK_MODEL=1 PAYMENTS_MODEL_EXAMPLES=1000 PAYMENTS_MODEL_STEPS=50 \
+	PAYMENTS_TEST_DATABASE_URL=$$(scripts/pg-test-db.sh) PAYMENTS_MODEL_EXAMPLES=1000 PAYMENTS_MODEL_STEPS=50 \
 		PAYMENTS_SESSION_MODEL_EXAMPLES=1500 PAYMENTS_SESSION_MODEL_STEPS=50 \
 		PAYMENTS_CLIENT_MODEL_EXAMPLES=1000 PAYMENTS_CLIENT_MODEL_STEPS=50 \
 		$(PY) -m pytest --timeout 0 tests/unit/test_payments_model.py tests/unit/test_sessions_model.py tests/unit/test_webhooks_model.py \
@@ -113,6 +113,7 @@ bench: setup $(PEER_VENV)/.installed
 	$(PY) bench/run.py $(BENCH_ARGS)
 	$(PY) bench/webhooks.py
 	$(PY) bench/webhooks.py --events 400 --receiver-delay 0.05
+	PAYMENTS_TEST_DATABASE_URL=$$(scripts/pg-test-db.sh) $(PY) bench/webhooks.py --processes 1,2,4 --receiver-delay 0.1 --events 1200
 	scripts/system-deps.sh images
 	$(PY) bench/images.py
 

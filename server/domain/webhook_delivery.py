@@ -6,9 +6,13 @@ deliveries, one per enabled endpoint that wants the type, then sends what is due
 - **At least once.** A delivery is pending until an attempt is answered with a 2xx; a run that dies
   half-way (kill -9) leaves it pending, and its lease runs out, so another run sends it again. The
   receiver sees the same event id twice and drops the second (docs/webhooks.md).
-- **Once per attempt across replicas.** A run leases the deliveries it is about to send (one
-  conditional UPDATE: only rows whose lease has passed), so two replicas, or a run outliving its
-  tick, never send the same attempt twice. Every write after an attempt names that lease (a token
+- **Once per attempt across replicas, and more replicas deliver more.** The job runs in every
+  replica at every tick; a batch claims the deliveries it is about to send (one statement picks
+  an endpoint's next due deliveries that no live lease holds and leases them; on PostgreSQL it
+  skips the rows another replica's claim is taking, FOR UPDATE SKIP LOCKED), so replicas running
+  at once send disjoint pieces of the same endpoint's backlog, and no two, nor a run outliving its
+  tick, send the same attempt. Fan-out is one replica's at a time (the others go on sending), so
+  a payment's events become deliveries in its order. Every write after an attempt names that lease (a token
   per batch): when the lease has passed (run out and taken by another run; taken back by a
   redelivery, an enable, a delete, a purge) the outcome is dropped and counted (`late`).
 - **In the payment's order.** An event goes to an endpoint only after every earlier event of the
@@ -139,7 +143,10 @@ def _stopped(deadline: float | None, stopping: threading.Event | None) -> bool:
 class Run:
     """What one job run keeps between its batches."""
 
-    cursors: dict = dataclasses.field(default_factory=dict)  # endpoint -> (next_attempt_at, number) done up to
+    # Deliveries this run held back (an earlier event of their payment was pending and not in the
+    # same batch): not claimed again in this run. Everything else released (another replica's run
+    # ending, this run's own hand-off) may be claimed again at once.
+    held_back: set = dataclasses.field(default_factory=set)
     finished: set = dataclasses.field(default_factory=set)  # endpoints with nothing more due in this run
     failing: set = dataclasses.field(default_factory=set)  # endpoints that failed in this run
     delivered: int = 0
@@ -177,17 +184,18 @@ class Dispatcher:
         than one event's): as many events as `limit` covers at one row per enabled endpoint. How
         many rows that allowance was worth: `limit` when there may be more to fan out, less when
         the outbox ran dry (the job's drain reads a short batch as "done")."""
-        endpoints = self.queries.enabled_endpoints()
-        wanted = max(1, limit // max(1, len(endpoints)))
-        events = self.queries.undispatched(wanted)
-        if not events:
-            return 0
-        now = self.clock()
-        rows = [{"event_number": e.number, "event_id": e.id, "endpoint_id": ep.id, "payment_id": e.payment_id,
-                 "status": PENDING, "attempts": 0, "first_attempt_at": None, "next_attempt_at": now,
-                 "lease_until": None, "created_at": now}
-                for e in events for ep in endpoints if ep.wants(TYPE_OF_ACTION[e.action])]
-        with self.queries.transaction():
+        with self.queries.fan_out_turn() as endpoints:
+            if endpoints is None:  # another replica is fanning out: this run goes on to sending
+                return 0
+            wanted = max(1, limit // max(1, len(endpoints)))
+            events = self.queries.undispatched(wanted)
+            if not events:
+                return 0
+            now = self.clock()
+            rows = [{"event_number": e.number, "event_id": e.id, "endpoint_id": ep.id, "payment_id": e.payment_id,
+                     "status": PENDING, "attempts": 0, "first_attempt_at": None, "next_attempt_at": now,
+                     "lease_until": None, "created_at": now}
+                    for e in events for ep in endpoints if ep.wants(TYPE_OF_ACTION[e.action])]
             self.queries.add_deliveries(rows)
             self.queries.mark_dispatched([e.number for e in events])
         with self._lock:
@@ -230,14 +238,15 @@ class Dispatcher:
 
     def _batch(self, endpoint, limit: int, run: Run, deadline: float | None, stopping) -> int:
         now = self.clock()
-        due = self.queries.due(endpoint.id, now, limit, after=run.cursors.get(endpoint.id))
+        token = secrets.token_hex(16)  # this batch's lease: every write after its attempts names it
+        # Claimed and leased in one statement: another replica's claim at the same moment gets
+        # the next free deliveries, not these (and does not wait for them).
+        due = self.queries.claim(endpoint.id, now, limit, now + self.lease, token, skip=run.held_back)
         if len(due) < limit:
             run.finished.add(endpoint.id)
         if not due:
             return 0
-        run.cursors[endpoint.id] = (due[-1].next_attempt_at, due[-1].number)
-        token = secrets.token_hex(16)  # this batch's lease: every write after its attempts names it
-        mine = set(self.queries.lease([d.number for d in due], now, now + self.lease, token))
+        mine = {d.number for d in due}
         # A delivery may go only if every earlier pending one of its payment goes first (in this batch).
         allowed: set[int] = set()
         for numbers in self.queries.pending_order(endpoint.id, {d.payment_id for d in due}).values():
@@ -245,6 +254,7 @@ class Dispatcher:
                 if number not in mine:
                     break
                 allowed.add(number)
+        run.held_back.update(mine - allowed)
         payloads = self.queries.payloads([d.event_number for d in due if d.number in allowed])
         chains: dict[str, list] = {}  # each payment's deliveries, in its order
         for d in sorted(due, key=lambda d: d.event_number):

@@ -9,7 +9,9 @@ Every replica schedules every job; when a tick fires, a replica runs the job onl
    replicas' ticks are not aligned (a lock alone would let replica A run at 12:00:01 and replica
    B at 12:00:31 within the same 60-second slot, once each).
 
-A replica that loses either step skips the tick. On SQLite the server is one process, so there is
+A replica that loses either step skips the tick. (The webhook job takes neither step: it runs in
+every replica, `shared`, and claims its deliveries a batch at a time, server/domain/webhook_delivery.py.)
+On SQLite the server is one process, so there is
 no lock; the claim still records the run.
 
 The lock is session-level, not transaction-level, because each batch of a run commits on its own:
@@ -85,6 +87,16 @@ def exclusive(job: str) -> Iterator[bool]:
             _unlock(database, job, key)
         else:
             _hand_back(database)
+
+
+@contextlib.contextmanager
+def shared() -> Iterator[bool]:
+    """For a job that runs in every replica (jobs.Job.every_replica): no lock, always yields
+    True; on leaving, this thread's connection is handed back as `exclusive` does."""
+    try:
+        yield True
+    finally:
+        _hand_back(storage.db.obj)
 
 
 def _unlock(database: peewee.Database, job: str, key: int) -> None:

@@ -1,7 +1,9 @@
 """Scheduled jobs: expire overdue pending payments, purge what is no longer needed, deliver webhooks.
 
 Every replica runs the scheduler (APScheduler, in-process); server.infra.job_claims makes each tick of a job
-run in exactly one of them. A run works in bounded batches - each a SELECT of at most
+run in exactly one of them, except the webhook job's, which runs in every replica and claims its
+work a batch of deliveries at a time (server/domain/webhook_delivery.py), so delivery grows with
+the replicas. A run works in bounded batches - each a SELECT of at most
 PAYMENTS_JOB_BATCH_SIZE ids and one UPDATE or DELETE of those rows by primary key, committed on
 its own - and shares the database politely: a batch that takes over BATCH_BUDGET_SECONDS halves
 the next one (a fast one doubles it back, up to the batch size); after each batch it pauses as
@@ -210,6 +212,10 @@ class Job:
     interval_seconds: int
     work: Callable[[dt.datetime, Progress, threading.Event], object]
     budget_fraction: float = RUN_BUDGET_FRACTION
+    # Runs in every replica at every tick, neither locked nor claimed per tick (job_claims): the
+    # webhook job, whose work is claimed in pieces instead (each batch's deliveries), so more
+    # replicas deliver more. Such runs are logged and counted, not recorded in job_runs.
+    every_replica: bool = False
 
 
 # The webhook job sends for most of its interval: its POSTs take no job turn and write one small
@@ -235,7 +241,7 @@ def payment_jobs(settings: Settings, rules: PaymentRules, dispatcher: Dispatcher
             lambda now, progress, stopping: deliver_webhooks(dispatcher, batch_size=settings.webhook_batch_size,
                                                             fan_out_rows=batch,
                                                             progress=progress, stopping=stopping),
-            budget_fraction=WEBHOOK_BUDGET_FRACTION)]
+            budget_fraction=WEBHOOK_BUDGET_FRACTION, every_replica=True)]
     return webhooks + [
         Job(EXPIRE, settings.expire_interval_seconds,
             lambda now, progress, stopping: expire(rules, now, batch_size=batch, progress=progress,
@@ -266,12 +272,12 @@ class Runner:
         progress = Progress(deadline=time.monotonic() + run_budget(job.interval_seconds, job.budget_fraction),
                             batch_budget=BATCH_BUDGET_SECONDS, batch_size=self._batch_sizes.get(job.name))
         try:
-            with job_claims.exclusive(job.name) as mine:
+            with job_claims.shared() if job.every_replica else job_claims.exclusive(job.name) as mine:
                 if not mine:
                     log.debug("job skipped", extra={**fields, "reason": "locked"})
                     metrics.job_runs.labels(job.name, SKIPPED).inc()
                     return SKIPPED
-                if not job_claims.claim(job.name, tick_at, self.replica, now):
+                if not job.every_replica and not job_claims.claim(job.name, tick_at, self.replica, now):
                     log.debug("job skipped", extra={**fields, "reason": "tick already run"})
                     metrics.job_runs.labels(job.name, SKIPPED).inc()
                     return SKIPPED
@@ -284,7 +290,8 @@ class Runner:
                     if progress.batch_size:
                         self._batch_sizes[job.name] = progress.batch_size
                 outcome = job_claims.INTERRUPTED if progress.interrupted else job_claims.OK
-                job_claims.finish(job.name, tick_at, outcome=outcome, rows=progress.rows, now=self.clock())
+                if not job.every_replica:
+                    job_claims.finish(job.name, tick_at, outcome=outcome, rows=progress.rows, now=self.clock())
         except Exception:
             log.error("job failed", exc_info=True, extra={**fields, **self._summary(progress, started),
                                                           "outcome": job_claims.FAILED})
@@ -305,6 +312,8 @@ class Runner:
             metrics.job_rows.labels(job.name).inc(progress.rows)
 
     def _record_failure(self, job: Job, tick_at: dt.datetime, progress: Progress) -> None:
+        if job.every_replica:
+            return
         try:
             job_claims.finish(job.name, tick_at, outcome=job_claims.FAILED, rows=progress.rows, now=self.clock())
         except Exception:  # the database may be the reason the run failed; the log line says it

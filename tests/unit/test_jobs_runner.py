@@ -48,7 +48,8 @@ def other_connection(settings) -> peewee.PostgresqlDatabase:
 
 
 def advisory_locks(conn) -> int:
-    return conn.execute_sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0]
+    return conn.execute_sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+                            "(SELECT oid FROM pg_database WHERE datname = current_database())").fetchone()[0]
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from server.domain import webhook_urls
 from server.domain.errors import InvalidArgument, NotFound
 from server.domain.paging import PageTokens
 from server.domain.payments import PaymentDraft, PaymentRules
-from server.domain.webhook_delivery import Attempt, Dispatcher, RetryPolicy, Run, retry_after_seconds
+from server.domain.webhook_delivery import Attempt, Dispatcher, Outcome, RetryPolicy, Run, retry_after_seconds
 from server.domain.webhooks import (GAVE_UP, PENDING, SECRET_BYTES, EndpointChange, WebhookRules, new_secret,
                                     signature, signature_header, signed_headers, standard_key)
 from server.edge.webhook_body import event_body, event_json, reference_json
@@ -587,6 +587,125 @@ def test_a_leased_delivery_is_not_sent_by_a_second_run(rules_with_outbox, webhoo
     clock.advance(seconds=31)  # the run that leased it died: its lease runs out, another run sends it
     dispatcher(clock, send).deliver(10, Run())
     assert len(send.sent) == 1
+
+
+def _own_connection_closed() -> None:
+    if not storage.db.is_closed():
+        storage.db.close()
+
+
+def test_an_endpoint_deleted_while_events_fan_out_gets_no_delivery(rules_with_outbox, webhook_rules, clock):
+    """Fan-out holds the endpoints it read until its rows commit (PostgreSQL: FOR SHARE; SQLite:
+    the write lock): a delete arriving between the read and the insert waits, then removes the
+    rows just made. Without the hold the delete went through and the rows outlived their endpoint."""
+    endpoint, _ = webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"],
+                                       enabled=True, description="")
+    rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
+    read, go, deleted = threading.Event(), threading.Event(), threading.Event()
+
+    class PausedAfterTheEndpoints(storage.WebhookQueries):
+        def undispatched(self, limit):  # the endpoints are read by now
+            read.set()
+            go.wait(10)
+            return super().undispatched(limit)
+
+    d = Dispatcher(queries=PausedAfterTheEndpoints(), send=FakeSend(), render=event_body, clock=clock,
+                   lease_seconds=30, policy=RetryPolicy())
+    fanned = []
+
+    def fan_out():
+        try:
+            fanned.append(d.fan_out(100))
+        finally:
+            _own_connection_closed()
+
+    def delete():
+        try:
+            webhook_rules.delete(ADMIN_CALLER, endpoint.id)
+            deleted.set()
+        finally:
+            _own_connection_closed()
+
+    fanning = threading.Thread(target=fan_out)
+    fanning.start()
+    assert read.wait(10)
+    deleting = threading.Thread(target=delete)
+    deleting.start()
+    time.sleep(0.3)
+    assert not deleted.is_set()  # the delete waits for the fan-out's rows
+    go.set()
+    fanning.join(10)
+    deleting.join(10)
+    assert fanned == [1] and deleted.is_set()
+    assert WebhookDelivery.select().where(WebhookDelivery.endpoint_id == endpoint.id).count() == 0
+    assert storage.WebhookQueries().undispatched(10) == []  # the event was fanned out, to nobody left
+
+
+def test_one_replica_fans_out_at_a_time_and_the_others_go_on(rules_with_outbox, webhook_rules, clock, backend):
+    """While one run holds the fan-out turn, another's fan-out does nothing: on PostgreSQL it
+    returns at once (its run goes on to sending), on SQLite it waits for the write lock and then
+    finds the events fanned out. Either way each event becomes one delivery per endpoint."""
+    webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"], enabled=True, description="")
+    rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
+    read, go = threading.Event(), threading.Event()
+
+    class Paused(storage.WebhookQueries):
+        def undispatched(self, limit):
+            read.set()
+            go.wait(10)
+            return super().undispatched(limit)
+
+    first = Dispatcher(queries=Paused(), send=FakeSend(), render=event_body, clock=clock, lease_seconds=30,
+                       policy=RetryPolicy())
+    fanned = []
+
+    def fan_out():
+        try:
+            fanned.append(first.fan_out(100))
+        finally:
+            _own_connection_closed()
+
+    holder = threading.Thread(target=fan_out)
+    holder.start()
+    assert read.wait(10)
+    if backend == "postgres":
+        started = time.monotonic()
+        assert dispatcher(clock, FakeSend()).fan_out(100) == 0
+        assert time.monotonic() - started < 1.0  # not waited for
+        go.set()
+    else:
+        threading.Timer(0.3, go.set).start()
+        assert dispatcher(clock, FakeSend()).fan_out(100) == 0  # after the holder: nothing left
+    holder.join(10)
+    assert fanned == [1]
+    assert WebhookDelivery.select().count() == 1
+
+
+def test_a_payments_events_claimed_by_two_replicas_keep_its_order(rules_with_outbox, webhook_rules, clock):
+    """Another replica holds the payment's first event (its claim, a lease of its own): this run
+    claims the second but holds it back, sends nothing, and does not claim it again in the run.
+    Once the first is answered the second goes."""
+    endpoint, _ = webhook_rules.create(ADMIN_CALLER, url="https://shop.example.com/h", event_types=["*"],
+                                       enabled=True, description="")
+    p = rules_with_outbox.create(ALICE, PaymentDraft(email=ALICE.email, amount=100))
+    rules_with_outbox.cancel(ALICE, p.id)
+    queries = storage.WebhookQueries()
+    send = FakeSend()
+    d = dispatcher(clock, send)
+    d.fan_out(100)
+    [created] = queries.claim(endpoint.id, clock(), 1, clock() + dt.timedelta(seconds=30), "another replica")
+    run = Run()
+    while d.deliver(10, run):
+        pass
+    assert send.sent == [] and len(run.held_back) == 1
+    later = WebhookDelivery.get(WebhookDelivery.number.in_(list(run.held_back)))
+    assert later.event_number > created.event_number and later.lease_token is None  # released
+    queries.record_attempts([Outcome(created.number, {"delivery_number": created.number, "at": clock(),
+                                                      "http_status": 200, "error": "", "duration_ms": 1},
+                                     "succeeded", clock(), clock())], endpoint.id, "another replica")
+    while d.deliver(10, Run()):
+        pass
+    assert [s[1]["type"] for s in send.sent] == ["payment.failed"]
 
 
 def test_registration_rules(webhook_rules):

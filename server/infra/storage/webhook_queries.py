@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from typing import Iterable, Iterator, Sequence
+from typing import Collection, Iterable, Iterator, Sequence
 
 import peewee
 
@@ -43,7 +43,21 @@ def _delete_deliveries(which) -> None:
         WebhookAttempt.delete().where(among(WebhookAttempt.delivery_number, numbers[start:start + 500])).execute()
 
 
+def _due(query, endpoint_id: str, now: dt.datetime, limit: int, after: tuple[dt.datetime, int] | None):
+    """An endpoint's pending deliveries whose time has come and that no live run holds, by next
+    attempt (the index on endpoint, status, next attempt, number), after `after`."""
+    query = query.where(
+        (WebhookDelivery.endpoint_id == endpoint_id) & (WebhookDelivery.status == PENDING)
+        & (WebhookDelivery.next_attempt_at <= now)
+        & (WebhookDelivery.lease_until.is_null() | (WebhookDelivery.lease_until < now)))
+    if after is not None:
+        query = query.where(peewee.Tuple(WebhookDelivery.next_attempt_at, WebhookDelivery.number)
+                            > peewee.Tuple(WebhookDelivery.next_attempt_at.db_value(after[0]), after[1]))
+    return query.order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.number).limit(limit)
+
+
 _ENDPOINTS_LOCK_KEY = 0x77686B5F6C696D  # "whk_lim": creating endpoints, one at a time, under the limit
+_FAN_OUT_LOCK_KEY = 0x77686B5F666F75  # "whk_fou": one replica fans out at a time
 
 
 def _endpoints(query) -> list[EndpointRecord]:
@@ -156,6 +170,29 @@ class WebhookQueries:
             return {}
         return {e.number: (e, p) for e, p in _with_payments(_events().where(PaymentEvent.number.in_(numbers)))}
 
+    @contextlib.contextmanager
+    def fan_out_turn(self) -> Iterator[list[EndpointRecord] | None]:
+        """A transaction for one fan-out batch, yielding the enabled endpoints, held until it
+        commits (None: another replica is fanning out; its turn is not waited for).
+
+        - One replica fans out at a time (PostgreSQL: a transaction-level advisory lock, tried,
+          never waited for): two would take the same events and wait on each other's inserts.
+        - The endpoints are held: PostgreSQL's FOR SHARE, which an admin's delete (locked_endpoint's
+          FOR UPDATE) or change (its UPDATE) waits for and which waits for them, then reads the row
+          as they left it; SQLite's write lock (BEGIN IMMEDIATE), which they take too. So a delete
+          either comes first (the endpoint is not fanned out to) or removes the rows this batch
+          made: no delivery is ever made for an endpoint already deleted."""
+        if is_postgres():
+            with db.atomic():
+                if not db.execute_sql("SELECT pg_try_advisory_xact_lock(%s)", (_FAN_OUT_LOCK_KEY,)).fetchone()[0]:
+                    yield None
+                    return
+                yield _endpoints(WebhookEndpoint.select().where(WebhookEndpoint.enabled == True)  # noqa: E712
+                                 .order_by(WebhookEndpoint.id).for_update("FOR SHARE"))
+        else:
+            with db.atomic("IMMEDIATE"):
+                yield self.enabled_endpoints()
+
     def undispatched(self, limit: int) -> list[EventRecord]:
         query = PaymentEvent.select(*EVENT_COLUMNS).where(UNDISPATCHED).order_by(PaymentEvent.number).limit(limit)
         return [EventRecord(*r) for r in query.tuples()]
@@ -195,15 +232,35 @@ class WebhookQueries:
             after: tuple[dt.datetime, int] | None = None) -> list[DeliveryRecord]:
         """The endpoint's pending deliveries whose time has come, not leased by a live run, by next
         attempt; after `after` (next_attempt_at, number), where the run's last batch ended."""
-        query = WebhookDelivery.select().where(
-            (WebhookDelivery.endpoint_id == endpoint_id) & (WebhookDelivery.status == PENDING)
-            & (WebhookDelivery.next_attempt_at <= now)
-            & (WebhookDelivery.lease_until.is_null() | (WebhookDelivery.lease_until < now)))
-        if after is not None:
-            query = query.where(peewee.Tuple(WebhookDelivery.next_attempt_at, WebhookDelivery.number)
-                                > peewee.Tuple(WebhookDelivery.next_attempt_at.db_value(after[0]), after[1]))
-        query = query.order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.number).limit(limit)
-        return [DeliveryRecord(*r) for r in query.tuples()]
+        return [DeliveryRecord(*r) for r in _due(WebhookDelivery.select(), endpoint_id, now, limit, after).tuples()]
+
+    def claim(self, endpoint_id: str, now: dt.datetime, limit: int, until: dt.datetime, token: str,
+              skip: Collection[int] = ()) -> list[DeliveryRecord]:
+        """`due`'s deliveries, leased to `token` until `until` in the same statement, by next
+        attempt: what this run now holds. Several replicas claiming at once get disjoint pieces,
+        each the next free one: on PostgreSQL the scan skips the rows another claim is leasing
+        (FOR UPDATE SKIP LOCKED) instead of waiting for them and then finding them gone; on
+        SQLite the statement runs under the file's one write lock, so claims from several
+        processes follow one another. The outer conditions are checked again on each row (a
+        lease taken between the scan and the lock is kept). `skip`: deliveries this run has
+        already held back (a payment's later events waiting for an earlier one)."""
+        pick = _due(WebhookDelivery.select(WebhookDelivery.number), endpoint_id, now, limit, None)
+        if skip:
+            pick = pick.where(WebhookDelivery.number.not_in(sorted(skip)))
+        update = WebhookDelivery.update(lease_until=until, lease_token=token)
+        if is_postgres():
+            # A materialized CTE: the scan runs once. As `IN (sub-select)` PostgreSQL may run it
+            # again for each row, and each run skips the rows this statement just updated and
+            # takes the next ones, so a claim of 1 leased two.
+            picked = pick.for_update("FOR UPDATE SKIP LOCKED").cte("picked", materialized=True)
+            update = update.with_cte(picked)
+            pick = picked.select(picked.c.number)
+        free = WebhookDelivery.lease_until.is_null() | (WebhookDelivery.lease_until < now)
+        with db.atomic():
+            rows = (update.where(WebhookDelivery.number.in_(pick) & (WebhookDelivery.status == PENDING) & free)
+                    .returning(*WebhookDelivery._meta.sorted_fields).tuples().execute())
+            claimed = [DeliveryRecord(*r) for r in rows]
+        return sorted(claimed, key=lambda d: (d.next_attempt_at, d.number))
 
     def pending_order(self, endpoint_id: str, payment_ids: Iterable[str]) -> dict[str, list[int]]:
         """For these payments, the endpoint's pending deliveries of each, in event order."""
