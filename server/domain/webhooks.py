@@ -376,7 +376,7 @@ class WebhookRules:
 
     def _views(self, rows: list[tuple]) -> list[EventView]:
         """(history event, payment, refund or None) rows, as events with their deliveries."""
-        deliveries = self.queries.deliveries_of([e.id for e, _ in rows])
+        deliveries = self.queries.deliveries_of([row[0].id for row in rows])
         attempts = self.queries.attempts_of([d.number for d in deliveries])
         by_event: dict[int, list] = {}
         for d in deliveries:
