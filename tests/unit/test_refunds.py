@@ -251,3 +251,13 @@ def test_the_purge_never_removes_a_refunded_payment_or_its_refunds(refunds, rule
         storage.Payment.id == settled).execute()
     assert rules.queries.purge([settled], clock.now) == []
     assert rules.queries.any(settled) is not None and len(list(Refund.select())) == 1
+
+
+def test_the_metrics_hear_of_each_committed_refund_and_of_no_refused_one(rules, settled):
+    heard = []
+    refunds = RefundRules(page_tokens=PageTokens(b"test-page-token-secret"), queries=rules.queries,
+                          clock=rules.clock, observe=lambda *args: heard.append(args))
+    refunds.create(ADMIN_CALLER, refund(settled, 1000, request_id="ret-1"))
+    refunds.create(ADMIN_CALLER, refund(settled, 1000, request_id="ret-1"))  # a replay: nothing new
+    failure(lambda: refunds.create(ADMIN_CALLER, refund(settled, AMOUNT)))
+    assert heard == [("refunded", None, 1)]
