@@ -162,10 +162,7 @@ class RefundRules:
         now = self.clock()
         try:
             with self.queries.transaction():
-                after = self.queries.add_refunded(draft.payment_id, draft.amount, currency,
-                                                  draft.expected_refunded_amount, now)
-                if after is None:
-                    raise self._refusal(draft, currency)
+                after = self._add_refunded(draft, currency, now)
                 refund = RefundRecord(
                     id=opaque_id("ref_"), payment_id=draft.payment_id, amount=draft.amount, currency=currency,
                     reason=draft.reason, note=draft.note, created_by=caller.subject,
@@ -190,8 +187,29 @@ class RefundRules:
                                 reason="REQUEST_ID_CONFLICT", metadata={"request_id": request_id})
         return earlier
 
-    def _refusal(self, draft: RefundDraft, currency: str) -> Exception:
-        """Why the conditional UPDATE changed nothing, from the payment as it is now."""
+    def _add_refunded(self, draft: RefundDraft, currency: str, now) -> PaymentRecord:
+        """The conditional UPDATE, and the refusal that explains it when it changed nothing.
+
+        The refusal is read after the UPDATE, and one change can make a refused refund possible
+        in between: the confirm that settles the payment (PostgreSQL's UPDATE saw it pending, the
+        read sees it SUCCESS). Then the UPDATE runs again, as if the refund had come after the
+        confirm, which is one order of the two calls; nothing else undoes a reason to refuse (the
+        refunded total only grows, SUCCESS is final and never deleted), so a second refusal is
+        always explained."""
+        for _ in range(2):
+            after = self.queries.add_refunded(draft.payment_id, draft.amount, currency,
+                                              draft.expected_refunded_amount, now)
+            if after is not None:
+                return after
+            refusal = self._refusal(draft, currency)
+            if refusal is not None:
+                raise refusal
+        raise FailedPrecondition(f"payment {draft.payment_id!r} changed while this refund was decided: retry it",
+                                 reason="PAYMENT_CHANGED", metadata={"id": draft.payment_id})
+
+    def _refusal(self, draft: RefundDraft, currency: str) -> Exception | None:
+        """Why the conditional UPDATE changed nothing, from the payment as it is now; None if,
+        as it is now, the refund fits (it settled since the UPDATE)."""
         pid = draft.payment_id
         payment = self.queries.live(pid)
         if payment is None:
@@ -210,6 +228,8 @@ class RefundRules:
                 reason="REFUNDED_AMOUNT_CHANGED",
                 metadata={"id": pid, "refunded_amount": str(refunded), "expected_refunded_amount": str(expected)})
         left = payment.amount - refunded
+        if draft.amount <= left:
+            return None
         what = "nothing is left" if left == 0 else f"only {left} is left"
         return FailedPrecondition(
             f"a refund of {draft.amount} is more than payment {pid!r} has left: {what} "

@@ -261,3 +261,30 @@ def test_the_metrics_hear_of_each_committed_refund_and_of_no_refused_one(rules, 
     refunds.create(ADMIN_CALLER, refund(settled, 1000, request_id="ret-1"))  # a replay: nothing new
     failure(lambda: refunds.create(ADMIN_CALLER, refund(settled, AMOUNT)))
     assert heard == [("refunded", None, 1)]
+
+
+def test_a_refund_refused_while_pending_but_settled_before_the_reason_is_read_is_made(refunds, rules, monkeypatch):
+    """PostgreSQL: the UPDATE saw the payment pending, a confirm committed, the refusal's read sees it
+    SUCCESS with room. Not a wrong reason ("exceeds what is left"): the refund comes after the confirm."""
+    pid = rules.create(ALICE, PaymentDraft(email=ALICE.email, amount=AMOUNT)).id
+    real = rules.queries.add_refunded
+    calls = []
+
+    def confirmed_in_between(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            with storage.db.atomic():  # the confirm commits between the UPDATE and the read (a savepoint here)
+                rules.confirm(ADMIN_CALLER, pid)
+            return None
+        return real(*args)
+
+    monkeypatch.setattr(rules.queries, "add_refunded", confirmed_in_between)
+    made = refunds.create(ADMIN_CALLER, refund(pid, 1000))
+    assert made.refunded_amount_after == 1000 and len(calls) == 2
+    assert rules.get(ALICE, pid).refunded_amount == 1000
+
+
+def test_an_unexplained_second_refusal_asks_for_a_retry(refunds, rules, settled, monkeypatch):
+    monkeypatch.setattr(rules.queries, "add_refunded", lambda *args: None)
+    e = failure(lambda: refunds.create(ADMIN_CALLER, refund(settled, 1000)))
+    assert e.reason == "PAYMENT_CHANGED"
