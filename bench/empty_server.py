@@ -34,6 +34,9 @@ class EmptyPayments(pb_grpc.PaymentServiceServicer):
     def CreatePayment(self, request, context):
         return pb.Payment()
 
+    def CreateRefund(self, request, context):
+        return pb.Refund()
+
 
 def main() -> int:
     settings = config.load()

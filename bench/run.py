@@ -1,6 +1,8 @@
 """`make bench`: throughput, latency and memory of the Payments server, printed as tables.
 
-For GetPayment, ListPayments (a page of 20) and CreatePayment, each over three paths — gRPC
+For GetPayment, ListPayments (a page of 20), CreatePayment and CreateRefund (an admin's refund of
+1 of a settled payment, each with its own request_id: the conditional UPDATE, the refund and its
+history row in one transaction), each over three paths — gRPC
 straight to the server, gRPC through Envoy, REST through Envoy — with ghz (gRPC) and wrk
 (REST), a valid token, a fixed concurrency and a fixed duration per case. The same cases run
 against bench/empty_server.py (handlers that do nothing, same thread-pool settings), the
@@ -73,6 +75,7 @@ class Target:
     server: Server
     envoy: Envoy
     payment_id: str
+    settled_id: str = ""  # a success payment with room for every CreateRefund case's refunds
 
 
 def median_row(rows: list[Row]) -> Row:
@@ -143,12 +146,17 @@ class Bench:
     def runner(self, target: Target, operation: str, path: str):
         """The load of one case against one target: a function of the duration."""
         c, token, pid = self.args.concurrency, self.token, target.payment_id
+        settled = target.settled_id or pid
+        if operation == "CreateRefund":
+            token = self.admin_token  # only admins refund
         if path == PATHS[2]:
             verb, url, body = {
                 "GetPayment": ("GET", f"/v1/payments/{pid}", None),
                 "ListPayments": ("GET", "/v1/payments?page_size=20", None),
                 "CreatePayment": ("POST", "/v1/payments",
                                   '{"email":"%s","amount":"1250","currency":"IDR","request_id":"{{n}}"}' % EMAIL),
+                "CreateRefund": ("POST", f"/v1/payments/{settled}/refunds",
+                                 '{"amount":"1","reason":"OTHER","request_id":"{{n}}"}'),
             }[operation]
             return lambda s: loadgen.wrk(target.envoy.url + url, verb, token, body=body, seconds=s, concurrency=c)
         data = {
@@ -156,6 +164,8 @@ class Bench:
             "ListPayments": {"page_size": 20},
             "CreatePayment": {"payment": {"email": EMAIL, "amount": "1250", "currency": "IDR",
                                           "request_id": "{{.UUID}}"}},
+            "CreateRefund": {"payment_id": settled, "refund": {"amount": "1", "reason": "OTHER",
+                                                               "request_id": "{{.UUID}}"}},
         }[operation]
         addr = f"127.0.0.1:{target.server.port if path == PATHS[0] else target.envoy.port}"
         return lambda s: loadgen.ghz(addr, operation, data, token, seconds=s, concurrency=c)
@@ -200,7 +210,7 @@ class Bench:
         server = self.stack.enter_context(stopping(Server.start(self.work, env)))
         envoy = self.stack.enter_context(stopping(Envoy.start(self.envoy_dir(label), server.port)))
         envoy.set_runtime(edge_rate_limit__enforced="0")  # capacity from one address, not the per-address policy
-        return Target(label, server, envoy, self.create_one(server.port))
+        return Target(label, server, envoy, self.create_one(server.port), self.settled_one(server.port))
 
     def start_processes(self, target: Target, processes: int) -> Target:
         """The real server again, with `processes` server processes on the same database, behind an
@@ -214,7 +224,7 @@ class Bench:
         label = f"{target.label} x{processes}"
         envoy = self.stack.enter_context(stopping(Envoy.start(self.envoy_dir(label.replace(" ", "-")), server.ports)))
         envoy.set_runtime(edge_rate_limit__enforced="0")  # capacity from one address, not the per-address policy
-        return Target(label, server, envoy, target.payment_id)
+        return Target(label, server, envoy, target.payment_id, target.settled_id)
 
     def versus(self, target: Target) -> str:
         """bench/versus.py: REST GetPayment, ListPayments and CreatePayment, this project (1 and N processes)
@@ -257,6 +267,16 @@ class Bench:
             created = pb_grpc.PaymentServiceStub(ch).CreatePayment(
                 pb.CreatePaymentRequest(payment=pb.Payment(email=EMAIL, amount=100)),
                 metadata=(("authorization", f"Bearer {self.token}"),), timeout=10)
+        return created.id
+
+    def settled_one(self, port: int) -> str:
+        """A success payment of the bench payer's, of the largest amount, for CreateRefund."""
+        md = (("authorization", f"Bearer {self.admin_token}"),)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.PaymentServiceStub(ch)
+            created = stub.CreatePayment(pb.CreatePaymentRequest(payment=pb.Payment(email=EMAIL, amount=999_999_999_999_999)),
+                                         metadata=md, timeout=10)
+            stub.ConfirmPayment(pb.ConfirmPaymentRequest(id=created.id), metadata=md, timeout=10)
         return created.id
 
     @staticmethod
@@ -333,8 +353,11 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000, help="payments seeded for the paging cases")
     parser.add_argument("--share", type=float, default=0.1, help="part of the rows that the bench payer owns")
     parser.add_argument("--postgres", action="store_true", help="also run on PostgreSQL (scripts/pg-test-db.sh)")
-    parser.add_argument("--operations", nargs="*", default=["GetPayment", "ListPayments", "CreatePayment"])
+    parser.add_argument("--operations", nargs="*", default=["GetPayment", "ListPayments", "CreatePayment",
+                                                            "CreateRefund"])
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
+    parser.add_argument("--no-paging", dest="paging", action="store_false",
+                        help="skip the paging-depth cases (one case alone: --operations CreateRefund --no-paging)")
     parser.add_argument("--no-versus", dest="versus", action="store_false",
                         help="skip the comparison with FastAPI (bench/versus.py)")
     parser.add_argument("--versus-operations", nargs="*", default=None,
@@ -358,7 +381,7 @@ def main() -> int:
             services.append(bench.start_service("PostgreSQL", postgres_url()))
         bench.paired_cases(targets + services)
         against = bench.versus(services[0]) if args.versus else ""
-        for target in services:
+        for target in services if args.paging else []:
             bench.paging(target)
         databases = [("SQLite", lambda name: "")] + ([("PostgreSQL", postgres_url)] if args.postgres else [])
         churned = [churn.run(bench, label, rows, url_for) for label, url_for in databases for rows in args.churn_rows]

@@ -136,8 +136,9 @@ def settled(payment_id: str) -> FailedPrecondition:
 def as_created(row: PaymentRecord) -> PaymentRecord:
     """The payment as the create that made it answered (AIP-155, Stripe: a replay gets the first
     answer, not the payment as it is now). That answer is fixed by the row: a new payment is
-    PENDING, unchanged since its creation, and not deleted."""
-    return row._replace(status=PENDING, failure_reason=None, updated_at=row.created_at, deleted_at=None)
+    PENDING, unchanged since its creation, not deleted and not refunded."""
+    return row._replace(status=PENDING, failure_reason=None, updated_at=row.created_at, deleted_at=None,
+                        refunded_amount=0)
 
 
 class PaymentRules:

@@ -15,7 +15,7 @@ PAYMENTS_READ = "payments.read"
 PAYMENTS_CREATE = "payments.create"
 PAYMENTS_CONFIRM = "payments.confirm"
 PAYMENTS_CANCEL = "payments.cancel"
-PAYMENTS_REFUND = "payments.refund"  # for the refund methods; none exists yet
+PAYMENTS_REFUND = "payments.refund"
 WEBHOOKS_MANAGE = "webhooks.manage"
 PERMISSIONS = (PAYMENTS_READ, PAYMENTS_CREATE, PAYMENTS_CONFIRM, PAYMENTS_CANCEL, PAYMENTS_REFUND, WEBHOOKS_MANAGE)
 
@@ -35,6 +35,9 @@ METHODS: dict[str, str] = {
     _P + "ListPaymentEvents": PAYMENTS_READ,
     _P + "ConfirmPayment": PAYMENTS_CONFIRM,
     _P + "CancelPayment": PAYMENTS_CANCEL,
+    _P + "CreateRefund": PAYMENTS_REFUND,
+    _P + "ListRefunds": PAYMENTS_READ,
+    _P + "GetRefund": PAYMENTS_READ,
     # Removing a payment from view, or bringing it back, is an operator's decision.
     _P + "DeletePayment": PERSONS_ONLY,
     _P + "UndeletePayment": PERSONS_ONLY,

@@ -13,7 +13,7 @@ import datetime as dt
 from typing import Callable, ContextManager, Protocol, Sequence, TypeVar
 
 from server.domain.records import (AccountRecord, ClientRecord, EventRecord, PaymentRecord, RefreshView,
-                                   SessionState)
+                                   RefundRecord, SessionState)
 
 Clock = Callable[[], dt.datetime]
 
@@ -63,6 +63,22 @@ class PaymentStore(Protocol):
     def expire(self, ids: Sequence[str], now: dt.datetime) -> list[str]: ...
 
     def purge(self, ids: Sequence[str], before: dt.datetime) -> list[str]: ...
+
+    # --- refunds (server/domain/refunds.py) ---
+
+    def refund_by_request_id(self, created_by: str, request_id: str) -> RefundRecord | None: ...
+
+    def refund(self, payment_id: str, refund_id: str) -> RefundRecord | None: ...
+
+    def refunds(self, payment_id: str, *, after_total: int | None, limit: int) -> list[RefundRecord]: ...
+
+    def add_refunded(self, payment_id: str, amount: int, currency: str, expected: int | None,
+                     now: dt.datetime) -> PaymentRecord | None:
+        """One conditional UPDATE: the payment after it, or None if it is not a live success payment
+        in `currency` with room for `amount` (and refunded `expected`, if given)."""
+
+    def insert_refund(self, refund: RefundRecord) -> None:
+        """Raises records.DuplicateRequest if its (created_by, request_id) pair is taken."""
 
 
 class ClientStore(Protocol):

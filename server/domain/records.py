@@ -26,6 +26,7 @@ class PaymentRecord(NamedTuple):
     updated_at: dt.datetime
     expires_at: dt.datetime
     deleted_at: dt.datetime | None
+    refunded_amount: int = 0  # the sum of its refunds
 
 
 class EventRecord(NamedTuple):
@@ -41,6 +42,24 @@ class EventRecord(NamedTuple):
     failure_reason: str | None
     actor_id: str
     actor_role: str
+    refund_id: str | None = None  # a refund's event: the refund
+    refunded_amount: int | None = None  # a refund's event: the payment's refunded_amount after it
+
+
+class RefundRecord(NamedTuple):
+    """Money given back for a settled payment (the store keeps these columns, in this order)."""
+
+    id: str
+    payment_id: str
+    amount: int
+    currency: str
+    reason: str
+    note: str
+    created_by: str
+    request_id: str | None
+    request_hash: str | None
+    created_at: dt.datetime
+    refunded_amount_after: int
 
 
 class DuplicateRequest(Exception):

@@ -155,7 +155,7 @@ class Run:
     late: int = 0  # attempts whose outcome was not written: their lease had passed to another
 
 
-Render = Callable[..., str]  # (event id, type, time, reason, payment after the change) -> the JSON body
+Render = Callable[..., str]  # (event id, type, time, reason, payment after the change, refund or None) -> the body
 
 
 class Dispatcher:
@@ -339,10 +339,10 @@ class Dispatcher:
             for _ in late:
                 self.observe("late")
 
-    def _attempt(self, d, endpoint, event, payment, run: Run) -> Outcome:
+    def _attempt(self, d, endpoint, event, payment, refund, run: Run) -> Outcome:
         started = self.clock()
         kind = TYPE_OF_ACTION[event.action]
-        raw = self.render(event.id, kind, event.at, reason_of(event), payment_after(payment, event)).encode()
+        raw = self.render(event.id, kind, event.at, reason_of(event), payment_after(payment, event), refund).encode()
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "payments-webhooks/1",

@@ -31,12 +31,12 @@ from server.domain.validation import PAYMENT_ID
 from server.domain.webhook_urls import url_problem
 
 CREATED, SUCCEEDED, FAILED = "payment.created", "payment.succeeded", "payment.failed"
-DELETED, RESTORED = "payment.deleted", "payment.restored"
-EVENT_TYPES = (CREATED, SUCCEEDED, FAILED, DELETED, RESTORED)
+DELETED, RESTORED, REFUNDED = "payment.deleted", "payment.restored", "payment.refunded"
+EVENT_TYPES = (CREATED, SUCCEEDED, FAILED, DELETED, RESTORED, REFUNDED)
 ALL = "*"
 # The payment history's actions, as event types.
 TYPE_OF_ACTION = {"created": CREATED, "confirmed": SUCCEEDED, "cancelled": FAILED, "expired": FAILED,
-                  "deleted": DELETED, "undeleted": RESTORED}
+                  "deleted": DELETED, "undeleted": RESTORED, "refunded": REFUNDED}
 
 SIGNATURE_HEADER = "Payments-Signature"
 # Standard Webhooks (github.com/standard-webhooks/standard-webhooks, spec v1.0.0), sent beside it.
@@ -166,6 +166,7 @@ class EventView:
     event: object  # records.EventRecord
     payment: object  # records.PaymentRecord, after the change
     deliveries: list[tuple[DeliveryRecord, list[AttemptRecord]]]
+    refund: object = None  # records.RefundRecord, for payment.refunded
 
     @property
     def type(self) -> str:
@@ -184,9 +185,12 @@ def reason_of(event) -> str | None:
 def payment_after(payment, event):
     """The payment just after the change `event` records: the status, failure reason and time are
     the event's, deleted_at is set only by the delete itself (no other change happens to a deleted
-    payment); every other field is fixed at creation."""
+    payment), refunded_amount is a refund's row's own (0 before any refund: only a settled payment,
+    which is never deleted, is refunded, and after that only refunds happen to it); every other
+    field is fixed at creation."""
     return payment._replace(status=event.to_status, failure_reason=event.failure_reason, updated_at=event.at,
-                            deleted_at=event.at if event.action == "deleted" else None)
+                            deleted_at=event.at if event.action == "deleted" else None,
+                            refunded_amount=event.refunded_amount or 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,13 +377,13 @@ class WebhookRules:
         return self._views([row])[0]
 
     def _views(self, rows: list[tuple]) -> list[EventView]:
-        """(history event, payment) pairs, as events with their deliveries."""
-        deliveries = self.queries.deliveries_of([e.id for e, _ in rows])
+        """(history event, payment, refund or None) rows, as events with their deliveries."""
+        deliveries = self.queries.deliveries_of([row[0].id for row in rows])
         attempts = self.queries.attempts_of([d.number for d in deliveries])
         by_event: dict[int, list] = {}
         for d in deliveries:
             by_event.setdefault(d.event_number, []).append((d, attempts.get(d.number, [])))
-        return [EventView(e, payment_after(p, e), by_event.get(e.number, [])) for e, p in rows]
+        return [EventView(e, payment_after(p, e), by_event.get(e.number, []), r) for e, p, r in rows]
 
     def redeliver(self, caller: Caller, event_id: str, endpoint_id: str) -> tuple[DeliveryRecord, list[AttemptRecord]]:
         """Pending again, due now, with a fresh schedule: no attempts counted (the next retry waits

@@ -21,6 +21,7 @@ from server.edge.interceptor import CallInterceptor
 from server.infra.config import Settings
 from server.domain.paging import PageTokens
 from server.domain.payments import PaymentRules
+from server.domain.refunds import RefundRules
 from server.domain.sessions import SessionCheck, Sessions
 from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
@@ -151,6 +152,7 @@ def build(settings: Settings) -> App:
         clock=clock,
         observe=metrics.payment_event,
     )
+    refund_rules = RefundRules(page_tokens=page_tokens, queries=rules.queries, clock=clock, observe=metrics.payment_event)
     webhook_rules = WebhookRules(queries=webhook_queries, page_tokens=page_tokens,
                                  allow_loopback=settings.webhook_allow_loopback, clock=clock,
                                  max_endpoints=settings.webhook_max_endpoints)
@@ -182,7 +184,7 @@ def build(settings: Settings) -> App:
             *HTTP2_FLOOD_LIMITS,
         ],
     )
-    pb_grpc.add_PaymentServiceServicer_to_server(PaymentServicer(rules), server)
+    pb_grpc.add_PaymentServiceServicer_to_server(PaymentServicer(rules, refund_rules), server)
     pb_grpc.add_AuthServiceServicer_to_server(AuthServicer(accounts), server)
     pb_grpc.add_WebhookServiceServicer_to_server(WebhookServicer(webhook_rules), server)
     pb_grpc.add_TokenServiceServicer_to_server(TokenServicer(client_rules), server)

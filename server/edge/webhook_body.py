@@ -17,7 +17,7 @@ import json
 from google.protobuf import json_format
 
 from server.edge.pb import payments_pb2 as pb
-from server.edge.servicers import REASON_TO_PB, STATUS_TO_PB, payment_fields, timestamp
+from server.edge.servicers import REASON_TO_PB, STATUS_TO_PB, payment_fields, refund_fields, timestamp
 
 # The enums' JSON: their names, from the edge's one mapping of the stored words.
 _STATUS = {word: pb.Payment.Status.Name(number) for word, number in STATUS_TO_PB.items()}
@@ -55,30 +55,56 @@ def payment_json(row) -> dict:
         out["owner_id"] = row.owner_id
     if row.deleted_at is not None:
         out["deleted_at"] = _time(row.deleted_at)
+    if row.refunded_amount:
+        out["refunded_amount"] = str(row.refunded_amount)
+        if row.refunded_amount == row.amount:
+            out["fully_refunded"] = True
     return out
 
 
-def event_json(event_id: str, kind: str, at: dt.datetime, reason: str | None, payment) -> dict:
+def refund_json(row) -> dict:
+    """pb.Refund's JSON object, in field-number order, defaults left out."""
+    out: dict = {}
+    for name in ("id", "payment_id"):
+        if getattr(row, name):
+            out[name] = getattr(row, name)
+    out["amount"] = str(row.amount)  # at least 1
+    if row.currency:
+        out["currency"] = row.currency
+    out["reason"] = row.reason  # the enum's name, as stored
+    for name in ("note", "request_id", "created_by"):
+        if getattr(row, name):
+            out[name] = getattr(row, name)
+    out["created_at"] = _time(row.created_at)
+    out["refunded_amount_after"] = str(row.refunded_amount_after)  # at least the amount
+    return out
+
+
+def event_json(event_id: str, kind: str, at: dt.datetime, reason: str | None, payment, refund=None) -> dict:
     out: dict = {"id": event_id, "type": kind, "created_at": _time(at)}
     if reason in _REASON:
         out["reason"] = _REASON[reason]
     out["payment"] = payment_json(payment)
+    if refund is not None:
+        out["refund"] = refund_json(refund)
     return out
 
 
-def event_body(event_id: str, kind: str, at: dt.datetime, reason: str | None, payment) -> str:
-    return _compact(event_json(event_id, kind, at, reason, payment))
+def event_body(event_id: str, kind: str, at: dt.datetime, reason: str | None, payment, refund=None) -> str:
+    return _compact(event_json(event_id, kind, at, reason, payment, refund))
 
 
-def event_message(event_id: str, kind: str, at: dt.datetime, reason: str | None, payment) -> pb.WebhookEvent:
+def event_message(event_id: str, kind: str, at: dt.datetime, reason: str | None, payment,
+                  refund=None) -> pb.WebhookEvent:
     """The event as a message: what GetWebhookEvent answers (with deliveries added) and what
     protobuf's printer would make the body from."""
     return pb.WebhookEvent(id=event_id, type=kind, created_at=timestamp(at),
                            reason=REASON_TO_PB.get(reason or "", pb.Payment.FAILURE_REASON_UNSPECIFIED),
-                           payment=payment_fields(payment))
+                           payment=payment_fields(payment),
+                           refund=refund_fields(refund) if refund is not None else None)
 
 
-def reference_json(event_id: str, kind: str, at: dt.datetime, reason: str | None, payment) -> dict:
+def reference_json(event_id: str, kind: str, at: dt.datetime, reason: str | None, payment, refund=None) -> dict:
     """The same through protobuf's own printer: what event_json must equal."""
-    return json_format.MessageToDict(event_message(event_id, kind, at, reason, payment),
+    return json_format.MessageToDict(event_message(event_id, kind, at, reason, payment, refund),
                                       preserving_proto_field_name=True)

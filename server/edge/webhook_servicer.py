@@ -36,7 +36,7 @@ def delivery_pb(delivery, attempts) -> pb.WebhookDelivery:
 
 def event_pb(view: EventView) -> pb.WebhookEvent:
     """The event as it is delivered, with its deliveries."""
-    message = event_message(view.event.id, view.type, view.event.at, view.reason, view.payment)
+    message = event_message(view.event.id, view.type, view.event.at, view.reason, view.payment, view.refund)
     message.deliveries.extend(delivery_pb(d, attempts) for d, attempts in view.deliveries)
     return message
 

@@ -47,7 +47,7 @@ handling = Histogram("grpc_server_handling_seconds",
 
 payment_events = Counter("payments_payment_events_total",
                          "Payment changes, counted once their transaction committed: created, confirmed, failed "
-                         "(reason cancelled or expired), deleted, restored, purged.", ("event", "reason"))
+                         "(reason cancelled or expired), deleted, restored, purged, refunded.", ("event", "reason"))
 job_runs = Counter("payments_job_runs_total", "Scheduled job runs by outcome (ok, interrupted, failed, skipped).",
                    ("job", "outcome"))
 job_seconds = Histogram("payments_job_run_seconds", "Duration of the job runs this replica did.", ("job",),

@@ -43,6 +43,17 @@ def test_a_value_of_the_wrong_type_is_a_400_naming_the_field(api, make_user, bod
     assert "TYPE_" not in r.text and "x-payments-local-reply" not in r.headers
 
 
+@pytest.mark.parametrize("body, field, why", [
+    ({"amount": 1.5, "reason": "OTHER"}, "refund.amount", MINOR_UNIT),
+    ({"amount": "5", "reason": "returned"}, "refund.reason",
+     "must be one of REQUESTED_BY_CUSTOMER, DUPLICATE, FRAUDULENT or OTHER (upper case)"),
+])
+def test_a_refund_value_of_the_wrong_type_is_a_400_naming_the_field(api, make_user, body, field, why):
+    r = api.post("/v1/payments/pay_abc/refunds", body, token=make_user().token)
+    assert r.status == 400, r.text
+    assert violations(r.json) == [(field, why)], r.text
+
+
 @pytest.mark.parametrize("query, field, why", [
     ("status=pending", "status", STATUSES),
     ("page_size=ten", "page_size", "must be a whole number"),

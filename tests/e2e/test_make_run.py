@@ -121,6 +121,8 @@ def test_the_readme_quick_start_runs_as_written(stack, tmp_path):
     out = done.stdout
     assert '"role":"customer"' in out.replace(" ", "") and "admin admin@example.com" in out
     assert '"status":"SUCCESS"' in out.replace(" ", "")  # confirmed by the admin
+    assert '"refunded_amount":"50000"' in out.replace(" ", "")  # refunded in part, still SUCCESS
+    assert '"reason":"REQUESTED_BY_CUSTOMER"' in out.replace(" ", "")  # the refund, listed and read
     assert '"failure_reason":"CANCELLED"' in out.replace(" ", "")  # the second one, cancelled
     assert "payments.v1.PaymentService" in out and '"amount": "150000"' in out  # grpcurl list and Get
 

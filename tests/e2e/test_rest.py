@@ -355,6 +355,8 @@ def test_a_payments_history_over_rest(api, make_user, admin):
     ("PUT", "/v1/payments", "GET, POST"),
     ("PATCH", "/v1/payments/pay_abc", "GET, DELETE"),
     ("POST", "/v1/payments/pay_abc/events", "GET"),
+    ("DELETE", "/v1/payments/pay_abc/refunds", "GET, POST"),
+    ("POST", "/v1/payments/pay_abc/refunds/ref_abc", "GET"),
     ("GET", "/v1/payments/pay_abc:confirm", "POST"),
     ("GET", "/v1/auth/login", "POST"),
 ])
@@ -382,3 +384,60 @@ def test_a_mistyped_auth_route_is_not_found_not_a_token_problem(api):
 def test_logout_still_needs_its_token(api):
     r = api.post("/v1/auth/logout", {})
     assert r.status == 401 and r.error()[1] == "MISSING_TOKEN"
+
+
+# --- refunds ---------------------------------------------------------------------------------
+
+def test_refunds_over_rest(api, make_user, admin):
+    """A refund through the real Envoy: the body is the refund, the precondition a query parameter,
+    the payment and its history show it, a replay answers the first refund, every refusal is named."""
+    user = make_user("refunds")
+    paid = create(api, user, amount="150000", currency="IDR")
+    refunds = f"/v1/payments/{paid['id']}/refunds"
+    body = {"amount": "50000", "reason": "REQUESTED_BY_CUSTOMER", "note": "one item back", "request_id": "ret-1"}
+    not_yet = api.post(refunds, body, token=admin.token)
+    assert not_yet.status == 400 and not_yet.error()[:2] == (GRPC_FAILED_PRECONDITION, "PAYMENT_NOT_SETTLED")
+    assert api.post(f"/v1/payments/{paid['id']}:confirm", {}, token=admin.token).status == 200
+
+    customer = api.post(refunds, body, token=user.token)
+    assert customer.status == 403 and customer.error()[:2] == (GRPC_PERMISSION_DENIED, "ADMIN_ONLY")
+    made = api.post(refunds + "?expected_refunded_amount=0", body, token=admin.token)
+    assert made.status == 200, made.text
+    no_grpc_headers(made)
+    refund = made.json
+    assert refund["id"].startswith("ref_") and refund["payment_id"] == paid["id"]
+    assert (refund["amount"], refund["currency"], refund["reason"], refund["note"], refund["refunded_amount_after"]) == \
+           ("50000", "IDR", "REQUESTED_BY_CUSTOMER", "one item back", "50000")
+    assert refund["created_by"].startswith("usr_") and refund["created_at"].endswith("Z")
+    replay = api.post(refunds + "?expected_refunded_amount=0", body, token=admin.token)
+    assert replay.status == 200 and replay.json == refund
+
+    stale = api.post(refunds + "?expected_refunded_amount=0", {**body, "request_id": "ret-2"}, token=admin.token)
+    assert stale.status == 400 and stale.error()[:2] == (GRPC_FAILED_PRECONDITION, "REFUNDED_AMOUNT_CHANGED")
+    too_much = api.post(refunds, {"amount": "100001", "reason": "OTHER"}, token=admin.token)
+    assert too_much.status == 400 and too_much.error()[:2] == (GRPC_FAILED_PRECONDITION, "REFUND_EXCEEDS_REMAINING")
+    assert too_much.error()[2]["details"][0]["metadata"]["remaining"] == "100000"
+    conflict = api.post(refunds, {**body, "amount": "1"}, token=admin.token)
+    assert conflict.status == 409 and conflict.error()[:2] == (GRPC_ALREADY_EXISTS, "REQUEST_ID_CONFLICT")
+    for bad, field in (({"amount": "0", "reason": "OTHER"}, "refund.amount"),
+                       ({"amount": "5", "reason": "OTHER", "currency": "USD"}, "refund.currency"),
+                       ({"amount": "5"}, "refund.reason")):
+        r = api.post(refunds, bad, token=admin.token)
+        assert r.status == 400 and r.error()[0] == GRPC_INVALID_ARGUMENT and field in r.violations(), r.text
+    fractional = api.post(refunds, {"amount": 1.5, "reason": "OTHER"}, token=admin.token)
+    assert fractional.status == 400, fractional.text
+    rest = api.post(refunds, {"amount": 100000, "reason": "DUPLICATE"}, token=admin.token)  # a JSON number too
+    assert rest.status == 200 and rest.json["refunded_amount_after"] == "150000"
+
+    payment = api.get(f"/v1/payments/{paid['id']}", token=user.token).json
+    assert (payment["status"], payment["refunded_amount"], payment["fully_refunded"]) == ("SUCCESS", "150000", True)
+    listed = api.get(refunds + "?page_size=1", token=user.token)
+    assert listed.status == 200 and [r["id"] for r in listed.json["refunds"]] == [refund["id"]]
+    second = api.get(f"{refunds}?page_size=1&page_token={listed.json['next_page_token']}", token=user.token)
+    assert [r["id"] for r in second.json["refunds"]] == [rest.json["id"]] and "next_page_token" not in second.json
+    assert api.get(f"{refunds}/{refund['id']}", token=user.token).json == refund
+    assert api.get(f"{refunds}/ref_{'a' * 26}", token=user.token).error()[:2] == (GRPC_NOT_FOUND, "REFUND_NOT_FOUND")
+    assert api.get(refunds, token=make_user("refunds-other").token).status == 404
+    events = api.get(f"/v1/payments/{paid['id']}/events", token=user.token).json["events"]
+    assert [(e["action"], e.get("refund_id"), e.get("refunded_amount")) for e in events[2:]] == [
+        ("REFUNDED", refund["id"], "50000"), ("REFUNDED", rest.json["id"], "150000")]

@@ -104,6 +104,17 @@ def test_each_change_arrives_signed_in_history_order_with_the_payment_as_the_api
                       and len(mine(r, deleted["id"])) == 3)
     assert receiver.bad == []
     assert [e["type"] for e in mine(receiver, confirmed["id"])] == ["payment.created", "payment.succeeded"]
+    # A refund: the refund and the payment after it, exactly as GetRefund and GetPayment answer them.
+    refund = api.post(f"/v1/payments/{confirmed['id']}/refunds", {"amount": "400", "reason": "DUPLICATE"},
+                      token=admin.token)
+    assert refund.status == 200, refund.text
+    receiver.wait_for(lambda r: len(mine(r, confirmed["id"])) == 3)
+    refunded = mine(receiver, confirmed["id"])[-1]
+    assert refunded["type"] == "payment.refunded" and "reason" not in refunded
+    assert refunded["refund"] == api.get(f"/v1/payments/{confirmed['id']}/refunds/{refund.json['id']}",
+                                         token=admin.token).json == refund.json
+    assert refunded["payment"] == api.get(f"/v1/payments/{confirmed['id']}", token=admin.token).json
+    assert refunded["payment"]["refunded_amount"] == "400" and refunded["payment"]["status"] == "SUCCESS"
     assert [(e["type"], e.get("reason")) for e in mine(receiver, cancelled["id"])] == [
         ("payment.created", None), ("payment.failed", "CANCELLED")]
     assert [e["type"] for e in mine(receiver, deleted["id"])] == ["payment.created", "payment.deleted",

@@ -291,9 +291,10 @@ def test_listing_pages_newest_first(s):
 
 
 def test_every_method_of_the_api_enforces_the_permission_table(s, channel):
-    """Through the server's own port, every method with a client holding only payments.refund
-    (which no method needs yet): refused with the table's reason before any handler runs."""
-    t = md(token(s, create(s, "payments.refund")).access_token)
+    """Through the server's own port, every method, called by a client holding every permission
+    but the one it needs: refused with the table's reason before any handler runs."""
+    all_but = {p: md(token(s, create(s, *(q for q in permissions.PERMISSIONS if q != p))).access_token)
+               for p in permissions.PERMISSIONS}
     checked = 0
     for service in pb.DESCRIPTOR.services_by_name.values():
         for method in service.methods:
@@ -302,6 +303,7 @@ def test_every_method_of_the_api_enforces_the_permission_table(s, channel):
             if need == permissions.PUBLIC:
                 continue
             call = channel.unary_unary(name, request_serializer=lambda m: m, response_deserializer=lambda b: b)
+            t = all_but.get(need, all_but[permissions.PAYMENTS_READ])
             with pytest.raises(grpc.RpcError) as e:
                 call(b"", metadata=t, timeout=10)
             code, info, _ = rich_status(e.value)
@@ -366,3 +368,25 @@ def test_a_revocation_racing_rotations_leaves_no_secret_working(s):
         secrets = [f.result() for f in rotations]
     for secret in [made.secret] + [x for x in secrets if x]:
         assert refused(lambda: token(s, made, secret=secret)) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_CLIENT")
+
+
+def test_a_client_holding_payments_refund_refunds_and_the_history_names_it(s):
+    """Refunds are the `payments.refund` permission's: a client holding it refunds a settled
+    payment, reads the refund with `payments.read`, and the history records the client."""
+    settle = md(token(s, create(s, "payments.create", "payments.confirm")).access_token)
+    paid = s.payments.CreatePayment(pb.CreatePaymentRequest(payment=pb.Payment(email="alice@example.com", amount=900)),
+                                    metadata=settle)
+    s.payments.ConfirmPayment(pb.ConfirmPaymentRequest(id=paid.id), metadata=settle)
+    refunder = create(s, "payments.refund", "payments.read")
+    t = md(token(s, refunder).access_token)
+    refund = s.payments.CreateRefund(pb.CreateRefundRequest(
+        payment_id=paid.id, refund=pb.Refund(amount=300, reason=pb.Refund.REQUESTED_BY_CUSTOMER)), metadata=t)
+    assert (refund.amount, refund.currency) == (300, "IDR")
+    assert s.payments.GetRefund(pb.GetRefundRequest(payment_id=paid.id, id=refund.id), metadata=t).id == refund.id
+    assert s.payments.GetPayment(pb.GetPaymentRequest(id=paid.id), metadata=t).refunded_amount == 300
+    last = s.payments.ListPaymentEvents(pb.ListPaymentEventsRequest(payment_id=paid.id), metadata=t).events[-1]
+    assert (last.action, last.actor_id, last.actor_role) == (pb.PaymentEvent.REFUNDED, refunder.client.id, "client")
+    # Without the permission: refused by the table, whatever else the client holds.
+    assert refused(lambda: s.payments.CreateRefund(pb.CreateRefundRequest(
+        payment_id=paid.id, refund=pb.Refund(amount=1, reason=pb.Refund.OTHER)), metadata=settle)) \
+        == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_MISSING")

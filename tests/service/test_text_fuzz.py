@@ -43,16 +43,27 @@ def test_every_rpc_with_a_string_field_is_fuzzed():
     """The list above covers every RPC that has one (a check on the descriptor walk)."""
     methods = {m for _, m, _ in CASES}
     assert methods == {"CreatePayment", "ListPayments", "GetPayment", "DeletePayment", "ConfirmPayment",
-                       "CancelPayment", "UndeletePayment", "ListPaymentEvents", "Register", "Login", "Refresh",
+                       "CancelPayment", "UndeletePayment", "ListPaymentEvents", "CreateRefund", "ListRefunds",
+                       "GetRefund", "Register", "Login", "Refresh",
                        "CreateWebhookEndpoint", "ListWebhookEndpoints", "GetWebhookEndpoint", "UpdateWebhookEndpoint",
                        "DeleteWebhookEndpoint", "RotateWebhookSecret", "ListWebhookEvents", "GetWebhookEvent",
                        "RedeliverWebhookEvent", "CreateToken", "CreateClient", "ListClients", "GetClient",
                        "RotateClientSecret", "SetClientExpiry", "RevokeClient"}, methods
     assert ("PaymentService", "CreatePayment", ("payment", "description")) in CASES
+    assert ("PaymentService", "CreateRefund", ("refund", "note")) in CASES
 
 
-def baseline(method: str, payment_id: str, endpoint_id: str = "", client: pb.ClientWithSecret | None = None) -> object:
-    """A valid request for the method (the fuzzed field is then overwritten)."""
+def baseline(method: str, payment_id: str, endpoint_id: str = "", client: pb.ClientWithSecret | None = None,
+             settled_id: str = "") -> object:
+    """A valid request for the method (the fuzzed field is then overwritten). A refund goes to a
+    settled payment with room for every example's, so the text reaches the database."""
+    if method == "CreateRefund":
+        return pb.CreateRefundRequest(payment_id=settled_id, refund=pb.Refund(
+            amount=1, reason=pb.Refund.OTHER, note="a note"))
+    if method == "ListRefunds":
+        return pb.ListRefundsRequest(payment_id=settled_id)
+    if method == "GetRefund":
+        return pb.GetRefundRequest(payment_id=settled_id, id="ref_" + "a" * 26)
     request_type = {
         "CreatePayment": lambda: pb.CreatePaymentRequest(payment=pb.Payment(email=ALICE.email, amount=1250,
                                                                             currency="IDR")),
@@ -103,6 +114,14 @@ def payment_id(stubs, auth_md) -> str:
 
 
 @pytest.fixture
+def settled_id(stubs, auth_md) -> str:
+    created = stubs.payments.CreatePayment(pb.CreatePaymentRequest(payment=pb.Payment(
+        email=ALICE.email, amount=999_999_999_999)), metadata=auth_md(ADMIN_CALLER))
+    stubs.payments.ConfirmPayment(pb.ConfirmPaymentRequest(id=created.id), metadata=auth_md(ADMIN_CALLER))
+    return created.id
+
+
+@pytest.fixture
 def endpoint_id(channel, auth_md) -> str:
     made = pb_grpc.WebhookServiceStub(channel).CreateWebhookEndpoint(pb.CreateWebhookEndpointRequest(
         endpoint=pb.WebhookEndpoint(url="https://shop.example.com/hooks", event_types=["*"])),
@@ -120,9 +139,9 @@ def client(channel, auth_md) -> pb.ClientWithSecret:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=st.sampled_from(CASES), text=TEXT)
 def test_arbitrary_text_in_any_string_field_is_never_a_server_error(channel, auth_md, payment_id, endpoint_id, client,
-                                                                    case, text):
+                                                                    settled_id, case, text):
     service, method, path = case
-    request = baseline(method, payment_id, endpoint_id, client)
+    request = baseline(method, payment_id, endpoint_id, client, settled_id)
     target = request
     for name in path[:-1]:
         target = getattr(target, name)
@@ -177,3 +196,19 @@ def test_a_nul_in_a_login_email_is_invalid_argument(stubs):
     code, info, bad = rich_status(e.value)
     assert (code, info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TEXT")
     assert [v.field for v in bad.field_violations] == ["email"]
+
+
+@pytest.mark.parametrize("field,value", [("note", "one item\u202eback"), ("note", "x" * 501), ("request_id", "ret-1\n"),
+                                         ("currency", "IDR\n")])
+def test_a_refunds_text_is_checked_as_every_other_field(stubs, auth_md, settled_id, field, value):
+    refund = pb.Refund(amount=1, reason=pb.Refund.OTHER)
+    setattr(refund, field, value)
+    with pytest.raises(grpc.RpcError) as e:
+        stubs.payments.CreateRefund(pb.CreateRefundRequest(payment_id=settled_id, refund=refund),
+                                    metadata=auth_md(ADMIN_CALLER))
+    code, info, bad = rich_status(e.value)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and info.reason in ("INVALID_TEXT", "INVALID_REFUND")
+    assert [v.field for v in bad.field_violations] == [f"refund.{field}"]
+    made = stubs.payments.CreateRefund(pb.CreateRefundRequest(payment_id=settled_id, refund=pb.Refund(
+        amount=1, reason=pb.Refund.OTHER, note="Rückgabe 支付 \u200fدفعة\u200f")), metadata=auth_md(ADMIN_CALLER))
+    assert made.note == "Rückgabe 支付 \u200fدفعة\u200f"

@@ -39,6 +39,9 @@ ERRORS = {
     "CancelPayment": {"400", "401", "403", "404", "413"},
     "UndeletePayment": {"400", "401", "403", "404", "413"},
     "ListPaymentEvents": {"400", "401", "403", "404"},
+    "CreateRefund": {"400", "401", "403", "404", "409", "413"},
+    "ListRefunds": {"400", "401", "403", "404"},
+    "GetRefund": {"400", "401", "403", "404"},
     "Register": {"400", "409", "413", "429"},  # 429: Envoy's rate limit on the auth route
     "Login": {"400", "401", "413", "429"},
     "Refresh": {"400", "401", "413", "429"},
@@ -195,8 +198,13 @@ def test_output_only_fields_are_read_only(doc):
     payment = doc["definitions"]["Payment"]
     read_only = {name for name, prop in payment["properties"].items() if prop.get("readOnly")}
     assert read_only == {"id", "status", "failure_reason", "created_at", "updated_at", "expires_at", "owner_id",
-                         "deleted_at"}
+                         "deleted_at", "refunded_amount", "fully_refunded"}
     assert payment["required"] == ["email", "amount"]
+    refund = doc["definitions"]["Refund"]
+    read_only = {name for name, prop in refund["properties"].items() if prop.get("readOnly")}
+    assert read_only == {"id", "payment_id", "created_by", "created_at", "refunded_amount_after"}
+    assert refund["required"] == ["amount", "reason"]
+    assert doc["definitions"]["RefundReason"]["enum"] == ["REQUESTED_BY_CUSTOMER", "DUPLICATE", "FRAUDULENT", "OTHER"]
 
 
 def test_request_bodies_are_what_a_client_sends(doc):
@@ -209,6 +217,10 @@ def test_request_bodies_are_what_a_client_sends(doc):
         assert [p["in"] for p in params] == ["path", "body"]
         body_ref = params[1]["schema"]["$ref"].rsplit("/", 1)[1]
         assert doc["definitions"][body_ref] == {"type": "object"}
+    # body: "refund" -> the body IS the refund; the precondition is a query parameter beside it.
+    params = {p["name"]: p for p in doc["paths"]["/v1/payments/{payment_id}/refunds"]["post"]["parameters"]}
+    assert params["refund"]["in"] == "body" and params["refund"]["schema"] == {"$ref": "#/definitions/Refund"}
+    assert (params["expected_refunded_amount"]["in"], params["expected_refunded_amount"]["format"]) == ("query", "int64")
 
 
 def test_response_examples_match_their_schemas(doc):

@@ -1,13 +1,17 @@
 """The payment lifecycle against a small reference model (hypothesis's stateful testing), on SQLite
 and PostgreSQL: creates with and without request_id and their replays, confirm, cancel, delete,
-undelete, the expiry job and the purge, a retry of each by its caller and by another, two of them
-racing on one payment from two threads, and a clock that moves both ways.
+undelete, refunds (partial and full, with and without expected_refunded_amount, with request_id
+and their replays), the expiry job and the purge, a retry of each by its caller and by another, two
+of them racing on one payment from two threads, and a clock that moves both ways.
 
 After every step, for every payment the model knows:
 - the database holds what the model says (status, failure reason, deleted, purged);
 - the history is the model's, and one valid path: created first, each row's from-status the
   previous row's to-status, at most one row leaving pending;
 - a settled payment is never deleted or purged;
+- refunds: the refunded total is the model's, equals the sum of the payment's refunds and never
+  exceeds the amount, each refund's history row carries the running total, and a refund leaves the
+  status as it was (SUCCESS);
 - every history row's payment (as the webhook body renders it, webhooks.payment_after) equals the
   payment as read right after that change;
 - the webhook outbox (the history's undispatched rows: no dispatcher runs here) holds exactly the
@@ -42,9 +46,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from server.domain import errors
 from server.domain.caller import Caller
 from server.domain.payments import PaymentDraft
+from server.domain.refunds import RefundDraft, RefundRules
 from server.domain.webhooks import payment_after
 from server.infra.storage import end_call
-from server.infra.storage.models import PaymentEvent
+from server.infra.storage.models import PaymentEvent, Refund
 from tests.conftest import ADMIN_CALLER, ALICE, BOB
 from tests.support.reached import REACHED, reached
 
@@ -67,6 +72,8 @@ class Pay:
     reason: str | None = None
     deleted_at: dt.datetime | None = None
     purged: bool = False
+    amount: int = 0
+    refunded: int = 0
     history: list = dataclasses.field(default_factory=list)  # (action, from, to, reason, actor)
 
     def event(self, action: str, to: str, actor: str, reason: str | None = None) -> None:
@@ -80,6 +87,7 @@ class Model:
         self.now = now
         self.payments: dict[str, Pay] = {}
         self.requests: dict[tuple[str, str], tuple[str, int]] = {}  # (creator, request_id) -> (id, amount)
+        self.refund_requests: dict[tuple[str, str], tuple] = {}  # (refunder, request_id) -> the body
 
     def visible(self, caller: Caller, pid: str) -> Pay | None:
         p = self.payments.get(pid)
@@ -135,6 +143,28 @@ class Model:
             return "ok"
         return "retry" if self.last_actor(p, "undeleted") == caller.subject else "PAYMENT_NOT_DELETED"
 
+    def refund(self, caller: Caller, pid: str, amount: int, expected: int | None, request_id: str = "") -> str:
+        """docs/api.md's refund rules, in the order the service checks them."""
+        if not caller.is_admin:
+            return "ADMIN_ONLY"
+        body = (pid, amount, expected)
+        if request_id and (caller.subject, request_id) in self.refund_requests:
+            return "retry" if self.refund_requests[(caller.subject, request_id)] == body else "REQUEST_ID_CONFLICT"
+        p = self.visible(caller, pid)
+        if p is None:
+            return "PAYMENT_NOT_FOUND"
+        if p.status != SUCCESS:
+            return "PAYMENT_NOT_SETTLED"
+        if expected is not None and expected != p.refunded:
+            return "REFUNDED_AMOUNT_CHANGED"
+        if p.refunded + amount > p.amount:
+            return "REFUND_EXCEEDS_REMAINING"
+        p.refunded += amount
+        p.event("refunded", SUCCESS, caller.subject)
+        if request_id:
+            self.refund_requests[(caller.subject, request_id)] = body
+        return "ok"
+
     def expire(self) -> list[str]:
         done = []
         for p in self.payments.values():
@@ -165,13 +195,26 @@ class Model:
         if op == "expire":
             self.expire()
             return "ok"
+        if op.startswith("refund:"):
+            amount, expected = refund_args(op)
+            return self.refund(caller, pid, amount, expected)
         raise AssertionError(op)
+
+
+def refund_args(op: str) -> tuple[int, int | None]:
+    """"refund:<amount>" or "refund:<amount>:<expected_refunded_amount>"."""
+    parts = op.split(":")
+    return int(parts[1]), int(parts[2]) if len(parts) > 2 else None
 
 
 def run_real(rules, op: str, caller: Caller, pid: str) -> str:
     """The same call on the real rules: "ok" for any success, else the error's reason."""
     try:
-        if op == "confirm":
+        if op.startswith("refund:"):
+            amount, expected = refund_args(op)
+            RefundRules(page_tokens=rules.page_tokens, queries=rules.queries, clock=rules.clock).create(
+                caller, RefundDraft(payment_id=pid, amount=amount, reason="OTHER", expected_refunded_amount=expected))
+        elif op == "confirm":
             rules.confirm(caller, pid)
         elif op == "cancel":
             rules.cancel(caller, pid)
@@ -194,7 +237,11 @@ def success(outcome: str) -> str:
 
 OPS = ("confirm", "cancel", "delete", "undelete")
 RACING = [("confirm", "admin"), ("cancel", "alice"), ("cancel", "admin"), ("delete", "alice"), ("delete", "admin"),
-          ("undelete", "admin"), ("expire", "admin"), ("confirm", "other admin")]
+          ("undelete", "admin"), ("expire", "admin"), ("confirm", "other admin"),
+          # 900 of 1250 or 9900: two of them may both fit, or only one; "expecting" names the total seen before
+          ("refund", "admin"), ("refund", "other admin"), ("refund expecting", "admin"),
+          ("refund expecting", "other admin")]
+REFUND_AMOUNTS = [1, 900, 1250, 5000, 9900]
 
 
 # Who repeats a change as "another caller": one who may make that call, but did not make this one.
@@ -231,6 +278,8 @@ def make_machine(rules, clock, machine):
             self.ids: list[str] = []
             self.tag = os.urandom(4).hex()  # request ids of this example only
             self.last_change: dict[str, tuple[str, str]] = {}  # op -> (who, payment id) of its latest change
+            self.refund_answers: dict[tuple[str, str], object] = {}  # (refunder, request_id) -> first refund
+            self.last_refund: tuple | None = None
 
         # --- steps ---------------------------------------------------------------------
 
@@ -255,7 +304,7 @@ def make_machine(rules, clock, machine):
             assert got == (expected or "ok"), (got, expected)
             reached(MACHINE, f"create {'with' if request_id else 'without'} request_id: {got}")
             if made is not None and expected is None:
-                p = Pay(made.id, ALICE.subject, clock.now + TTL)
+                p = Pay(made.id, ALICE.subject, clock.now + TTL, amount=amount)
                 p.event("created", PENDING, caller.subject)
                 self.model.payments[made.id] = p
                 self.ids.append(made.id)
@@ -264,6 +313,21 @@ def make_machine(rules, clock, machine):
                 self.snapshot(made.id)
             elif made is not None:
                 assert made.id == earlier[0] and made.status == PENDING  # the first answer
+
+        @rule(amount=st.sampled_from([1250, 9900]))
+        def create_settled(self, amount):
+            """A payment created and confirmed at once: refunds need a settled payment, which a run
+            otherwise reaches only after a create and a confirm by an admin of the same one."""
+            made = rules.create(ALICE, PaymentDraft(email=ALICE.email, amount=amount, currency="IDR"))
+            p = Pay(made.id, ALICE.subject, clock.now + TTL, amount=amount)
+            p.event("created", PENDING, ALICE.subject)
+            self.model.payments[made.id] = p
+            self.ids.append(made.id)
+            self.snapshot(made.id)
+            assert run_real(rules, "confirm", ADMIN_CALLER, made.id) == success(
+                self.model.apply("confirm", ADMIN_CALLER, made.id)) == "ok"
+            self.snapshot(made.id)
+            reached(MACHINE, "create settled")
 
         @precondition(lambda self: self.ids)
         @rule(op=st.sampled_from(OPS), who=st.sampled_from(sorted(CALLERS)), data=st.data(),
@@ -313,6 +377,48 @@ def make_machine(rules, clock, machine):
             reached(MACHINE, f"{op} retried by {'its' if by_its_caller else 'another'} caller: {expected}")
             self.snapshot(pid)
 
+        @precondition(lambda self: self.ids)
+        @rule(by=st.sampled_from(["admin", "other admin", "alice"]), amount=st.sampled_from(REFUND_AMOUNTS),
+              expecting=st.sampled_from(["none", "current", "stale"]), request=st.sampled_from([None, "f1", "f2"]),
+              data=st.data())
+        def refund(self, by, amount, expecting, request, data):
+            pid = self.pick(data)
+            p = self.model.payments[pid]
+            expected = None if expecting == "none" else p.refunded if expecting == "current" else p.refunded + 1
+            request_id = f"{self.tag}-{request}" if request else ""
+            self.last_refund = (by, pid, amount, expected, request_id, expecting)
+            self.refund_call(*self.last_refund)
+
+        @precondition(lambda self: self.last_refund is not None and self.last_refund[4])
+        @rule()
+        def retry_refund(self):
+            """The last refund with a request_id, sent again as a client does when its answer was lost."""
+            self.refund_call(*self.last_refund)
+
+        def refund_call(self, by, pid, amount, expected, request_id, expecting):
+            caller, p = CALLERS[by], self.model.payments[pid]
+            before = len(p.history)
+            want = self.model.refund(caller, pid, amount, expected, request_id)
+            try:
+                made = RefundRules(page_tokens=rules.page_tokens, queries=queries, clock=clock).create(
+                    caller, RefundDraft(payment_id=pid, amount=amount, reason="OTHER", request_id=request_id,
+                                        expected_refunded_amount=expected))
+                got = "ok"
+            except errors.DomainError as e:
+                got, made = e.reason, None
+            assert got == success(want), (by, amount, expected, request_id, got, want, p)
+            if want == "retry":
+                assert made == self.refund_answers[(caller.subject, request_id)]  # the first answer
+            elif want == "ok" and request_id:
+                self.refund_answers[(caller.subject, request_id)] = made
+            if want == "ok":
+                assert made.refunded_amount_after == p.refunded and made.amount == amount
+            full = " (full)" if want == "ok" and p.refunded == p.amount else ""
+            reached(MACHINE, f"refund by {by}{' with request_id' if request_id else ''}, expecting {expecting}: "
+                             f"{'replay' if want == 'retry' else want}{full}")
+            if len(p.history) > before:
+                self.snapshot(pid)
+
         @rule(minutes=st.sampled_from([1, 20, 59, 61, 90, 180]))
         def clock_forward(self, minutes):
             clock.advance(minutes=minutes)
@@ -355,6 +461,10 @@ def make_machine(rules, clock, machine):
         def race(self, first, second, data):
             """Two calls on one payment at once, from two threads."""
             pid = self.pick(data)
+            seen = self.model.payments[pid].refunded  # what both refunders read before they race
+            named = {"refund": "refund:900", "refund expecting": f"refund:900:{seen}"}
+            label = (first, second)
+            first, second = ((named.get(op, op), who) for op, who in label)
             orders = []  # (outcome of `first`, outcome of `second`, the model after) for each serial order
             for swapped in (False, True):
                 a, b = (second, first) if swapped else (first, second)
@@ -384,8 +494,10 @@ def make_machine(rules, clock, machine):
             assert matching, (first, second, got, [outcome for outcome, _ in orders], self.db_history(pid))
             self.model = matching[0]
             self.model.now = clock.now
-            reached(MACHINE, f"race {first[0]}({first[1]}) | {second[0]}({second[1]})")
-            reached(MACHINE, "race: " + "+".join(sorted((first[0], second[0]))))
+            reached(MACHINE, f"race {label[0][0]}({label[0][1]}) | {label[1][0]}({label[1][1]})")
+            reached(MACHINE, "race: " + "+".join(sorted((label[0][0], label[1][0]))))
+            if got == ("ok", "ok") and first[0].startswith("refund") and second[0].startswith("refund"):
+                reached(MACHINE, "race of two refunds: both made")
             self.snapshot(pid)
 
         def pick(self, data) -> str:
@@ -416,8 +528,8 @@ def make_machine(rules, clock, machine):
             p, row = model.payments[pid], queries.any(pid)
             if p.purged:
                 return row is None and not self.db_events(pid)
-            return (row is not None and (row.status, row.failure_reason, row.deleted_at is not None)
-                    == (p.status, p.reason, p.deleted_at is not None) and self.db_history(pid) == p.history)
+            return (row is not None and (row.status, row.failure_reason, row.deleted_at is not None, row.refunded_amount)
+                    == (p.status, p.reason, p.deleted_at is not None, p.refunded) and self.db_history(pid) == p.history)
 
         @invariant()
         def every_payment_is_the_models_and_its_history_one_valid_path(self):
@@ -432,6 +544,22 @@ def make_machine(rules, clock, machine):
                 assert sum(1 for e in history if e[1] == PENDING and e[2] != PENDING) <= 1, history
                 if p.status == SUCCESS:
                     assert p.deleted_at is None  # settled money is never deleted (nor purged)
+
+        @invariant()
+        def refunds_add_up_to_the_refunded_total_never_more_than_the_amount(self):
+            for pid, p in self.model.payments.items():
+                row = queries.any(pid)
+                made = list(Refund.select().where(Refund.payment_id == pid).order_by(Refund.refunded_amount_after))
+                if row is None:
+                    assert not made  # nothing purged had refunds
+                    continue
+                totals = [sum(r.amount for r in made[:i + 1]) for i in range(len(made))]
+                assert [r.refunded_amount_after for r in made] == totals
+                assert sum(r.amount for r in made) == row.refunded_amount == p.refunded <= row.amount
+                assert [e.refunded_amount for e in self.db_events(pid) if e.action == "refunded"] == totals
+                assert [e.refund_id for e in self.db_events(pid) if e.action == "refunded"] == [r.id for r in made]
+                if made:
+                    assert row.status == SUCCESS and row.deleted_at is None  # a refund keeps the status
 
         @invariant()
         def every_event_renders_the_payment_as_that_change_left_it_and_the_outbox_is_the_history(self):

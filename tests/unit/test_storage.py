@@ -7,7 +7,8 @@ import pytest
 
 from server.infra import storage
 from server.infra.storage import Payment, PaymentEvent, User
-from server.domain.records import EventRecord, PaymentRecord
+from server.infra.storage.models import Refund
+from server.domain.records import EventRecord, PaymentRecord, RefundRecord
 
 UTC = dt.UTC
 
@@ -63,6 +64,24 @@ def test_start_up_adds_columns_a_newer_model_has(settings):
     database.close()
 
 
+def test_refunded_amount_is_added_as_0_for_the_rows_there_are_and_an_older_replicas_inserts(settings):
+    """A payments table from before refunds: start-up adds refunded_amount, every row there reads 0,
+    and a row inserted as an older replica does (naming no such column) gets 0 too."""
+    database = storage.open_database(settings)
+    at = "2026-03-01 08:00:00.000000"
+    columns = "id, email, amount, currency, description, status, created_by, created_at, updated_at, expires_at"
+    row = f"'{{}}', 'a@example.com', 5, 'IDR', '', 'success', '', '{at}', '{at}', '{at}'"
+    database.execute_sql(f"INSERT INTO payments ({columns}) VALUES ({row.format('pay_old')})")
+    database.execute_sql("ALTER TABLE payments DROP COLUMN refunded_amount")  # as before refunds
+    database.close()
+    database = storage.open_database(settings)  # what a server start does
+    assert "refunded_amount" in _columns("payments")
+    database.execute_sql(f"INSERT INTO payments ({columns}) VALUES ({row.format('pay_older_replica')})")
+    assert {p.id: p.refunded_amount for p in Payment.select()} == {"pay_old": 0, "pay_older_replica": 0}
+    assert "refunds" in storage.db.get_tables() and {"refund_id", "refunded_amount"} <= _columns("payment_events")
+    database.close()
+
+
 def test_start_up_drops_the_indexes_newer_ones_replaced(settings):
     database = storage.open_database(settings)
     database.execute_sql("CREATE INDEX payments_status_expires_at ON payments (status, expires_at)")
@@ -112,7 +131,9 @@ def test_records_have_every_column_of_their_table_in_its_order():
     assert PaymentRecord._fields == tuple(f.name for f in Payment._meta.sorted_fields)
     # All but the webhook outbox's flag, which only the delivery job reads (every read of the history
     # names its columns).
-    assert EventRecord._fields + ("dispatched",) == tuple(f.name for f in PaymentEvent._meta.sorted_fields)
+    columns = tuple(f.name for f in PaymentEvent._meta.sorted_fields)
+    assert tuple(c for c in columns if c != "dispatched") == EventRecord._fields and "dispatched" in columns
+    assert RefundRecord._fields == tuple(f.name for f in Refund._meta.sorted_fields)
 
 
 def test_prepared_rows_are_what_peewee_itself_returns(database):

@@ -33,6 +33,7 @@ from server.domain.webhook_delivery import Attempt, Dispatcher, Outcome, RetryPo
 from server.domain.webhooks import (GAVE_UP, PENDING, SECRET_BYTES, EndpointChange, WebhookRules, new_secret,
                                     signature, signature_header, signed_headers, standard_key)
 from server.edge.webhook_body import event_body, event_json, reference_json
+from server.domain.records import RefundRecord
 from server.infra import storage
 from server.infra.storage.models import WebhookAttempt, WebhookDelivery
 from server.infra.webhook_sender import Sender
@@ -246,12 +247,22 @@ _times = st.datetimes(min_value=dt.datetime(1971, 1, 1), max_value=dt.datetime(2
     amount=st.integers(0, 999_999_999_999_999), currency=st.text(max_size=3), description=st.text(max_size=40),
     status=st.sampled_from(["pending", "success", "failed"]), failure_reason=st.sampled_from([None, "cancelled", "expired"]),
     created_by=st.just("usr_x"), request_id=st.none() | st.text(max_size=10), request_hash=st.none(),
-    created_at=_times, updated_at=_times, expires_at=_times, deleted_at=st.none() | _times),
-    kind=st.sampled_from(["payment.created", "payment.failed"]), at=_times,
-    reason=st.sampled_from([None, "cancelled", "expired"]))
-def test_the_fast_event_json_is_what_protobufs_printer_writes(payment, kind, at, reason):
-    assert event_json("evt_x", kind, at, reason, payment) == reference_json("evt_x", kind, at, reason, payment)
-    assert json.loads(event_body("evt_x", kind, at, reason, payment)) == reference_json("evt_x", kind, at, reason, payment)
+    created_at=_times, updated_at=_times, expires_at=_times, deleted_at=st.none() | _times,
+    refunded_amount=st.integers(0, 999_999_999_999_999)),
+    kind=st.sampled_from(["payment.created", "payment.failed", "payment.refunded"]), at=_times,
+    reason=st.sampled_from([None, "cancelled", "expired"]),
+    refund=st.none() | st.builds(
+        RefundRecord, id=st.text(max_size=30), payment_id=st.text(max_size=30), amount=st.integers(1, 999_999_999_999_999),
+        currency=st.text(max_size=3), reason=st.sampled_from(["REQUESTED_BY_CUSTOMER", "DUPLICATE", "FRAUDULENT", "OTHER"]),
+        note=st.text(max_size=40), created_by=st.text(min_size=1, max_size=10),
+        request_id=st.none() | st.text(max_size=10), request_hash=st.none(), created_at=_times,
+        refunded_amount_after=st.integers(1, 999_999_999_999_999)), fully_refunded=st.booleans())
+def test_the_fast_event_json_is_what_protobufs_printer_writes(payment, kind, at, reason, refund, fully_refunded):
+    if fully_refunded:
+        payment = payment._replace(amount=payment.refunded_amount)
+    expected = reference_json("evt_x", kind, at, reason, payment, refund)
+    assert event_json("evt_x", kind, at, reason, payment, refund) == expected
+    assert json.loads(event_body("evt_x", kind, at, reason, payment, refund)) == expected
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""The tables, as peewee models: payments, their history, accounts, sessions, job claims, webhooks
-and service clients.
+"""The tables, as peewee models: payments, their history and refunds, accounts, sessions, job
+claims, webhooks and service clients.
 
 Columns are only ever added (see database.migrate_schema), so an older replica keeps working
 against a newer schema during a rolling update. The models are bound to `db`, a proxy that
@@ -78,6 +78,10 @@ class Payment(BaseModel):
     updated_at = UTCDateTimeField()
     expires_at = UTCDateTimeField()
     deleted_at = UTCDateTimeField(null=True)  # indexed only where set: see below the class
+    # The sum of the payment's refunds, changed only by the refund's conditional UPDATE (never more
+    # than amount). NULL-able with a default in the table itself, so adding it fills the rows there
+    # are and an older replica's inserts, which do not name it, still get 0.
+    refunded_amount = peewee.BigIntegerField(null=True, default=0, constraints=[peewee.SQL("DEFAULT 0")])
 
     class Meta:
         table_name = "payments"
@@ -124,6 +128,11 @@ class PaymentEvent(BaseModel):
     # The webhook outbox: false until the delivery job has made the event's deliveries. Null for
     # history from before webhooks (and from an older replica during the rolling update): never sent.
     dispatched = peewee.BooleanField(null=True)
+    # A refund's row names it, and the payment's refunded_amount after it (what the event's payment
+    # shows); null on every other row, whose payment's refunded_amount is 0 (only a settled payment
+    # is refunded, and nothing but refunds happens to it after that).
+    refund_id = peewee.CharField(max_length=40, null=True)
+    refunded_amount = peewee.BigIntegerField(null=True)
 
     class Meta:
         table_name = "payment_events"
@@ -135,6 +144,33 @@ class PaymentEvent(BaseModel):
 UNDISPATCHED = peewee.SQL('NOT "dispatched"')
 PaymentEvent.add_index(PaymentEvent.index(PaymentEvent.number, name="payment_events_undispatched")
                        .where(UNDISPATCHED))
+
+
+class Refund(BaseModel):
+    """Money given back for a settled payment (server/domain/refunds.py): written once, with the
+    payment's conditional UPDATE and its history row in one transaction, never changed or deleted.
+    `refunded_amount_after` (the payment's total just after it) orders a payment's refunds: the
+    UPDATE makes them one at a time, each total is larger than the one before, and the unique
+    index holds two refunds of one payment from ever claiming the same total."""
+
+    id = peewee.CharField(primary_key=True, max_length=40)  # opaque, for the API
+    payment_id = peewee.CharField(max_length=40)
+    amount = peewee.BigIntegerField()
+    currency = peewee.CharField(max_length=3)
+    reason = peewee.CharField(max_length=32)
+    note = peewee.CharField(max_length=500, default="")
+    created_by = peewee.CharField(max_length=64)
+    request_id = peewee.CharField(max_length=64, null=True)
+    request_hash = peewee.CharField(max_length=64, null=True)
+    created_at = UTCDateTimeField()
+    refunded_amount_after = peewee.BigIntegerField()
+
+    class Meta:
+        table_name = "refunds"
+        indexes = (
+            (("payment_id", "refunded_amount_after"), True),  # a payment's refunds in order, paged
+            (("created_by", "request_id"), True),  # idempotency; NULL request_ids never clash
+        )
 
 
 class User(BaseModel):
@@ -308,5 +344,5 @@ class ServiceClient(BaseModel):
         indexes = ((("created_at", "id"), False),)  # listing, newest first
 
 
-MODELS: Sequence[type[BaseModel]] = (Payment, PaymentEvent, User, Session, RefreshToken, JobRun, WebhookEndpoint,
-                                     WebhookDelivery, WebhookAttempt, ServiceClient)
+MODELS: Sequence[type[BaseModel]] = (Payment, PaymentEvent, Refund, User, Session, RefreshToken, JobRun,
+                                     WebhookEndpoint, WebhookDelivery, WebhookAttempt, ServiceClient)

@@ -18,8 +18,9 @@ import peewee
 from server.domain.lifecycle import EXPIRED, FAILED, PENDING, SUCCESS
 from server.domain.records import DuplicateRequest
 from server.infra.storage.fastpath import Prepared, PreparedCreate, PreparedInsert, among, row_check
-from server.infra.storage.models import Payment, PaymentEvent, User, db
-from server.infra.storage.records import EVENT_COLUMNS, PAYMENT_COLUMNS, EventRecord, PaymentRecord
+from server.infra.storage.models import Payment, PaymentEvent, Refund, User, db
+from server.infra.storage.records import (EVENT_COLUMNS, PAYMENT_COLUMNS, REFUND_COLUMNS, EventRecord, PaymentRecord,
+                                          RefundRecord)
 from server.infra.storage.webhook_queries import WebhookQueries
 
 
@@ -84,6 +85,10 @@ class PaymentQueries:
         self._insert = PreparedInsert(Payment, PaymentRecord)
         self._insert_event = PreparedInsert(PaymentEvent)
         self._create = PreparedCreate(self._insert, self._insert_event)
+        self._insert_refund = PreparedInsert(Refund, RefundRecord)
+        self._refund_by_request_id = Prepared(lambda param: Refund.select().where(
+            (Refund.created_by == param("created_by")) & (Refund.request_id == param("request_id"))).limit(1),
+            RefundRecord)
 
     transaction = staticmethod(db.atomic)
 
@@ -159,7 +164,44 @@ class PaymentQueries:
         old = Payment.deleted_at.is_null(False) & (Payment.deleted_at < before) & (Payment.status != SUCCESS)
         return _after(Payment.select(Payment.id, Payment.deleted_at).where(old), Payment.deleted_at, limit, resume)
 
+    def refund_by_request_id(self, created_by: str, request_id: str) -> RefundRecord | None:
+        return self._refund_by_request_id.first(created_by=created_by, request_id=request_id)
+
+    def refund(self, payment_id: str, refund_id: str) -> RefundRecord | None:
+        row = (Refund.select(*REFUND_COLUMNS).where((Refund.id == refund_id) & (Refund.payment_id == payment_id))
+               .limit(1).tuples().first())
+        return RefundRecord(*row) if row is not None else None
+
+    def refunds(self, payment_id: str, *, after_total: int | None, limit: int) -> list[RefundRecord]:
+        """A payment's refunds in the order they were made (refunded_amount_after grows with each)."""
+        query = Refund.select(*REFUND_COLUMNS).where(Refund.payment_id == payment_id)
+        if after_total is not None:
+            query = query.where(Refund.refunded_amount_after > after_total)
+        return [RefundRecord(*row) for row in query.order_by(Refund.refunded_amount_after).limit(limit).tuples()]
+
     # --- writes (call them inside transaction()) ------------------------------------------
+
+    def add_refunded(self, payment_id: str, amount: int, currency: str, expected: int | None,
+                     now: dt.datetime) -> PaymentRecord | None:
+        """refunded_amount += amount, in one conditional UPDATE: only a live SUCCESS payment in
+        `currency` whose refunded_amount stays at most its amount (and, given `expected`, is that
+        now). The payment as the UPDATE left it, or None if a condition failed. The database
+        decides, under the row's write lock, so no number of concurrent refunds overshoots."""
+        condition = ((Payment.id == payment_id) & (Payment.status == SUCCESS) & Payment.deleted_at.is_null()
+                     & (Payment.currency == currency) & (Payment.refunded_amount + amount <= Payment.amount))
+        if expected is not None:
+            condition &= Payment.refunded_amount == expected
+        rows = list(Payment.update(refunded_amount=Payment.refunded_amount + amount, updated_at=now)
+                    .where(condition).returning(*PAYMENT_COLUMNS).tuples().execute())
+        return PaymentRecord(*rows[0]) if rows else None
+
+    def insert_refund(self, refund: RefundRecord) -> None:
+        """DuplicateRequest if its (created_by, request_id) pair is taken."""
+        try:
+            self._insert_refund(refund)
+        except peewee.IntegrityError as e:
+            raise DuplicateRequest() from e
+
 
     def insert(self, payment: PaymentRecord) -> None:
         """DuplicateRequest if its (created_by, request_id) pair is taken."""
@@ -214,11 +256,12 @@ class PaymentQueries:
                 .where(among(Payment.id, ids) & still_due).returning(Payment.id).tuples().execute()]
 
     def purge(self, ids: Sequence[str], before: dt.datetime) -> list[str]:
-        """Remove for good those of `ids` still deleted before `before` and never succeeded, with
-        their history and its webhook deliveries; their ids."""
+        """Remove for good those of `ids` still deleted before `before`, never succeeded and never
+        refunded, with their history and its webhook deliveries; their ids."""
         cutoff = Payment.deleted_at.to_value(before)
+        # Never one with refunds either (only a settled payment has them: this says it twice).
         still_old = (row_check(Payment.deleted_at).is_null(False) & (row_check(Payment.deleted_at) < cutoff)
-                     & (row_check(Payment.status) != SUCCESS))
+                     & (row_check(Payment.status) != SUCCESS) & (peewee.fn.COALESCE(Payment.refunded_amount, 0) == 0))
         purged = [pid for (pid,) in Payment.delete().where(among(Payment.id, ids) & still_old)
                   .returning(Payment.id).tuples().execute()]
         if purged:

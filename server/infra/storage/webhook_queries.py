@@ -17,19 +17,24 @@ import peewee
 from server.domain.webhooks import PENDING, AttemptRecord, DeliveryRecord, EndpointRecord
 from server.infra.storage.fastpath import among
 from server.infra.storage.database import is_postgres
-from server.infra.storage.models import (UNDISPATCHED, Payment, PaymentEvent, WebhookAttempt, WebhookDelivery,
+from server.infra.storage.models import (UNDISPATCHED, Payment, PaymentEvent, Refund, WebhookAttempt, WebhookDelivery,
                                          WebhookEndpoint, db)
-from server.infra.storage.records import EVENT_COLUMNS, PAYMENT_COLUMNS, EventRecord, PaymentRecord
+from server.infra.storage.records import (EVENT_COLUMNS, PAYMENT_COLUMNS, REFUND_COLUMNS, EventRecord, PaymentRecord,
+                                          RefundRecord)
 
 
-def _with_payments(query) -> list[tuple[EventRecord, PaymentRecord]]:
-    """(event, payment) pairs of a query over history rows joined to their payments."""
-    cut = len(EVENT_COLUMNS)
-    return [(EventRecord(*row[:cut]), PaymentRecord(*row[cut:])) for row in query.tuples()]
+def _with_payments(query) -> list[tuple[EventRecord, PaymentRecord, RefundRecord | None]]:
+    """(event, payment, refund) of a query over history rows joined to their payments and, for a
+    refund's row, its refund (None for the others)."""
+    cut, more = len(EVENT_COLUMNS), len(EVENT_COLUMNS) + len(PAYMENT_COLUMNS)
+    return [(EventRecord(*row[:cut]), PaymentRecord(*row[cut:more]),
+             RefundRecord(*row[more:]) if row[more] is not None else None) for row in query.tuples()]
 
 
 def _events():
-    return PaymentEvent.select(*EVENT_COLUMNS, *PAYMENT_COLUMNS).join(Payment, on=(PaymentEvent.payment_id == Payment.id))
+    return (PaymentEvent.select(*EVENT_COLUMNS, *PAYMENT_COLUMNS, *REFUND_COLUMNS)
+            .join(Payment, on=(PaymentEvent.payment_id == Payment.id))
+            .join(Refund, peewee.JOIN.LEFT_OUTER, on=(PaymentEvent.refund_id == Refund.id)))
 
 
 def _delete_deliveries(which) -> None:
@@ -148,12 +153,12 @@ class WebhookQueries:
 
     # --- events ------------------------------------------------------------------------------
 
-    def event(self, event_id: str) -> tuple[EventRecord, PaymentRecord] | None:
+    def event(self, event_id: str) -> tuple[EventRecord, PaymentRecord, RefundRecord | None] | None:
         rows = _with_payments(_events().where(PaymentEvent.id == event_id).limit(1))
         return rows[0] if rows else None
 
     def events_page(self, *, before_number: int | None, payment_id: str, actions: Sequence[str],
-                    limit: int) -> list[tuple[EventRecord, PaymentRecord]]:
+                    limit: int) -> list[tuple[EventRecord, PaymentRecord, RefundRecord | None]]:
         """Newest first; history from before webhooks (dispatched null) is not an event."""
         query = _events().where(PaymentEvent.dispatched.is_null(False))
         if payment_id:
@@ -164,11 +169,11 @@ class WebhookQueries:
             query = query.where(PaymentEvent.number < before_number)
         return _with_payments(query.order_by(PaymentEvent.number.desc()).limit(limit))
 
-    def payloads(self, event_numbers: Iterable[int]) -> dict[int, tuple[EventRecord, PaymentRecord]]:
+    def payloads(self, event_numbers: Iterable[int]) -> dict[int, tuple[EventRecord, PaymentRecord, RefundRecord | None]]:
         numbers = sorted(set(event_numbers))
         if not numbers:
             return {}
-        return {e.number: (e, p) for e, p in _with_payments(_events().where(PaymentEvent.number.in_(numbers)))}
+        return {row[0].number: row for row in _with_payments(_events().where(PaymentEvent.number.in_(numbers)))}
 
     @contextlib.contextmanager
     def fan_out_turn(self) -> Iterator[list[EndpointRecord] | None]:
