@@ -29,7 +29,7 @@ from tests.e2e.conftest import PASSWORD, new_email
 from tests.support.python_client import import_from, shared_copy
 from tests.support.rest import Client, loopback_address
 from tests.support.stack import ADMIN_EMAIL, ADMIN_PASSWORD, running_stack
-from tests.support.webhook_receiver import FAST_WEBHOOKS, free_port
+from devstack.webhook_receiver import FAST_WEBHOOKS, free_port
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

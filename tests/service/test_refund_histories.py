@@ -35,7 +35,7 @@ from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
 from tests.conftest import ADMIN_CALLER, ALICE, _reset_postgres, rich_status
 from tests.support.stack import Server, prepare_workdir, server_env
-from tests.support.webhook_receiver import FAST_WEBHOOKS, Receiver
+from devstack.webhook_receiver import FAST_WEBHOOKS, Receiver
 
 PROCESSES, CLIENTS, PAYMENTS, SECONDS, AMOUNT = 2, 12, 3, 5.0, 10_000
 AMOUNTS = [1, 250, 700, 1500, 3000]
