@@ -3,7 +3,7 @@ run: TokenVerifier (ES256, with its cache of verified tokens) for a client-crede
 EitherIssuer's Google path (RS256 by a key held in memory; with its cache of verified tokens, and
 without: our verifier refuses it first, then the issuer is peeked at).
 Also what choosing the verifier adds to the server's own tokens when Google is configured. The keys
-come from the local stand-in (tests/support/google_standin.py); no network.
+come from the local stand-in (devstack/google_standin.py); no network.
 
     .venv/bin/python bench/google_tokens.py [--calls 3000]
 """

@@ -1,6 +1,6 @@
 """Google service accounts as callers, end to end: the real server and Envoy, configured for one
 deployment (PAYMENTS_GOOGLE_AUDIENCE, the service account pinned by its `sub` and mapped to a
-service client, Google's keys from a local stand-in: tests/support/google_standin.py, which Envoy
+service client, Google's keys from a local stand-in: devstack/google_standin.py, which Envoy
 fetches too), on SQLite and PostgreSQL.
 
 A pinned account's Google ID token is its client, with the client's permissions, over REST and

@@ -1,7 +1,7 @@
 """The Python client's example shop (clients/python/shop) against the real stack, as a Shopping
 service would run it: its own process, the package's client-credentials token from TokenService,
 native gRPC through the real Envoy, and the outcome learnt from the server's signed webhooks on a
-loopback receiver (allowed here as in development: tests/support/webhook_receiver.FAST_WEBHOOKS).
+loopback receiver (allowed here as in development: devstack/webhook_receiver.FAST_WEBHOOKS).
 
 checkout -> the shop's client creates the payment (request_id = the order's id) -> a second client,
 holding payments.confirm and payments.cancel, confirms it through the same package -> the shop

@@ -1,5 +1,5 @@
 """Google service-account ID tokens (server/infra/google_tokens.py) against a local stand-in for
-Google's keys and claim shapes (tests/support/google_standin.py): only a pinned `sub` with this
+Google's keys and claim shapes (devstack/google_standin.py): only a pinned `sub` with this
 deployment's audience, signed by a key Google publishes, is a caller; the keys are fetched once,
 kept for the max-age Google gives, fetched again early for a new key id, at most once every ten seconds."""
 
