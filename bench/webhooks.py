@@ -106,10 +106,13 @@ def scaling(args) -> int:
     if not url.startswith("postgres"):
         print("--processes needs PostgreSQL: --database-url or PAYMENTS_TEST_DATABASE_URL", file=sys.stderr)
         return 2
-    from tests.conftest import _admin_pg  # noqa: PLC0415 (the tests' own way to make a database)
+    import peewee  # noqa: PLC0415
+    from playhouse.db_url import parse as parse_db_url  # noqa: PLC0415
 
     name = f"payments_bench_{os.getpid()}"
-    admin = _admin_pg(url)
+    params = parse_db_url(url)
+    params.pop("database")
+    admin = peewee.PostgresqlDatabase("postgres", **params)  # the server's maintenance database
     with admin.connection_context():
         admin.connection().autocommit = True
         admin.execute_sql(f'CREATE DATABASE "{name}"')
