@@ -43,7 +43,7 @@ PROTECTED = [m for m in METHODS if not auth.is_public(m)]
 def test_the_method_list_covers_every_service():
     services = {m.split("/")[1] for m in METHODS}
     assert services == {"payments.v1.PaymentService", "payments.v1.AuthService", "payments.v1.WebhookService",
-                        "grpc.health.v1.Health"}, services
+                        "payments.v1.TokenService", "payments.v1.ClientService", "grpc.health.v1.Health"}, services
     assert {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"} <= set(METHODS)
     assert len(METHODS) >= 20 and PROTECTED
 
