@@ -28,7 +28,7 @@ USUAL = {
     "403": (7, "WRONG_AUDIENCE", "the token was issued for another API"),
     "404": (5, "PAYMENT_NOT_FOUND", "payment 'pay_4whsgy2kdmbtcpjouxjdvfnwzy' not found"),
     "409": (6, "EMAIL_TAKEN", "an account with this email already exists"),
-    "413": (3, "BODY_TOO_LARGE", "request body too large (at most 65536 bytes)"),
+    "413": (3, "BODY_TOO_LARGE", "request body too large (at most 16384 bytes)"),
     "429": (8, "RATE_LIMITED", "too many sign-up or login requests; retry in a few seconds"),
     "503": (14, "BACKEND_UNAVAILABLE", "the payments service is unavailable; retry shortly"),
     "default": (14, "DATABASE_UNAVAILABLE", "the payments database is unavailable; retry shortly"),

@@ -44,6 +44,7 @@ from typing import Callable
 from grpc import _server as grpc_server
 from grpc._cython import cygrpc
 
+from server.edge.elastic_pool import ElasticPool
 from server.infra import metrics
 
 _UNARY_SHAPES = (grpc_server._unary_response_in_pool, grpc_server._stream_response_in_pool)
@@ -166,15 +167,21 @@ class Receiver:
     (under a CPU flood, a ready call can wait for a thread longer than a stalled one has: the
     attack run saw other customers' calls and health checks evicted that way); they queue for a
     thread instead. With twice `limit` calls waiting or queued (a burst of stalled calls comes
-    faster than STALE_SECONDS), the call in its thread longest is cancelled at once."""
+    faster than STALE_SECONDS), the call in its thread longest is cancelled at once.
+
+    The threads are started as calls need them and end after IDLE_SECONDS without a call
+    (elastic_pool.ElasticPool), so an attack's peak of waiting threads is given back."""
 
     STALE_SECONDS = 0.1
+    IDLE_SECONDS = 30.0
 
-    def __init__(self, limit: int, seconds: float, deadlines, name: str = "receive"):
+    def __init__(self, limit: int, seconds: float, deadlines, name: str = "receive",
+                 idle_seconds: float | None = None):
         self.limit, self.seconds = limit, seconds
         self.bound = 2 * limit  # waiting and queued for a thread: beyond it, eviction need not wait for staleness
         self._deadlines = deadlines
-        self._pool = futures.ThreadPoolExecutor(max_workers=limit, thread_name_prefix=name)
+        self._pool = ElasticPool(limit, idle_seconds=self.IDLE_SECONDS if idle_seconds is None else idle_seconds,
+                                 name=name)
         self._lock = threading.Lock()
         # ident -> (call, monotonic time its thread began waiting, or None while it waits for a thread)
         self._waiting: collections.OrderedDict[int, list] = collections.OrderedDict()
@@ -185,6 +192,11 @@ class Receiver:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def threads(self) -> int:
+        """Receiving threads alive now, waiting for a message or idle."""
+        return self._pool.threads
 
     def receive(self, call: Call, then: Callable[[tuple], None], done: futures.Future) -> None:
         """Wait for `call`'s message on a receiving thread, then `then(args)` with the message
@@ -267,7 +279,7 @@ class Receiver:
                     f"the request message did not arrive within {self.seconds:g} s")
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
 
 
 def _complete(done: futures.Future, work: Callable[[], object]) -> None:

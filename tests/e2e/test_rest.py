@@ -257,7 +257,7 @@ def test_header_names_grpc_cannot_carry_are_400_json(api, make_user, path):
     assert r.error()[:2] == (GRPC_INVALID_ARGUMENT, "INVALID_REQUEST")
 
 
-def test_body_over_64_kib_is_413_json(api, make_user, tmp_path):
+def test_body_over_the_limit_is_413_json(api, make_user, tmp_path):
     # curl, because Envoy answers 413 and closes while the client may still be sending: curl
     # reads that early answer, where a client that writes the whole body first can get a reset.
     user = make_user()

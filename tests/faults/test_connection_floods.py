@@ -50,10 +50,11 @@ SLACK = 3.0  # timers' granularity, Envoy's delayed close (1 s), a busy machine
 LOW_P50 = 0.25  # seconds: the bystander's median call during rapid reset
 HOST = "127.0.0.1"
 
-MIX = {"idle": 1500, "preface": 1500, "partial headers": 500, "slow body": 500}  # 4,000 at once
-BEYOND_THE_CAP = {"idle": 2500, "preface": 2500}  # 5,000 at once
+MIX = {"idle": 700, "preface": 700, "partial headers": 250, "slow body": 250}  # 1,900 at once, under the cap
+BEYOND_THE_CAP = {"idle": 1500, "preface": 1500}  # 3,000 at once, over the cap
 MANY_STREAMS = 10_000  # header-only streams, 100 a connection
 TIMEOUTS = attacks.configured_timeouts()
+BODY_LIMIT = attacks.configured_body_limit()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,9 +103,10 @@ def open_connections(held: contextlib.ExitStack, port: int, sizes: dict[str, int
         "idle": lambda n, src: attacks.idle_connections(HOST, port, n, source=src),
         "preface": lambda n, src: attacks.preface_connections(HOST, port, n, source=src),
         "partial headers": lambda n, src: attacks.partial_header_requests(HOST, port, n, source=src),
-        # Half of a body the buffer filter would take (64 KiB): what a slow client makes Envoy hold.
+        # Half of a body the buffer filter would take: what a slow client makes Envoy hold.
         "slow body": lambda n, src: attacks.slow_body_posts(HOST, port, "/v1/payments", n, token=token,
-                                                            content_length=60_000, sent=30_000, source=src),
+                                                            content_length=BODY_LIMIT, sent=BODY_LIMIT // 2,
+                                                            source=src),
     }
     return {kind: held.enter_context(makers[kind](n, f"127.70.{subnet}.{i}"))
             for i, (kind, n) in enumerate(sizes.items(), start=1)}

@@ -7,17 +7,21 @@ compatibility; see tests/e2e/test_rest.py) and only have to stay away from 5xx h
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 
 import grpc
 import pytest
 
+from server.edge.pb import payments_pb2 as pb
+from server.edge.pb import payments_pb2_grpc as pb_grpc
 from tests.conftest import ALICE, rich_status
+from tests.support import attacks
 from tests.support.rest import Response
 
 GOOD = b'{"email": "alice@example.com", "amount": "1250"}'
-LIMIT = 65536  # envoy.yaml: max_request_body_size
+LIMIT = attacks.configured_body_limit()  # envoy.yaml: the buffer filter's max_request_bytes
 
 # (name, method, path, raw body, expected status, words the message must contain)
 CASES = [
@@ -95,6 +99,32 @@ def test_a_body_over_the_limit_is_413_json(edge, token_for, size):
     assert r.status == 413, r.text
     code, reason, body = r.error()
     assert (code, reason) == (3, "BODY_TOO_LARGE") and "too large" in body["message"]
+    assert f"at most {LIMIT} bytes" in body["message"], "the answer must state the limit Envoy enforces"
+
+
+def largest_bodies() -> dict[str, bytes]:
+    """The largest bodies the API takes, as a client that escapes every non-ASCII character
+    (json.dumps' default) writes them: 500-character descriptions of astral characters (12 bytes
+    each escaped), a URL of 2,048 characters, a request_id of 64."""
+    description = "\U0001F4B3" * 500
+    return {
+        "/v1/payments": json.dumps({"email": "alice@example.com", "amount": "1250", "currency": "IDR",
+                                    "description": description, "request_id": "r" * 64}).encode(),
+        "/v1/webhookEndpoints": json.dumps({"url": "https://shop.example.com/" + "h" * (2048 - 25),
+                                            "event_types": ["payment.created", "payment.succeeded", "payment.failed",
+                                                            "payment.deleted", "payment.restored"],
+                                            "enabled": True, "description": description}).encode(),
+    }
+
+
+@pytest.mark.parametrize("path", list(largest_bodies()))
+def test_the_largest_bodies_the_api_takes_are_under_the_limit(edge, token_for, path):
+    body = largest_bodies()[path]
+    print(f"\n{path}: {len(body)} bytes (limit {LIMIT})")
+    r = edge.api.request("POST", path, raw=body, token=token_for(ALICE), headers={"Content-Type": "application/json"})
+    assert r.status != 413, r.text
+    if path == "/v1/payments":
+        assert r.status == 200, r.text
 
 
 def test_unknown_body_fields_never_5xx(edge, token_for):
@@ -120,3 +150,16 @@ def test_the_server_is_still_fine_after_all_of_it(edge, token_for):
                          headers={"Content-Type": "application/json"})
     assert r.status == 200, r.text
     assert edge.server.proc.poll() is None
+
+
+def test_a_grpc_message_over_the_limit_is_refused_by_envoy(edge, token_for):
+    """The buffer filter's limit holds for native gRPC too: the message is refused at Envoy (its
+    413 becomes a gRPC status), before anything reaches the server."""
+    request = pb.CreatePaymentRequest(payment=pb.Payment(email="alice@example.com", amount=1250, currency="IDR",
+                                                         description="x" * LIMIT))
+    with grpc.insecure_channel(f"127.0.0.1:{edge.envoy.port}") as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.PaymentServiceStub(channel).CreatePayment(
+                request, metadata=(("authorization", f"Bearer {token_for(ALICE)}"),), timeout=10)
+    print(f"\n{e.value.code()}: {e.value.details()!r}")
+    assert e.value.code() == grpc.StatusCode.UNKNOWN and "Payload Too Large" in e.value.details()

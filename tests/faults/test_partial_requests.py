@@ -14,7 +14,8 @@ for the message: a handful of them took a lane's every thread. So
 Here an attacker (a customer of its own, from loopback addresses of its own) opens such streams on
 every method the descriptors list, with and without a token, while a bystander (another customer,
 tests/support/bystander.py) must succeed at REST and gRPC payment calls and a login, each within
-5 s; afterwards every attacking stream has been answered, and the next call succeeds at once.
+5 s; afterwards every attacking stream has been answered, the next call succeeds at once, and the
+receiving threads the attack made the server start end once idle (Receiver.IDLE_SECONDS).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 import pytest
 
 from server.edge import auth
+from server.edge.admission import Receiver
 from tests.conftest import ALICE, BOB
 from tests.support import attacks
 from tests.support.bystander import Bystander
@@ -35,6 +37,8 @@ REQUEST_TIMEOUT = min(attacks.configured_timeouts()["request_timeout"], 10.0)
 RECEIVE_DEADLINE = 5.0  # the server ends a call whose message has not arrived (server/edge/admission.py)
 SLACK = 3.0  # for the timers' granularity and a busy machine
 AT_ONCE = 1.0  # "at once": a refusal on the headers alone, a call on an idle service
+THREADS_KEPT = 24  # threads an idle server may keep beyond its count before the attack (the lanes'
+# workers the bystander's calls started; the attack starts ~220 receiving threads)
 
 METHODS = attacks.grpc_methods()
 PROTECTED = [m for m in METHODS if not auth.is_public(m)]
@@ -118,7 +122,7 @@ def test_calls_that_never_send_their_message_through_envoy_hold_nothing(edge, by
     assert edge.api.get("/ready").status == 200
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120 + Receiver.IDLE_SECONDS)
 def test_calls_that_never_send_their_message_to_the_servers_port_are_ended_and_free_its_threads(
         edge, bystander, token_for):
     """Straight to the server's port (no Envoy in front: what a client inside the pod, or a
@@ -149,9 +153,15 @@ def test_calls_that_never_send_their_message_to_the_servers_port_are_ended_and_f
         # The attacker goes away without a word: its sockets close, nothing of it stays.
     after = bystander.check("direct-after", direct=True)
     threads["after"] = attacks.thread_count(pid)
+    # The receiving threads the attack made the server start end once idle (Receiver.IDLE_SECONDS).
+    until = time.monotonic() + Receiver.IDLE_SECONDS + 15
+    while attacks.thread_count(pid) > threads["before"] + THREADS_KEPT and time.monotonic() < until:
+        time.sleep(0.5)
+    threads[f"{Receiver.IDLE_SECONDS:g} s idle"] = attacks.thread_count(pid)
     print(f"  bystander {after}\n  server threads: {threads}")
     bystander.assert_ok([after])
     assert_quick(after)
+    assert threads[f"{Receiver.IDLE_SECONDS:g} s idle"] <= threads["before"] + THREADS_KEPT, threads
 
 
 @pytest.mark.timeout(60)

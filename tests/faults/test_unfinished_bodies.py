@@ -1,10 +1,10 @@
 """Unfinished request bodies from several addresses cannot make Envoy refuse everyone.
 
 Each address keeps within its own limit (edge_rate_limit: 1,000 new requests at once, then 500 a
-second), but eight of them, each holding a few hundred HTTP/2 calls whose message stops a few KB
-short of its length (about 60 KB held in Envoy each, until the request timeout), hold more than
-Envoy's heap (192 MiB): the overload manager answered every new request 503 until the attack
-stopped. Now every HTTP/2 stream that buffers 4 KiB or more is tracked, and the overload manager
+second), but eight of them, each holding a few hundred HTTP/2 calls whose message stops 1,000 bytes
+short of the largest Envoy takes (its body limit; about 40 KB of heap each with a 16 KiB limit,
+until the request timeout), hold more than Envoy's heap (192 MiB): the overload manager answered
+every new request 503 until the attack stopped. Now every HTTP/2 stream that buffers 4 KiB or more is tracked, and the overload manager
 resets the ones holding the most from 30% of the heap, fast enough (every 20 ms) and early enough
 that it never has to refuse new requests (envoy.yaml, overload_manager; envoy/README.md "The edge
 under attack"). The test asserts that: the resets happened, no request was refused for memory,
@@ -38,8 +38,11 @@ from tests.support.stack import Envoy, Server, prepare_workdir
 HOST = "127.0.0.1"
 ADDRESSES = 8
 CONNECTIONS = 25  # per address and wave
-STREAMS = 15  # per connection: 15 x 60 KB stays within Envoy's 1 MiB connection window
-ANNOUNCED, SENT = 65_536, 60_000  # a message of 64 KiB, all but its last 5.5 KB sent
+STREAMS = 15  # per connection: 15 bodies within the limit stay within Envoy's 1 MiB connection window
+# The largest message the buffer filter takes (with its 5-byte prefix), all but its last 1,000
+# bytes sent: the attacker adapts to the limit.
+ANNOUNCED = attacks.configured_body_limit() - 5
+SENT = ANNOUNCED - 1_000
 WAVES, WAVE_SECONDS = 5, 2.5
 RSS_LIMIT_MB = 300  # the sidecar's limit is 384 MiB (k8s/base)
 METHOD = "/payments.v1.AuthService/Login"

@@ -9,7 +9,7 @@ What an attacker without an account (or with one) can do to hold the service's r
     slow_body_posts          HTTP/1.1 POSTs whose body never reaches its Content-Length
     idle_connections         TCP connections that send nothing
     preface_connections      HTTP/2 connections that send the client preface and SETTINGS only
-    partial_bodies           the same with a message of about 64 KiB, from several addresses at once
+    partial_bodies           the same with a message near the body limit, from several addresses at once
     rapid_reset              HTTP/2 streams opened and reset at once, as fast as the client can
     control_frame_flood      HTTP/2 PING, SETTINGS or WINDOW_UPDATE frames as fast as they are read
     closed_loop_calls        one customer's many concurrent unary calls, each followed by the next
@@ -18,7 +18,8 @@ and what the tests read back: what each stream or connection got and when (.outc
 .answered_within() / .closed_within(), .answer_times() / .lifetimes(): a reset, a gRPC status, an
 HTTP status, EOF, or nothing yet), envoy_memory() and EnvoyMemorySampler (Envoy's resident memory
 and its heap as it reports it), envoy_stats(), thread_count() (a server's threads),
-configured_timeouts() (what envoy.yaml promises), grpc_methods() (every public method, from the
+configured_timeouts(), configured_body_limit() and configured_overload_limits() (what
+envoy.yaml promises), grpc_methods() (every public method, from the
 generated descriptors), parse_http_response(), median() and percentile(). address_relay() lets a
 grpc client (which cannot choose its source address) come from another loopback address.
 InChildProcess runs an attack in a process of its own, so the test's clients do not share its
@@ -571,7 +572,7 @@ class PartialBodies(H2Streams):
 
 def partial_bodies(host: str, port: int, method_path: str, sources: Sequence[str], connections: int,
                    per_connection: int, **kw) -> PartialBodies:
-    """Unfinished gRPC messages of about 64 KiB from several addresses (see PartialBodies)."""
+    """Unfinished gRPC messages from several addresses (see PartialBodies)."""
     return PartialBodies(host, port, method_path, sources, connections, per_connection, **kw)
 
 
@@ -1167,3 +1168,25 @@ def configured_timeouts(config_path=None) -> dict[str, float]:
         match = re.fullmatch(r"(\d+(?:\.\d+)?)s", value or "")
         out[name] = float(match.group(1)) if match else float("inf")  # unset: no such timeout
     return out
+
+
+def configured_body_limit(config_path=None) -> int:
+    """The largest request body Envoy buffers (the buffer filter's max_request_bytes, or the REST
+    route's own if it sets one): what one unfinished request may make Envoy hold, and what its
+    413 answer must state."""
+    config = yaml.safe_load((config_path or CONFIG).read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    limit = next(f["typed_config"]["max_request_bytes"] for f in hcm["http_filters"]
+                 if f["name"] == "envoy.filters.http.buffer")
+    rest = hcm["route_config"]["virtual_hosts"][0]["routes"][-1]
+    per_route = rest.get("typed_per_filter_config", {}).get("envoy.filters.http.buffer", {})
+    return int(per_route.get("buffer", {}).get("max_request_bytes", limit))
+
+
+def configured_overload_limits(config_path=None) -> tuple[int, int]:
+    """(the connection cap, the heap's size in bytes) of envoy.yaml's overload manager."""
+    monitors = {m["name"]: m["typed_config"]
+                for m in yaml.safe_load((config_path or CONFIG).read_text())["overload_manager"]["resource_monitors"]}
+    return (int(monitors["envoy.resource_monitors.global_downstream_max_connections"]["max_active_downstream_connections"]),
+            int(monitors["envoy.resource_monitors.fixed_heap"]["max_heap_size_bytes"]))
+

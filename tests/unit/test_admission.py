@@ -183,3 +183,27 @@ def test_only_the_pods_own_envoy_names_the_client_address(peer, claimed, taken):
     from server.edge import admission
 
     assert admission.trusted_address(claimed, peer) == taken
+
+
+def test_receiving_threads_are_given_back_after_an_attack(monkeypatch):
+    """An attack's peak of receiving threads ends once they have been idle for IDLE_SECONDS (the
+    pool used to keep every thread it had started: 11 threads became 235 for good)."""
+    from server.edge import admission
+
+    monkeypatch.setattr(admission.Receiver, "IDLE_SECONDS", 0.5)
+    with serving(1.0) as (port, lanes):
+        receiver = lanes.health.receiver
+        attack = HeaderOnly(port, 6)  # fewer than the receiver's bound (8)
+        try:
+            time.sleep(0.3)
+            peak = receiver.threads
+            assert peak >= 6, peak  # each waiting call holds a thread of its own
+            assert len(attack.statuses(3.0)) == 6  # all ended at the deadline
+        finally:
+            attack.close()
+        until = time.monotonic() + 5
+        while receiver.threads and time.monotonic() < until:
+            time.sleep(0.05)
+        print(f"\nreceiving threads: {peak} during the attack, {receiver.threads} after")
+        assert receiver.threads == 0
+        assert check(port) < 0.5  # and a new call starts a thread again
