@@ -83,7 +83,9 @@ class TokenGrant:
     scope: str
 
 
-def _admin(caller: Caller) -> None:
+def admin_only(caller: Caller) -> None:
+    """First in every admin method, before any input is looked at: a non-admin learns nothing
+    about what a valid request would be (ADMIN_ONLY, never a validation error)."""
     # Persons only: a client never reaches this (server/domain/permissions.py), and is refused here too.
     if caller.role != ADMIN:
         raise PermissionDenied("only admins manage service clients", reason="ADMIN_ONLY")
@@ -106,7 +108,7 @@ class ClientRules:
 
     def create(self, caller: Caller, *, name: str, permissions, expires_at: dt.datetime | None = None
                ) -> tuple[ClientRecord, str]:
-        _admin(caller)
+        admin_only(caller)
         now = self.clock()
         violations = []
         name = name.strip()
@@ -134,14 +136,14 @@ class ClientRules:
         return client, secret
 
     def get(self, caller: Caller, client_id: str) -> ClientRecord:
-        _admin(caller)
+        admin_only(caller)
         client = self.store.get(client_id) if CLIENT_ID.fullmatch(client_id or "") else None
         if client is None:
             raise not_found(client_id)
         return client
 
     def list(self, caller: Caller, *, page_size: int = 0, page_token: str = "") -> tuple[list[ClientRecord], str]:
-        _admin(caller)
+        admin_only(caller)
         if (violation := invalid_page_size(page_size)) is not None:
             raise InvalidArgument([violation], reason="INVALID_LIST_REQUEST")
         size, now = page_size or DEFAULT_PAGE_SIZE, self.clock()
@@ -152,6 +154,7 @@ class ClientRules:
 
     def rotate(self, caller: Caller, client_id: str, previous_ttl_seconds: int | None = None
                ) -> tuple[ClientRecord, str]:
+        admin_only(caller)
         ttl = DEFAULT_PREVIOUS_TTL if previous_ttl_seconds is None else previous_ttl_seconds
         if not 0 <= ttl <= MAX_PREVIOUS_TTL:
             raise InvalidArgument([("previous_secret_ttl_seconds", f"must be 0-{MAX_PREVIOUS_TTL}")],
@@ -164,6 +167,7 @@ class ClientRules:
         return self.get(caller, client_id), secret
 
     def set_expiry(self, caller: Caller, client_id: str, expires_at: dt.datetime | None) -> ClientRecord:
+        admin_only(caller)
         if expires_at is not None and expires_at <= self.clock():
             raise InvalidArgument([("expire_time", "must be in the future")], reason="INVALID_CLIENT_REQUEST")
         self._changeable(self.get(caller, client_id))
