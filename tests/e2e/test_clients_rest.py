@@ -199,6 +199,27 @@ def test_the_token_endpoint_takes_credentials_only_as_rfc_6749_allows(any_stack,
         assert status == 200 and json.loads(body)["token_type"] == "Bearer", (args, body)
 
 
+def test_a_token_request_shed_for_load_is_a_503_to_retry_never_a_400(any_stack, rest, admin_token):
+    """Load shedding (SERVER_BUSY: here Envoy's circuit breaker for sign-up, login and tokens, set to
+    admit nothing) is the service's state: 503 temporarily_unavailable with Retry-After, which an
+    OAuth client retries; the RFC's 400 invalid_request would tell it its request is wrong."""
+    client = new_client(rest, admin_token, "payments.read")
+    any_stack.envoy.set_runtime(circuit_breakers__payments_auth__default__max_requests="0")
+    try:
+        status, headers, body = curl(any_stack, "-d", "grant_type=client_credentials", "-d",
+                                     f"client_id={client['client']['id']}", "-d", f"client_secret={client['secret']}")
+        login = rest.from_address(loopback_address()).post("/v1/auth/login", {"email": "a@example.com",
+                                                                              "password": "whatever-it-is"})
+    finally:
+        any_stack.envoy.set_runtime(circuit_breakers__payments_auth__default__max_requests="256")
+    assert (status, json.loads(body)) == (503, {"error": "temporarily_unavailable", "error_description":
+                                                "the service is busy or unavailable; retry after the seconds in Retry-After"}), body
+    assert int(headers["retry-after"]) >= 1 and headers["cache-control"] == "no-store"
+    assert headers["content-type"] == "application/json"
+    assert (login.status, login.error()[1]) == (429, "SERVER_BUSY")  # the breaker was what refused
+    assert token_via_curl(any_stack, client)["token_type"] == "Bearer"  # and admits again
+
+
 def test_odd_bytes_in_any_form_field_are_never_a_server_error(any_stack, rest, admin_token):
     client = new_client(rest, admin_token, "payments.read")
     good = {"grant_type": "client_credentials", "client_id": client["client"]["id"],
