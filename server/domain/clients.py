@@ -161,8 +161,12 @@ class ClientRules:
                                   reason="INVALID_CLIENT_REQUEST")
         self._changeable(self.get(caller, client_id))
         secret, now = new_secret(), self.clock()
+        # Without a grace the old secret is treated as leaked: the tokens it minted end too (within
+        # the revocation bound, ClientCheck). Tokens carry whole seconds (iat), so the cut is this
+        # second's start: a token minted later in this second, possibly with the new secret, is kept.
+        cut = None if ttl else now.replace(microsecond=0)
         if not self.store.rotate(client_id, secret_hash(client_id, secret), secret[:SHOWN_PREFIX],
-                                 now + dt.timedelta(seconds=ttl) if ttl else None):
+                                 now + dt.timedelta(seconds=ttl) if ttl else None, cut):
             self._changeable(self.get(caller, client_id))  # revoked in between
         return self.get(caller, client_id), secret
 
@@ -252,7 +256,7 @@ class ClientCheck:
                  wall_clock: Clock = lambda: dt.datetime.now(dt.UTC), bound: int = 10_000):
         self.store, self.check_seconds = store, check_seconds
         self.clock, self.wall_clock = clock, wall_clock
-        self._live = Remembered(bound)  # client id -> (permissions, expires_at, checked at)
+        self._live = Remembered(bound)  # client id -> (permissions, expires_at, checked at, tokens_valid_after)
         self._revoked = Remembered(bound)  # client id -> True
 
     def check(self, caller: Caller) -> Caller:
@@ -269,9 +273,12 @@ class ClientCheck:
                 self._revoked.put(client_id, True)
                 self._live.pop(client_id)
                 raise revoked("revoked")
-            hit = (frozenset(client.permissions.split()), client.expires_at, now)
+            valid_after = client.tokens_valid_after.timestamp() if client.tokens_valid_after is not None else None
+            hit = (frozenset(client.permissions.split()), client.expires_at, now, valid_after)
             self._live.put(client_id, hit)
-        held, expires_at, _ = hit
+        held, expires_at, _, valid_after = hit
         if expires_at is not None and expires_at <= self.wall_clock():
             raise revoked("expired")
+        if valid_after is not None and caller.issued_at and caller.issued_at < valid_after:
+            raise revoked("its secret was rotated without a grace after this token was issued")
         return dataclasses.replace(caller, permissions=held & caller.permissions if caller.permissions else held)

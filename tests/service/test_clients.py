@@ -488,3 +488,30 @@ def test_a_customer_gets_admin_only_before_any_input_is_validated(s, channel, au
                     call(body, metadata=auth_md(customer), timeout=10)
                 code, info, _ = rich_status(e.value)
                 assert (code, info.reason) == (grpc.StatusCode.PERMISSION_DENIED, "ADMIN_ONLY"), (name, body)
+
+
+def test_a_rotation_without_a_grace_ends_the_tokens_issued_before_it(s, settings):
+    """After a leak an admin rotates with previous_secret_ttl_seconds 0: the old secret stops at
+    once, and the access tokens issued before the rotation (whole seconds: iat) are refused within
+    the revocation bound, as a revoked client's are; tokens issued after it keep working. With a
+    grace, tokens already issued live out their lifetime."""
+    made = create(s, "payments.read")
+    graced = token(s, made).access_token
+    time.sleep(1.05)  # into the next second: a token's iat has whole seconds
+    with_grace = s.clients.RotateClientSecret(pb.RotateClientSecretRequest(
+        id=made.client.id, previous_secret_ttl_seconds=60), metadata=s.admin)
+    time.sleep(settings.revocation_check_seconds + 0.2)
+    s.payments.ListPayments(pb.ListPaymentsRequest(), metadata=md(graced))  # a grace ends no token
+    leaked = token(s, made, secret=with_grace.secret).access_token
+    time.sleep(1.05)
+    rotated = s.clients.RotateClientSecret(pb.RotateClientSecretRequest(
+        id=made.client.id, previous_secret_ttl_seconds=0), metadata=s.admin)
+    fresh = token(s, made, secret=rotated.secret).access_token  # at once, in the rotation's own second
+    for old in (leaked, graced):
+        assert refused_within_the_bound(s, old, settings) == "TOKEN_REVOKED"
+    assert refused(lambda: token(s, made, secret=with_grace.secret)) == (grpc.StatusCode.UNAUTHENTICATED,
+                                                                         "INVALID_CLIENT")
+    time.sleep(settings.revocation_check_seconds + 0.2)
+    s.payments.ListPayments(pb.ListPaymentsRequest(), metadata=md(fresh))
+    later = token(s, made, secret=rotated.secret).access_token
+    s.payments.ListPayments(pb.ListPaymentsRequest(), metadata=md(later))
