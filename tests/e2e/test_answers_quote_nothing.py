@@ -83,3 +83,26 @@ def test_the_token_endpoint_never_quotes_the_secret(any_stack):
         answer = json.loads(body)
         assert set(answer) == {"error", "error_description"}, body
         assert "payments.v1" not in body and "^" not in body  # no internal type, no parser excerpt
+
+
+def test_the_servers_own_refusals_never_quote_a_secret_either(any_stack):
+    """What reaches the server and is refused there: a wrong password, a password too short or too
+    long, an unknown refresh token, a wrong client secret, a secret with a control character."""
+    marker = "s3cr3t" + secrets.token_hex(8)
+    cases = [
+        ("/v1/auth/login", {"email": "nobody@example.com", "password": marker}),
+        ("/v1/auth/register", {"email": f"{marker[:8]}@example.com", "password": marker[:9]}),
+        ("/v1/auth/register", {"email": "long@example.com", "password": marker * 200}),
+        ("/v1/auth/register", {"email": "ctl@example.com", "password": marker + "\u0007"}),
+        ("/v1/auth/refresh", {"refresh_token": "rt_" + marker}),
+        ("/v1/auth/refresh", {"refresh_token": marker + "\u2028"}),
+    ]
+    for path, body in cases:
+        status, text = raw(any_stack, path, json.dumps(body).encode())
+        assert status in (400, 401, 409), (path, status, text)
+        assert marker not in text and marker[:9] not in text, (path, text)
+    for form in (f"grant_type=client_credentials&client_id=cli_{'a' * 26}&client_secret=pmt_cs_{marker}",
+                 f"grant_type=client_credentials&client_id=cli_{'a' * 26}&client_secret={marker}%07",
+                 f"grant_type=password&client_id=cli_{'a' * 26}&client_secret={marker}"):
+        status, _, body = curl(any_stack, "--data-binary", form)
+        assert status in (400, 401) and marker not in body, (form, body)
