@@ -24,6 +24,10 @@ class Caller:
     # A service client's permissions (its token's scope, within what the client holds now);
     # empty for persons, whose role decides.
     permissions: frozenset[str] = frozenset()
+    # When the service's own token for a client was issued (JWT `iat`, Unix seconds); 0 for
+    # persons and for tokens of another issuer (a Google ID token is not minted with the
+    # client's secret, so a rotation does not end it).
+    issued_at: float = 0.0
 
     @property
     def is_admin(self) -> bool:

@@ -83,7 +83,9 @@ class TokenGrant:
     scope: str
 
 
-def _admin(caller: Caller) -> None:
+def admin_only(caller: Caller) -> None:
+    """First in every admin method, before any input is looked at: a non-admin learns nothing
+    about what a valid request would be (ADMIN_ONLY, never a validation error)."""
     # Persons only: a client never reaches this (server/domain/permissions.py), and is refused here too.
     if caller.role != ADMIN:
         raise PermissionDenied("only admins manage service clients", reason="ADMIN_ONLY")
@@ -106,7 +108,7 @@ class ClientRules:
 
     def create(self, caller: Caller, *, name: str, permissions, expires_at: dt.datetime | None = None
                ) -> tuple[ClientRecord, str]:
-        _admin(caller)
+        admin_only(caller)
         now = self.clock()
         violations = []
         name = name.strip()
@@ -134,14 +136,14 @@ class ClientRules:
         return client, secret
 
     def get(self, caller: Caller, client_id: str) -> ClientRecord:
-        _admin(caller)
+        admin_only(caller)
         client = self.store.get(client_id) if CLIENT_ID.fullmatch(client_id or "") else None
         if client is None:
             raise not_found(client_id)
         return client
 
     def list(self, caller: Caller, *, page_size: int = 0, page_token: str = "") -> tuple[list[ClientRecord], str]:
-        _admin(caller)
+        admin_only(caller)
         if (violation := invalid_page_size(page_size)) is not None:
             raise InvalidArgument([violation], reason="INVALID_LIST_REQUEST")
         size, now = page_size or DEFAULT_PAGE_SIZE, self.clock()
@@ -152,18 +154,24 @@ class ClientRules:
 
     def rotate(self, caller: Caller, client_id: str, previous_ttl_seconds: int | None = None
                ) -> tuple[ClientRecord, str]:
+        admin_only(caller)
         ttl = DEFAULT_PREVIOUS_TTL if previous_ttl_seconds is None else previous_ttl_seconds
         if not 0 <= ttl <= MAX_PREVIOUS_TTL:
             raise InvalidArgument([("previous_secret_ttl_seconds", f"must be 0-{MAX_PREVIOUS_TTL}")],
                                   reason="INVALID_CLIENT_REQUEST")
         self._changeable(self.get(caller, client_id))
         secret, now = new_secret(), self.clock()
+        # Without a grace the old secret is treated as leaked: the tokens it minted end too (within
+        # the revocation bound, ClientCheck). Tokens carry whole seconds (iat), so the cut is this
+        # second's start: a token minted later in this second, possibly with the new secret, is kept.
+        cut = None if ttl else now.replace(microsecond=0)
         if not self.store.rotate(client_id, secret_hash(client_id, secret), secret[:SHOWN_PREFIX],
-                                 now + dt.timedelta(seconds=ttl) if ttl else None):
+                                 now + dt.timedelta(seconds=ttl) if ttl else None, cut):
             self._changeable(self.get(caller, client_id))  # revoked in between
         return self.get(caller, client_id), secret
 
     def set_expiry(self, caller: Caller, client_id: str, expires_at: dt.datetime | None) -> ClientRecord:
+        admin_only(caller)
         if expires_at is not None and expires_at <= self.clock():
             raise InvalidArgument([("expire_time", "must be in the future")], reason="INVALID_CLIENT_REQUEST")
         self._changeable(self.get(caller, client_id))
@@ -248,7 +256,7 @@ class ClientCheck:
                  wall_clock: Clock = lambda: dt.datetime.now(dt.UTC), bound: int = 10_000):
         self.store, self.check_seconds = store, check_seconds
         self.clock, self.wall_clock = clock, wall_clock
-        self._live = Remembered(bound)  # client id -> (permissions, expires_at, checked at)
+        self._live = Remembered(bound)  # client id -> (permissions, expires_at, checked at, tokens_valid_after)
         self._revoked = Remembered(bound)  # client id -> True
 
     def check(self, caller: Caller) -> Caller:
@@ -265,9 +273,12 @@ class ClientCheck:
                 self._revoked.put(client_id, True)
                 self._live.pop(client_id)
                 raise revoked("revoked")
-            hit = (frozenset(client.permissions.split()), client.expires_at, now)
+            valid_after = client.tokens_valid_after.timestamp() if client.tokens_valid_after is not None else None
+            hit = (frozenset(client.permissions.split()), client.expires_at, now, valid_after)
             self._live.put(client_id, hit)
-        held, expires_at, _ = hit
+        held, expires_at, _, valid_after = hit
         if expires_at is not None and expires_at <= self.wall_clock():
             raise revoked("expired")
+        if valid_after is not None and caller.issued_at and caller.issued_at < valid_after:
+            raise revoked("its secret was rotated without a grace after this token was issued")
         return dataclasses.replace(caller, permissions=held & caller.permissions if caller.permissions else held)

@@ -3,7 +3,8 @@ came in (REST or gRPC through Envoy, gRPC directly): server/edge/interceptor.py 
 before any servicer runs.
 
 Each method is public (no token), person-only (a service client is refused whatever it holds)
-or needs one permission. Persons keep their roles; the rules check those as before.
+or needs one permission, or several (all of them). Persons keep their roles; the rules check
+those as before.
 tests/unit/test_permissions.py fails when a method of the API has no line here.
 """
 
@@ -28,7 +29,7 @@ _W = "/payments.v1.WebhookService/"
 _T = "/payments.v1.TokenService/"
 _C = "/payments.v1.ClientService/"
 
-METHODS: dict[str, str] = {
+METHODS: dict[str, str | tuple[str, ...]] = {
     _P + "CreatePayment": PAYMENTS_CREATE,
     _P + "ListPayments": PAYMENTS_READ,
     _P + "GetPayment": PAYMENTS_READ,
@@ -51,9 +52,11 @@ METHODS: dict[str, str] = {
     _W + "UpdateWebhookEndpoint": WEBHOOKS_MANAGE,
     _W + "DeleteWebhookEndpoint": WEBHOOKS_MANAGE,
     _W + "RotateWebhookSecret": WEBHOOKS_MANAGE,
-    _W + "ListWebhookEvents": WEBHOOKS_MANAGE,
-    _W + "GetWebhookEvent": WEBHOOKS_MANAGE,
-    _W + "RedeliverWebhookEvent": WEBHOOKS_MANAGE,
+    # An event carries the payment as it was (email, amount, description): reading events is
+    # reading payments, so it needs payments.read as well.
+    _W + "ListWebhookEvents": (WEBHOOKS_MANAGE, PAYMENTS_READ),
+    _W + "GetWebhookEvent": (WEBHOOKS_MANAGE, PAYMENTS_READ),
+    _W + "RedeliverWebhookEvent": (WEBHOOKS_MANAGE, PAYMENTS_READ),  # it answers the event's deliveries
     _T + "CreateToken": PUBLIC,  # its own proof is the client's secret
     # A client never manages clients, its own included: a leaked secret cannot mint another.
     _C + "CreateClient": PERSONS_ONLY,
@@ -69,12 +72,21 @@ PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerRe
                    "/grpc.reflection.v1.ServerReflection/")
 
 
-def required(method: str) -> str:
-    """What `method` needs: PUBLIC, PERSONS_ONLY or a permission. A method missing from the table
-    (which its test prevents) is person-only: fail closed for clients."""
+def required(method: str) -> str | tuple[str, ...]:
+    """What `method` needs: PUBLIC, PERSONS_ONLY, a permission or a tuple of permissions (all of
+    them). A method missing from the table (which its test prevents) is person-only: fail closed
+    for clients."""
     if method.startswith(PUBLIC_PREFIXES):
         return PUBLIC
     return METHODS.get(method, PERSONS_ONLY)
+
+
+def permissions_needed(method: str) -> tuple[str, ...]:
+    """The permissions a client needs for `method` (empty for PUBLIC and PERSONS_ONLY)."""
+    need = required(method)
+    if isinstance(need, tuple):
+        return need
+    return () if need in (PUBLIC, PERSONS_ONLY) else (need,)
 
 
 def is_public(method: str) -> bool:
@@ -84,11 +96,13 @@ def is_public(method: str) -> bool:
 def check(method: str, permissions: frozenset[str]) -> None:
     """Raise PermissionDenied unless a service client holding `permissions` may call `method`."""
     need = required(method)
-    if need == PUBLIC or need in permissions:
+    if need == PUBLIC:
         return
     name = method.rsplit("/", 1)[-1]
     if need == PERSONS_ONLY:
         raise PermissionDenied(f"{name} is for persons, not service clients", reason="PERSONS_ONLY",
                                metadata={"method": name})
-    raise PermissionDenied(f"{name} needs the permission {need}, which this token does not carry",
-                           reason="PERMISSION_MISSING", metadata={"method": name, "permission": need})
+    for permission in permissions_needed(method):
+        if permission not in permissions:
+            raise PermissionDenied(f"{name} needs the permission {permission}, which this token does not carry",
+                                   reason="PERMISSION_MISSING", metadata={"method": name, "permission": permission})

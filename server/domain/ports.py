@@ -95,7 +95,8 @@ class ClientStore(Protocol):
         """Newest first, after (created_at, id)."""
 
     def rotate(self, client_id: str, secret_hash: str, secret_prefix: str,
-               previous_until: dt.datetime | None) -> bool: ...
+               previous_until: dt.datetime | None, tokens_valid_after: dt.datetime | None = None) -> bool:
+        """`tokens_valid_after` given: stored too (None leaves the stored one as it is)."""
 
     def set_expiry(self, client_id: str, expires_at: dt.datetime | None) -> bool: ...
 

@@ -81,6 +81,9 @@ class ClientRecord(NamedTuple):
     last_used_at: dt.datetime | None
     expires_at: dt.datetime | None
     revoked_at: dt.datetime | None
+    # Access tokens issued before this (whole seconds) are refused: set by a rotation that keeps
+    # no previous secret, so tokens minted with a leaked secret end with it.
+    tokens_valid_after: dt.datetime | None = None
 
 
 class AccountRecord(NamedTuple):

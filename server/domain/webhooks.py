@@ -337,6 +337,7 @@ class WebhookRules:
         """A new secret; the one it replaces keeps signing for `previous_ttl_seconds` (the one before
         that, if it was still valid, ends now: at most two are ever valid). One statement: the
         secret it replaces is the one stored when it runs, so two rotations at once chain."""
+        _admin(caller)  # before the input: a caller without the right learns nothing from a validation error
         if previous_ttl_seconds < 0 or previous_ttl_seconds > MAX_PREVIOUS_SECRET_TTL:
             raise InvalidArgument([("previous_secret_ttl_seconds",
                                     f"must be between 0 and {MAX_PREVIOUS_SECRET_TTL} (0 means {DEFAULT_PREVIOUS_SECRET_TTL})")],

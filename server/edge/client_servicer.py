@@ -9,7 +9,8 @@ from server.edge import auth
 from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
 from server.edge.servicers import client_address, timestamp
-from server.domain.clients import ClientRules
+from server.domain.clients import ClientRules, admin_only
+from server.domain.errors import InvalidArgument
 from server.domain.records import ClientRecord
 
 
@@ -27,8 +28,21 @@ def _with_secret(answer: tuple[ClientRecord, str]) -> pb.ClientWithSecret:
     return pb.ClientWithSecret(client=client_to_pb(client), secret=secret)
 
 
-def _time(message, field: str) -> dt.datetime | None:
-    return getattr(message, field).ToDatetime(tzinfo=dt.UTC) if message.HasField(field) else None
+# google.protobuf.Timestamp's own range (0001-01-01 to 9999-12-31, nanos 0-999,999,999): gRPC
+# callers can send any int64/int32, which ToDatetime refuses with a ValueError (an INTERNAL).
+_MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799
+
+
+def _time(message, field: str, name: str) -> dt.datetime | None:
+    """`message.field` as an aware datetime; a value outside Timestamp's range is the caller's
+    error, named `name` (the field's path in the request)."""
+    if not message.HasField(field):
+        return None
+    value = getattr(message, field)
+    if not (_MIN_SECONDS <= value.seconds <= _MAX_SECONDS and 0 <= value.nanos <= 999_999_999):
+        raise InvalidArgument([(name, "must be a time between 0001-01-01 and 9999-12-31 (nanos 0-999999999)")],
+                              reason="INVALID_CLIENT_REQUEST")
+    return value.ToDatetime(tzinfo=dt.UTC)
 
 
 class TokenServicer(pb_grpc.TokenServiceServicer):
@@ -48,9 +62,10 @@ class ClientServicer(pb_grpc.ClientServiceServicer):
         self.rules = rules
 
     def CreateClient(self, request, context):
-        c = request.client
-        return _with_secret(self.rules.create(auth.caller(), name=c.name, permissions=list(c.permissions),
-                                              expires_at=_time(c, "expire_time")))
+        caller, c = auth.caller(), request.client
+        admin_only(caller)  # before the input is read
+        return _with_secret(self.rules.create(caller, name=c.name, permissions=list(c.permissions),
+                                              expires_at=_time(c, "expire_time", "client.expire_time")))
 
     def ListClients(self, request, context):
         rows, token = self.rules.list(auth.caller(), page_size=request.page_size, page_token=request.page_token)
@@ -64,7 +79,9 @@ class ClientServicer(pb_grpc.ClientServiceServicer):
         return _with_secret(self.rules.rotate(auth.caller(), request.id, ttl))
 
     def SetClientExpiry(self, request, context):
-        return client_to_pb(self.rules.set_expiry(auth.caller(), request.id, _time(request, "expire_time")))
+        caller = auth.caller()
+        admin_only(caller)  # before the input is read
+        return client_to_pb(self.rules.set_expiry(caller, request.id, _time(request, "expire_time", "expire_time")))
 
     def RevokeClient(self, request, context):
         return client_to_pb(self.rules.revoke(auth.caller(), request.id))

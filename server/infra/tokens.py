@@ -243,4 +243,5 @@ class TokenVerifier:
             raise bad("a client's token names its client in sub and client_id")
         if not isinstance(scope, str) or not scope.split():
             raise bad("a client's token carries a scope")
-        return Caller(subject=sub, email="", role=CLIENT, permissions=frozenset(scope.split()))
+        return Caller(subject=sub, email="", role=CLIENT, permissions=frozenset(scope.split()),
+                      issued_at=float(claims["iat"]))

@@ -141,6 +141,85 @@ def test_malformed_grant_requests_get_rfc_6749_errors(any_stack, rest, admin_tok
     assert curl(any_stack)[0] == 405  # GET
 
 
+def test_the_token_endpoint_takes_credentials_only_as_rfc_6749_allows(any_stack, rest, admin_token):
+    """RFC 6749 2.3.1: credentials in the form body or HTTP Basic, never the URL (any query string
+    is refused, with or without a body); 3.2: no parameter twice, even empty; 4.4.2 and appendix B:
+    exactly application/x-www-form-urlencoded, UTF-8. No refusal depends on what the server would
+    have answered, and no description carries the internal JSON."""
+    client = new_client(rest, admin_token, "payments.read")
+    cid, secret = client["client"]["id"], client["secret"]
+    grant = f"grant_type=client_credentials&client_id={cid}&client_secret={secret}"
+    form = ["--data-binary", grant]
+    refused = [
+        # (curl arguments, path, error, words the description has)
+        (["-X", "POST"], f"/oauth2/token?{grant}", "invalid_request", "query"),
+        (["-X", "POST", "-H", "content-type: application/json"], f"/oauth2/token?{grant}", "invalid_request", "query"),
+        (["-X", "POST", "-H", "authorization: Basic ###"], f"/oauth2/token?{grant}", "invalid_request", "query"),
+        (["-d", "grant_type=client_credentials"], f"/oauth2/token?client_id={cid}&client_secret={secret}",
+         "invalid_request", "query"),
+        (form, "/oauth2/token?foo=1", "invalid_request", "query"),
+        (form, "/oauth2/token?", "invalid_request", "query"),
+        (["-u", f"{cid}:{secret}", "-d", "grant_type=client_credentials"], "/oauth2/token?scope=payments.read",
+         "invalid_request", "query"),
+        (["--data-binary", f"client_id=&{grant}"], "/oauth2/token", "invalid_request", "client_id is given more than once"),
+        (["--data-binary", f"scope=&scope=payments.read&{grant}"], "/oauth2/token", "invalid_request",
+         "scope is given more than once"),
+        (["--data-binary", f"foo=1&foo=2&{grant}"], "/oauth2/token", "invalid_request", "more than once"),
+        (["--data-binary", f"{grant}&grant_type="], "/oauth2/token", "invalid_request", "more than once"),
+        (["-u", f"{cid}:{secret}", "-d", "grant_type=client_credentials", "-d", "client_id=cli_" + "a" * 26],
+         "/oauth2/token", "invalid_request", "client_id"),
+        (["-H", "content-type: application/x-www-form-urlencodedXYZ", *form], "/oauth2/token", "invalid_request",
+         "x-www-form-urlencoded"),
+        (["-H", "content-type: application/x-www-form-urlencoded; charset=ISO-8859-1", *form], "/oauth2/token",
+         "invalid_request", "UTF-8"),
+        (["-H", "content-type: application/x-www-form-urlencoded; boundary=x", *form], "/oauth2/token",
+         "invalid_request", "UTF-8"),
+        (["-H", "content-type: application/x-www-form-urlencoded", "-H", "content-type: text/plain", *form],
+         "/oauth2/token", "invalid_request", "x-www-form-urlencoded"),
+        (["--data-binary", f"grant_type=client_credentials&client_id=%c3%28&client_secret={secret}"], "/oauth2/token",
+         "invalid_request", "client_id must be UTF-8"),
+        (["--data-binary", f"grant_type=client_credentials&client_id={cid}&client_secret=%ed%a0%80"], "/oauth2/token",
+         "invalid_request", "client_secret must be UTF-8"),
+    ]
+    for args, path, error, words in refused:
+        status, headers, body = curl(any_stack, *args, path=path)
+        answer = json.loads(body)
+        assert (status, answer["error"]) == (400, error), (args, path, status, body)
+        assert words in answer["error_description"], (args, path, body)
+        assert "access_token" not in answer and secret not in body and '":' not in answer["error_description"]
+        assert headers["cache-control"] == "no-store"
+    accepted = [
+        (["-H", "content-type: application/x-www-form-urlencoded; charset=utf-8", *form]),
+        (["-H", 'content-type: Application/X-WWW-Form-Urlencoded ; Charset="UTF-8"', *form]),
+        (["-u", f"{cid}:{secret}", "-d", "grant_type=client_credentials", "-d", f"client_id={cid}"]),
+        (["--data-binary", f"{grant}&unknown=1"]),  # 3.2: unrecognised parameters are ignored
+    ]
+    for args in accepted:
+        status, _, body = curl(any_stack, *args)
+        assert status == 200 and json.loads(body)["token_type"] == "Bearer", (args, body)
+
+
+def test_a_token_request_shed_for_load_is_a_503_to_retry_never_a_400(any_stack, rest, admin_token):
+    """Load shedding (SERVER_BUSY: here Envoy's circuit breaker for sign-up, login and tokens, set to
+    admit nothing) is the service's state: 503 temporarily_unavailable with Retry-After, which an
+    OAuth client retries; the RFC's 400 invalid_request would tell it its request is wrong."""
+    client = new_client(rest, admin_token, "payments.read")
+    any_stack.envoy.set_runtime(circuit_breakers__payments_auth__default__max_requests="0")
+    try:
+        status, headers, body = curl(any_stack, "-d", "grant_type=client_credentials", "-d",
+                                     f"client_id={client['client']['id']}", "-d", f"client_secret={client['secret']}")
+        login = rest.from_address(loopback_address()).post("/v1/auth/login", {"email": "a@example.com",
+                                                                              "password": "whatever-it-is"})
+    finally:
+        any_stack.envoy.set_runtime(circuit_breakers__payments_auth__default__max_requests="256")
+    assert (status, json.loads(body)) == (503, {"error": "temporarily_unavailable", "error_description":
+                                                "the service is busy or unavailable; retry after the seconds in Retry-After"}), body
+    assert int(headers["retry-after"]) >= 1 and headers["cache-control"] == "no-store"
+    assert headers["content-type"] == "application/json"
+    assert (login.status, login.error()[1]) == (429, "SERVER_BUSY")  # the breaker was what refused
+    assert token_via_curl(any_stack, client)["token_type"] == "Bearer"  # and admits again
+
+
 def test_odd_bytes_in_any_form_field_are_never_a_server_error(any_stack, rest, admin_token):
     client = new_client(rest, admin_token, "payments.read")
     good = {"grant_type": "client_credentials", "client_id": client["client"]["id"],
@@ -155,11 +234,22 @@ def test_odd_bytes_in_any_form_field_are_never_a_server_error(any_stack, rest, a
             assert "error" in json.loads(body) or status == 200
 
 def test_a_form_larger_than_the_gateway_takes_is_a_413(any_stack, tmp_path):
+    """The 413 says "at most 65536 bytes", and so it is at the token endpoint too (whose form the
+    Lua filter reads before the buffer filter): 65,536 bytes are read (and refused for a field's
+    length, 400), 65,537 are a 413."""
     huge = tmp_path / "form"
-    huge.write_text("grant_type=client_credentials&client_id=cli_x&client_secret=" + "a" * 200_000)
-    status, _, body = curl(any_stack, "--data-binary", f"@{huge}", "-H",
-                           "content-type: application/x-www-form-urlencoded")
-    assert status == 413 and json.loads(body)["details"][0]["reason"] == "BODY_TOO_LARGE"
+    start = "grant_type=client_credentials&client_id=cli_x&client_secret="
+    for size, status_wanted in ((40_000, 400), (65_536, 400), (65_537, 413), (200_000, 413)):
+        huge.write_text(start + "a" * (size - len(start)))
+        status, _, body = curl(any_stack, "--data-binary", f"@{huge}", "-H",
+                               "content-type: application/x-www-form-urlencoded")
+        assert status == status_wanted, (size, status, body)
+        if status == 413:
+            assert json.loads(body)["details"][0]["reason"] == "BODY_TOO_LARGE"
+            assert "at most 65536 bytes" in json.loads(body)["message"]
+        else:
+            assert json.loads(body) == {"error": "invalid_request",
+                                        "error_description": "client_secret must be at most 2048 characters"}
 
 
 def test_rotation_grace_and_revocation_over_rest(any_stack, rest, admin_token):

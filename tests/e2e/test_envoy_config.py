@@ -113,7 +113,8 @@ def test_jwt_rules_fail_closed_and_read_only_the_authorization_header():
     # /v1/auth/ is public at the edge (a mistyped sign-up path gets a 404, not "send a token"), but
     # logout, the one auth route that needs a token, is matched first; the server checks every
     # method it serves against its own public list as well (server/edge/auth.py).
-    assert jwt["rules"][0] == {"match": {"path": "/v1/auth/logout"}, "requires": {"provider_name": "payments"}}
+    either = {"requires_any": {"requirements": [{"provider_name": "payments"}, {"provider_name": "google"}]}}
+    assert jwt["rules"][0] == {"match": {"path": "/v1/auth/logout"}, "requires": either}
     assert public == [
         {"prefix": "/v1/auth/"},
         {"path": "/payments.v1.AuthService/Register"}, {"path": "/payments.v1.AuthService/Login"},
@@ -126,7 +127,9 @@ def test_jwt_rules_fail_closed_and_read_only_the_authorization_header():
 def test_google_id_tokens_are_taken_only_where_service_clients_call():
     """The google provider: Google's issuer and keys, the Authorization header only, forwarded to
     the server (which checks audience and the pinned account); required-or-ours on the payment and
-    webhook routes alone, so managing clients, logout and everything else stay our tokens only."""
+    webhook routes, and on the person-only ones a client's token reaches too (managing clients,
+    logout), where the server answers PERSONS_ONLY as it does on its own port; everything else
+    stays our tokens only."""
     jwt = _filters()["envoy.filters.http.jwt_authn"]
     google = jwt["providers"]["google"]
     assert google["issuer"] == "https://accounts.google.com"
@@ -134,8 +137,9 @@ def test_google_id_tokens_are_taken_only_where_service_clients_call():
     assert google["from_headers"] == [{"name": "Authorization", "value_prefix": "Bearer "}] and google["forward"] is True
     assert "audiences" not in google  # each deployment's: the server checks it
     either = {"requires_any": {"requirements": [{"provider_name": "payments"}, {"provider_name": "google"}]}}
-    taking = [r["match"]["prefix"] for r in jwt["rules"] if r.get("requires") == either]
-    assert taking == ["/v1/payments", "/payments.v1.PaymentService/", "/v1/webhook", "/payments.v1.WebhookService/"]
+    taking = [r["match"].get("prefix") or r["match"]["path"] for r in jwt["rules"] if r.get("requires") == either]
+    assert taking == ["/v1/auth/logout", "/payments.v1.AuthService/Logout", "/v1/payments", "/payments.v1.PaymentService/",
+                      "/v1/webhook", "/payments.v1.WebhookService/", "/v1/clients", "/payments.v1.ClientService/"]
     others = [r["requires"] for r in jwt["rules"] if "requires" in r and r["requires"] != either]
     assert others and all(r == {"provider_name": "payments"} for r in others)
 

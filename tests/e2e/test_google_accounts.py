@@ -18,7 +18,9 @@ import time
 import grpc
 import pytest
 
-from tests.conftest import own_pg_database
+from server.edge.pb import payments_pb2 as pb
+from server.edge.pb import payments_pb2_grpc as pb_grpc
+from tests.conftest import own_pg_database, rich_status
 from tests.e2e.conftest import PASSWORD, new_email
 from devstack.google_standin import GoogleStandIn, ServiceAccount
 from tests.support.python_client import import_from, shared_copy
@@ -97,9 +99,27 @@ def test_a_pinned_accounts_token_is_its_client_over_rest(api, google, shopping, 
     # The client's permissions, not more: it does not hold payments.confirm.
     refused = api.post(f"/v1/payments/{made.json['id']}:confirm", {}, token=token)
     assert refused.status == 403 and refused.error()[1] == "PERMISSION_MISSING", refused.text
-    # Managing clients is for persons: Envoy does not take a Google token there at all.
+    # Managing clients and logging out are for persons: the token is valid, the method is not its.
     listing = api.get("/v1/clients", token=token)
-    assert (listing.status, listing.error()[1]) == (401, "INVALID_TOKEN"), listing.text
+    assert (listing.status, listing.error()[1]) == (403, "PERSONS_ONLY"), listing.text
+    logout = api.post("/v1/auth/logout", {}, token=token)
+    assert (logout.status, logout.error()[1]) == (403, "PERSONS_ONLY"), logout.text
+
+
+def test_person_only_methods_answer_a_google_token_alike_on_every_way_in(deployment, google, shopping):
+    """REST through Envoy (above), gRPC through Envoy and gRPC on the server's own port: the same
+    PERMISSION_DENIED / PERSONS_ONLY for a valid Google token on a person-only method."""
+    server, envoy, _ = deployment
+    md = (("authorization", f"Bearer {google.mint(shopping, AUDIENCE)}"),)
+    for target in (f"127.0.0.1:{envoy.port}", f"127.0.0.1:{server.port}"):
+        with grpc.insecure_channel(target) as channel:
+            for call, request in ((pb_grpc.ClientServiceStub(channel).ListClients, pb.ListClientsRequest()),
+                                  (pb_grpc.ClientServiceStub(channel).RevokeClient, pb.RevokeClientRequest(id="x")),
+                                  (pb_grpc.AuthServiceStub(channel).Logout, pb.LogoutRequest())):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(request, metadata=md, timeout=10)
+                code, info, _ = rich_status(e.value)
+                assert (code, info.reason) == (grpc.StatusCode.PERMISSION_DENIED, "PERSONS_ONLY"), (target, call)
 
 
 def test_the_python_client_gets_it_from_the_metadata_server_and_calls_over_grpc(deployment, google, shopping, buyer,

@@ -165,3 +165,49 @@ def test_more_logins_at_once_than_the_server_hashes_are_refused_at_once_as_busy(
         code, reason, _ = answer.error()
         assert (code, reason) == (RESOURCE_EXHAUSTED, "SERVER_BUSY")
         assert answer.headers.get("retry-after") == "1"
+
+
+def test_token_requests_the_server_sheds_in_a_login_flood_are_503_to_retry(edge):
+    """The server's own shedding (its sign-up/login/token lane full: SERVER_BUSY) reaches
+    /oauth2/token as 503 temporarily_unavailable with Retry-After, never 400 invalid_request: a
+    valid request an OAuth client would otherwise not retry. Logins from 90 addresses fill the lane
+    while 40 token requests arrive; rounds repeat until some token request was shed."""
+    import json
+    import subprocess
+
+    from tests.support.stack import ADMIN_EMAIL, ADMIN_PASSWORD
+
+    admin = edge.api.from_address(loopback_address()).post("/v1/auth/login", {"email": ADMIN_EMAIL,
+                                                                              "password": ADMIN_PASSWORD})
+    made = edge.api.post("/v1/clients", {"name": "shop", "permissions": ["payments.read"]},
+                         token=admin.json["access_token"]).json
+    form = f"grant_type=client_credentials&client_id={made['client']['id']}&client_secret={made['secret']}"
+
+    def token(_):
+        out = subprocess.run(["curl", "-s", "-i", "--max-time", "30", "--interface", loopback_address(),
+                              "--data-binary", form, edge.envoy.url + "/oauth2/token"],
+                             capture_output=True, text=True, timeout=60)
+        head, _, body = out.stdout.partition("\n\n")
+        lines = head.split("\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        return int(lines[0].split()[1]), headers, json.loads(body)
+
+    def login(address: str):
+        return edge.api.from_address(address).post("/v1/auth/login", {"email": f"shed-{address}@example.com",
+                                                                       "password": "not the password"})
+
+    shed = []
+    for _ in range(5):
+        with concurrent.futures.ThreadPoolExecutor(130) as pool:
+            logins = [pool.submit(login, loopback_address()) for _ in range(90)]
+            tokens = list(pool.map(token, range(40)))
+            [f.result() for f in logins]
+        for status, headers, body in tokens:
+            assert status in (200, 503), (status, body)
+            if status == 503:
+                assert body["error"] == "temporarily_unavailable" and int(headers["retry-after"]) >= 1, body
+                shed.append(body)
+        if shed:
+            break
+        time.sleep(1.0)
+    assert shed, "no token request was shed in five rounds: the flood did not fill the lane"

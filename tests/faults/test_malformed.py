@@ -25,8 +25,8 @@ LIMIT = attacks.configured_body_limit()  # envoy.yaml: the buffer filter's max_r
 
 # (name, method, path, raw body, expected status, words the message must contain)
 CASES = [
-    ("invalid JSON", "POST", "/v1/payments", b'{"email": ', 400, "invalid request"),
-    ("JSON array body", "POST", "/v1/payments", b"[1, 2]", 400, "invalid request"),
+    ("invalid JSON", "POST", "/v1/payments", b'{"email": ', 400, "body must be this method's request as JSON"),
+    ("JSON array body", "POST", "/v1/payments", b"[1, 2]", 400, "body must be this method's request as JSON"),
     ("amount as words", "POST", "/v1/payments", b'{"email": "alice@example.com", "amount": "lots"}', 400, "amount"),
     ("amount as object", "POST", "/v1/payments", b'{"email": "alice@example.com", "amount": {}}', 400, "payment"),
     ("amount fractional", "POST", "/v1/payments", b'{"email": "alice@example.com", "amount": 1.5}', 400, "amount"),

@@ -303,15 +303,16 @@ def test_every_method_of_the_api_enforces_the_permission_table(s, channel):
             if need == permissions.PUBLIC:
                 continue
             call = channel.unary_unary(name, request_serializer=lambda m: m, response_deserializer=lambda b: b)
-            t = all_but.get(need, all_but[permissions.PAYMENTS_READ])
-            with pytest.raises(grpc.RpcError) as e:
-                call(b"", metadata=t, timeout=10)
-            code, info, _ = rich_status(e.value)
-            assert code == grpc.StatusCode.PERMISSION_DENIED, name
-            if need == permissions.PERSONS_ONLY:
-                assert info.reason == "PERSONS_ONLY", name
-            else:
-                assert (info.reason, info.metadata["permission"]) == ("PERMISSION_MISSING", need), name
+            # Each permission it needs, withheld in turn (a person-only method: any client).
+            for missing in permissions.permissions_needed(name) or (None,):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(b"", metadata=all_but[missing or permissions.PAYMENTS_READ], timeout=10)
+                code, info, _ = rich_status(e.value)
+                assert code == grpc.StatusCode.PERMISSION_DENIED, name
+                if need == permissions.PERSONS_ONLY:
+                    assert info.reason == "PERSONS_ONLY", name
+                else:
+                    assert (info.reason, info.metadata["permission"]) == ("PERMISSION_MISSING", missing), name
             checked += 1
     assert checked == len([m for m in permissions.METHODS.values() if m != permissions.PUBLIC])
 
@@ -390,3 +391,127 @@ def test_a_client_holding_payments_refund_refunds_and_the_history_names_it(s):
     assert refused(lambda: s.payments.CreateRefund(pb.CreateRefundRequest(
         payment_id=paid.id, refund=pb.Refund(amount=1, reason=pb.Refund.OTHER)), metadata=settle)) \
         == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_MISSING")
+
+
+# Out of google.protobuf.Timestamp's range (0001-01-01 .. 9999-12-31, nanos 0..999,999,999): a gRPC
+# caller can send them; ToDatetime cannot read them.
+OUT_OF_RANGE_TIMES = (timestamp_pb2.Timestamp(seconds=253402300800), timestamp_pb2.Timestamp(seconds=2**62),
+                      timestamp_pb2.Timestamp(seconds=-2**62), timestamp_pb2.Timestamp(seconds=-62135596801),
+                      timestamp_pb2.Timestamp(seconds=2000000000, nanos=-5),
+                      timestamp_pb2.Timestamp(seconds=2000000000, nanos=1_000_000_000))
+
+
+def test_a_time_outside_timestamps_range_is_invalid_argument_naming_the_field(s):
+    """Every Timestamp a request carries (tests/unit/test_request_times.py finds them in the proto)."""
+    made = create(s, "payments.read")
+    for when in OUT_OF_RANGE_TIMES:
+        with pytest.raises(grpc.RpcError) as e:
+            s.clients.CreateClient(pb.CreateClientRequest(client=pb.Client(name="x", permissions=["payments.read"],
+                                                                           expire_time=when)), metadata=s.admin)
+        code, info, bad = rich_status(e.value)
+        assert (code, info.reason, [v.field for v in bad.field_violations]) \
+            == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_CLIENT_REQUEST", ["client.expire_time"]), when
+        with pytest.raises(grpc.RpcError) as e:
+            s.clients.SetClientExpiry(pb.SetClientExpiryRequest(id=made.client.id, expire_time=when), metadata=s.admin)
+        code, info, bad = rich_status(e.value)
+        assert (code, info.reason, [v.field for v in bad.field_violations]) \
+            == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_CLIENT_REQUEST", ["expire_time"]), when
+    # The edges of the range are times like any other.
+    last = timestamp_pb2.Timestamp(seconds=253402300799, nanos=999_999_999)
+    assert s.clients.SetClientExpiry(pb.SetClientExpiryRequest(id=made.client.id, expire_time=last),
+                                     metadata=s.admin).expire_time.seconds == 253402300799
+    first = timestamp_pb2.Timestamp(seconds=-62135596800)
+    assert refused(lambda: s.clients.SetClientExpiry(pb.SetClientExpiryRequest(id=made.client.id, expire_time=first),
+                                                     metadata=s.admin)) \
+        == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_CLIENT_REQUEST")  # in range, but not in the future
+
+
+def _invalid_requests(made_id: str, endpoint_id: str, event_id: str) -> dict:
+    """For each admin-only method, requests a validation would refuse (or that name nothing)."""
+    bad_time = timestamp_pb2.Timestamp(seconds=2**62)
+    past = timestamp_pb2.Timestamp(seconds=1)
+    return {
+        "/payments.v1.ClientService/CreateClient": [
+            pb.CreateClientRequest(), pb.CreateClientRequest(client=pb.Client(name="", permissions=["nope"])),
+            pb.CreateClientRequest(client=pb.Client(name="x", permissions=["payments.read"], expire_time=bad_time))],
+        "/payments.v1.ClientService/ListClients": [pb.ListClientsRequest(page_size=-1),
+                                                   pb.ListClientsRequest(page_token="junk")],
+        "/payments.v1.ClientService/GetClient": [pb.GetClientRequest(id=""), pb.GetClientRequest(id="x" * 500)],
+        "/payments.v1.ClientService/RotateClientSecret": [
+            pb.RotateClientSecretRequest(id=made_id, previous_secret_ttl_seconds=-1),
+            pb.RotateClientSecretRequest(id="cli_" + "a" * 26, previous_secret_ttl_seconds=10**9)],
+        "/payments.v1.ClientService/SetClientExpiry": [
+            pb.SetClientExpiryRequest(id=made_id, expire_time=past),
+            pb.SetClientExpiryRequest(id=made_id, expire_time=bad_time)],
+        "/payments.v1.ClientService/RevokeClient": [pb.RevokeClientRequest(id=""), pb.RevokeClientRequest(id="junk")],
+        "/payments.v1.WebhookService/CreateWebhookEndpoint": [
+            pb.CreateWebhookEndpointRequest(),
+            pb.CreateWebhookEndpointRequest(endpoint=pb.WebhookEndpoint(url="ftp://x", event_types=["nope"]))],
+        "/payments.v1.WebhookService/ListWebhookEndpoints": [pb.ListWebhookEndpointsRequest(page_size=-1)],
+        "/payments.v1.WebhookService/GetWebhookEndpoint": [pb.GetWebhookEndpointRequest(id="")],
+        "/payments.v1.WebhookService/UpdateWebhookEndpoint": [
+            pb.UpdateWebhookEndpointRequest(id=endpoint_id, url="ftp://x"),
+            pb.UpdateWebhookEndpointRequest(id="")],
+        "/payments.v1.WebhookService/DeleteWebhookEndpoint": [pb.DeleteWebhookEndpointRequest(id="")],
+        "/payments.v1.WebhookService/RotateWebhookSecret": [
+            pb.RotateWebhookSecretRequest(id=endpoint_id, previous_secret_ttl_seconds=-1),
+            pb.RotateWebhookSecretRequest(id="", previous_secret_ttl_seconds=10**9)],
+        "/payments.v1.WebhookService/ListWebhookEvents": [pb.ListWebhookEventsRequest(payment_id="junk", type="nope"),
+                                                          pb.ListWebhookEventsRequest(page_size=-1)],
+        "/payments.v1.WebhookService/GetWebhookEvent": [pb.GetWebhookEventRequest(id="")],
+        "/payments.v1.WebhookService/RedeliverWebhookEvent": [
+            pb.RedeliverWebhookEventRequest(id=event_id, endpoint_id=""),
+            pb.RedeliverWebhookEventRequest(id="")],
+    }
+
+
+def test_a_customer_gets_admin_only_before_any_input_is_validated(s, channel, auth_md):
+    """Every method of ClientService and WebhookService, with input each would refuse: a customer
+    is answered ADMIN_ONLY, never a validation error that says what a valid request looks like."""
+    made = create(s, "payments.read")
+    endpoint = s.webhooks.CreateWebhookEndpoint(pb.CreateWebhookEndpointRequest(endpoint=pb.WebhookEndpoint(
+        url="https://shop.example.com/hook", event_types=["*"], enabled=False)), metadata=s.admin).endpoint
+    requests = _invalid_requests(made.client.id, endpoint.id, "evt_" + "a" * 26)
+    methods = {f"/{svc}/{m.name}" for svc in ("payments.v1.ClientService", "payments.v1.WebhookService")
+               for m in pb.DESCRIPTOR.services_by_name[svc.rsplit(".", 1)[1]].methods}
+    assert set(requests) == methods  # a method added to either service needs a line above
+    for name, bodies in requests.items():
+        call = channel.unary_unary(name, request_serializer=lambda m: m.SerializeToString(),
+                                   response_deserializer=lambda b: b)
+        for body in bodies:
+            # The admin's answer to the same request is a refusal (a validation error or not found).
+            with pytest.raises(grpc.RpcError) as e:
+                call(body, metadata=s.admin, timeout=10)
+            assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), (name, body)
+            for customer in (ALICE, BOB):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(body, metadata=auth_md(customer), timeout=10)
+                code, info, _ = rich_status(e.value)
+                assert (code, info.reason) == (grpc.StatusCode.PERMISSION_DENIED, "ADMIN_ONLY"), (name, body)
+
+
+def test_a_rotation_without_a_grace_ends_the_tokens_issued_before_it(s, settings):
+    """After a leak an admin rotates with previous_secret_ttl_seconds 0: the old secret stops at
+    once, and the access tokens issued before the rotation (whole seconds: iat) are refused within
+    the revocation bound, as a revoked client's are; tokens issued after it keep working. With a
+    grace, tokens already issued live out their lifetime."""
+    made = create(s, "payments.read")
+    graced = token(s, made).access_token
+    time.sleep(1.05)  # into the next second: a token's iat has whole seconds
+    with_grace = s.clients.RotateClientSecret(pb.RotateClientSecretRequest(
+        id=made.client.id, previous_secret_ttl_seconds=60), metadata=s.admin)
+    time.sleep(settings.revocation_check_seconds + 0.2)
+    s.payments.ListPayments(pb.ListPaymentsRequest(), metadata=md(graced))  # a grace ends no token
+    leaked = token(s, made, secret=with_grace.secret).access_token
+    time.sleep(1.05)
+    rotated = s.clients.RotateClientSecret(pb.RotateClientSecretRequest(
+        id=made.client.id, previous_secret_ttl_seconds=0), metadata=s.admin)
+    fresh = token(s, made, secret=rotated.secret).access_token  # at once, in the rotation's own second
+    for old in (leaked, graced):
+        assert refused_within_the_bound(s, old, settings) == "TOKEN_REVOKED"
+    assert refused(lambda: token(s, made, secret=with_grace.secret)) == (grpc.StatusCode.UNAUTHENTICATED,
+                                                                         "INVALID_CLIENT")
+    time.sleep(settings.revocation_check_seconds + 0.2)
+    s.payments.ListPayments(pb.ListPaymentsRequest(), metadata=md(fresh))
+    later = token(s, made, secret=rotated.secret).access_token
+    s.payments.ListPayments(pb.ListPaymentsRequest(), metadata=md(later))

@@ -29,9 +29,13 @@ def test_every_line_names_a_method_of_the_api_and_a_known_requirement():
     stale = set(permissions.METHODS) - api_methods()
     assert not stale, f"no such method (renamed or removed?): {sorted(stale)}"
     known = set(permissions.PERMISSIONS) | {permissions.PUBLIC, permissions.PERSONS_ONLY}
-    assert set(permissions.METHODS.values()) <= known
+    for method, need in permissions.METHODS.items():
+        if isinstance(need, tuple):  # several permissions, all needed: at least two, each known
+            assert len(set(need)) == len(need) >= 2 and set(need) <= set(permissions.PERMISSIONS), method
+        else:
+            assert need in known, method
     # Every permission opens at least one method.
-    used = set(permissions.METHODS.values())
+    used = {p for m in permissions.METHODS for p in permissions.permissions_needed(m)}
     assert set(permissions.PERMISSIONS) - used == set()
 
 
@@ -47,6 +51,22 @@ def test_check_names_the_missing_permission():
     with pytest.raises(PermissionDenied) as e:
         permissions.check("/payments.v1.PaymentService/GetPayment", frozenset({"payments.create"}))
     assert (e.value.reason, e.value.metadata["permission"]) == ("PERMISSION_MISSING", "payments.read")
+
+
+def test_a_method_needing_several_permissions_needs_each_of_them():
+    events = "/payments.v1.WebhookService/ListWebhookEvents"
+    permissions.check(events, frozenset({"webhooks.manage", "payments.read"}))
+    for held, missing in (({"webhooks.manage"}, "payments.read"), ({"payments.read"}, "webhooks.manage"),
+                          (set(), "webhooks.manage")):
+        with pytest.raises(PermissionDenied) as e:
+            permissions.check(events, frozenset(held))
+        assert (e.value.reason, e.value.metadata["permission"]) == ("PERMISSION_MISSING", missing)
+
+
+def test_reading_webhook_events_needs_payments_read_since_an_event_carries_the_payment():
+    for method in ("ListWebhookEvents", "GetWebhookEvent", "RedeliverWebhookEvent"):
+        assert permissions.permissions_needed(f"/payments.v1.WebhookService/{method}") \
+            == ("webhooks.manage", "payments.read")
 
 
 def test_what_needs_no_token_is_what_envoy_lets_through_without_one():

@@ -466,6 +466,17 @@ def test_the_verifier_answers_false_never_raises_on_headers_it_did_not_sign(pc, 
     assert pc.webhooks.verify("whsec_" + secret, headers, body) is False
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="0123456789", max_size=6000) | st.text(max_size=40), st.text(max_size=40), st.text(max_size=80))
+def test_the_verifier_answers_false_for_any_timestamp_however_long(pc, stamp, msg_id, signature):
+    """A timestamp of thousands of digits (past Python's integer-string limit) is False, not a
+    ValueError out of the receiver."""
+    secret = standard_secret()
+    headers = {"webhook-id": msg_id or "evt_1", "webhook-timestamp": stamp, "webhook-signature": signature or "v1,x"}
+    assert pc.webhooks.verify(secret, headers, b"{}") is False
+    assert pc.webhooks.verify(secret, {**headers, "webhook-timestamp": "9" * 5000}, b"{}") is False
+
+
 # --- the package on its own ------------------------------------------------------------------
 
 def test_it_imports_without_the_server_or_its_stubs(tmp_path):

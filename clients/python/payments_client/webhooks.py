@@ -13,6 +13,9 @@ import hmac
 import time
 
 TOLERANCE = 300  # seconds: an older (or future) timestamp is a replay
+# Unix seconds have 10 digits until 2286; a longer stamp is never fresh, and int() of a very long
+# one raises (Python's limit on digits converted from a string) instead of answering False.
+MAX_STAMP_DIGITS = 12
 
 
 def verify(secret: str, headers: dict[str, str], body: bytes, now: float | None = None) -> bool:
@@ -21,7 +24,7 @@ def verify(secret: str, headers: dict[str, str], body: bytes, now: float | None 
     msg_id = headers.get("webhook-id", "")
     stamp = headers.get("webhook-timestamp", "")
     signatures = headers.get("webhook-signature", "")
-    if not (msg_id and stamp.isascii() and stamp.isdigit() and signatures and secret.startswith("whsec_")):
+    if not (msg_id and stamp.isascii() and stamp.isdigit() and len(stamp) <= MAX_STAMP_DIGITS and signatures and secret.startswith("whsec_")):
         return False
     if abs((time.time() if now is None else now) - int(stamp)) > TOLERANCE:
         return False

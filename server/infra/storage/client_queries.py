@@ -35,13 +35,17 @@ class ClientQueries:
         rows = query.order_by(ServiceClient.created_at.desc(), ServiceClient.id.desc()).limit(limit).tuples()
         return [_record(r) for r in rows]
 
-    def rotate(self, client_id: str, secret_hash: str, secret_prefix: str, previous_until: dt.datetime | None) -> bool:
+    def rotate(self, client_id: str, secret_hash: str, secret_prefix: str, previous_until: dt.datetime | None,
+               tokens_valid_after: dt.datetime | None = None) -> bool:
         """The new secret in, the current one kept as the previous until `previous_until` (None:
-        forgotten now). One UPDATE: SET reads the row as it was, so rotations at once chain."""
-        changed = (ServiceClient.update(
-            previous_secret_hash=ServiceClient.secret_hash if previous_until is not None else None,
-            previous_secret_expires_at=previous_until, secret_hash=secret_hash, secret_prefix=secret_prefix)
-            .where((ServiceClient.id == client_id) & ServiceClient.revoked_at.is_null()).execute())
+        forgotten now); `tokens_valid_after` stored if given. One UPDATE: SET reads the row as it
+        was, so rotations at once chain."""
+        fields = dict(previous_secret_hash=ServiceClient.secret_hash if previous_until is not None else None,
+                      previous_secret_expires_at=previous_until, secret_hash=secret_hash, secret_prefix=secret_prefix)
+        if tokens_valid_after is not None:
+            fields["tokens_valid_after"] = tokens_valid_after
+        changed = (ServiceClient.update(**fields)
+                   .where((ServiceClient.id == client_id) & ServiceClient.revoked_at.is_null()).execute())
         return bool(changed)
 
     def set_expiry(self, client_id: str, expires_at: dt.datetime | None) -> bool:

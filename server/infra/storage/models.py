@@ -338,6 +338,7 @@ class ServiceClient(BaseModel):
     last_used_at = UTCDateTimeField(null=True)
     expires_at = UTCDateTimeField(null=True)
     revoked_at = UTCDateTimeField(null=True)
+    tokens_valid_after = UTCDateTimeField(null=True)  # tokens with an earlier iat are refused
 
     class Meta:
         table_name = "service_clients"
