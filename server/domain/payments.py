@@ -291,7 +291,7 @@ class PaymentRules:
         the payment had when it was deleted. A retry by the caller who deleted it succeeds again."""
         self._visible_id(payment_id)
         with self.queries.locked(payment_id) as current:
-            now = self.clock()  # under the lock: the history's times follow its order
+            now = self._stamp(current)
             if current is None or not self._owns(caller, current):
                 raise not_found(payment_id)
             if current.deleted_at is not None:
@@ -309,6 +309,14 @@ class PaymentRules:
         if not PAYMENT_ID.fullmatch(payment_id or ""):
             raise not_found(payment_id)
 
+    def _stamp(self, current: PaymentRecord | None) -> dt.datetime:
+        """The time of a change decided under the payment's lock: the clock's, but never before the
+        payment's previous change (its updated_at). Replicas read the database's time each within
+        its own read's round trip (server/infra/clock.py), so two processes' clocks can differ by
+        a few milliseconds under load; taking the later keeps a payment's history in time order."""
+        now = self.clock()
+        return now if current is None or current.updated_at <= now else current.updated_at
+
     @staticmethod
     def _owns(caller: Caller, payment: PaymentRecord) -> bool:
         return caller.reaches_all or payment.owner_id == caller.subject
@@ -325,7 +333,7 @@ class PaymentRules:
             raise PermissionDenied("only admins may undelete payments", reason="ADMIN_ONLY")
         self._visible_id(payment_id)
         with self.queries.locked(payment_id) as current:
-            now = self.clock()
+            now = self._stamp(current)
             if current is None:
                 raise not_found(payment_id)
             if current.deleted_at is None:
@@ -354,7 +362,7 @@ class PaymentRules:
         self._visible_id(payment_id)
         action = CONFIRMED if status == SUCCESS else CANCELLED
         with self.queries.locked(payment_id) as current:
-            now = self.clock()
+            now = self._stamp(current)
             if current is None or current.deleted_at is not None or not self._owns(caller, current):
                 raise not_found(payment_id)
             if current.status == PENDING and current.expires_at > now:

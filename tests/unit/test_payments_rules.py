@@ -187,6 +187,24 @@ def test_confirm_moves_pending_to_success(rules, clock):
     assert (done.status, done.failure_reason, done.updated_at) == ("success", None, clock.now)
 
 
+def test_a_change_is_never_stamped_before_the_payments_previous_one(rules, clock):
+    """Two replicas' clocks can differ by milliseconds: a change decided under the lock by the one
+    whose clock is behind takes the previous change's time, so the history stays in time order."""
+    p = rules.create(ALICE, draft())
+    clock.advance(seconds=10)
+    rules.delete(ADMIN_CALLER, p.id)
+    deleted_at = clock.now
+    clock.advance(seconds=-3)  # the next call lands on a replica whose clock is behind
+    back = rules.undelete(ADMIN_CALLER, p.id)
+    assert back.updated_at == deleted_at
+    clock.advance(seconds=-1)
+    done = rules.cancel(ALICE, p.id)
+    assert done.updated_at == deleted_at
+    clock.advance(seconds=60)  # a clock past the previous change is taken as it is
+    rules.delete(ADMIN_CALLER, p.id)
+    assert rules.undelete(ADMIN_CALLER, p.id).updated_at == clock.now
+
+
 def test_only_admins_confirm(rules):
     p = rules.create(ALICE, draft())
     with pytest.raises(PermissionDenied):
