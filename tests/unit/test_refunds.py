@@ -206,6 +206,30 @@ def test_a_concurrent_retry_that_loses_the_insert_answers_as_a_replay(refunds, r
     assert rules.get(ALICE, settled).refunded_amount == 1000
 
 
+def test_a_retry_that_overlapped_the_first_call_answers_it_not_the_refusal_it_caused(refunds, rules, settled,
+                                                                                    monkeypatch):
+    """The first call committed after the retry's first look and before its conditional UPDATE: the
+    UPDATE is refused (the expectation, or nothing left) by the first refund itself, so the retry
+    must find that refund under the lock and answer it."""
+    for n, (amount, expected) in enumerate([(1000, 0), (AMOUNT - 1000, None)]):
+        request_id = f"overlap-{n}"
+        first = refunds.create(ADMIN_CALLER, refund(settled, amount, request_id=request_id,
+                                                    expected_refunded_amount=expected))
+        real, looks = rules.queries.refund_by_request_id, []
+
+        def look(created_by, rid, real=real, looks=looks):
+            looks.append(rid)
+            return None if len(looks) == 1 else real(created_by, rid)  # the first look came too early
+
+        monkeypatch.setattr(rules.queries, "refund_by_request_id", look)
+        again = refunds.create(ADMIN_CALLER, refund(settled, amount, request_id=request_id,
+                                                    expected_refunded_amount=expected))
+        monkeypatch.undo()
+        assert again == first
+    assert rules.get(ALICE, settled).refunded_amount == AMOUNT
+    assert len(refunds.list(ADMIN_CALLER, settled).refunds) == 2
+
+
 # --- reads ---------------------------------------------------------------------------------
 
 def test_reads_follow_the_payments_access_rules(refunds, settled):
