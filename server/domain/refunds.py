@@ -16,6 +16,9 @@ the first refund and refunds nothing more (the same request_id with another body
 REQUEST_ID_CONFLICT), also when the two arrive at once: the retry looks for the first refund
 again under the payment's lock, where the first one has committed or not begun (and the unique
 index decides between the same request_id used at once on two payments).
+
+Times: a refund's time is read under the payment's lock and is never before the payment's
+updated_at, so a payment's history times, its refunds' order and its updated_at only move forward.
 """
 
 from __future__ import annotations
@@ -162,16 +165,19 @@ class RefundRules:
         if payment is None:
             raise not_found(draft.payment_id)
         currency = draft.currency or payment.currency
-        now = self.clock()
         try:
             # Under the payment's lock (queries.locked; BEGIN IMMEDIATE on SQLite): a retry that
             # overlapped the first call finds its refund here, committed, and answers it rather
-            # than a refusal the first refund caused.
-            with self.queries.locked(draft.payment_id):
+            # than a refusal the first refund caused; and the time is read in the order the lock
+            # imposes, never before the payment's last change, so the history's times follow its order.
+            with self.queries.locked(draft.payment_id) as current:
                 if draft.request_id:
                     earlier = self.queries.refund_by_request_id(caller.subject, draft.request_id)
                     if earlier is not None:
                         return self._replay(earlier, fingerprint, draft.request_id)
+                now = self.clock()
+                if current is not None and current.updated_at > now:
+                    now = current.updated_at  # another replica's clock a little ahead
                 after = self._add_refunded(draft, currency, now)
                 refund = RefundRecord(
                     id=opaque_id("ref_"), payment_id=draft.payment_id, amount=draft.amount, currency=currency,

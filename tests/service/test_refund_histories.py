@@ -178,6 +178,15 @@ def check(calls, payments, refunds, histories, delivered) -> dict[str, int]:
         assert [e["refund"]["id"] for e in events] == [r.id for r in made], f"{pid}: delivered events differ"
         assert [e["payment"].get("refunded_amount") for e in events] == [str(t) for t in totals]
         assert [e["id"] for e in events] == [e.id for e in refunded]
+        # Times follow the order the payment's lock gave: the history, the refunds (oldest first),
+        # the delivered payments' updated_at, and the payment's updated_at after all of them.
+        history_times = [stamp(e.time) for e in histories[pid]]
+        assert history_times == sorted(history_times), f"{pid}: the history's times go backwards"
+        refund_times = [stamp(r.created_at) for r in made]
+        assert refund_times == sorted(refund_times), f"{pid}: the refunds' times go backwards"
+        assert stamp(payment.updated_at) >= max(history_times)
+        updated = [e["payment"]["updated_at"] for e in events]
+        assert updated == sorted(updated), f"{pid}: delivered updated_at goes backwards"  # RFC 3339, one zone
         for r in made:
             assert r.request_id not in by_request, f"two refunds for request_id {r.request_id}"
             by_request[r.request_id] = r

@@ -230,6 +230,18 @@ def test_a_retry_that_overlapped_the_first_call_answers_it_not_the_refusal_it_ca
     assert len(refunds.list(ADMIN_CALLER, settled).refunds) == 2
 
 
+def test_a_refunds_time_is_never_before_the_payments_last_change(refunds, rules, settled, clock):
+    """A replica whose clock is a little behind the one that confirmed: the refund's time, the
+    history's and the payment's updated_at still only move forward."""
+    confirmed = rules.get(ALICE, settled).updated_at
+    clock.now = confirmed - dt.timedelta(milliseconds=5)
+    made = refunds.create(ADMIN_CALLER, refund(settled))
+    after = rules.get(ALICE, settled)
+    assert made.created_at >= confirmed and after.updated_at >= confirmed
+    times = [e.at for e in rules.events(ADMIN_CALLER, settled).events]
+    assert times == sorted(times), times
+
+
 # --- reads ---------------------------------------------------------------------------------
 
 def test_reads_follow_the_payments_access_rules(refunds, settled):
