@@ -150,7 +150,7 @@ class RefundRules:
 
     def create(self, caller: Caller, draft: RefundDraft) -> RefundRecord:
         if not caller.may(PAYMENTS_REFUND):
-            raise PermissionDenied("only admins may refund payments", reason="ADMIN_ONLY")
+            raise PermissionDenied("only admins and service clients with payments.refund may refund payments", reason="ADMIN_ONLY")
         if not PAYMENT_ID.fullmatch(draft.payment_id or ""):
             raise not_found(draft.payment_id)
         if violations := draft.violations():
@@ -160,10 +160,16 @@ class RefundRules:
             earlier = self.queries.refund_by_request_id(caller.subject, draft.request_id)
             if earlier is not None:
                 return self._replay(earlier, fingerprint, draft.request_id)
-        # Read outside the transaction: a payment's currency never changes.
+        # Read outside the transaction: a payment's currency and amount never change.
         payment = self.queries.live(draft.payment_id)
         if payment is None:
             raise not_found(draft.payment_id)
+        expected = draft.expected_refunded_amount
+        if expected is not None and expected > payment.amount:
+            # No reread can meet it: a caller's mistake, not a change it missed.
+            raise InvalidArgument([("expected_refunded_amount",
+                                    f"must be at most the payment's amount, {payment.amount}")],
+                                  reason="INVALID_REFUND")
         currency = draft.currency or payment.currency
         try:
             # Under the payment's lock (queries.locked; BEGIN IMMEDIATE on SQLite): a retry that

@@ -153,6 +153,8 @@ class Model:
         p = self.visible(caller, pid)
         if p is None:
             return "PAYMENT_NOT_FOUND"
+        if expected is not None and expected > p.amount:
+            return "INVALID_REFUND"  # no reread could meet it
         if p.status != SUCCESS:
             return "PAYMENT_NOT_SETTLED"
         if expected is not None and expected != p.refunded:

@@ -230,6 +230,17 @@ def test_a_retry_that_overlapped_the_first_call_answers_it_not_the_refusal_it_ca
     assert len(refunds.list(ADMIN_CALLER, settled).refunds) == 2
 
 
+def test_an_expectation_no_reread_can_meet_is_invalid_argument(refunds, rules, settled):
+    e = failure(lambda: refunds.create(ADMIN_CALLER, refund(settled, 1, expected_refunded_amount=AMOUNT + 1)),
+                InvalidArgument)
+    assert e.reason == "INVALID_REFUND" and e.violations[0][0] == "expected_refunded_amount"
+    assert rules.get(ALICE, settled).refunded_amount == 0
+    refunds.create(ADMIN_CALLER, refund(settled, 1000))
+    e = failure(lambda: refunds.create(ADMIN_CALLER, refund(settled, 1, expected_refunded_amount=AMOUNT)),
+                FailedPrecondition)  # within the amount: it may come true, so "read it again"
+    assert e.reason == "REFUNDED_AMOUNT_CHANGED"
+
+
 def test_a_refunds_time_is_never_before_the_payments_last_change(refunds, rules, settled, clock):
     """A replica whose clock is a little behind the one that confirmed: the refund's time, the
     history's and the payment's updated_at still only move forward."""
