@@ -3,7 +3,9 @@
 proto's google.api.http bindings):
 
 - a query parameter naming a path variable or a body field is refused (400 INVALID_REQUEST): the
-  transcoder would let `?payment_id=B` on /v1/payments/A/refunds refund B.
+  transcoder would let `?payment_id=B` on /v1/payments/A/refunds refund B;
+- a body key that only a query parameter carries (`expected_refunded_amount` next to a refund's
+  fields) is refused, not silently dropped.
 """
 
 from __future__ import annotations
@@ -105,3 +107,12 @@ def test_a_refund_goes_to_the_payment_the_path_names_or_nowhere(rest, admin_toke
                    token=admin_token)
     assert ok.status == 200 and ok.json["payment_id"] == a, ok.text
     assert rest.get(f"/v1/payments/{a}/refunds?page_size=1", token=admin_token).status == 200
+
+
+@pytest.mark.parametrize("key", ["expected_refunded_amount", "expectedRefundedAmount"])
+def test_the_refunds_expectation_in_the_body_is_refused_not_dropped(rest, admin_token, key):
+    pid = settled(rest, admin_token)
+    assert rest.post(f"/v1/payments/{pid}/refunds", {"amount": "5", "reason": "OTHER"}, token=admin_token).status == 200
+    r = rest.post(f"/v1/payments/{pid}/refunds", {"amount": "1", "reason": "OTHER", key: "3"}, token=admin_token)
+    refused(r, f"{key}: POST /v1/payments/{{payment_id}}/refunds takes {key} as a query parameter")
+    assert rest.get(f"/v1/payments/{pid}", token=admin_token).json["refunded_amount"] == "5"
