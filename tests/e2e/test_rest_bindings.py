@@ -116,3 +116,16 @@ def test_the_refunds_expectation_in_the_body_is_refused_not_dropped(rest, admin_
     r = rest.post(f"/v1/payments/{pid}/refunds", {"amount": "1", "reason": "OTHER", key: "3"}, token=admin_token)
     refused(r, f"{key}: POST /v1/payments/{{payment_id}}/refunds takes {key} as a query parameter")
     assert rest.get(f"/v1/payments/{pid}", token=admin_token).json["refunded_amount"] == "5"
+
+
+def test_the_lua_filter_logs_no_script_error_on_these_requests(any_stack, rest, admin_token):
+    """A Lua error is only logged and the request goes on half-handled: the refusals above, a REST
+    body passed on, and a token request leave no script error in Envoy's log."""
+    pid = settled(rest, admin_token)
+    refused(rest.post(f"/v1/payments/{pid}/refunds?payment_id={pid}", {"amount": "1", "reason": "OTHER"},
+                      token=admin_token), "query parameter payment_id:")
+    assert rest.post(f"/v1/payments/{pid}/refunds", {"amount": "1", "reason": "OTHER"}, token=admin_token).status == 200
+    rest.request("POST", "/oauth2/token", raw=b"grant_type=client_credentials",
+                 headers={"content-type": "application/x-www-form-urlencoded"})
+    errors = [line for line in any_stack.envoy.log.read_text().splitlines() if "[lua]" in line]
+    assert errors == []
