@@ -5,7 +5,9 @@ proto's google.api.http bindings):
 - a query parameter naming a path variable or a body field is refused (400 INVALID_REQUEST): the
   transcoder would let `?payment_id=B` on /v1/payments/A/refunds refund B;
 - a body key that only a query parameter carries (`expected_refunded_amount` next to a refund's
-  fields) is refused, not silently dropped.
+  fields) is refused, not silently dropped;
+- a JSON number with a fraction or an exponent is refused in any body, naming the field like the
+  gateway's other type errors (the transcoder would round 99.99999999999999999 to 100).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from google.api import annotations_pb2
 from server.edge.pb import payments_pb2
 from tests.support.rest import Client, loopback_address
 from tests.support.stack import ADMIN_EMAIL, ADMIN_PASSWORD
+
+MINOR_UNIT = "must be an integer count of the currency's minor unit (150000 for IDR 150,000; no decimals)"
+
 
 def routes() -> list[tuple[str, str, str, str, list[str]]]:
     """(rpc, HTTP method, template, body, path variables) of every REST binding in the proto."""
@@ -116,6 +121,38 @@ def test_the_refunds_expectation_in_the_body_is_refused_not_dropped(rest, admin_
     r = rest.post(f"/v1/payments/{pid}/refunds", {"amount": "1", "reason": "OTHER", key: "3"}, token=admin_token)
     refused(r, f"{key}: POST /v1/payments/{{payment_id}}/refunds takes {key} as a query parameter")
     assert rest.get(f"/v1/payments/{pid}", token=admin_token).json["refunded_amount"] == "5"
+
+
+@pytest.mark.parametrize("literal", ["99.99999999999999999", "100.0000000000000001", "1e2", "1E2", "0.1e3", "100.0",
+                                     "1.5", "-1.5e3"])
+def test_a_number_with_a_fraction_or_an_exponent_is_refused_naming_the_field(rest, admin_token, literal):
+    pid = settled(rest, admin_token)
+    raw = ('{"amount":%s,"reason":"OTHER"}' % literal).encode()
+    r = rest.request("POST", f"/v1/payments/{pid}/refunds", raw=raw, token=admin_token,
+                     headers={"content-type": "application/json"})
+    assert r.status == 400, r.text
+    assert r.error()[:2] == (3, "INVALID_REQUEST") and r.json["message"] == f"refund.amount: {MINOR_UNIT}", r.text
+    assert "TYPE_" not in r.text
+    assert rest.get(f"/v1/payments/{pid}", token=admin_token).json.get("refunded_amount", "0") == "0"
+    raw = ('{"email":"%s","amount":%s,"currency":"IDR"}' % (ADMIN_EMAIL, literal)).encode()
+    r = rest.request("POST", "/v1/payments", raw=raw, token=admin_token, headers={"content-type": "application/json"})
+    assert r.status == 400 and r.json["message"] == f"payment.amount: {MINOR_UNIT}", r.text
+    # Nested and in an unknown field too; strings holding such text are not numbers.
+    raw = b'{"amount":"100","reason":"OTHER","note":"1.5e3 and 2.5","extra":{"x":[1,2.5]}}'
+    r = rest.request("POST", f"/v1/payments/{pid}/refunds", raw=raw, token=admin_token,
+                     headers={"content-type": "application/json"})
+    assert r.status == 400 and r.json["message"].startswith("refund.extra.x:"), r.text
+
+
+def test_integers_as_numbers_and_as_strings_still_pass(rest, admin_token):
+    pid = settled(rest, admin_token)
+    raw = b'{"amount": 100, "reason": "OTHER", "note": "a 1.5 kg parcel"}'
+    r = rest.request("POST", f"/v1/payments/{pid}/refunds", raw=raw, token=admin_token,
+                     headers={"content-type": "application/json"})
+    assert r.status == 200 and r.json["amount"] == "100", r.text
+    r = rest.post(f"/v1/payments/{pid}/refunds", {"amount": "-0", "reason": "OTHER"}, token=admin_token)
+    assert r.status == 400  # the server's own refusal of a zero amount, not the gateway's
+    assert r.error()[1] == "INVALID_REFUND", r.text
 
 
 def test_the_lua_filter_logs_no_script_error_on_these_requests(any_stack, rest, admin_token):
