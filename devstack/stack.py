@@ -298,3 +298,4 @@ def prepare_workdir(work: Path, keys: Path) -> None:
     shutil.copy(keys / "jwt-private.pem", work / "keys" / "jwt-private.pem")
     (work / "gen").mkdir(exist_ok=True)
     shutil.copy(ROOT / "gen" / "payments.pb", work / "gen" / "payments.pb")
+    shutil.copy(ROOT / "gen" / "rest_bindings.lua", work / "gen" / "rest_bindings.lua")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one command behind `make gen`: every generated artefact comes from proto/ here.
 #   gen/python/         Python messages and gRPC stubs (not committed; never beside server/ code)
+#   gen/rest_bindings.lua  the REST routes' path and body fields, for Envoy's Lua filter (not committed)
 #   gen/payments.pb     descriptor set for Envoy's grpc_json_transcoder (--include_imports: google/api,
 #                       google/rpc and protobuf types travel with it)
 #   openapi/payments.swagger.json   the OpenAPI v2 document (committed; tests prove it is fresh)
@@ -46,8 +47,10 @@ protoc=("$py" -m grpc_tools.protoc -I proto -I "$vendor" -I "$site" -I "$wkt")
 # google/rpc status + error details ride along so Envoy can render error details (Any) as JSON.
 "${protoc[@]}" --include_imports --include_source_info \
   --descriptor_set_out="$out/gen/payments.pb" "${protos[@]#proto/}" google/rpc/status.proto google/rpc/error_details.proto
+# What Envoy's Lua filter checks REST requests against (the routes' path and body fields).
+"$py" "$root/scripts/rest_bindings.py" "$out/gen/payments.pb" "$out/gen/rest_bindings.lua"
 if $code_only; then
-  echo "generated: gen/python gen/payments.pb"
+  echo "generated: gen/python gen/payments.pb gen/rest_bindings.lua"
   exit 0
 fi
 mkdir -p "$out/openapi"

@@ -13,7 +13,12 @@ and SUCCESS is final, so the explanation still holds when it is read).
 
 Retries: a create with a `request_id` the same caller used before, with the same body, answers
 the first refund and refunds nothing more (the same request_id with another body is
-REQUEST_ID_CONFLICT), also when the two arrive at once (the unique index decides).
+REQUEST_ID_CONFLICT), also when the two arrive at once: the retry looks for the first refund
+again under the payment's lock, where the first one has committed or not begun (and the unique
+index decides between the same request_id used at once on two payments).
+
+Times: a refund's time is read under the payment's lock and is never before the payment's
+updated_at, so a payment's history times, its refunds' order and its updated_at only move forward.
 """
 
 from __future__ import annotations
@@ -145,7 +150,7 @@ class RefundRules:
 
     def create(self, caller: Caller, draft: RefundDraft) -> RefundRecord:
         if not caller.may(PAYMENTS_REFUND):
-            raise PermissionDenied("only admins may refund payments", reason="ADMIN_ONLY")
+            raise PermissionDenied("only admins and service clients with payments.refund may refund payments", reason="ADMIN_ONLY")
         if not PAYMENT_ID.fullmatch(draft.payment_id or ""):
             raise not_found(draft.payment_id)
         if violations := draft.violations():
@@ -155,15 +160,30 @@ class RefundRules:
             earlier = self.queries.refund_by_request_id(caller.subject, draft.request_id)
             if earlier is not None:
                 return self._replay(earlier, fingerprint, draft.request_id)
-        # Read outside the transaction: a payment's currency never changes, and on SQLite a
-        # transaction that reads before it writes cannot queue for the write lock.
+        # Read outside the transaction: a payment's currency and amount never change.
         payment = self.queries.live(draft.payment_id)
         if payment is None:
             raise not_found(draft.payment_id)
+        expected = draft.expected_refunded_amount
+        if expected is not None and expected > payment.amount:
+            # No reread can meet it: a caller's mistake, not a change it missed.
+            raise InvalidArgument([("expected_refunded_amount",
+                                    f"must be at most the payment's amount, {payment.amount}")],
+                                  reason="INVALID_REFUND")
         currency = draft.currency or payment.currency
-        now = self.clock()
         try:
-            with self.queries.transaction():
+            # Under the payment's lock (queries.locked; BEGIN IMMEDIATE on SQLite): a retry that
+            # overlapped the first call finds its refund here, committed, and answers it rather
+            # than a refusal the first refund caused; and the time is read in the order the lock
+            # imposes, never before the payment's last change, so the history's times follow its order.
+            with self.queries.locked(draft.payment_id) as current:
+                if draft.request_id:
+                    earlier = self.queries.refund_by_request_id(caller.subject, draft.request_id)
+                    if earlier is not None:
+                        return self._replay(earlier, fingerprint, draft.request_id)
+                now = self.clock()
+                if current is not None and current.updated_at > now:
+                    now = current.updated_at  # another replica's clock a little ahead
                 after = self._add_refunded(draft, currency, now)
                 refund = RefundRecord(
                     id=opaque_id("ref_"), payment_id=draft.payment_id, amount=draft.amount, currency=currency,
@@ -173,7 +193,7 @@ class RefundRules:
                 self.queries.insert_refund(refund)
                 self.queries.insert_events([_refund_event(refund, caller)])
         except DuplicateRequest:
-            # A concurrent retry with the same request_id won the insert; this one rolled back whole.
+            # The same request_id used at once on another payment won the insert; this one rolled back whole.
             earlier = self.queries.refund_by_request_id(caller.subject, draft.request_id) if draft.request_id else None
             if earlier is None:
                 raise

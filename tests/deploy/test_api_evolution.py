@@ -36,7 +36,8 @@ PROTO = Path("proto/payments/v1/payments.proto")
 DOCUMENT_3 = Path("openapi/payments.openapi.json")
 # What scripts/gen.sh reads: a copy of these is a tree it generates from as it does in the repo (with
 # an OUT_DIR of its own it runs no Go and writes nothing back).
-GEN_INPUTS = ("proto", "scripts/gen.sh", "scripts/openapi_polish.py", "scripts/envoy_variants.py", "envoy/envoy.yaml")
+GEN_INPUTS = ("proto", "scripts/gen.sh", "scripts/openapi_polish.py", "scripts/envoy_variants.py", "scripts/rest_bindings.py",
+              "envoy/envoy.yaml")
 
 # oasdiff's levels, where its defaults do not match AIP-180 for this API (docs/versioning.md):
 OASDIFF_LEVELS = {

@@ -233,8 +233,9 @@ def test_query_parameter_overriding_the_path_id_cannot_read_someone_elses_paymen
     alices = create(api, alice)
     bobs = create(api, bob)
     r = api.get(f"/v1/payments/{bobs['id']}?id={alices['id']}", token=bob.token)
-    # The transcoder lets ?id= win over the path; the server authorizes the id it is given.
-    assert r.status == 404, r.text
+    # The transcoder would let ?id= win over the path: the gateway refuses it (tests/e2e/test_rest_bindings.py).
+    assert r.status == 400, r.text
+    assert r.error()[1] == "INVALID_REQUEST" and "query parameter id" in r.json["message"]
     assert alice.email not in r.text
 
 

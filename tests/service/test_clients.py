@@ -384,6 +384,8 @@ def test_a_client_holding_payments_refund_refunds_and_the_history_names_it(s):
         payment_id=paid.id, refund=pb.Refund(amount=300, reason=pb.Refund.REQUESTED_BY_CUSTOMER)), metadata=t)
     assert (refund.amount, refund.currency) == (300, "IDR")
     assert s.payments.GetRefund(pb.GetRefundRequest(payment_id=paid.id, id=refund.id), metadata=t).id == refund.id
+    listed = s.payments.ListRefunds(pb.ListRefundsRequest(payment_id=paid.id), metadata=t).refunds
+    assert [r.id for r in listed] == [refund.id]
     assert s.payments.GetPayment(pb.GetPaymentRequest(id=paid.id), metadata=t).refunded_amount == 300
     last = s.payments.ListPaymentEvents(pb.ListPaymentEventsRequest(payment_id=paid.id), metadata=t).events[-1]
     assert (last.action, last.actor_id, last.actor_role) == (pb.PaymentEvent.REFUNDED, refunder.client.id, "client")

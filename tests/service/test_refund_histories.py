@@ -178,6 +178,15 @@ def check(calls, payments, refunds, histories, delivered) -> dict[str, int]:
         assert [e["refund"]["id"] for e in events] == [r.id for r in made], f"{pid}: delivered events differ"
         assert [e["payment"].get("refunded_amount") for e in events] == [str(t) for t in totals]
         assert [e["id"] for e in events] == [e.id for e in refunded]
+        # Times follow the order the payment's lock gave: the history, the refunds (oldest first),
+        # the delivered payments' updated_at, and the payment's updated_at after all of them.
+        history_times = [stamp(e.time) for e in histories[pid]]
+        assert history_times == sorted(history_times), f"{pid}: the history's times go backwards"
+        refund_times = [stamp(r.created_at) for r in made]
+        assert refund_times == sorted(refund_times), f"{pid}: the refunds' times go backwards"
+        assert stamp(payment.updated_at) >= max(history_times)
+        updated = [e["payment"]["updated_at"] for e in events]
+        assert updated == sorted(updated), f"{pid}: delivered updated_at goes backwards"  # RFC 3339, one zone
         for r in made:
             assert r.request_id not in by_request, f"two refunds for request_id {r.request_id}"
             by_request[r.request_id] = r
@@ -229,3 +238,47 @@ def test_concurrent_partial_refunds_never_overshoot_and_every_acknowledged_one_i
     assert counts["refunds"] >= PAYMENTS and counts["refused"] > 0, counts  # the race reached the limit
     assert any(p.fully_refunded for p in payments.values()) or counts["refused"] > 10, counts
     assert counts["replays"] > 0 and counts["with_expectation"] > 0, counts
+
+
+@pytest.mark.timeout(120)
+def test_identical_retries_arriving_at_once_all_answer_the_one_refund(refund_processes, token_for):
+    """Sixteen identical CreateRefund calls (one request_id, one body) at once, across both server
+    processes: a retry overlapping the first call is answered with the first refund, never with a
+    refusal that refund caused (REFUNDED_AMOUNT_CHANGED with an expectation, REFUND_EXCEEDS_REMAINING
+    for a full refund)."""
+    server, _ = refund_processes
+    admin = (("authorization", f"Bearer {token_for(ADMIN_CALLER)}"),)
+    alice = (("authorization", f"Bearer {token_for(ALICE)}"),)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for port in server.ports]
+    stubs = [pb_grpc.PaymentServiceStub(ch) for ch in channels]
+    outcomes = {}
+    for case, amount, expected in [("expectation", 100, 0), ("full", AMOUNT, None), ("partial", 100, None)]:
+        for round_ in range(3):
+            pid = stubs[0].CreatePayment(pb.CreatePaymentRequest(payment=pb.Payment(email=ALICE.email, amount=AMOUNT)),
+                                         metadata=alice, timeout=10).id
+            stubs[0].ConfirmPayment(pb.ConfirmPaymentRequest(id=pid), metadata=admin, timeout=10)
+            request = pb.CreateRefundRequest(payment_id=pid, refund=pb.Refund(
+                amount=amount, reason=pb.Refund.OTHER, request_id=f"same-{case}-{round_}"))
+            if expected is not None:
+                request.expected_refunded_amount = expected
+            barrier, answers = threading.Barrier(16), [None] * 16
+
+            def call(n):
+                barrier.wait()
+                try:
+                    answers[n] = stubs[n % len(stubs)].CreateRefund(request, metadata=admin, timeout=20)
+                except grpc.RpcError as e:
+                    answers[n] = f"{e.code().name}:{rich_status(e)[1].reason if e.code() not in UNKNOWN else ''}"
+
+            threads = [threading.Thread(target=call, args=(n,)) for n in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            made = stubs[0].ListRefunds(pb.ListRefundsRequest(payment_id=pid), metadata=admin, timeout=10).refunds
+            assert len(made) == 1, (case, made)
+            assert all(a == made[0] for a in answers), (case, [a if isinstance(a, str) else "ok" for a in answers])
+            outcomes[case] = outcomes.get(case, 0) + 16
+    for ch in channels:
+        ch.close()
+    print(f"\n{outcomes}")

@@ -153,6 +153,8 @@ class Model:
         p = self.visible(caller, pid)
         if p is None:
             return "PAYMENT_NOT_FOUND"
+        if expected is not None and expected > p.amount:
+            return "INVALID_REFUND"  # no reread could meet it
         if p.status != SUCCESS:
             return "PAYMENT_NOT_SETTLED"
         if expected is not None and expected != p.refunded:
@@ -280,6 +282,7 @@ def make_machine(rules, clock, machine):
             self.last_change: dict[str, tuple[str, str]] = {}  # op -> (who, payment id) of its latest change
             self.refund_answers: dict[tuple[str, str], object] = {}  # (refunder, request_id) -> first refund
             self.last_refund: tuple | None = None
+            self.steps_back: dict[str, list[int]] = {}  # payment id -> its history's length at each clock step back
 
         # --- steps ---------------------------------------------------------------------
 
@@ -427,6 +430,8 @@ def make_machine(rules, clock, machine):
 
         @rule(minutes=st.sampled_from([1, 30, 90]))
         def clock_back(self, minutes):
+            for pid, p in self.model.payments.items():
+                self.steps_back.setdefault(pid, []).append(len(p.history))
             clock.advance(minutes=-minutes)
             self.model.now = clock.now
             reached(MACHINE, "clock back")
@@ -562,6 +567,24 @@ def make_machine(rules, clock, machine):
                     assert row.status == SUCCESS and row.deleted_at is None  # a refund keeps the status
 
         @invariant()
+        def a_payments_history_times_never_go_backwards(self):
+            """In the history's order, a row's time is never before the one above it; where the test
+            stepped the clock back, the changes after it may carry earlier times (the clock said
+            so), except a refund: its time is never before any row above it, nor the payment's
+            updated_at before it."""
+            for pid, p in self.model.payments.items():
+                events = self.db_events(pid)
+                cuts = self.steps_back.get(pid, [])
+                for i in range(1, len(events)):
+                    same_stretch = not any(i - 1 < c <= i for c in cuts)
+                    if same_stretch or events[i].action == "refunded":
+                        assert events[i].at >= max(e.at for e in events[:i]), \
+                            (pid, [(e.action, e.at.isoformat()) for e in events])
+                row = queries.any(pid)
+                if row is not None and events and events[-1].action == "refunded":
+                    assert row.updated_at == events[-1].at
+
+        @invariant()
         def every_event_renders_the_payment_as_that_change_left_it_and_the_outbox_is_the_history(self):
             for pid, p in self.model.payments.items():
                 row = queries.any(pid)
@@ -600,6 +623,9 @@ def tour(machine) -> None:
         lambda m: m.undelete_a_deleted_one(who="admin", answer_lost=True),
         lambda m: m.change(op="delete", who="admin", data=newest, answer_lost=False),
         lambda m: m.clock_back(minutes=30),
+        lambda m: m.create_settled(amount=1250),
+        lambda m: m.clock_back(minutes=1),
+        lambda m: m.refund(by="admin", amount=900, expecting="current", request=None, data=newest),
         lambda m: m.time_passes_and_the_jobs_run(minutes=180),  # delete then expire; expired; purged
     ]
     for first, second in [(("confirm", "admin"), ("cancel", "alice")), (("confirm", "admin"), ("delete", "alice")),
@@ -614,6 +640,7 @@ def tour(machine) -> None:
         step(machine)
         machine.every_payment_is_the_models_and_its_history_one_valid_path()
         machine.every_event_renders_the_payment_as_that_change_left_it_and_the_outbox_is_the_history()
+        machine.a_payments_history_times_never_go_backwards()
 
 
 def test_the_payment_lifecycle_matches_its_model(rules, clock, backend):

@@ -206,6 +206,53 @@ def test_a_concurrent_retry_that_loses_the_insert_answers_as_a_replay(refunds, r
     assert rules.get(ALICE, settled).refunded_amount == 1000
 
 
+def test_a_retry_that_overlapped_the_first_call_answers_it_not_the_refusal_it_caused(refunds, rules, settled,
+                                                                                    monkeypatch):
+    """The first call committed after the retry's first look and before its conditional UPDATE: the
+    UPDATE is refused (the expectation, or nothing left) by the first refund itself, so the retry
+    must find that refund under the lock and answer it."""
+    for n, (amount, expected) in enumerate([(1000, 0), (AMOUNT - 1000, None)]):
+        request_id = f"overlap-{n}"
+        first = refunds.create(ADMIN_CALLER, refund(settled, amount, request_id=request_id,
+                                                    expected_refunded_amount=expected))
+        real, looks = rules.queries.refund_by_request_id, []
+
+        def look(created_by, rid, real=real, looks=looks):
+            looks.append(rid)
+            return None if len(looks) == 1 else real(created_by, rid)  # the first look came too early
+
+        monkeypatch.setattr(rules.queries, "refund_by_request_id", look)
+        again = refunds.create(ADMIN_CALLER, refund(settled, amount, request_id=request_id,
+                                                    expected_refunded_amount=expected))
+        monkeypatch.undo()
+        assert again == first
+    assert rules.get(ALICE, settled).refunded_amount == AMOUNT
+    assert len(refunds.list(ADMIN_CALLER, settled).refunds) == 2
+
+
+def test_an_expectation_no_reread_can_meet_is_invalid_argument(refunds, rules, settled):
+    e = failure(lambda: refunds.create(ADMIN_CALLER, refund(settled, 1, expected_refunded_amount=AMOUNT + 1)),
+                InvalidArgument)
+    assert e.reason == "INVALID_REFUND" and e.violations[0][0] == "expected_refunded_amount"
+    assert rules.get(ALICE, settled).refunded_amount == 0
+    refunds.create(ADMIN_CALLER, refund(settled, 1000))
+    e = failure(lambda: refunds.create(ADMIN_CALLER, refund(settled, 1, expected_refunded_amount=AMOUNT)),
+                FailedPrecondition)  # within the amount: it may come true, so "read it again"
+    assert e.reason == "REFUNDED_AMOUNT_CHANGED"
+
+
+def test_a_refunds_time_is_never_before_the_payments_last_change(refunds, rules, settled, clock):
+    """A replica whose clock is a little behind the one that confirmed: the refund's time, the
+    history's and the payment's updated_at still only move forward."""
+    confirmed = rules.get(ALICE, settled).updated_at
+    clock.now = confirmed - dt.timedelta(milliseconds=5)
+    made = refunds.create(ADMIN_CALLER, refund(settled))
+    after = rules.get(ALICE, settled)
+    assert made.created_at >= confirmed and after.updated_at >= confirmed
+    times = [e.at for e in rules.events(ADMIN_CALLER, settled).events]
+    assert times == sorted(times), times
+
+
 # --- reads ---------------------------------------------------------------------------------
 
 def test_reads_follow_the_payments_access_rules(refunds, settled):
