@@ -8,7 +8,7 @@ grpc server forgives ping strikes once it has answered something), reconnecting 
 bystander customer from other addresses must meanwhile succeed at every step (REST and gRPC
 through Envoy, gRPC straight to the server's port, a login) within 5 s. On the server's port
 only, a GetPayment (the method the flood's own calls use) that grpc's server core dropped unseen
-(CANCELLED 'CANCELLED' at once) is tried once more, and must then succeed; no other step is
+(CANCELLED 'CANCELLED' at once) is tried again, at most twice, and must then succeed; no other step is
 (envoy/README.md, "What is still open").
 
 What answers them: on the server's port, grpc's ping-abuse policy (server/edge/app.py:
