@@ -29,11 +29,8 @@ import uuid
 import pytest
 
 from tests.conftest import ALICE
-from tests.faults.conftest import Edge
 from tests.support import attacks
 from tests.support.bystander import Bystander
-from tests.support.rest import Client
-from tests.support.stack import Envoy, Server, prepare_workdir
 
 HOST = "127.0.0.1"
 ADDRESSES = 8
@@ -54,19 +51,11 @@ def open_files():
 
 
 @pytest.fixture(scope="module")
-def edge(tmp_path_factory, keys_dir, open_files):
-    work = tmp_path_factory.mktemp("bodies")
-    prepare_workdir(work, keys_dir)
-    server = Server.start(work)
-    envoy = None
-    try:
-        envoy = Envoy.start(work, server.port)
-        yield Edge(server, envoy, Client(envoy.url))
-        print(f"Envoy after the test: {attacks.envoy_memory(envoy)}")
-    finally:
-        if envoy is not None:
-            envoy.stop()
-        server.stop()
+def edge(open_files, edge):
+    """The faults' shared server behind Envoy (tests/faults/conftest.py), started once the open-file
+    limit is raised, with Envoy's memory printed while it still runs."""
+    yield edge
+    print(f"Envoy after the test: {attacks.envoy_memory(edge.envoy)}")
 
 
 @pytest.fixture
