@@ -98,12 +98,23 @@ def free_port() -> int:
 
 
 def free_ports(count: int) -> int:
-    """A base port whose `count` consecutive ports are free (server process i listens on base + i)."""
+    """A base port whose `count` consecutive ports are free (server process i listens on base + i).
+    Free means bindable: a port can be taken by a listener, or be the local end of an outgoing
+    connection (a pooled PostgreSQL connection holds one for minutes), which no connect() sees."""
     for _ in range(50):
         base = free_port()
-        if base + count < 65536 and not any(port_in_use("127.0.0.1", base + i) for i in range(1, count)):
+        if base + count < 65536 and all(bindable("127.0.0.1", base + i) for i in range(1, count)):
             return base
     raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def port_in_use(host: str, port: int) -> bool:
