@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from server.edge import capacity
 from server.edge.interceptor import CallInterceptor
+from tests.support.jobs import wait_for
 
 CHECK = "/grpc.health.v1.Health/Check"
 
@@ -47,8 +48,8 @@ def serving(request_seconds: float):
 
 @pytest.fixture
 def served():
-    """A 1 s request deadline."""
-    with serving(1.0) as it:
+    """A 3 s request deadline: room for a loaded machine to dispatch the streams first."""
+    with serving(3.0) as it:
         yield it
 
 
@@ -114,10 +115,10 @@ def test_calls_whose_message_never_comes_hold_no_lane_thread_and_end_at_the_dead
     receiver = lanes.health.receiver
     attack = HeaderOnly(port, 6)  # three times the health lane's two threads, fewer than its receiver holds
     try:
-        time.sleep(0.3)
-        assert receiver.waiting == 6 < receiver.limit
+        wait_for(lambda: receiver.waiting == 6, timeout=2, interval=0.02, what="six calls waiting for a message")
+        assert receiver.waiting < receiver.limit
         assert check(port) < 0.5  # a whole request is served at once, beside them
-        statuses = attack.statuses(3.0)
+        statuses = attack.statuses(6.0)
         assert set(statuses.values()) == {str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])}, statuses
         assert len(statuses) == 6
         until = time.monotonic() + 2  # the receiving threads wake a moment after the status went out
@@ -133,8 +134,8 @@ def test_beyond_the_receivers_bound_the_longest_stalled_call_makes_room(served_p
     receiver = lanes.health.receiver
     attack = HeaderOnly(port, receiver.limit)  # every receiving thread of the health lane
     try:
+        wait_for(lambda: receiver.waiting == receiver.limit, timeout=2, interval=0.02, what="the receiver full")
         time.sleep(0.3)  # stalled for longer than Receiver.STALE_SECONDS
-        assert receiver.waiting == receiver.limit
         assert check(port) < 0.5  # a whole request is taken at once
         assert receiver.evicted == 1  # the one stalled call that made room for it
         assert check(port) < 0.5 and receiver.evicted == 1  # that room is still there
@@ -160,10 +161,9 @@ def test_a_client_that_goes_away_frees_its_receiving_thread_at_once(served):
     port, lanes = served
     receiver = lanes.health.receiver
     attack = HeaderOnly(port, 6)
-    time.sleep(0.3)
-    assert receiver.waiting == 6
+    wait_for(lambda: receiver.waiting == 6, timeout=2, interval=0.02, what="six calls waiting for a message")
     attack.close()
-    deadline = time.monotonic() + 0.9  # before the 1 s request deadline
+    deadline = time.monotonic() + 0.9  # well before the 3 s request deadline
     while receiver.waiting and time.monotonic() < deadline:
         time.sleep(0.02)
     assert receiver.waiting == 0 and receiver.expired == 0
