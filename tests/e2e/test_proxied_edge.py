@@ -76,3 +76,23 @@ def test_the_login_limit_is_per_client_behind_the_front_end(edge):
         clients = {json.loads(line).get("client") for line in access_log.read_text().splitlines() if line.strip()}
     assert {FLOODER, OTHER} <= clients, clients
     assert clients.isdisjoint({"127.0.0.1", LOAD_BALANCER}) and not any(c.startswith("192.0.2.") for c in clients), clients
+
+
+def test_the_budget_of_bad_signatures_is_per_client_and_per_ipv6_64_behind_the_front_end(edge, keys_dir):
+    """tests/faults/test_forged_tokens.py shows the budget; here it is keyed by the client the front
+    end names, an IPv6 client by its /64 (one host there has 2^64 addresses to rotate through)."""
+    from tests.faults.test_forged_tokens import budget, forged
+
+    front, api, _ = edge
+    limit, _ = budget()
+
+    def status(client: str, sent: str = "") -> int:
+        return api.get("/v1/payments/pay_x", token=forged(keys_dir),
+                       headers={"X-Forwarded-For": front.forwarded(sent, client)}).status
+
+    # Each request from another address of one /64 (and writing addresses of its own in the header).
+    assert [status(f"2001:db8:5:7::{n:x}", sent=f"192.0.2.{n}") for n in range(1, limit + 1)] == [401] * limit
+    assert status("2001:db8:5:7:ffff:ffff:ffff:fffe") == 429
+    assert status("2001:0db8:0005:0007:0:0:0:1") == 429  # the same /64, written in full
+    assert status("2001:db8:5:8::1") == 401  # the next /64
+    assert status(FLOODER) == 401 and status("2001:db8:5::1") == 401

@@ -1,0 +1,226 @@
+"""Forged tokens: a bearer token whose signature does not verify costs Envoy an ES256 verification
+that no cache skips (jwt_authn remembers only tokens that verified). envoy/envoy.yaml's Lua filter
+counts such failures per client address (an IPv6 address's /64: tests/e2e/test_proxied_edge.py),
+and an address with FORGED_LIMIT of them in FORGED_WINDOW seconds gets 429 TOO_MANY_BAD_TOKENS
+(gRPC: RESOURCE_EXHAUSTED) for the rest of the window, its token never looked at. Tokens that fail
+for any other reason (expired, unknown key, another audience) never count: a client whose token ran
+out is never refused here. Envoy's `jwt_authn.denied` counter says how many tokens were checked
+and refused, so it shows that a refused address costs no verification.
+
+Last, the flood the attack run measured: 50 addresses sending forged tokens as fast as they are
+answered, Envoy held to the pod's CPU limit (k8s/base: 250m for the envoy container) as a cgroup
+quota, while a customer reads a payment every 100 ms."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from server.edge.pb import payments_pb2 as pb
+from tests.conftest import ALICE
+from tests.faults.conftest import payment_stub
+from tests.faults.test_cpu_limit import CPU_CONTROLLER, PERIOD_US, _throttled
+from tests.support import jwt_attacks
+from tests.support.deploy import ROOT, container, find, render_k8s
+from tests.support.rest import Client, loopback_address
+from tests.support.stack import Envoy, Server, prepare_workdir
+
+ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
+RESOURCE_EXHAUSTED, UNAUTHENTICATED = 8, 16
+
+
+def budget() -> tuple[int, int]:
+    """(FORGED_LIMIT, FORGED_WINDOW) as envoy.yaml's Lua filter sets them."""
+    found = re.search(r"local FORGED_LIMIT, FORGED_WINDOW, FORGED_ADDRESSES = (\d+), (\d+), (\d+)", ENVOY_YAML.read_text())
+    assert found, "the Lua filter's budget of bad signatures is gone from envoy.yaml"
+    return int(found[1]), int(found[2])
+
+
+def forged(keys: Path, **claims) -> str:
+    """A well-formed token with this deployment's key id, signed by a key that is not its own."""
+    kid = json.loads((keys / "jwks.json").read_text())["keys"][0]["kid"]
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    stranger = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return jwt_attacks.sign(stranger, jwt_attacks.claims(jti=uuid.uuid4().hex, **claims), kid=kid)
+
+
+def denied(envoy: Envoy) -> int:
+    """Tokens jwt_authn checked and refused so far (each forged one a verification)."""
+    with urllib.request.urlopen(f"http://{envoy.admin}/stats?filter=jwt_authn.denied$", timeout=5) as r:
+        [line] = r.read().decode().split("\n")[:1]
+    return int(line.rsplit(":", 1)[1])
+
+
+def reason(answer) -> tuple[int, str]:
+    code, why, _ = answer.error()
+    return code, why
+
+
+@pytest.fixture(scope="module")
+def payment(edge, token_for):
+    created = edge.api.post("/v1/payments", {"email": ALICE.email, "amount": "1250"}, token=token_for(ALICE))
+    assert created.status == 200, created.text
+    return created.json["id"]
+
+
+def test_an_address_past_its_budget_of_bad_signatures_is_refused_without_a_verification(edge, keys_dir, token_for, payment):
+    limit, window = budget()
+    attacker, other = edge.api.from_address(loopback_address()), edge.api.from_address(loopback_address())
+    started = denied(edge.envoy)
+    for _ in range(limit):
+        answer = attacker.get(f"/v1/payments/{payment}", token=forged(keys_dir))
+        assert (answer.status, *reason(answer)) == (401, UNAUTHENTICATED, "INVALID_TOKEN"), answer.text
+    assert denied(edge.envoy) == started + limit
+    for _ in range(3 * limit):
+        answer = attacker.get(f"/v1/payments/{payment}", token=forged(keys_dir))
+        assert (answer.status, *reason(answer)) == (429, RESOURCE_EXHAUSTED, "TOO_MANY_BAD_TOKENS"), answer.text
+        assert 1 <= int(answer.headers["retry-after"]) <= window
+    assert denied(edge.envoy) == started + limit  # nothing more was verified
+    # The address is refused whatever token it sends, until the window ends (shared addresses
+    # share the budget: envoy/README.md).
+    assert attacker.get(f"/v1/payments/{payment}", token=token_for(ALICE)).status == 429
+    # Another address is served, and has a budget of its own.
+    assert other.get(f"/v1/payments/{payment}", token=token_for(ALICE)).status == 200
+    answer = other.get(f"/v1/payments/{payment}", token=forged(keys_dir))
+    assert (answer.status, *reason(answer)) == (401, UNAUTHENTICATED, "INVALID_TOKEN")
+    # Requests that carry no bearer token are not refused by it: a login from that address goes on.
+    login = attacker.post("/v1/auth/login", {"email": "nobody@example.com", "password": "not the password"})
+    assert login.status == 401, login.text
+
+
+def test_tokens_that_fail_without_a_signature_check_never_use_the_budget(edge, keys_dir, token_for, payment):
+    limit, _ = budget()
+    client = edge.api.from_address(loopback_address())
+    stale = jwt_attacks.attacks((keys_dir / "jwt-private.pem").read_bytes(), json.loads((keys_dir / "jwks.json").read_text()))
+    for name, status in [("expired", 401), ("unknown_kid", 401), ("wrong_aud", 403), ("garbage", 401), ("alg_none", 401)]:
+        for _ in range(2 * limit):
+            answer = client.get(f"/v1/payments/{payment}", token=stale[name])
+            assert answer.status == status, (name, answer.text)
+    # A client whose token ran out, after many tries with it, is served with its new one.
+    assert client.get(f"/v1/payments/{payment}", token=token_for(ALICE)).status == 200
+
+
+def test_the_budget_comes_back_when_the_window_ends(edge, keys_dir, payment):
+    limit, window = budget()
+    attacker = edge.api.from_address(loopback_address())
+    for _ in range(limit + 1):
+        last = attacker.get(f"/v1/payments/{payment}", token=forged(keys_dir))
+    assert last.status == 429
+    time.sleep(int(last.headers["retry-after"]) + 1)
+    answer = attacker.get(f"/v1/payments/{payment}", token=forged(keys_dir))
+    assert (answer.status, *reason(answer)) == (401, UNAUTHENTICATED, "INVALID_TOKEN"), answer.text
+
+
+def test_a_grpc_client_past_its_budget_gets_resource_exhausted_with_retry_after(edge, keys_dir, payment):
+    """Native gRPC through Envoy, from 127.0.0.1 (this module's other tests use addresses of their own)."""
+    limit, window = budget()
+    channel, stub = payment_stub(edge.envoy.url.removeprefix("http://"))
+    codes = []
+    with channel:
+        for _ in range(limit + 2):
+            try:
+                stub.GetPayment(pb.GetPaymentRequest(id=payment), timeout=5,
+                                metadata=[("authorization", f"Bearer {forged(keys_dir)}")])
+            except grpc.RpcError as e:
+                codes.append(e.code())
+                trailing = dict(e.trailing_metadata() or ())
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * limit + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2, codes
+    assert 1 <= int(trailing["retry-after"]) <= window
+
+
+# The flood at the pod's CPU limit.
+
+FLOODERS = 50
+FLOOD_SECONDS = 8
+
+
+def envoy_cpu_limit() -> float:
+    pod = find(render_k8s(ROOT / "k8s" / "base"), "Deployment", "payments")["spec"]["template"]["spec"]
+    limit = container(pod, "envoy")["resources"]["limits"]["cpu"]
+    return int(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)
+
+
+@pytest.fixture
+def envoy_quota():
+    group = CPU_CONTROLLER / f"payments-envoy-test-{threading.get_native_id()}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+        (group / "cpu.cfs_quota_us").write_text(str(int(envoy_cpu_limit() * PERIOD_US)))
+        yield group
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            (CPU_CONTROLLER / "cgroup.procs").write_text(pid)
+        group.rmdir()
+
+
+def test_a_forged_token_flood_from_many_addresses_leaves_customers_served_at_envoys_cpu_limit(tmp_path, keys_dir, token_for, envoy_quota):
+    limit, window = budget()
+    prepare_workdir(tmp_path, keys_dir)
+    server = Server.start(tmp_path)
+    try:
+        envoy = Envoy.start(tmp_path, server.port)
+        try:
+            (envoy_quota / "cgroup.procs").write_text(str(envoy.proc.pid))  # every thread of Envoy
+            flood(envoy, keys_dir, token_for, envoy_quota, limit, window)
+        finally:
+            envoy.stop()
+    finally:
+        server.stop()
+
+
+def flood(envoy: Envoy, keys: Path, token_for, quota: Path, limit: int, window: int) -> None:
+    api = Client(envoy.url)
+    me, token = api.from_address(loopback_address()), token_for(ALICE)
+    payment = me.post("/v1/payments", {"email": ALICE.email, "amount": "1250"}, token=token).json["id"]
+    tokens = [forged(keys) for _ in range(20)]
+    throttled_before, denied_before = _throttled(quota), denied(envoy)
+    stop = threading.Event()
+    answers: list[int] = []
+    reads: list[tuple[int, float]] = []
+
+    def attack():
+        client, n = api.from_address(loopback_address()), 0
+        while not stop.is_set():
+            answers.append(client.get(f"/v1/payments/{payment}", token=tokens[n % len(tokens)]).status)
+            n += 1
+
+    def read():
+        while not stop.is_set():
+            started = time.monotonic()
+            status = me.get(f"/v1/payments/{payment}", token=token).status
+            reads.append((status, time.monotonic() - started))
+            time.sleep(0.1)
+
+    threads = [threading.Thread(target=f) for f in [attack] * FLOODERS + [read]]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    time.sleep(FLOOD_SECONDS)
+    stop.set()
+    for t in threads:
+        t.join()
+    windows = int((time.monotonic() - started) // window) + 2  # each address's windows, at most
+
+    verified, refused = answers.count(401), answers.count(429)
+    latencies = sorted(seconds for _, seconds in reads)
+    print(f"forged-token flood: {verified} verified, {refused} refused; the customer's reads: median {statistics.median(latencies) * 1000:.0f} ms, slowest {latencies[-1] * 1000:.0f} ms")
+    assert set(answers) <= {401, 429}, set(answers)
+    assert refused > 3 * verified, (verified, refused)  # the flood was real, and mostly refused unverified
+    assert denied(envoy) - denied_before == verified <= FLOODERS * limit * windows
+    assert _throttled(quota) > throttled_before, "the quota never bit: the test did not reproduce the limit"
+    assert {status for status, _ in reads} == {200}, reads
+    assert len(reads) >= FLOOD_SECONDS  # the customer kept reading
+    assert latencies[-1] < 5.0 and statistics.median(latencies) < 0.5, (statistics.median(latencies), latencies[-5:])
