@@ -13,7 +13,6 @@ default timeout (1 s), and a client reads a payment through Envoy every 100 ms."
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import threading
@@ -24,37 +23,20 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support.deploy import ROOT, container, find, render_k8s
+from tests.support.cpu_quota import cpu_quota, pod_cpu_limit, throttled
 from tests.support.rest import Client, loopback_address
 from tests.support.stack import Envoy, Server, prepare_workdir, server_env
 
-CPU_CONTROLLER = Path("/sys/fs/cgroup/cpu")  # cgroup v1, as on this project's machines
-PERIOD_US = 100_000
 FLOODERS = 64
 FLOOD_SECONDS = 8
 PASSWORD = "correct horse battery"
 
 
-def pod_cpu_limit() -> float:
-    """The server container's CPU limit in the manifests, in cores (500m -> 0.5)."""
-    pod = find(render_k8s(ROOT / "k8s" / "base"), "Deployment", "payments")["spec"]["template"]["spec"]
-    limit = container(pod, "server")["resources"]["limits"]["cpu"]
-    return int(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)
-
-
 @pytest.fixture
 def quota():
-    """A cgroup with the pod's CPU quota; its cpu.stat afterwards tells whether it throttled."""
-    group = CPU_CONTROLLER / f"payments-test-{os.getpid()}"
-    group.mkdir()
-    try:
-        (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-        (group / "cpu.cfs_quota_us").write_text(str(int(pod_cpu_limit() * PERIOD_US)))
+    """A cgroup with the server container's CPU quota; its cpu.stat afterwards tells whether it throttled."""
+    with cpu_quota(pod_cpu_limit("server")) as group:
         yield group
-    finally:
-        for pid in (group / "cgroup.procs").read_text().split():
-            (CPU_CONTROLLER / "cgroup.procs").write_text(pid)
-        group.rmdir()
 
 
 def test_probes_and_payments_are_answered_under_a_login_flood_at_the_pods_cpu_limit(tmp_path, keys_dir, quota):
@@ -78,7 +60,7 @@ def run_flood(server: Server, api: Client, quota: Path) -> None:
     assert me.post("/v1/auth/register", {"email": "buyer@example.com", "password": PASSWORD}).status == 200
     token = me.post("/v1/auth/login", {"email": "buyer@example.com", "password": PASSWORD}).json["access_token"]
     payment = me.post("/v1/payments", {"email": "buyer@example.com", "amount": "1250"}, token=token).json["id"]
-    throttled_before = _throttled(quota)
+    throttled_before = throttled(quota)
 
     stop = threading.Event()
     logins: list[int] = []
@@ -122,7 +104,7 @@ def run_flood(server: Server, api: Client, quota: Path) -> None:
     hashed, shed = logins.count(401), logins.count(429)
     assert set(logins) <= {401, 429}, set(logins)
     assert hashed > 0 and shed > 10 * hashed, (hashed, shed)  # the flood was real, and mostly shed
-    assert _throttled(quota) > throttled_before, "the quota never bit: the test did not reproduce the limit"
+    assert throttled(quota) > throttled_before, "the quota never bit: the test did not reproduce the limit"
     answered = [p for p in probes if p is not None]
     assert len(probes) >= FLOOD_SECONDS and len(answered) == len(probes), probes  # every probe in under 1 s
     assert max(answered) < 0.5, probes
@@ -130,7 +112,3 @@ def run_flood(server: Server, api: Client, quota: Path) -> None:
     assert {status for status, _ in reads} == {200}, reads
     assert statistics.quantiles(latencies, n=100)[98] < 0.5, latencies[-5:]
 
-
-def _throttled(group: Path) -> int:
-    stats = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
-    return int(stats["nr_throttled"])

@@ -28,9 +28,9 @@ import pytest
 from server.edge.pb import payments_pb2 as pb
 from tests.conftest import ALICE
 from tests.faults.conftest import payment_stub
-from tests.faults.test_cpu_limit import CPU_CONTROLLER, PERIOD_US, _throttled
 from tests.support import jwt_attacks
-from tests.support.deploy import ROOT, container, find, render_k8s
+from tests.support.cpu_quota import cpu_quota, pod_cpu_limit, throttled
+from tests.support.deploy import ROOT
 from tests.support.rest import Client, loopback_address
 from tests.support.stack import Envoy, Server, prepare_workdir
 
@@ -146,24 +146,10 @@ FLOODERS = 50
 FLOOD_SECONDS = 8
 
 
-def envoy_cpu_limit() -> float:
-    pod = find(render_k8s(ROOT / "k8s" / "base"), "Deployment", "payments")["spec"]["template"]["spec"]
-    limit = container(pod, "envoy")["resources"]["limits"]["cpu"]
-    return int(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)
-
-
 @pytest.fixture
 def envoy_quota():
-    group = CPU_CONTROLLER / f"payments-envoy-test-{threading.get_native_id()}"
-    group.mkdir()
-    try:
-        (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-        (group / "cpu.cfs_quota_us").write_text(str(int(envoy_cpu_limit() * PERIOD_US)))
+    with cpu_quota(pod_cpu_limit("envoy")) as group:
         yield group
-    finally:
-        for pid in (group / "cgroup.procs").read_text().split():
-            (CPU_CONTROLLER / "cgroup.procs").write_text(pid)
-        group.rmdir()
 
 
 def test_a_forged_token_flood_from_many_addresses_leaves_customers_served_at_envoys_cpu_limit(tmp_path, keys_dir, token_for, envoy_quota):
@@ -186,7 +172,7 @@ def flood(envoy: Envoy, keys: Path, token_for, quota: Path, limit: int, window: 
     me, token = api.from_address(loopback_address()), token_for(ALICE)
     payment = me.post("/v1/payments", {"email": ALICE.email, "amount": "1250"}, token=token).json["id"]
     tokens = [forged(keys) for _ in range(20)]
-    throttled_before, denied_before = _throttled(quota), denied(envoy)
+    throttled_before, denied_before = throttled(quota), denied(envoy)
     stop = threading.Event()
     answers: list[int] = []
     reads: list[tuple[int, float]] = []
@@ -220,7 +206,7 @@ def flood(envoy: Envoy, keys: Path, token_for, quota: Path, limit: int, window: 
     assert set(answers) <= {401, 429}, set(answers)
     assert refused > 3 * verified, (verified, refused)  # the flood was real, and mostly refused unverified
     assert denied(envoy) - denied_before == verified <= FLOODERS * limit * windows
-    assert _throttled(quota) > throttled_before, "the quota never bit: the test did not reproduce the limit"
+    assert throttled(quota) > throttled_before, "the quota never bit: the test did not reproduce the limit"
     assert {status for status, _ in reads} == {200}, reads
     assert len(reads) >= FLOOD_SECONDS  # the customer kept reading
     assert latencies[-1] < 5.0 and statistics.median(latencies) < 0.5, (statistics.median(latencies), latencies[-5:])
