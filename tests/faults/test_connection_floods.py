@@ -30,15 +30,13 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import uuid
 
 import pytest
 
 from server.edge.pb import payments_pb2 as pb
-from tests.conftest import ALICE, BOB
+from tests.conftest import BOB
 from tests.faults.conftest import Edge
 from tests.support import attacks
-from tests.support.bystander import Bystander
 from tests.support.rest import Client, Response
 from tests.support.stack import Envoy, Server, prepare_workdir
 
@@ -81,12 +79,6 @@ def edge(server):
     yield Edge(server, envoy, Client(envoy.url))
     print(f"Envoy after the test: {attacks.envoy_memory(envoy)}")
     envoy.stop()
-
-
-@pytest.fixture
-def bystander(edge, token_for) -> Bystander:
-    return Bystander.register(edge.api, f"{HOST}:{edge.envoy.port}", token_for(ALICE),
-                              f"bystander-{uuid.uuid4().hex[:8]}@example.com")
 
 
 def test_the_timeouts_are_the_documented_ones():

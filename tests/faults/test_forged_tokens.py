@@ -18,7 +18,6 @@ import re
 import statistics
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import pytest
 from server.edge.pb import payments_pb2 as pb
 from tests.conftest import ALICE
 from tests.faults.conftest import payment_stub
-from tests.support import jwt_attacks
+from tests.support import attacks, jwt_attacks
 from tests.support.cpu_quota import cpu_quota, pod_cpu_limit, throttled
 from tests.support.deploy import ROOT
 from tests.support.rest import Client, loopback_address
@@ -58,9 +57,8 @@ def forged(keys: Path, **claims) -> str:
 
 def denied(envoy: Envoy) -> int:
     """Tokens jwt_authn checked and refused so far (each forged one a verification)."""
-    with urllib.request.urlopen(f"http://{envoy.admin}/stats?filter=jwt_authn.denied$", timeout=5) as r:
-        [line] = r.read().decode().split("\n")[:1]
-    return int(line.rsplit(":", 1)[1])
+    [count] = attacks.envoy_stats(envoy, "jwt_authn.denied").values()
+    return count
 
 
 def reason(answer) -> tuple[int, str]:

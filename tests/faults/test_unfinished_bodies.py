@@ -24,13 +24,10 @@ import collections
 import contextlib
 import json
 import time
-import uuid
 
 import pytest
 
-from tests.conftest import ALICE
 from tests.support import attacks
-from tests.support.bystander import Bystander
 
 HOST = "127.0.0.1"
 ADDRESSES = 8
@@ -48,20 +45,6 @@ METHOD = "/payments.v1.AuthService/Login"
 @pytest.fixture(scope="module", autouse=True)
 def open_files():
     return attacks.raise_open_files(4 * ADDRESSES * CONNECTIONS * WAVES + 4096)
-
-
-@pytest.fixture(scope="module")
-def edge(open_files, edge):
-    """The faults' shared server behind Envoy (tests/faults/conftest.py), started once the open-file
-    limit is raised, with Envoy's memory printed while it still runs."""
-    yield edge
-    print(f"Envoy after the test: {attacks.envoy_memory(edge.envoy)}")
-
-
-@pytest.fixture
-def bystander(edge, token_for) -> Bystander:
-    return Bystander.register(edge.api, f"{HOST}:{edge.envoy.port}", token_for(ALICE),
-                              f"bystander-{uuid.uuid4().hex[:8]}@example.com")
 
 
 @pytest.mark.timeout(180)
