@@ -16,7 +16,6 @@ cannot make the server hammer Google.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import re
@@ -29,6 +28,7 @@ import jwt
 
 from server.domain.caller import CLIENT, Caller
 from server.domain.errors import PermissionDenied, Unauthenticated, Unavailable
+from server.infra.verified_tokens import VerifiedTokens, signed_header
 
 ALGORITHM = "RS256"
 ISSUER = "https://accounts.google.com"
@@ -123,10 +123,9 @@ class GoogleTokenVerifier:
             raise ValueError("a Google token verifier needs an audience and at least one service account")
         self.keys, self.audience, self.accounts, self.issuer = keys, audience, dict(accounts), issuer
         self.wall_clock = wall_clock
-        # token -> identity, least recently used first: a caller sends the same ID token for up
-        # to an hour, and the RS256 check is most of what a call costs (bench/google_tokens.py).
-        self._verified: collections.OrderedDict[str, GoogleIdentity] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        # A caller sends the same ID token for up to an hour, and the RS256 check is most of
+        # what a call costs (bench/google_tokens.py).
+        self._verified: VerifiedTokens[GoogleIdentity] = VerifiedTokens(VERIFIED_CACHE_SIZE, lambda: self.wall_clock())
 
     def verify(self, token: str) -> GoogleIdentity:
         """As _verify, remembered by the token's exact text until it expires (with the leeway),
@@ -135,31 +134,18 @@ class GoogleTokenVerifier:
         if hit is not None:
             return hit
         identity = self._verify(token)
-        with self._lock:
-            self._verified[token] = identity
-            self._verified.move_to_end(token)
-            if len(self._verified) > VERIFIED_CACHE_SIZE:
-                self._verified.popitem(last=False)
+        self._verified.put(token, identity, identity.expires_at + LEEWAY_SECONDS)
         return identity
 
     def remembered(self, token: str) -> GoogleIdentity | None:
         """The identity of a token verified before and not yet expired, else None."""
-        hit = self._verified.get(token)  # no lock to read: each step is atomic under the GIL
-        if hit is not None and self.wall_clock() < hit.expires_at + LEEWAY_SECONDS:
-            return hit
-        return None
+        return self._verified.get(token)
 
     def _verify(self, token: str) -> GoogleIdentity:
         def bad(why: str) -> Unauthenticated:
             return Unauthenticated(f"invalid Google ID token: {why}", reason="INVALID_TOKEN")
 
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise bad("malformed") from None
-        if header.get("alg") != ALGORITHM:
-            raise bad(f"algorithm must be {ALGORITHM}")
-        kid = header.get("kid")
+        kid = signed_header(token, ALGORITHM, bad).get("kid")
         key = self.keys.key(kid) if isinstance(kid, str) and kid else None
         if key is None:
             raise bad("not signed by a key Google publishes")

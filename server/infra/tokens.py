@@ -9,14 +9,12 @@ reads the same JWKS file, so both layers accept exactly the same tokens.
 from __future__ import annotations
 
 import base64
-import collections
 import datetime as dt
 import hashlib
 import json
 import math
 import os
 import secrets
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.domain.errors import PermissionDenied, Unauthenticated
 from server.domain.caller import CLIENT, ROLES, Caller
+from server.infra.verified_tokens import VerifiedTokens, signed_header
 
 ALGORITHM = "ES256"
 ACCESS_TOKEN_TYPE = "at+jwt"  # RFC 9068
@@ -149,9 +148,7 @@ class TokenVerifier:
         if not self._keys:
             raise ValueError("the JWKS holds no EC signing keys")
         self.issuer, self.audience = issuer, audience
-        # token -> (caller, valid until), least recently used first; at most VERIFIED_CACHE_SIZE.
-        self._verified: collections.OrderedDict[str, tuple[Caller, float]] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._verified: VerifiedTokens[Caller] = VerifiedTokens(VERIFIED_CACHE_SIZE, lambda: time.time())
 
     @classmethod
     def from_file(cls, path: Path, **kw) -> "TokenVerifier":
@@ -166,32 +163,18 @@ class TokenVerifier:
         are remembered; a new one beyond that evicts the least recently used one, one at a time
         (a forgotten token costs one more verification, never a refusal).
         """
-        hit = self._verified.get(token)  # no lock to read: each step is atomic under the GIL
+        hit = self._verified.get(token)
         if hit is not None:
-            try:
-                self._verified.move_to_end(token)
-            except KeyError:  # evicted by another thread in between
-                pass
-            if time.time() < hit[1]:
-                return hit[0]
+            return hit
         caller, exp = self._verify(token)
-        with self._lock:
-            self._verified[token] = (caller, exp + LEEWAY_SECONDS)
-            self._verified.move_to_end(token)
-            if len(self._verified) > VERIFIED_CACHE_SIZE:
-                self._verified.popitem(last=False)
+        self._verified.put(token, caller, exp + LEEWAY_SECONDS)
         return caller
 
     def _verify(self, token: str) -> tuple[Caller, float]:
         def bad(why: str) -> Unauthenticated:
             return Unauthenticated(f"invalid token: {why}", reason="INVALID_TOKEN")
 
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise bad("malformed") from None
-        if header.get("alg") != ALGORITHM:
-            raise bad(f"algorithm must be {ALGORITHM}")
+        header = signed_header(token, ALGORITHM, bad)
         # Explicit typing (RFC 8725 3.11): only an access token is one, whatever else this key signs.
         if str(header.get("typ", "")).lower() not in (ACCESS_TOKEN_TYPE, "application/" + ACCESS_TOKEN_TYPE):
             raise bad(f"typ must be {ACCESS_TOKEN_TYPE}")

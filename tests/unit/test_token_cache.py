@@ -62,7 +62,7 @@ def test_a_remembered_token_does_not_vouch_for_a_tampered_copy(pair):
 
 def test_the_cache_evicts_the_least_recently_used_token_one_at_a_time(pair, monkeypatch):
     issuer, verifier = pair
-    monkeypatch.setattr(tokens, "VERIFIED_CACHE_SIZE", 3)
+    monkeypatch.setattr(verifier._verified, "size", 3)
     made = [issuer.issue(subject=ALICE.subject, email=ALICE.email, role=ALICE.role, session_id=f"ses_{i}")
             for i in range(5)]
     for token in made[:3]:
