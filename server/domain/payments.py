@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
-import json
 from typing import Callable, Iterable
 
 from server.domain.caller import Caller
-from server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from server.domain import idempotency
+from server.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from server.domain.permissions import PAYMENTS_CONFIRM
 from server.domain.ids import new_payment_id, opaque_id
 from server.domain.lifecycle import CANCELLED, EXPIRED, FAILED, PENDING, STATUSES, SUCCESS
@@ -84,8 +83,7 @@ class PaymentDraft:
 
     def fingerprint(self) -> str:
         """What makes two creates 'the same body' for idempotency."""
-        body = json.dumps([self.email, self.amount, self.currency, self.description], separators=(",", ":"))
-        return hashlib.sha256(body.encode()).hexdigest()
+        return idempotency.fingerprint(self.email, self.amount, self.currency, self.description)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,12 +268,7 @@ class PaymentRules:
 
     @staticmethod
     def _replay(earlier: PaymentRecord, fingerprint: str, request_id: str) -> PaymentRecord:
-        if earlier.request_hash != fingerprint:
-            raise AlreadyExists(
-                f"request_id {request_id!r} was already used for a payment with a different body",
-                reason="REQUEST_ID_CONFLICT",
-                metadata={"request_id": request_id},
-            )
+        idempotency.same_request(earlier.request_hash, fingerprint, request_id, "a payment")
         if earlier.deleted_at is not None:
             raise FailedPrecondition(
                 f"request_id {request_id!r} belongs to a payment that has been deleted",

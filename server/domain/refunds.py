@@ -24,13 +24,12 @@ updated_at, so a payment's history times, its refunds' order and its updated_at 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 from typing import Callable
 
 from server.domain.caller import Caller
-from server.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from server.domain import idempotency
+from server.domain.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from server.domain.ids import opaque_id
 from server.domain.lifecycle import SUCCESS
 from server.domain.paging import DEFAULT_PAGE_SIZE, PageTokens, invalid_page_size
@@ -80,9 +79,8 @@ class RefundDraft:
 
     def fingerprint(self) -> str:
         """What makes two refunds 'the same body' for idempotency."""
-        body = json.dumps([self.payment_id, self.amount, self.currency, self.reason, self.note,
-                           self.expected_refunded_amount], separators=(",", ":"))
-        return hashlib.sha256(body.encode()).hexdigest()
+        return idempotency.fingerprint(self.payment_id, self.amount, self.currency, self.reason, self.note,
+                                       self.expected_refunded_amount)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,9 +202,7 @@ class RefundRules:
     @staticmethod
     def _replay(earlier: RefundRecord, fingerprint: str, request_id: str) -> RefundRecord:
         """A refund is never changed, so the first answer is the refund as it is."""
-        if earlier.request_hash != fingerprint:
-            raise AlreadyExists(f"request_id {request_id!r} was already used for a refund with a different body",
-                                reason="REQUEST_ID_CONFLICT", metadata={"request_id": request_id})
+        idempotency.same_request(earlier.request_hash, fingerprint, request_id, "a refund")
         return earlier
 
     def _add_refunded(self, draft: RefundDraft, currency: str, now) -> PaymentRecord:
