@@ -107,18 +107,22 @@ def call_once(stubs, op: str, caller, pid: str, token: str) -> str:
         return rich_status(e)[1].reason
 
 
-@pytest.fixture
-def processes(request, tmp_path, keys_dir, backend):
-    prepare_workdir(tmp_path, keys_dir)
-    extra = {}
+def start_processes(request, work, keys_dir, backend, **extra: str) -> Server:
+    """PROCESSES server processes on consecutive free ports, on the test's database (emptied)."""
+    prepare_workdir(work, keys_dir)
     if backend == "postgres":
         url = request.getfixturevalue("pg_session_url")
         _reset_postgres(url)
         extra["DATABASE_URL"] = url
     base = free_ports(PROCESSES)
     # No admin named at start-up: the seeded one (tests/conftest.py) is the admin here.
-    server = Server.start(tmp_path, server_env(tmp_path, PAYMENTS_PROCESSES=str(PROCESSES), PAYMENTS_ADMIN_EMAIL="",
-                                               PAYMENTS_LISTEN_ADDR=f"127.0.0.1:{base}", **extra))
+    return Server.start(work, server_env(work, PAYMENTS_PROCESSES=str(PROCESSES), PAYMENTS_ADMIN_EMAIL="",
+                                         PAYMENTS_LISTEN_ADDR=f"127.0.0.1:{base}", **extra))
+
+
+@pytest.fixture
+def processes(request, tmp_path, keys_dir, backend):
+    server = start_processes(request, tmp_path, keys_dir, backend)
     yield server
     server.stop()
 

@@ -30,14 +30,13 @@ import time
 import grpc
 import pytest
 
-from devstack.stack import free_ports
 from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
-from tests.conftest import ADMIN_CALLER, ALICE, _reset_postgres, rich_status
-from tests.support.stack import Server, prepare_workdir, server_env
+from tests.conftest import ADMIN_CALLER, ALICE, rich_status
+from tests.service.test_histories import start_processes
 from devstack.webhook_receiver import FAST_WEBHOOKS, Receiver
 
-PROCESSES, CLIENTS, PAYMENTS, SECONDS, AMOUNT = 2, 12, 3, 5.0, 10_000
+CLIENTS, PAYMENTS, SECONDS, AMOUNT = 12, 3, 5.0, 10_000  # against test_histories' server processes
 AMOUNTS = [1, 250, 700, 1500, 3000]
 SLACK = 0.005  # seconds: a refund's time is read on the server between the call's start and its commit
 UNKNOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
@@ -59,15 +58,7 @@ class Call:
 
 @pytest.fixture
 def refund_processes(request, tmp_path, keys_dir, backend):
-    prepare_workdir(tmp_path, keys_dir)
-    extra = dict(FAST_WEBHOOKS)
-    if backend == "postgres":
-        url = request.getfixturevalue("pg_session_url")
-        _reset_postgres(url)
-        extra["DATABASE_URL"] = url
-    base = free_ports(PROCESSES)
-    server = Server.start(tmp_path, server_env(tmp_path, PAYMENTS_PROCESSES=str(PROCESSES), PAYMENTS_ADMIN_EMAIL="",
-                                               PAYMENTS_LISTEN_ADDR=f"127.0.0.1:{base}", **extra))
+    server = start_processes(request, tmp_path, keys_dir, backend, **FAST_WEBHOOKS)
     receiver = Receiver()
     yield server, receiver
     receiver.stop()
