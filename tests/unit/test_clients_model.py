@@ -26,6 +26,7 @@ from server.domain.errors import InvalidArgument, Unauthenticated
 from server.domain.paging import PageTokens
 from server.domain.permissions import PERMISSIONS
 from server.infra import storage
+from tests.support.model_clock import ModelClock
 from tests.support.reached import reached
 
 EXAMPLES = int(os.environ.get("PAYMENTS_CLIENT_MODEL_EXAMPLES", "150"))
@@ -33,18 +34,6 @@ STEPS = int(os.environ.get("PAYMENTS_CLIENT_MODEL_STEPS", "30"))
 CHECK_SECONDS = 5.0
 ADMIN_CALLER = Caller(subject="usr_admin", email="admin@example.com", role=ADMIN)
 _addresses = itertools.count()
-
-
-class Clock:
-    def __init__(self):
-        self.ms = 0
-        self.start = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
-
-    def wall(self) -> dt.datetime:
-        return self.start + dt.timedelta(milliseconds=self.ms)
-
-    def mono(self) -> float:
-        return 1000.0 + self.ms / 1000
 
 
 @dataclasses.dataclass
@@ -90,7 +79,7 @@ class ClientsMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         storage.ServiceClient.delete().execute()
-        self.clock = Clock()
+        self.clock = ModelClock()
         self.rules = ClientRules(store=storage.ClientQueries(), clock=self.clock.wall,
                                  page_tokens=PageTokens(b"k"), issue=lambda cid, scope: f"token:{cid}:{scope}")
         self.checks = {name: ClientCheck(storage.ClientQueries(), CHECK_SECONDS, clock=self.clock.mono,

@@ -51,6 +51,7 @@ from server.domain.caller import ADMIN, CUSTOMER
 from server.domain.errors import Unauthenticated
 from server.domain.sessions import REFRESH_GRACE_SECONDS, SessionCheck, Sessions, successor_of
 from server.infra import passwords, storage, tokens
+from tests.support.model_clock import ModelClock
 
 EXAMPLES = int(os.environ.get("PAYMENTS_SESSION_MODEL_EXAMPLES", "150"))
 STEPS = int(os.environ.get("PAYMENTS_SESSION_MODEL_STEPS", "30"))
@@ -62,20 +63,6 @@ TTL_SECONDS = 120  # a session's lifetime; `a_session_expires` reaches its end
 EPSILON = dt.timedelta(milliseconds=2)  # the clocks move in whole milliseconds; stay off the boundary
 
 _runs = itertools.count()
-
-
-class Clock:
-    """The rules' wall clock and the checks' monotonic clock, moved together by the test."""
-
-    def __init__(self):
-        self.ms = 0
-        self.start = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
-
-    def wall(self) -> dt.datetime:
-        return self.start + dt.timedelta(milliseconds=self.ms)
-
-    def mono(self) -> float:
-        return 1000.0 + self.ms / 1000
 
 
 @dataclasses.dataclass
@@ -126,7 +113,7 @@ class SessionsMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.run = next(_runs)
-        self.clock = Clock()
+        self.clock = ModelClock()
         self.sessions = Sessions(TTL_SECONDS, self.clock.wall)
         self.accounts = Accounts(self.issuer, clock=self.clock.wall, sessions=self.sessions)
         self.accounts.throttle.clock = self.clock.mono
