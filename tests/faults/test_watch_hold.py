@@ -74,13 +74,14 @@ def test_one_address_holding_watch_streams_leaves_reflection_and_health_checks_s
     with contextlib.ExitStack() as stack:
         # One address opens Watch streams as fast as its limit lets it, and keeps them.
         holder = stack.enter_context(attacks.address_relay("127.0.0.1", edge.envoy.port, HOLDER))
+        opening = time.monotonic()
         waves = [stack.enter_context(IdleStreams(holder.target, methods=(WATCH,), count=FIRST_WAVE))]
         for _ in range(WAVES - 1):  # IdleStreams waits a second after each wave: the bucket refills
             waves.append(stack.enter_context(IdleStreams(holder.target, methods=(WATCH,), count=WAVE)))
         held = sum(w.outcomes()[WATCH]["open"] for w in waves)
         stats = attacks.envoy_stats(edge.envoy, f"cluster.{watch_cluster}.upstream_rq_active",
                                     f"cluster.{watch_cluster}.upstream_rq_pending_overflow")
-        print(f"holder opened {FIRST_WAVE + WAVE * (WAVES - 1)} Watch streams, holds {held} "
+        print(f"holder opened {FIRST_WAVE + WAVE * (WAVES - 1)} Watch streams in {time.monotonic() - opening:.1f} s, holds {held} "
               f"({watch_cluster}, breaker {watch_breaker}); {stats}")
         assert held == watch_breaker, (held, watch_breaker)  # it holds the whole Watch breaker
 
