@@ -46,7 +46,7 @@ from server.edge import admission
 AUTH_WAITING = 32  # logins/sign-ups that may wait for a hashing thread; more are shed
 HEALTH_THREADS = 2
 HEALTH_ADMITTED = 64
-MAX_WATCHES = 64
+MAX_WATCHES = 64  # open health watches per process; Envoy's payments_watch breaker admits as many (envoy/envoy.yaml)
 RECEIVING = 128  # payment calls that may wait for their request message at once (the other lanes: shares of it)
 
 _shedding = threading.local()

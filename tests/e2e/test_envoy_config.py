@@ -54,7 +54,7 @@ def test_the_server_endpoints_are_one_per_process_up_to_the_settings_maximum():
     cluster = next(c for c in yaml.safe_load(CONFIG.read_text())["static_resources"]["clusters"] if c["name"] == "payments_grpc")
     ports = [e["endpoint"]["address"]["socket_address"]["port_value"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
     assert ports == [50051 + i for i in range(config.MAX_PROCESSES)]
-    for c in yaml.safe_load(CONFIG.read_text())["static_resources"]["clusters"][:3]:  # the server's: never to a dead port
+    for c in yaml.safe_load(CONFIG.read_text())["static_resources"]["clusters"][:5]:  # the server's: never to a dead port
         assert c["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}, c["name"]
         # Envoy's checks name themselves: the server gives them a turn of their own (admission.py).
         assert c["health_checks"][0]["grpc_health_check"] == {"initial_metadata": [
@@ -65,8 +65,8 @@ def test_admin_is_loopback_and_backend_is_the_sidecar():
     config = yaml.safe_load(CONFIG.read_text())
     assert config["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9901}
     clusters = config["static_resources"]["clusters"]
-    assert [c["name"] for c in clusters] == ["payments_grpc", "payments_auth", "payments_streams", "envoy_admin",
-                                             "google_jwks"]
+    assert [c["name"] for c in clusters] == ["payments_grpc", "payments_auth", "payments_reflection", "payments_health",
+                                             "payments_watch", "envoy_admin", "google_jwks"]
     # Google's keys, over TLS checked against the system's authorities for www.googleapis.com.
     google = clusters.pop()
     assert google["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] == {
@@ -77,7 +77,7 @@ def test_admin_is_loopback_and_backend_is_the_sidecar():
         {"san_type": "DNS", "matcher": {"exact": "www.googleapis.com"}}]
     admin = clusters.pop()["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
     assert admin == config["admin"]["address"]["socket_address"]  # the metrics listener's upstream: the admin port
-    for cluster in clusters:  # one server, three connection pools with their own circuit breakers
+    for cluster in clusters:  # one server, five connection pools with their own circuit breakers
         endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
         assert {e["endpoint"]["address"]["socket_address"]["address"] for e in endpoints} == {"127.0.0.1"}
         assert endpoints[0]["endpoint"]["address"]["socket_address"]["port_value"] == 50051  # the first process
@@ -91,6 +91,32 @@ def test_admin_is_loopback_and_backend_is_the_sidecar():
     by_name = {c["name"]: c["circuit_breakers"]["thresholds"][0]["max_requests"] for c in clusters}
     assert by_name["payments_grpc"] >= 4 * Settings().max_concurrent_rpcs
     assert by_name["payments_auth"] >= 4 * (Settings().auth_threads + capacity.AUTH_WAITING)
+    # So are reflection's and health Check's (the server sheds the busiest address's); health Watch,
+    # which one address can hold whole, is one process's count of open watches, so a process never
+    # refuses a Watch Envoy let through.
+    assert by_name["payments_reflection"] >= 4 * Settings().max_streams
+    assert by_name["payments_health"] >= 4 * capacity.HEALTH_ADMITTED
+    assert by_name["payments_watch"] == capacity.MAX_WATCHES
+
+
+def test_public_and_token_streams_never_share_a_circuit_breaker():
+    """Health Watch (public, held open), health Check (public, unary) and reflection (a token at
+    the edge) each on a cluster of its own: a Watch hold takes neither of the others
+    (tests/faults/test_watch_hold.py)."""
+    config = yaml.safe_load(CONFIG.read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+
+    def cluster(path: str) -> str:
+        route = next(r for r in routes if r["match"].get("path") == path or path.startswith(r["match"].get("prefix", "\0")))
+        return route["route"]["cluster"]
+
+    paths = {"/grpc.health.v1.Health/Watch": "payments_watch", "/grpc.health.v1.Health/Check": "payments_health",
+             "/grpc.health.v1.Health/List": "payments_health",
+             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": "payments_reflection",
+             "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "payments_reflection",
+             "/payments.v1.PaymentService/GetPayment": "payments_grpc", "/payments.v1.AuthService/Login": "payments_auth"}
+    assert {path: cluster(path) for path in paths} == paths
     listener, metrics = config["static_resources"]["listeners"]
     assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 8080}
     assert (metrics["name"], metrics["address"]["socket_address"]["port_value"]) == ("metrics", 9902)

@@ -1,4 +1,4 @@
-"""No number of idle streams stops payment calls (server/edge/capacity.py, the streams cluster in
+"""No number of idle streams stops payment calls (server/edge/capacity.py, the stream clusters in
 envoy/envoy.yaml).
 
 Several hundred idle streams on every public streaming method (server reflection v1 and
@@ -63,11 +63,12 @@ def test_hundreds_of_idle_public_streams_do_not_stop_payment_calls(edge, token_f
     for method in (REFLECTION_V1, REFLECTION_V1ALPHA, WATCH):
         assert sum(outcomes[method].values()) == STREAMS
     if path == "envoy":
-        # Reflection needs a token at the edge; health Watch is public but capped by the streams
-        # cluster's circuit breaker (16) and the server's watch count.
+        # Reflection needs a token at the edge; health Watch is public but capped by the Watch
+        # cluster's circuit breaker (64, the server's watch count; tests/faults/test_watch_hold.py
+        # shows one address holding all of it, and what that does not take).
         assert outcomes[REFLECTION_V1]["UNAUTHENTICATED"] == STREAMS
         assert outcomes[REFLECTION_V1ALPHA]["UNAUTHENTICATED"] == STREAMS
-        assert outcomes[WATCH]["open"] <= 16, outcomes[WATCH]
+        assert 1 <= outcomes[WATCH]["open"] <= 64, outcomes[WATCH]
     else:
         assert outcomes[REFLECTION_V1]["UNIMPLEMENTED"] == STREAMS  # grpcio-reflection serves v1alpha only
         held = outcomes[REFLECTION_V1ALPHA]["open"]
