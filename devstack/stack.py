@@ -17,6 +17,7 @@ import http.server
 import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -100,12 +101,24 @@ def free_port() -> int:
 def free_ports(count: int) -> int:
     """A base port whose `count` consecutive ports are free (server process i listens on base + i).
     Free means bindable: a port can be taken by a listener, or be the local end of an outgoing
-    connection (a pooled PostgreSQL connection holds one for minutes), which no connect() sees."""
-    for _ in range(50):
-        base = free_port()
-        if base + count < 65536 and all(bindable("127.0.0.1", base + i) for i in range(1, count)):
+    connection (a pooled PostgreSQL connection holds one for minutes), which no connect() sees.
+    The base is picked below the kernel's ephemeral range (ip_local_port_range), from which every
+    outgoing connection and every bind to port 0 takes its port: a port found free there could be
+    handed out again before the server binds it (a clean-clone run lost a test that way)."""
+    low, _ = _ephemeral_range()
+    for _ in range(200):
+        base = random.randrange(max(1024, low - 12_000), low - count)
+        if all(bindable("127.0.0.1", base + i) for i in range(count)):
             return base
     raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def bindable(host: str, port: int) -> bool:

@@ -145,13 +145,19 @@ class Conn:
         return self.close_kind or "open"
 
 
-def _frame_types(data: bytes) -> list[int]:
-    """The types of the whole HTTP/2 frames in `data` (a server's bytes after the preface)."""
+def _frame_types(data: bytes | bytearray, *, keep_partial: bool = False) -> list[int]:
+    """The types of the whole HTTP/2 frames in `data` (a server's bytes after the preface). With
+    `keep_partial`, `data` (a bytearray) keeps only a last frame not yet whole, for the next read
+    to complete: reads split frames anywhere, and one read parsed alone misses what follows."""
     types, i = [], 0
     while i + 9 <= len(data):
         length = int.from_bytes(data[i:i + 3], "big")
+        if keep_partial and i + 9 + length > len(data):
+            break
         types.append(data[i + 3])
         i += 9 + length
+    if keep_partial:
+        del data[:i]
     return types
 
 
@@ -778,7 +784,7 @@ class ControlFrameFlood:
         try:
             sock.sendall(conn.data_to_send())
             sock.setblocking(False)
-            pending, batches = bytearray(), 0
+            pending, batches, received = bytearray(), 0, bytearray()
             while not self._stop.is_set() and time.monotonic() < deadline:
                 if len(pending) < 1 << 16:
                     batches += 1
@@ -818,9 +824,11 @@ class ControlFrameFlood:
                         except h2.exceptions.ProtocolError:
                             self._count("protocol_errors")
                             return
-                    elif 7 in _frame_types(data):
-                        self._count("goaway")
-                        return
+                    else:
+                        received += data
+                        if 7 in _frame_types(received, keep_partial=True):
+                            self._count("goaway")
+                            return
         except (ConnectionError, OSError):
             self._count("closed_by_server")
         finally:
