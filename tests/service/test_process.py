@@ -206,6 +206,32 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(server_process, settings,
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
+def test_one_connection_carries_more_calls_than_its_stream_limit(server_process, token_for):
+    """A client's connection (and each of Envoy's to the server) lives for hours, and grpc counts a
+    call's stream against the connection's limit (app.HTTP2_FLOOD_LIMITS) until the server lets go
+    of the call: calls held a few seconds too long once refused every call after the 4,096th."""
+    import collections
+    from concurrent import futures
+
+    from server.edge.app import HTTP2_FLOOD_LIMITS
+    from server.edge.pb import payments_pb2_grpc as pb_grpc
+
+    calls = dict(HTTP2_FLOOD_LIMITS)["grpc.max_concurrent_streams"] + 1000
+    stub = pb_grpc.PaymentServiceStub(server_process.channel)
+    md = (("authorization", f"Bearer {token_for(ALICE)}"),)
+
+    def call(_) -> str:
+        try:
+            stub.GetPayment(pb.GetPaymentRequest(id="pay_nothing_here"), metadata=md, timeout=10)
+            return "OK"
+        except grpc.RpcError as e:
+            return e.code().name
+
+    with futures.ThreadPoolExecutor(8) as pool:
+        codes = collections.Counter(pool.map(call, range(calls)))
+    assert codes == {"NOT_FOUND": calls}, codes
+
+
 def test_grpcurl_lists_describes_and_calls_through_reflection(server_process, token_for):
     addr = f"127.0.0.1:{server_process.port}"
 

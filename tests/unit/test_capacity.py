@@ -47,6 +47,24 @@ def test_deadlines_fire_once_and_forgotten_ones_never():
     assert fired == ["a", "c"]
 
 
+def test_a_forgotten_deadline_lets_go_of_its_action_at_once():
+    """An action holds its call, and grpc counts a call's stream against its connection until the
+    last reference is gone (tests/service/test_process.py sends more calls than that limit)."""
+    import gc
+    import weakref
+
+    class Held:
+        pass
+
+    deadlines, held = capacity.Deadlines(), Held()
+    key = deadlines.after(60, lambda held=held: held)
+    alive = weakref.ref(held)
+    del held
+    deadlines.forget(key)
+    gc.collect()
+    assert alive() is None and deadlines.pending == 0
+
+
 def _one_thread_lane(admit: int):
     shedder = futures.ThreadPoolExecutor(1)
     return capacity.Lane("t", threads=1, admit=admit, shedder=shedder), shedder
