@@ -127,3 +127,24 @@ def test_curl_preflight(stack):
                          capture_output=True, text=True, timeout=30, check=True).stdout.lower()
     assert out.startswith("http/1.1 200")
     assert f"access-control-allow-origin: {CORS_ORIGINS[0]}" in out
+
+
+def test_the_edges_own_refusals_carry_cors_headers_for_a_configured_origin(api, keys_dir):
+    """Envoy's Lua filter answers some requests itself, before the CORS filter sees them (a bucket
+    of bad signatures spent, a header gRPC cannot carry): a Swagger UI user still reads the
+    error and its Retry-After, not "Failed to fetch"."""
+    from tests.faults.test_forged_tokens import budget, forged
+    from tests.support.rest import loopback_address
+
+    limit, _ = budget()
+    client, origin = api.from_address(loopback_address()), {"Origin": CORS_ORIGINS[0]}
+    for _ in range(limit):
+        client.get("/v1/payments", token=forged(keys_dir), headers=origin)
+    refused = client.get("/v1/payments", token=forged(keys_dir), headers=origin)
+    assert refused.status == 429, refused.text
+    assert refused.headers["access-control-allow-origin"] == CORS_ORIGINS[0]
+    assert "retry-after" in refused.headers["access-control-expose-headers"]
+    bad_name = api.get("/v1/payments", headers={**origin, "x#y": "1"})
+    assert bad_name.status == 400 and bad_name.headers["access-control-allow-origin"] == CORS_ORIGINS[0]
+    elsewhere = client.get("/v1/payments", token=forged(keys_dir), headers={"Origin": "https://evil.example"})
+    assert elsewhere.status == 429 and "access-control-allow-origin" not in elsewhere.headers

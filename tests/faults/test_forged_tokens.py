@@ -135,6 +135,38 @@ def test_a_bad_signature_without_a_key_id_empties_the_bucket_at_once(edge, keys_
     assert (answer.status, *reason(answer)) == (429, RESOURCE_EXHAUSTED, "TOO_MANY_BAD_TOKENS"), answer.text
 
 
+@pytest.mark.parametrize("how", ["junk before it", "an escaped key named like kid"])
+def test_a_token_without_a_key_id_is_found_however_it_is_dressed(edge, keys_dir, payment, how):
+    """jwt_authn takes the token from the first "Bearer " on, skipping what cannot start one, and
+    reads the JOSE header's top-level keys only."""
+    attacker, path = edge.api.from_address(loopback_address()), f"/v1/payments/{payment}"
+    if how == "junk before it":
+        headers = {"Authorization": f"Bearer ~{forged(keys_dir, kid=False)}"}
+    else:
+        import base64
+
+        token = forged(keys_dir, kid=False)
+        jose = base64.urlsafe_b64encode(b'{"alg":"ES256","a\\"kid":"x","typ":"at+jwt"}').rstrip(b"=").decode()
+        headers = {"Authorization": "Bearer " + ".".join([jose, *token.split(".")[1:]])}
+    before = denied(edge.envoy)
+    first = attacker.get(path, headers=headers)
+    assert first.status == 401 and denied(edge.envoy) == before + 1, first.text  # one check: every key
+    answer = attacker.get(path, token=forged(keys_dir))
+    assert (answer.status, *reason(answer)) == (429, RESOURCE_EXHAUSTED, "TOO_MANY_BAD_TOKENS"), answer.text
+
+
+def test_long_tokens_that_fail_take_from_the_bucket_by_their_length(edge, keys_dir, payment):
+    """Reading a token costs by its length, whatever then fails: an expired 3 KB token takes three
+    from the bucket; this API's own (~500 bytes) take none (the test above: 40 expired in a row)."""
+    limit, _ = budget()
+    attacker, path = edge.api.from_address(loopback_address()), f"/v1/payments/{payment}"
+    long_expired = jwt_attacks.sign((keys_dir / "jwt-private.pem").read_bytes(),
+                                    jwt_attacks.claims(iat=1, nbf=1, exp=2, filler="x" * 2300))
+    assert 3 * 1024 <= len("Bearer " + long_expired) < 4 * 1024
+    statuses = [attacker.get(path, token=long_expired).status for _ in range(limit // 3 + 3)]
+    assert statuses[:limit // 3] == [401] * (limit // 3) and statuses[-1] == 429, statuses
+
+
 def test_a_token_too_long_to_be_one_is_refused_before_it_is_read(edge, keys_dir, payment):
     """Parsing a token costs Envoy by its length (an 11 KB expired token cost twice a forged one)."""
     client, before = edge.api.from_address(loopback_address()), denied(edge.envoy)
