@@ -66,7 +66,7 @@ def main() -> int:
             source.write_text(VARIANTS[name](CONFIG.read_text()))
             envoy = stack.enter_context(bench_run.stopping(Envoy.start(bench.envoy_dir(f"variant-{n}"), target.server.port,
                                                                        source=source)))
-            envoy.set_runtime(edge_rate_limit__enforced="0")
+            envoy.set_runtime(**loadgen.UNLIMITED)
             envoys[name] = envoy
         cases = {
             "GetPayment": ("GET", f"/v1/payments/{target.payment_id}", None),

@@ -187,7 +187,7 @@ class Bench:
         server = self.stack.enter_context(stopping(Server.start(
             self.work, self.env(), [sys.executable, str(ROOT / "bench" / "empty_server.py")])))
         envoy = self.stack.enter_context(stopping(Envoy.start(self.envoy_dir("baseline"), server.port)))
-        envoy.set_runtime(edge_rate_limit__enforced="0")  # capacity from one address, not the per-address policy
+        envoy.set_runtime(**loadgen.UNLIMITED)  # capacity from one address and one caller, not the per-address and per-caller policy
         return Target("baseline", server, envoy, "pay_" + "a" * 26)
 
     def envoy_dir(self, label: str) -> Path:
@@ -209,7 +209,7 @@ class Bench:
             env["DATABASE_URL"] = database_url
         server = self.stack.enter_context(stopping(Server.start(self.work, env)))
         envoy = self.stack.enter_context(stopping(Envoy.start(self.envoy_dir(label), server.port)))
-        envoy.set_runtime(edge_rate_limit__enforced="0")  # capacity from one address, not the per-address policy
+        envoy.set_runtime(**loadgen.UNLIMITED)  # capacity from one address and one caller, not the per-address and per-caller policy
         return Target(label, server, envoy, self.create_one(server.port), self.settled_one(server.port))
 
     def start_processes(self, target: Target, processes: int) -> Target:
@@ -223,7 +223,7 @@ class Bench:
         server = self.stack.enter_context(stopping(Server.start(self.work, env)))
         label = f"{target.label} x{processes}"
         envoy = self.stack.enter_context(stopping(Envoy.start(self.envoy_dir(label.replace(" ", "-")), server.ports)))
-        envoy.set_runtime(edge_rate_limit__enforced="0")  # capacity from one address, not the per-address policy
+        envoy.set_runtime(**loadgen.UNLIMITED)  # capacity from one address and one caller, not the per-address and per-caller policy
         return Target(label, server, envoy, target.payment_id, target.settled_id)
 
     def versus(self, target: Target) -> str:
