@@ -208,27 +208,10 @@ def main() -> int:
     issuer = tokens.TokenIssuer(tokens.load_private_key(settings.jwt_private_key_file), issuer=settings.jwt_issuer,
                                 audience=settings.jwt_audience, ttl_seconds=3600)
 
-    def md(c: Caller) -> tuple:
-        return (("authorization", "Bearer " + issuer.issue(subject=c.subject, email=c.email, role=c.role,
-                                                           session_id=c.session_id)),)
-
     receiver = Receiver()
     try:
         receiver.delay = args.receiver_delay
-        server = Server.start(work, jobs_off)
-        try:
-            seed_callers(settings)
-            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-                made = pb_grpc.WebhookServiceStub(channel).CreateWebhookEndpoint(pb.CreateWebhookEndpointRequest(
-                    endpoint=pb.WebhookEndpoint(url=receiver.url, event_types=["*"], enabled=True)), metadata=md(OPERATOR))
-                receiver.secret = made.secret
-                payments = pb_grpc.PaymentServiceStub(channel)
-                payer = md(PAYER)
-                for i in range(args.events):
-                    payments.CreatePayment(pb.CreatePaymentRequest(payment=pb.Payment(email=PAYER.email, amount=100 + i)),
-                                           metadata=payer)
-        finally:
-            server.stop()
+        backlog(settings, receiver, issuer, args.events, jobs_off)
         bodies = [(f"evt_base{i}",
                    f'{{"id":"evt_base{i}","type":"payment.created","payment":{{"id":"pay_{i}"}}}}'.encode())
                   for i in range(args.events)]
