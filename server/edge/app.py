@@ -17,6 +17,7 @@ from server.infra import clock as clocks
 from server.infra import google_tokens, metrics, passwords, sqlite_turns, storage, tokens, tracing
 from server.domain.accounts import Accounts
 from server.domain.errors import FailedPrecondition
+from server.edge.health import HealthServicer
 from server.edge.interceptor import CallInterceptor
 from server.infra.config import Settings
 from server.domain.paging import PageTokens
@@ -77,7 +78,7 @@ SERVICE_NAMES = (
 class App:
     settings: Settings
     server: grpc.Server
-    health: health.HealthServicer
+    health: HealthServicer
     port: int
     rules: PaymentRules
     lanes: capacity.Lanes | None = None
@@ -189,7 +190,7 @@ def build(settings: Settings) -> App:
     pb_grpc.add_WebhookServiceServicer_to_server(WebhookServicer(webhook_rules), server)
     pb_grpc.add_TokenServiceServicer_to_server(TokenServicer(client_rules), server)
     pb_grpc.add_ClientServiceServicer_to_server(ClientServicer(client_rules), server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True, experimental_thread_pool=lanes.health)
+    health_servicer = HealthServicer(experimental_non_blocking=True, experimental_thread_pool=lanes.health)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server,
