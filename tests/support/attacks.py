@@ -10,6 +10,7 @@ What an attacker without an account (or with one) can do to hold the service's r
     idle_connections         TCP connections that send nothing
     preface_connections      HTTP/2 connections that send the client preface and SETTINGS only
     partial_bodies           the same with a message near the body limit, from several addresses at once
+    partial_body_flood       the same from a new address every few connections, as prepared frames, as fast as one process writes
     rapid_reset              HTTP/2 streams opened and reset at once, as fast as the client can
     control_frame_flood      HTTP/2 PING, SETTINGS or WINDOW_UPDATE frames as fast as they are read
     closed_loop_calls        one customer's many concurrent unary calls, each followed by the next
