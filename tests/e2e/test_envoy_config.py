@@ -235,20 +235,25 @@ def _overload() -> dict:
 
 
 def test_every_tracked_stream_may_be_reset_before_new_requests_are_refused():
-    """envoy/README.md: streams buffering 4 KiB or more are reset, largest first, from 30% of the
-    heap; every one of them is a candidate (the last of the 8 buckets) before new requests get 503,
-    and the action saturates late, since a saturated action resets nothing more."""
+    """envoy/README.md: streams buffering 1 KiB or more are reset, largest first, from 30% of the
+    heap; one holding an unfinished body near the 16 KiB limit (16-32 KiB) is a candidate from 54%;
+    every one of them (the last of the 8 buckets) before new requests get 503, and the action
+    saturates late, since a saturated action resets nothing more."""
     overload = _overload()
     actions = {a["name"].rsplit(".", 1)[1]: a["triggers"][0] for a in overload["actions"]}
     reset = actions["reset_high_memory_stream"]["scaled"]
     refuse = actions["stop_accepting_requests"]["threshold"]["value"]
-    assert overload["buffer_factory_config"]["minimum_account_to_track_power_of_two"] == 12  # 4 KiB
+    smallest = overload["buffer_factory_config"]["minimum_account_to_track_power_of_two"]
+    assert smallest == 10  # 1 KiB
     assert reset["scaling_threshold"] == 0.30
+    bucket_of_16k = 14 - smallest  # 16-32 KiB: the bucket 2**14 starts, counted from the smallest
+    from_ = reset["scaling_threshold"] + (7 - bucket_of_16k) * (reset["saturation_threshold"] - reset["scaling_threshold"]) / 8
+    assert round(from_, 3) == 0.544, from_
     every_bucket = reset["scaling_threshold"] + 7 * (reset["saturation_threshold"] - reset["scaling_threshold"]) / 8
     assert every_bucket < refuse, (every_bucket, refuse)
     assert reset["saturation_threshold"] >= refuse
-    # Up to 50 resets a refresh (Envoy's own limit): 2,500 a second.
-    assert overload["refresh_interval"] == "0.02s"
+    # Up to 50 resets a refresh (Envoy's own limit): 10,000 a second.
+    assert overload["refresh_interval"] == "0.005s"
 
 
 def test_the_http2_flood_limits_are_written_out():

@@ -10,6 +10,7 @@ What an attacker without an account (or with one) can do to hold the service's r
     idle_connections         TCP connections that send nothing
     preface_connections      HTTP/2 connections that send the client preface and SETTINGS only
     partial_bodies           the same with a message near the body limit, from several addresses at once
+    partial_body_flood       the same from a new address every few connections, as prepared frames, as fast as one process writes
     rapid_reset              HTTP/2 streams opened and reset at once, as fast as the client can
     control_frame_flood      HTTP/2 PING, SETTINGS or WINDOW_UPDATE frames as fast as they are read
     closed_loop_calls        one customer's many concurrent unary calls, each followed by the next
@@ -876,6 +877,109 @@ class InChildProcess:
         if self.counts is None:
             self.counts = collections.Counter(self._results.get(timeout=self._timeout))
         return self.counts
+
+
+# --------------------------------------------------------------------------------------------
+# Unfinished bodies as fast as a process can write them
+
+
+class PartialBodyFlood:
+    """For `seconds`, on a background thread: HTTP/2 connections, each from a loopback address of
+    its own block (127.<block>.x.y, a new address every `per_address` connections so that no
+    address passes edge_rate_limit's burst), each with `streams` gRPC calls on `method_path`
+    whose message announces `announced` bytes and sends the first `sent`, never END_STREAM. The
+    frames are written as prepared bytes (one HPACK block reused: literal headers that each
+    decode alike), so one process opens thousands of such streams a second, far more than
+    PartialBodies with its h2 state per stream. A connection is closed `hold` s after it opened
+    (after request_timeout Envoy has ended its streams anyway). .wait() returns the counts:
+    connections and streams opened, connections refused or closed before their streams went."""
+
+    def __init__(self, host: str, port: int, method_path: str, seconds: float = 10.0, *, block: int = 80,
+                 per_address: int = 60, streams: int = 15, announced: int = 16_379, sent: int = 15_379,
+                 hold: float = 6.0):
+        import hpack
+
+        if sent >= announced or 5 + sent > 16_384:
+            raise ValueError("a partial message sends fewer bytes than it announces, in one DATA frame")
+        self.host, self.port, self.seconds, self.block = host, port, seconds, block
+        self.per_address, self.hold = per_address, hold
+        headers = grpc_headers(host, port, method_path)
+        block_bytes = hpack.Encoder().encode(headers)
+        message = b"\x00" + struct.pack(">I", announced) + b"\x0a" * sent
+        frames = [h2_frame(0x4, 0x1, 0)]  # SETTINGS ACK for Envoy's SETTINGS, read before this is sent
+        for i in range(streams):
+            sid = 2 * i + 1
+            frames += [h2_frame(0x1, 0x4, sid, block_bytes), h2_frame(0x0, 0x0, sid, message)]  # END_HEADERS; no END_STREAM
+        self._streams_blob, self._streams = b"".join(frames), streams
+        self._needed = streams * len(message)
+        self.counts: collections.Counter = collections.Counter()
+        self._thread = threading.Thread(target=self._run, name="partial-body-flood", daemon=True)
+
+    def __enter__(self) -> "PartialBodyFlood":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._thread.join(timeout=self.seconds + self.hold + 10)
+
+    def wait(self) -> collections.Counter:
+        self._thread.join(timeout=self.seconds + self.hold + 10)
+        return self.counts
+
+    def _address(self, n: int) -> str:
+        return f"127.{self.block}.{(n // 250) % 250 + 1}.{n % 250 + 1}"
+
+    def _window_opened(self, sock: socket.socket) -> bool:
+        """Reads Envoy's first frames until its connection window holds every stream's bytes."""
+        window, buffer = 65_535, b""
+        deadline = time.monotonic() + 2.0
+        while window < self._needed and time.monotonic() < deadline:
+            data = sock.recv(65_536)
+            if not data:
+                return False
+            buffer += data
+            while len(buffer) >= 9:
+                length = int.from_bytes(buffer[:3], "big")
+                if len(buffer) < 9 + length:
+                    break
+                kind, sid = buffer[3], int.from_bytes(buffer[5:9], "big") & 0x7FFF_FFFF
+                if kind == 0x8 and sid == 0:
+                    window += int.from_bytes(buffer[9:13], "big") & 0x7FFF_FFFF
+                buffer = buffer[9 + length:]
+        return window >= self._needed
+
+    def _run(self) -> None:
+        held: collections.deque[tuple[float, socket.socket]] = collections.deque()
+        deadline, n = time.monotonic() + self.seconds, 0
+        try:
+            while time.monotonic() < deadline:
+                while held and held[0][0] < time.monotonic():
+                    held.popleft()[1].close()
+                source = self._address(n // self.per_address)
+                n += 1
+                try:
+                    sock = _connect(self.host, self.port, source, timeout=2.0)
+                    sock.sendall(PREFACE + EMPTY_SETTINGS)
+                    if not self._window_opened(sock):
+                        sock.close()
+                        self.counts["closed before the streams"] += 1
+                        continue
+                    sock.sendall(self._streams_blob)
+                except OSError:
+                    self.counts["connections refused"] += 1
+                    continue
+                held.append((time.monotonic() + self.hold, sock))
+                self.counts["connections"] += 1
+                self.counts["streams"] += self._streams
+        finally:
+            for _, sock in held:
+                sock.close()
+
+
+def partial_body_flood(host: str, port: int, method_path: str, seconds: float = 10.0, **kw) -> PartialBodyFlood:
+    """Unfinished gRPC messages as fast as one process writes them (see PartialBodyFlood); run
+    several in InChildProcess to go faster than one interpreter."""
+    return PartialBodyFlood(host, port, method_path, seconds, **kw)
 
 
 # --------------------------------------------------------------------------------------------
