@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.cpu_quota import cpu_quota, pod_cpu_limit, throttled
+from tests.support.loops import paced_reads, run_for
 from tests.support.rest import Client, loopback_address
 from tests.support.stack import Envoy, Server, prepare_workdir, server_env
 
@@ -62,12 +62,11 @@ def run_flood(server: Server, api: Client, quota: Path) -> None:
     payment = me.post("/v1/payments", {"email": "buyer@example.com", "amount": "1250"}, token=token).json["id"]
     throttled_before = throttled(quota)
 
-    stop = threading.Event()
     logins: list[int] = []
     probes: list[float | None] = []
     reads: list[tuple[int, float]] = []
 
-    def flood():
+    def flood(stop):
         client = api.from_address(loopback_address())
         n = 0
         while not stop.is_set():
@@ -75,7 +74,7 @@ def run_flood(server: Server, api: Client, quota: Path) -> None:
                                                          "password": "not the password"}).status)
             n += 1
 
-    def probe():
+    def probe(stop):
         while not stop.is_set():
             started = time.monotonic()
             with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:  # a new connection, as the kubelet's
@@ -86,20 +85,7 @@ def run_flood(server: Server, api: Client, quota: Path) -> None:
                     probes.append(None)
             time.sleep(0.5)
 
-    def read():
-        while not stop.is_set():
-            started = time.monotonic()
-            status = me.get(f"/v1/payments/{payment}", token=token).status
-            reads.append((status, time.monotonic() - started))
-            time.sleep(0.1)
-
-    threads = [threading.Thread(target=f) for f in [flood] * FLOODERS + [probe, read]]
-    for t in threads:
-        t.start()
-    time.sleep(FLOOD_SECONDS)
-    stop.set()
-    for t in threads:
-        t.join()
+    run_for(FLOOD_SECONDS, [flood] * FLOODERS + [probe, paced_reads(me, f"/v1/payments/{payment}", token, reads)])
 
     hashed, shed = logins.count(401), logins.count(429)
     assert set(logins) <= {401, 429}, set(logins)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import re
 import statistics
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +31,7 @@ from tests.conftest import ALICE
 from tests.faults.conftest import payment_stub
 from tests.support import attacks, jwt_attacks
 from tests.support.cpu_quota import cpu_quota, pod_cpu_limit, throttled
+from tests.support.loops import paced_reads, run_for
 from tests.support.deploy import ROOT
 from tests.support.rest import Client, loopback_address
 from tests.support.stack import Envoy, Server, prepare_workdir
@@ -258,32 +258,16 @@ def flood(envoy: Envoy, keys: Path, token_for, quota: Path, limit: int, per_seco
     payment = me.post("/v1/payments", {"email": ALICE.email, "amount": "1250"}, token=token).json["id"]
     tokens = [forged(keys) for _ in range(20)]
     throttled_before, denied_before = throttled(quota), denied(envoy)
-    stop = threading.Event()
     answers: list[int] = []
     reads: list[tuple[int, float]] = []
 
-    def attack():
+    def attack(stop):
         client, n = api.from_address(loopback_address()), 0
         while not stop.is_set():
             answers.append(client.get(f"/v1/payments/{payment}", token=tokens[n % len(tokens)]).status)
             n += 1
 
-    def read():
-        while not stop.is_set():
-            started = time.monotonic()
-            status = me.get(f"/v1/payments/{payment}", token=token).status
-            reads.append((status, time.monotonic() - started))
-            time.sleep(0.1)
-
-    threads = [threading.Thread(target=f) for f in [attack] * FLOODERS + [read]]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    time.sleep(FLOOD_SECONDS)
-    stop.set()
-    for t in threads:
-        t.join()
-    seconds = time.monotonic() - started
+    seconds = run_for(FLOOD_SECONDS, [attack] * FLOODERS + [paced_reads(me, f"/v1/payments/{payment}", token, reads)])
 
     verified, refused = answers.count(401), answers.count(429)
     latencies = sorted(seconds for _, seconds in reads)
