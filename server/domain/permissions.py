@@ -83,10 +83,7 @@ def required(method: str) -> str | tuple[str, ...]:
 
 def permissions_needed(method: str) -> tuple[str, ...]:
     """The permissions a client needs for `method` (empty for PUBLIC and PERSONS_ONLY)."""
-    return _as_permissions(required(method))
-
-
-def _as_permissions(need: str | tuple[str, ...]) -> tuple[str, ...]:
+    need = required(method)
     if isinstance(need, tuple):
         return need
     return () if need in (PUBLIC, PERSONS_ONLY) else (need,)
@@ -105,7 +102,7 @@ def check(method: str, permissions: frozenset[str]) -> None:
     if need == PERSONS_ONLY:
         raise PermissionDenied(f"{name} is for persons, not service clients", reason="PERSONS_ONLY",
                                metadata={"method": name})
-    for permission in _as_permissions(need):
+    for permission in permissions_needed(method):
         if permission not in permissions:
             raise PermissionDenied(f"{name} needs the permission {permission}, which this token does not carry",
                                    reason="PERMISSION_MISSING", metadata={"method": name, "permission": permission})
