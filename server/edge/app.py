@@ -59,10 +59,20 @@ MAX_METADATA_BYTES = HEADER_LIMIT_BYTES + 100 * 32 + 1024
 # no call failed. 4,096 is far above what Envoy's breakers put on its connections (about 1,300):
 # at 256 or 1,024, grpc refused Envoy's streams under one customer's load ("remote refused
 # stream reset").
+#
+# Calls a method may have waiting for the application before grpc sheds new ones (at random past
+# the first number, all past the second). A stream reset by its client still waits there until
+# the application takes it, so grpc's defaults (1,000 and 3,000) let one connection's rapid reset
+# of one method (4,096 streams at a time) end every other client's calls on that method with
+# CANCELLED at once, for seconds, through Envoy too. Set above what one connection here and every
+# breaker of Envoy's (1,632 requests in all) can put there at once; the lanes' own bounds
+# (server/edge/capacity.py) are what refuse work the server cannot do.
 HTTP2_FLOOD_LIMITS = [
     ("grpc.http2.max_ping_strikes", 2),
     ("grpc.http2.min_ping_interval_without_data_ms", 300_000),
     ("grpc.max_concurrent_streams", 4096),
+    ("grpc.server.max_pending_requests", 8192),
+    ("grpc.server.max_pending_requests_hard_limit", 16384),
 ]
 
 SERVICE_NAMES = (

@@ -6,14 +6,14 @@ answered), SETTINGS (each acknowledged), WINDOW_UPDATEs, and streams opened and 
 turn, interleaving a whole call every few batches (GetPayment without a token, refused at once: a
 grpc server forgives ping strikes once it has answered something), reconnecting whenever the peer closes the connection; a
 bystander customer from other addresses must meanwhile succeed at every step (REST and gRPC
-through Envoy, gRPC straight to the server's port, a login) within 5 s. On the server's port
-only, a GetPayment (the method the flood's own calls use) that grpc's server core dropped unseen
-(CANCELLED 'CANCELLED' at once) is tried again, at most twice, and must then succeed; no other step is
-(envoy/README.md, "What is still open").
+through Envoy, gRPC straight to the server's port, a login) within 5 s, at the first try: no
+step is tried again (a GetPayment, the method the flood's own calls use, was ended by grpc with
+CANCELLED at once while its queue of waiting calls was past grpc's default limits; see
+server/edge/app.py, grpc.server.max_pending_requests).
 
 What answers them: on the server's port, grpc's ping-abuse policy (server/edge/app.py:
 grpc.http2.max_ping_strikes, min_ping_interval_without_data_ms, max concurrent streams per
-connection); at Envoy, its HTTP/2 codec's flood limits (envoy.yaml http2_protocol_options:
+connection, and the pending calls a method may have before grpc sheds new ones); at Envoy, its HTTP/2 codec's flood limits (envoy.yaml http2_protocol_options:
 max_outbound_control_frames, max_consecutive_inbound_frames_with_empty_payload,
 max_inbound_window_update_frames_per_data_frame_sent) and its premature-reset limit.
 """
@@ -54,7 +54,6 @@ def flood(kind: str, port: int, source: str) -> attacks.InChildProcess:
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_control_frame_flood_leaves_other_clients_served(edge, bystander, kind, where):
     port = edge.server.port if where == "server" else edge.envoy.port
-    bystander.retry_dropped = where == "server"
     before = [bystander.check(f"{kind}-{where}-before-{i}", direct=True, login=False) for i in range(3)]
     source = f"127.73.{KINDS.index(kind) + 1}.{1 if where == 'server' else 2}"
     with flood(kind, port, source) as attack, \
@@ -68,13 +67,10 @@ def test_a_control_frame_flood_leaves_other_clients_served(edge, bystander, kind
     print(f"bystander: before p50 {attacks.median(baseline) * 1000:.1f} ms; during {steps} calls, {failed} failed, "
           f"p50 {attacks.median(during) * 1000:.1f} ms, p99 {attacks.percentile(during, 99) * 1000:.1f} ms, "
           f"max {max(during, default=0) * 1000:.0f} ms")
-    retried = [step for c in checking.checks + [after] for step in c.retried]
-    print(f"bystander steps dropped by grpc and tried again: {len(retried)} {sorted(set(retried))}")
     for check in [c for c in checking.checks if not c.ok][:5]:
         print(f"  bystander {check}")
     assert counts["frames" if kind != "rapid_reset" else "streams"] > 1000, counts  # the attack did run
     bystander.assert_ok(checking.checks + [after])
-    assert all(step.endswith(" get") for step in retried), retried  # only the flooded method's calls
 
 
 @pytest.mark.timeout(60)

@@ -6,15 +6,6 @@ A check is: GET /ready; REST create, get and list of its own payments; native gR
 create and get (and straight to the server's port, when asked); a REST login from an address no
 attack uses. Every step is timed, and every failure is kept (a step that fails does not stop the
 others), so a test's message says everything that went wrong at once.
-
-`retry_dropped`: a step that grpc's server core answered CANCELLED 'CANCELLED' at once (within
-DROPPED_SECONDS), which is how it ends a call it dropped before the application ever saw it, is
-tried again DROPPED_PAUSES later, at most twice (an immediate retry was dropped too, and once a
-retry 0.5 s later: the drops come in bursts), each retry counted in Check.retried; a failure
-after the last fails the step. Only for floods
-on the server's own port: there grpc (1.85) drops, now and then, a call on the very method the
-flood's own streams call (envoy/README.md, "What is still open"), whichever way it came, straight
-or through Envoy (REST 499 with code 1).
 """
 
 from __future__ import annotations
@@ -31,8 +22,6 @@ from server.edge.pb import payments_pb2_grpc as pb_grpc
 from tests.support.rest import Client, loopback_address
 
 DEADLINE = 5.0  # seconds: what a customer waits for one call
-DROPPED_SECONDS = 0.1  # a CANCELLED 'CANCELLED' sooner than this: the server's grpc dropped the call
-DROPPED_PAUSES = (0.5, 1.0)  # before each retry: grpc drops calls on that method in bursts (one outlasted 0.5 s)
 PASSWORD = "the bystander's own password"
 
 _ids = itertools.count(1)
@@ -45,7 +34,6 @@ class Check:
     failures: list[str] = dataclasses.field(default_factory=list)  # "step: what happened"
     steps: int = 0
     failed_steps: int = 0
-    retried: list[str] = dataclasses.field(default_factory=list)  # steps tried again (retry_dropped)
 
     @property
     def ok(self) -> bool:
@@ -53,12 +41,7 @@ class Check:
 
     def __str__(self) -> str:
         times = ", ".join(f"{step} {seconds * 1000:.0f} ms" for step, seconds in self.latencies.items())
-        return (f"{self.tag}: {times}" + (f"; retried: {', '.join(self.retried)}" if self.retried else "")
-                + (f"; FAILED: {'; '.join(self.failures)}" if self.failures else ""))
-
-
-class DroppedByGrpc(AssertionError):
-    """A REST answer that is grpc's status for a call the server's grpc dropped: 499, code 1 CANCELLED."""
+        return (f"{self.tag}: {times}" + (f"; FAILED: {'; '.join(self.failures)}" if self.failures else ""))
 
 
 class Bystander:
@@ -67,9 +50,8 @@ class Bystander:
     account register() made, for the logins."""
 
     def __init__(self, api: Client, envoy_target: str, token: str, email: str, direct_target: str | None = None,
-                 owner_email: str = "alice@example.com", retry_dropped: bool = False):
+                 owner_email: str = "alice@example.com"):
         self.api, self.envoy_target, self.direct_target = api, envoy_target, direct_target
-        self.retry_dropped = retry_dropped
         self.token, self.email, self.owner_email = token, email, owner_email
         self.checks: list[Check] = []
 
@@ -127,8 +109,6 @@ class Bystander:
 
     @staticmethod
     def _rest_ok(answer, what: str) -> dict:
-        if answer.status == 499 and (answer.json if answer.text else {}) == {"code": 1, "message": "CANCELLED"}:
-            raise DroppedByGrpc(f"{what} {answer.status} {answer.text[:200]}")
         if answer.status != 200:
             raise AssertionError(f"{what} {answer.status} {answer.text[:200]}")
         return answer.json if answer.text else {}
@@ -137,17 +117,7 @@ class Bystander:
         check.steps += 1
         started = time.monotonic()
         try:
-            for pause in (*DROPPED_PAUSES, None):
-                try:
-                    result = call()
-                    break
-                except (grpc.RpcError, DroppedByGrpc) as e:
-                    if pause is None or not (self.retry_dropped and _dropped(e)
-                                             and time.monotonic() - started < DROPPED_SECONDS):
-                        raise
-                    check.retried.append(step)
-                    time.sleep(pause)
-                    started = time.monotonic()
+            result = call()
         except grpc.RpcError as e:
             check.failed_steps += 1
             check.failures.append(f"{step}: {e.code().name} {e.details()!r} after {time.monotonic() - started:.1f} s")
@@ -172,13 +142,6 @@ class Bystander:
     def assert_ok(self, checks: list[Check] | None = None) -> None:
         bad = [c for c in (checks if checks is not None else self.checks) if not c.ok]
         assert not bad, "the bystander was hurt:\n" + "\n".join(str(c) for c in bad)
-
-
-def _dropped(e: Exception) -> bool:
-    """grpc's answer for a call its server dropped unseen: CANCELLED with the code's name for details."""
-    if isinstance(e, DroppedByGrpc):
-        return True
-    return isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.CANCELLED and e.details() == "CANCELLED"
 
 
 class Checking:
