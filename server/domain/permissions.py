@@ -83,7 +83,10 @@ def required(method: str) -> str | tuple[str, ...]:
 
 def permissions_needed(method: str) -> tuple[str, ...]:
     """The permissions a client needs for `method` (empty for PUBLIC and PERSONS_ONLY)."""
-    need = required(method)
+    return _as_permissions(required(method))
+
+
+def _as_permissions(need: str | tuple[str, ...]) -> tuple[str, ...]:
     if isinstance(need, tuple):
         return need
     return () if need in (PUBLIC, PERSONS_ONLY) else (need,)
@@ -102,7 +105,7 @@ def check(method: str, permissions: frozenset[str]) -> None:
     if need == PERSONS_ONLY:
         raise PermissionDenied(f"{name} is for persons, not service clients", reason="PERSONS_ONLY",
                                metadata={"method": name})
-    for permission in permissions_needed(method):
+    for permission in _as_permissions(need):
         if permission not in permissions:
             raise PermissionDenied(f"{name} needs the permission {permission}, which this token does not carry",
                                    reason="PERMISSION_MISSING", metadata={"method": name, "permission": permission})
