@@ -95,15 +95,10 @@ def test_slow_http1_bodies_from_several_addresses_leave_others_served(edge, byst
                                     "stop_accepting_requests", "downstream_cx_overload_reject")
     after = bystander.check("slow-http1-after")
     outcomes = sum((m.outcomes() for wave in waves for m in wave), start=collections.Counter())
-    steps, failed = checking.steps()
     print(f"attack: {sum(outcomes.values())} connections, outcomes {dict(outcomes)}")
     print(f"Envoy memory: at start {memory.first}; peak {memory.peak}; peak heap {memory.peak_heap}")
     print(f"stats {json.dumps(stats)}")
-    during = checking.latencies()
-    print(f"bystander: {len(checking.checks)} checks, {steps} calls, {failed} failed; p50 "
-          f"{attacks.median(during) * 1000:.0f} ms, max {max(during, default=0) * 1000:.0f} ms")
-    for check in [c for c in checking.checks if not c.ok][:5] + [after]:
-        print(f"  bystander {check}")
+    checking.report(after)
     cost = max(costs, default=0.0)
     product = CAP * cost + memory.first.allocated_mb * 1024 * 1024
     print(f"heap per attacking connection: {cost / 1024:.1f} KiB (at most); {CAP} connections: "

@@ -69,15 +69,10 @@ def test_unfinished_bodies_from_several_addresses_leave_others_served(edge, byst
                                     "payments_api.downstream_rq_overload_close", "payments_api.downstream_rq_rx_reset")
     after = bystander.check("bodies-after")
     outcomes = sum((opened.outcomes() for opened in waves), start=collections.Counter())
-    steps, failed = checking.steps()
     print(f"attack: {sum(outcomes.values())} streams, outcomes {dict(outcomes)}")
     print(f"Envoy memory: at start {memory.first}; peak {memory.peak}; peak heap {memory.peak_heap}")
     print(f"stats {json.dumps(stats)}")
-    during = checking.latencies()
-    print(f"bystander: {len(checking.checks)} checks, {steps} calls, {failed} failed; p50 "
-          f"{attacks.median(during) * 1000:.0f} ms, max {max(during, default=0) * 1000:.0f} ms")
-    for check in [c for c in checking.checks if not c.ok][:5] + [after]:
-        print(f"  bystander {check}")
+    checking.report(after)
     assert memory.peak.rss_mb < RSS_LIMIT_MB, f"Envoy reached {memory.peak}"
     bystander.assert_ok(checking.checks + [after])
     # The overload manager reset the attack's streams; it never had to refuse new requests.

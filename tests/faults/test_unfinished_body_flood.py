@@ -81,17 +81,12 @@ def test_a_flood_of_unfinished_bodies_at_envoys_cpu_limit_is_reset_before_anyone
         quota_bit = throttled(envoy_quota) > throttled_before
     peak = max(memory.samples, key=lambda m: m.monitored_mb)
     resets = stats.get("envoy.overload_actions.reset_high_memory_stream.count", 0)
-    steps, failed = checking.steps()
-    during = checking.latencies()
     print(f"flood: {dict(counts)} ({counts['streams'] / SECONDS:.0f} streams a second)")
     print(f"stats {json.dumps(stats)}")
     print(f"{resets} reset ({resets / max(1, counts['streams']):.0%} of the attack's streams)")
     print(f"Envoy: peak watched heap {peak.monitored_mb:.1f} MiB ({peak}); "
           f"peak RSS {memory.peak.rss_mb:.1f} MB")
-    print(f"bystander: {len(checking.checks)} checks, {steps} calls, {failed} failed; "
-          f"max {max(during, default=0) * 1000:.0f} ms")
-    for check in [c for c in checking.checks if not c.ok][:5] + [after]:
-        print(f"  bystander {check}")
+    checking.report(after)
     assert quota_bit, "the quota never bit: the test did not reproduce the pod's limit"
     assert counts["streams"] >= MIN_STREAMS, counts
     bystander.assert_ok(checking.checks + [after])

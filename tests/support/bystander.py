@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import statistics
 import threading
 import time
 
@@ -176,3 +177,14 @@ class Checking:
     def steps(self) -> tuple[int, int]:
         """(steps taken, steps failed) over every check."""
         return sum(c.steps for c in self.checks), sum(c.failed_steps for c in self.checks)
+
+    def report(self, after: Check) -> None:
+        """Print what the bystander met during the attack: its checks, steps failed, the median and
+        slowest step, the first five failed checks and the check after the attack."""
+        steps, failed = self.steps()
+        during = self.latencies()
+        median = statistics.median(during) if during else 0.0
+        print(f"bystander: {len(self.checks)} checks, {steps} calls, {failed} failed; p50 "
+              f"{median * 1000:.0f} ms, max {max(during, default=0) * 1000:.0f} ms")
+        for check in [c for c in self.checks if not c.ok][:5] + [after]:
+            print(f"  bystander {check}")
