@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Callable, TypeVar
 
 from server.domain.errors import AlreadyExists
+from server.domain.records import DuplicateRequest
+
+T = TypeVar("T")
 
 
 def fingerprint(*fields) -> str:
@@ -21,3 +25,12 @@ def same_request(stored: str | None, fingerprint_: str, request_id: str, what: s
     if stored != fingerprint_:
         raise AlreadyExists(f"request_id {request_id!r} was already used for {what} with a different body",
                             reason="REQUEST_ID_CONFLICT", metadata={"request_id": request_id})
+
+
+def winner(find: Callable[[str], T | None], request_id: str) -> T:
+    """What a request_id this insert lost to made (a retry of it, or the same request_id used at
+    once elsewhere, inserted first), to answer as a replay; DuplicateRequest if there is none."""
+    earlier = find(request_id) if request_id else None
+    if earlier is None:
+        raise DuplicateRequest()
+    return earlier

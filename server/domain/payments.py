@@ -30,7 +30,7 @@ from server.domain.lifecycle import CANCELLED, EXPIRED, FAILED, PENDING, STATUSE
 from server.domain.paging import DEFAULT_PAGE_SIZE, PageTokens, invalid_page_size
 from server.domain.validation import PAYMENT_ID, REQUEST_ID, email_problem, normalize_email
 from server.domain.ports import Clock, PaymentStore
-from server.domain.records import DuplicateRequest, EventRecord, PaymentRecord
+from server.domain.records import EventRecord, PaymentRecord
 
 __all__ = ["CANCELLED", "EXPIRED", "FAILED", "PENDING", "STATUSES", "SUCCESS", "PaymentDraft", "PaymentRules",
            "new_payment_id"]
@@ -259,9 +259,7 @@ class PaymentRules:
         # The payment and its history event (the webhook outbox's) in one transaction.
         if not self.queries.create(row, _event(row.id, CREATED, None, PENDING, now, caller, None)):
             # Its request_id is taken: a retry, or a concurrent one that won the insert; answer as a replay.
-            earlier = self.queries.by_request_id(caller.subject, draft.request_id) if draft.request_id else None
-            if earlier is None:
-                raise DuplicateRequest()
+            earlier = idempotency.winner(lambda rid: self.queries.by_request_id(caller.subject, rid), draft.request_id)
             return self._replay(earlier, fingerprint, draft.request_id)
         self.observe(CREATED, None, 1)
         return row

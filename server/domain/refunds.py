@@ -192,9 +192,8 @@ class RefundRules:
                 self.queries.insert_events([_refund_event(refund, caller)])
         except DuplicateRequest:
             # The same request_id used at once on another payment won the insert; this one rolled back whole.
-            earlier = self.queries.refund_by_request_id(caller.subject, draft.request_id) if draft.request_id else None
-            if earlier is None:
-                raise
+            earlier = idempotency.winner(lambda rid: self.queries.refund_by_request_id(caller.subject, rid),
+                                         draft.request_id)
             return self._replay(earlier, fingerprint, draft.request_id)
         self.observe(REFUNDED, None, 1)
         return refund

@@ -64,9 +64,11 @@ MAX_METADATA_BYTES = HEADER_LIMIT_BYTES + 100 * 32 + 1024
 # the first number, all past the second). A stream reset by its client still waits there until
 # the application takes it, so grpc's defaults (1,000 and 3,000) let one connection's rapid reset
 # of one method (4,096 streams at a time) end every other client's calls on that method with
-# CANCELLED at once, for seconds, through Envoy too. Set above what one connection here and every
-# breaker of Envoy's (1,632 requests in all) can put there at once; the lanes' own bounds
-# (server/edge/capacity.py) are what refuse work the server cannot do.
+# CANCELLED at once, for seconds, through Envoy too (grpc 1.85's server.cc, RealRequestMatcher::
+# MatchOrQueue, pending_backlog_protector_). Set at twice one connection's streams; Envoy's breakers
+# do not bound this queue (a stream Envoy reset leaves its breaker at once, and still waits here),
+# its premature-reset limit does. The lanes' own bounds (server/edge/capacity.py) are what refuse
+# work the server cannot do.
 HTTP2_FLOOD_LIMITS = [
     ("grpc.http2.max_ping_strikes", 2),
     ("grpc.http2.min_ping_interval_without_data_ms", 300_000),
