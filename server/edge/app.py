@@ -66,8 +66,8 @@ MAX_METADATA_BYTES = HEADER_LIMIT_BYTES + 100 * 32 + 1024
 # of one method (4,096 streams at a time) end every other client's calls on that method with
 # CANCELLED at once, for seconds, through Envoy too (grpc 1.85's server.cc, RealRequestMatcher::
 # MatchOrQueue, pending_backlog_protector_). Set at twice one connection's streams; Envoy's breakers
-# do not bound this queue (a stream Envoy reset leaves its breaker at once, and still waits here),
-# its premature-reset limit does. The lanes' own bounds (server/edge/capacity.py) are what refuse
+# do not bound this queue (a stream Envoy reset leaves its breaker at once, and still waits here);
+# its premature-reset limit closes a connection that floods so. The lanes' own bounds (server/edge/capacity.py) are what refuse
 # work the server cannot do.
 HTTP2_FLOOD_LIMITS = [
     ("grpc.http2.max_ping_strikes", 2),
