@@ -24,7 +24,9 @@ Every email is tracked the same way whether or not it has an account, so a 429 s
 about who is a customer. The table lives in this server process: with P processes (Envoy spreads
 calls over them) and R replicas, one address gets FREE_FAILURES free guesses per email in each of
 the P x R tables before the waits begin, and then the waits of each; an attacker with A
-addresses gets that A times over (Envoy's per-address rate limit bounds each address).
+addresses gets that A times over (Envoy's per-address rate limit bounds each address). The edge
+hands in the client as it counts clients: an IPv6 one by its /64 (server/edge/admission.py
+client_network), or one host would get FREE_FAILURES free guesses from each of 2^64 addresses.
 """
 
 from __future__ import annotations

@@ -152,11 +152,24 @@ def trusted_address(claimed: str | None, peer: str) -> str:
     return claimed if claimed and loopback else host
 
 
+def client_network(address: str) -> str:
+    """Who a client is, for fair turns and throttles: an IPv6 client by its /64, since one host
+    there has 2^64 addresses to rotate through (Envoy's per-address limits count the same way);
+    an IPv4 client, or an IPv4-mapped IPv6 one, by its address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6:
+        return str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 def client_address(call: Call) -> str:
-    """The lanes' key for a call without a caller: its client's address (trusted_address)."""
+    """The lanes' key for a call without a caller: its client (trusted_address, client_network)."""
     peer = call.rpc_event.call.peer()
     peer = peer.decode("latin-1") if isinstance(peer, bytes) else peer
-    return "addr:" + trusted_address(_header(call.metadata(), CLIENT_ADDRESS_HEADER), peer)
+    return "addr:" + client_network(trusted_address(_header(call.metadata(), CLIENT_ADDRESS_HEADER), peer))
 
 
 class Receiver:

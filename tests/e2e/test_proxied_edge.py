@@ -12,6 +12,7 @@ clients, not the peer or the load balancer."""
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import json
@@ -76,6 +77,37 @@ def test_the_login_limit_is_per_client_behind_the_front_end(edge):
         clients = {json.loads(line).get("client") for line in access_log.read_text().splitlines() if line.strip()}
     assert {FLOODER, OTHER} <= clients, clients
     assert clients.isdisjoint({"127.0.0.1", LOAD_BALANCER}) and not any(c.startswith("192.0.2.") for c in clients), clients
+
+
+def test_an_ipv6_client_is_limited_by_its_64_not_by_each_address(edge):
+    """One IPv6 host has 2^64 addresses to rotate through: a login flood that writes a new address
+    of one /64 each time still meets one bucket, and another /64 is not limited by it."""
+    burst = int(per_address_bucket()["max_tokens"])
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(lambda n: login(edge, f"2001:db8:7:1::{n + 1:x}", n), range(10 * burst)))
+    # Envoy's own refusal, not the server's login lane being busy (which a flood from anywhere meets).
+    limited = sum(a.status == 429 and a.json["details"][0]["reason"] == "RATE_LIMITED" for a in answers)
+    assert limited >= 5 * burst, collections.Counter((a.status, a.text[:80]) for a in answers)
+    others = [login(edge, f"2001:db8:7:2::{n + 1:x}", n).status for n in range(3)]
+    assert others == [401, 401, 401], others
+
+
+def test_password_guesses_from_one_64_are_counted_as_one_client(edge):
+    """The server's login throttle (server/domain/login_throttle.py) behind the front end: guesses
+    at one account from a new address of one /64 each time meet its wait after FREE_FAILURES, and
+    the owner, from another /64, is not held up."""
+    from server.domain import login_throttle
+
+    def guess(client: str):
+        front, api, _ = edge
+        return api.post("/v1/auth/login", {"email": "owner64@example.com", "password": "a guess"},
+                        headers={"X-Forwarded-For": front.forwarded("", client)})
+
+    free = [guess(f"2001:db8:9:1::{n + 1:x}").status for n in range(login_throttle.FREE_FAILURES)]
+    assert free == [401] * login_throttle.FREE_FAILURES, free
+    held = guess("2001:db8:9:1::ffff")
+    assert held.status == 429 and held.json["details"][0]["reason"] == "LOGIN_THROTTLED", held.text
+    assert guess("2001:db8:9:2::1").status == 401
 
 
 def test_the_budget_of_bad_signatures_is_per_client_and_per_ipv6_64_behind_the_front_end(edge, keys_dir):

@@ -38,10 +38,35 @@ def auth_limits() -> dict:
     raise AssertionError("envoy.yaml has no rate limit on the AuthService route")
 
 
+PER_CLIENT = {"v4_prefix_mask_len": 32, "v6_prefix_mask_len": 64}  # an IPv6 client is its /64
+
+
 def per_address_bucket() -> dict:
     [descriptor] = auth_limits()["descriptors"]
-    assert descriptor["entries"] == [{"key": "remote_address"}]
+    assert descriptor["entries"] == [{"key": "masked_remote_address"}]
     return descriptor["token_bucket"]
+
+
+def test_every_per_address_limit_counts_an_ipv6_client_by_its_64():
+    """Every Envoy variant's per-address buckets (every request, logins, public health) key an
+    IPv6 client by its /64: by the full address, one host rotated through 2^64 buckets."""
+    def limits(node):
+        if isinstance(node, dict):
+            if "rate_limits" in node:
+                yield node
+            for value in node.values():
+                yield from limits(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from limits(value)
+
+    for variant in sorted(CONFIG.parent.glob("envoy*.yaml")):
+        by_address = {id(limit): limit for limit in limits(yaml.safe_load(variant.read_text()))  # aliases once
+                      if any("address" in key for rule in limit["rate_limits"] for a in rule["actions"] for key in a)}
+        assert len(by_address) == 3, variant.name  # every request, logins, public health
+        for limit in by_address.values():
+            assert limit["rate_limits"] == [{"actions": [{"masked_remote_address": PER_CLIENT}]}], variant.name
+            assert [d["entries"] for d in limit["descriptors"]] == [[{"key": "masked_remote_address"}]], variant.name
 
 
 def test_no_bucket_for_the_whole_envoy_that_a_few_addresses_could_drain():
@@ -51,7 +76,7 @@ def test_no_bucket_for_the_whole_envoy_that_a_few_addresses_could_drain():
     limits = auth_limits()
     assert not limits.get("always_consume_default_token_bucket")
     assert int(limits["token_bucket"]["tokens_per_fill"]) >= 100_000  # the default bucket: never the one that binds
-    assert limits["rate_limits"] == [{"actions": [{"remote_address": {}}]}]
+    assert limits["rate_limits"] == [{"actions": [{"masked_remote_address": PER_CLIENT}]}]
 
 
 def register(api, email: str) -> None:

@@ -185,6 +185,22 @@ def test_only_the_pods_own_envoy_names_the_client_address(peer, claimed, taken):
     assert admission.trusted_address(claimed, peer) == taken
 
 
+@pytest.mark.parametrize("address, client", [
+    ("203.0.113.7", "203.0.113.7"),
+    ("2001:db8:5:10::1", "2001:db8:5:10::/64"),
+    ("2001:0db8:0005:0010:ffff:ffff:ffff:fffe", "2001:db8:5:10::/64"),  # the same /64, written in full
+    ("2001:db8:5:11::1", "2001:db8:5:11::/64"),
+    ("::ffff:203.0.113.7", "203.0.113.7"),  # an IPv4 client on a dual-stack socket
+    ("envoy-health-check", "envoy-health-check"),
+])
+def test_an_ipv6_client_is_its_64(address, client):
+    """The lanes' turns and the login and client-secret throttles count an IPv6 client by its /64:
+    by its address, one host got 5 free guesses at a password from each of 2^64 addresses."""
+    from server.edge import admission
+
+    assert admission.client_network(address) == client
+
+
 def test_receiving_threads_are_given_back_after_an_attack(monkeypatch):
     """An attack's peak of receiving threads ends once they have been idle for IDLE_SECONDS (the
     pool used to keep every thread it had started: 11 threads became 235 for good)."""
