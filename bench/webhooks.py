@@ -85,6 +85,23 @@ def backlog(settings: config.Settings, receiver: Receiver, issuer: tokens.TokenI
         server.stop()
 
 
+def workdir(prefix: str, args, **env: str) -> tuple[Path, dict, dict, config.Settings, tokens.TokenIssuer]:
+    """A work directory with signing keys; the servers' environment (the fast retries of the tests,
+    the given interval, no admin from the environment: ours is seeded; `env` added), the same with
+    jobs off (for making the backlog), its settings, and an issuer of tokens for its callers."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    keys = work / "signing-keys"
+    tokens.create_key_pair(keys / "jwt-private.pem", keys / "jwks.json")
+    prepare_workdir(work, keys)
+    base = {**FAST_WEBHOOKS, "PAYMENTS_WEBHOOK_INTERVAL_SECONDS": str(args.interval), "PAYMENTS_ADMIN_EMAIL": "",
+            "PAYMENTS_ADMIN_PASSWORD": "", **env}
+    jobs_off = server_env(work, **{**base, "PAYMENTS_JOBS_ENABLED": "false"})
+    settings = config.load(jobs_off)
+    issuer = tokens.TokenIssuer(tokens.load_private_key(settings.jwt_private_key_file), issuer=settings.jwt_issuer,
+                                audience=settings.jwt_audience, ttl_seconds=3600)
+    return work, base, jobs_off, settings, issuer
+
+
 def cpu_seconds(pid: int) -> float:
     """The CPU time a running process has used (user and system), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -129,16 +146,7 @@ def _scaling(args, url: str) -> int:
     results = []
     for count in counts:
         drop_tables(url)
-        work = Path(tempfile.mkdtemp(prefix=f"bench-webhooks-{count}-"))
-        keys = work / "signing-keys"
-        tokens.create_key_pair(keys / "jwt-private.pem", keys / "jwks.json")
-        prepare_workdir(work, keys)
-        base = {**FAST_WEBHOOKS, "PAYMENTS_WEBHOOK_INTERVAL_SECONDS": str(args.interval), "PAYMENTS_ADMIN_EMAIL": "",
-                "PAYMENTS_ADMIN_PASSWORD": "", "DATABASE_URL": url}
-        jobs_off = server_env(work, **{**base, "PAYMENTS_JOBS_ENABLED": "false"})
-        settings = config.load(jobs_off)
-        issuer = tokens.TokenIssuer(tokens.load_private_key(settings.jwt_private_key_file), issuer=settings.jwt_issuer,
-                                    audience=settings.jwt_audience, ttl_seconds=3600)
+        work, base, jobs_off, settings, issuer = workdir(f"bench-webhooks-{count}-", args, DATABASE_URL=url)
         receiver = Receiver()
         try:
             receiver.delay = args.receiver_delay
@@ -196,17 +204,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.processes:
         return scaling(args)
-    work = Path(tempfile.mkdtemp(prefix="bench-webhooks-"))
-    keys = work / "signing-keys"
-    tokens.create_key_pair(keys / "jwt-private.pem", keys / "jwks.json")
-    prepare_workdir(work, keys)
-    # The fast retries of the tests, the given interval; no admin from the environment (ours is seeded).
-    base = {**FAST_WEBHOOKS, "PAYMENTS_WEBHOOK_INTERVAL_SECONDS": str(args.interval), "PAYMENTS_ADMIN_EMAIL": "",
-            "PAYMENTS_ADMIN_PASSWORD": ""}
-    jobs_off = server_env(work, **{**base, "PAYMENTS_JOBS_ENABLED": "false"})
-    settings = config.load(jobs_off)
-    issuer = tokens.TokenIssuer(tokens.load_private_key(settings.jwt_private_key_file), issuer=settings.jwt_issuer,
-                                audience=settings.jwt_audience, ttl_seconds=3600)
+    work, base, jobs_off, settings, issuer = workdir("bench-webhooks-", args)
 
     receiver = Receiver()
     try:

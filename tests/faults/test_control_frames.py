@@ -60,15 +60,8 @@ def test_a_control_frame_flood_leaves_other_clients_served(edge, bystander, kind
             bystander.keep_checking(f"{kind}-{where}-during", direct=True, pause=0.05) as checking:
         counts = attack.wait()
     after = bystander.check(f"{kind}-{where}-after", direct=True)
-    baseline = [s for c in before for s in c.latencies.values()]
-    during = checking.latencies()
-    steps, failed = checking.steps()
     print(f"\n{kind} flood on the {where}'s port for {SECONDS:.0f} s: {json.dumps(dict(counts))}")
-    print(f"bystander: before p50 {attacks.median(baseline) * 1000:.1f} ms; during {steps} calls, {failed} failed, "
-          f"p50 {attacks.median(during) * 1000:.1f} ms, p99 {attacks.percentile(during, 99) * 1000:.1f} ms, "
-          f"max {max(during, default=0) * 1000:.0f} ms")
-    for check in [c for c in checking.checks if not c.ok][:5]:
-        print(f"  bystander {check}")
+    checking.compare(before)
     assert counts["frames" if kind != "rapid_reset" else "streams"] > 1000, counts  # the attack did run
     bystander.assert_ok(checking.checks + [after])
 

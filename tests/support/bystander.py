@@ -20,6 +20,7 @@ import grpc
 
 from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
+from tests.support import attacks
 from tests.support.rest import Client, loopback_address
 
 DEADLINE = 5.0  # seconds: what a customer waits for one call
@@ -177,6 +178,18 @@ class Checking:
     def steps(self) -> tuple[int, int]:
         """(steps taken, steps failed) over every check."""
         return sum(c.steps for c in self.checks), sum(c.failed_steps for c in self.checks)
+
+    def compare(self, before: list[Check], also: str = "") -> None:
+        """Print the bystander's steps during the attack against its checks before it (median, p99,
+        slowest; `also` appended), and the first five failed checks."""
+        baseline = [s for c in before for s in c.latencies.values()]
+        during = self.latencies()
+        steps, failed = self.steps()
+        print(f"bystander: before p50 {attacks.median(baseline) * 1000:.1f} ms; during {steps} calls, {failed} failed, "
+              f"p50 {attacks.median(during) * 1000:.1f} ms, p99 {attacks.percentile(during, 99) * 1000:.1f} ms, "
+              f"max {max(during, default=0) * 1000:.0f} ms{also}")
+        for check in [c for c in self.checks if not c.ok][:5]:
+            print(f"  bystander {check}")
 
     def report(self, after: Check) -> None:
         """Print what the bystander met during the attack: its checks, steps failed, the median and
