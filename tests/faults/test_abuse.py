@@ -48,7 +48,7 @@ def per_address_bucket() -> dict:
 
 
 def test_every_per_address_limit_counts_an_ipv6_client_by_its_64():
-    """Every Envoy variant's per-address buckets (every request, logins, public health) key an
+    """Every Envoy variant's per-address buckets (every request, logins, public health, Watch) key an
     IPv6 client by its /64: by the full address, one host rotated through 2^64 buckets."""
     def limits(node):
         if isinstance(node, dict):
@@ -63,7 +63,7 @@ def test_every_per_address_limit_counts_an_ipv6_client_by_its_64():
     for variant in sorted(CONFIG.parent.glob("envoy*.yaml")):
         by_address = {id(limit): limit for limit in limits(yaml.safe_load(variant.read_text()))  # aliases once
                       if any("address" in key for rule in limit["rate_limits"] for a in rule["actions"] for key in a)}
-        assert len(by_address) == 3, variant.name  # every request, logins, public health
+        assert len(by_address) == 4, variant.name  # every request, logins, public health, Watch
         for limit in by_address.values():
             assert limit["rate_limits"] == [{"actions": [{"masked_remote_address": PER_CLIENT}]}], variant.name
             assert [d["entries"] for d in limit["descriptors"]] == [[{"key": "masked_remote_address"}]], variant.name

@@ -10,9 +10,12 @@ the client back instead. Here several such streams push for a few seconds, on a 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import time
 
 import grpc
+
+from tests.support import attacks
 
 STREAMS = 8
 SECONDS = 6.0
@@ -48,11 +51,13 @@ def push(target: str) -> int:
 
 
 def test_streams_pushing_megabytes_cannot_grow_envoy_past_a_bound(edge):
-    target = f"127.0.0.1:{edge.envoy.port}"
     before = rss_mb(edge.envoy.proc.pid)
     peak = before
-    with concurrent.futures.ThreadPoolExecutor(STREAMS) as pool:
-        pushed = [pool.submit(push, target) for _ in range(STREAMS)]
+    with contextlib.ExitStack() as relays, concurrent.futures.ThreadPoolExecutor(STREAMS) as pool:
+        # Each stream from an address of its own (one address may open only a few Watch streams).
+        sources = [relays.enter_context(attacks.address_relay("127.0.0.1", edge.envoy.port, f"127.75.0.{n + 1}"))
+                   for n in range(STREAMS)]
+        pushed = [pool.submit(push, source.target) for source in sources]
         deadline = time.monotonic() + SECONDS
         while time.monotonic() < deadline:
             peak = max(peak, rss_mb(edge.envoy.proc.pid))

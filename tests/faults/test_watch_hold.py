@@ -1,18 +1,18 @@
-"""One address holding every health Watch stream Envoy lets through takes nothing that
-authenticated calls or public health checks need (envoy/envoy.yaml: reflection, health Check and
-health Watch each on a cluster, and so a circuit breaker, of their own).
-
-Health Watch is public and a stream: it stays open until max_stream_duration, and the per-address
-limit counts new calls, not open ones, so one address that opens 20 and then 10 a second holds
-as many as the Watch cluster's breaker admits. While it does, an operator's reflection call with a
-valid token and a health Check from another address are answered as usual. What the hold does
-take is the Watch breaker itself: another address's Watch is refused (UNAVAILABLE) until the
-holder lets go or max_stream_duration ends its streams (envoy/README.md, "The edge under attack").
+"""Health Watch is public and a stream that stays open (up to max_stream_duration, 60 s): one
+address may open 4 at once, then one every 15 s (envoy/envoy.yaml, the Watch route's own
+bucket), so it holds at most 8, and another address's Watch is served meanwhile. Addresses
+enough to fill the Watch cluster's breaker (64) take nothing that authenticated calls or
+public health checks need: reflection, health Check and health Watch each have a cluster, and
+so a circuit breaker, of their own. While the breaker is full, an operator's reflection call
+with a valid token and a health Check from another address are answered as usual; what the
+holders do take is other addresses' Watch (UNAVAILABLE) until they let go or max_stream_duration
+ends their streams (envoy/README.md, "The edge under attack").
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 
 import grpc
@@ -27,7 +27,7 @@ from tests.support.idle_streams import WATCH, IdleStreams
 
 DEADLINE = 5.0  # seconds: every call below is answered within it
 HOLDER, PROBER, WATCHER = "127.74.0.1", "127.74.0.2", "127.74.0.3"
-FIRST_WAVE, WAVE, WAVES = 20, 10, 7  # the health route's per-address burst, then a second's refill each
+FLOOD = 20  # Watch streams one address tries to open at once
 
 
 def route_cluster(path: str) -> tuple[str, int]:
@@ -41,6 +41,15 @@ def route_cluster(path: str) -> tuple[str, int]:
             break
     cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == name)
     return name, cluster["circuit_breakers"]["thresholds"][0]["max_requests"]
+
+
+def route_bucket(path: str) -> dict:
+    """The per-address token bucket of the route envoy.yaml gives a gRPC path."""
+    config = yaml.safe_load(CONFIG.read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    route = next(r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if r["match"].get("path") == path)
+    [descriptor] = route["typed_per_filter_config"]["envoy.filters.http.local_ratelimit"]["descriptors"]
+    return descriptor["token_bucket"]
 
 
 def reflection(target: str, token: str) -> str:
@@ -66,24 +75,33 @@ def outcome(call) -> str:
         return e.code().name
 
 
-def test_one_address_holding_watch_streams_leaves_reflection_and_health_checks_served(edge, token_for):
+def test_watch_streams_are_bounded_per_address_and_their_holders_take_nothing_else(edge, token_for):
     token = token_for(ALICE)
     envoy = f"127.0.0.1:{edge.envoy.port}"
     watch_cluster, watch_breaker = route_cluster(WATCH)
+    burst = int(route_bucket(WATCH)["max_tokens"])
     assert reflection(envoy, token) == "LISTED"  # before: the operator's call works
     with contextlib.ExitStack() as stack:
-        # One address opens Watch streams as fast as its limit lets it, and keeps them.
+        # One address tries to open many Watch streams at once: it gets its burst.
         holder = stack.enter_context(attacks.address_relay("127.0.0.1", edge.envoy.port, HOLDER))
+        one = stack.enter_context(IdleStreams(holder.target, methods=(WATCH,), count=FLOOD, settle=0.3))
+        assert one.outcomes()[WATCH] == {"open": burst, "RESOURCE_EXHAUSTED": FLOOD - burst}, one.outcomes()
+        with attacks.address_relay("127.0.0.1", edge.envoy.port, WATCHER) as watcher, \
+                grpc.insecure_channel(watcher.target) as channel:
+            assert outcome(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(),
+                                                                     timeout=DEADLINE)) == "SERVING"
+        # Addresses enough to fill the Watch breaker, each with its burst.
         opening = time.monotonic()
-        waves = [stack.enter_context(IdleStreams(holder.target, methods=(WATCH,), count=FIRST_WAVE))]
-        for _ in range(WAVES - 1):  # IdleStreams waits a second after each wave: the bucket refills
-            waves.append(stack.enter_context(IdleStreams(holder.target, methods=(WATCH,), count=WAVE)))
+        waves = [one]
+        for n in range(watch_breaker // burst):
+            relay = stack.enter_context(attacks.address_relay("127.0.0.1", edge.envoy.port, f"127.74.1.{n + 1}"))
+            waves.append(stack.enter_context(IdleStreams(relay.target, methods=(WATCH,), count=burst, settle=0.3)))
         held = sum(w.outcomes()[WATCH]["open"] for w in waves)
         stats = attacks.envoy_stats(edge.envoy, f"cluster.{watch_cluster}.upstream_rq_active",
                                     f"cluster.{watch_cluster}.upstream_rq_pending_overflow")
-        print(f"holder opened {FIRST_WAVE + WAVE * (WAVES - 1)} Watch streams in {time.monotonic() - opening:.1f} s, holds {held} "
-              f"({watch_cluster}, breaker {watch_breaker}); {stats}")
-        assert held == watch_breaker, (held, watch_breaker)  # it holds the whole Watch breaker
+        print(f"{len(waves)} addresses opened {burst * len(waves)} Watch streams in {time.monotonic() - opening:.1f} s, "
+              f"hold {held} ({watch_cluster}, breaker {watch_breaker}); {stats}")
+        assert held == watch_breaker, (held, watch_breaker)  # they hold the whole Watch breaker
 
         # (a) An operator's reflection call with a valid token, from another client.
         started = time.monotonic()
@@ -103,11 +121,14 @@ def test_one_address_holding_watch_streams_leaves_reflection_and_health_checks_s
         assert checks == ["SERVING"] * 5
         assert elapsed < DEADLINE
         assert watch == "UNAVAILABLE"  # the Watch breaker is full: the one thing a hold still takes
-    # Once the holder lets go, Watch serves the next caller again.
+    # Once the holders let go, Watch serves the next caller again (each try from an address of its
+    # own: one address's bucket is 4 Watch calls).
     deadline = time.monotonic() + 10
-    with attacks.address_relay("127.0.0.1", edge.envoy.port, WATCHER) as watcher, \
-            grpc.insecure_channel(watcher.target) as channel:
-        while (watch := outcome(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(),
-                                                                           timeout=DEADLINE))) != "SERVING":
-            assert watch == "UNAVAILABLE" and time.monotonic() < deadline, watch
-            time.sleep(0.2)
+    for n in itertools.count(1):
+        with attacks.address_relay("127.0.0.1", edge.envoy.port, f"127.74.2.{n}") as watcher, \
+                grpc.insecure_channel(watcher.target) as channel:
+            watch = outcome(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=DEADLINE))
+        if watch == "SERVING":
+            break
+        assert watch == "UNAVAILABLE" and time.monotonic() < deadline, watch
+        time.sleep(0.2)

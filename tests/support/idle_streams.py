@@ -19,8 +19,11 @@ STREAMS_PER_CONNECTION = 100  # Envoy's max_concurrent_streams: more connections
 class IdleStreams:
     """`count` idle streams on each of `methods` to `target`, held until close()."""
 
-    def __init__(self, target: str, methods=STREAMING_METHODS, count: int = 300, metadata=()):
+    def __init__(self, target: str, methods=STREAMING_METHODS, count: int = 300, metadata=(), settle: float = 1.0):
+        """`settle`: seconds to wait, once every stream has reached the server or been refused,
+        before the test goes on (for the server's side of each to begin)."""
         self.target, self.methods, self.count, self.metadata = target, methods, count, tuple(metadata)
+        self.settle = settle
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.calls: list[tuple[str, object]] = []
@@ -53,7 +56,7 @@ class IdleStreams:
                 self.calls.append((method, call))
         # Every stream has reached the server (or been refused) before the test goes on.
         await asyncio.gather(*(call.wait_for_connection() for _, call in self.calls), return_exceptions=True)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(self.settle)
 
     async def _close(self) -> None:
         for _, call in self.calls:
