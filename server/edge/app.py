@@ -52,27 +52,32 @@ MAX_METADATA_BYTES = HEADER_LIMIT_BYTES + 100 * 32 + 1024
 # the connection (GOAWAY ENHANCE_YOUR_CALM); Envoy sends the server no keepalive pings. A client
 # that gets a call answered between its pings is forgiven its strikes, so this bounds a bare
 # flood, not one mixed with calls (envoy/README.md, "What is still open").
-# Streams a connection may have open. Without it, rapid reset on this port (about 50,000 streams
-# opened and reset in 8 s, tests/faults/test_control_frames.py) left the server working through
-# cancelled calls, Envoy's health checks of it missed, and /ready and every call through Envoy
-# were 503 for seconds; with it (grpc counts a reset stream until the server is done with it)
-# no call failed. 4,096 is far above what Envoy's breakers put on its connections (about 1,300):
-# at 256 or 1,024, grpc refused Envoy's streams under one customer's load ("remote refused
-# stream reset").
+# Streams a connection may have open. Without a limit, rapid reset on this port (about 50,000
+# streams opened and reset in 8 s, tests/faults/test_control_frames.py) left the server working
+# through cancelled calls, Envoy's health checks of it missed, and /ready and every call through
+# Envoy were 503 for seconds. grpc counts a reset stream until the server is done with it, so the
+# limit bounds what one connection's rapid reset leaves waiting (below). At 4,096, four
+# connections' rapid reset of GetPayment here failed 7 of 54 bystander steps and took the
+# server's RSS to 415 MB; at 1,024, none failed and RSS was 242 MB (eight connections: none
+# failed, 337 MB). Envoy's payment breaker puts at most 1,024 calls on its connections to the
+# server, and it opens another connection when one is full. (256 and 1,024 once refused Envoy's
+# streams under one customer's load; calls were then held 5 s after they ended, see
+# server/edge/capacity.py Deadlines. Since, 300 concurrent calls of one customer,
+# tests/faults/test_noisy_customer.py, and make bench at 64 concurrent met no refusal.)
 #
 # Calls a method may have waiting for the application before grpc sheds new ones (at random past
 # the first number, all past the second). A stream reset by its client still waits there until
 # the application takes it, so grpc's defaults (1,000 and 3,000) let one connection's rapid reset
-# of one method (4,096 streams at a time) end every other client's calls on that method with
+# of one method (4,096 streams at a time then) end every other client's calls on that method with
 # CANCELLED at once, for seconds, through Envoy too (grpc 1.85's server.cc, RealRequestMatcher::
-# MatchOrQueue, pending_backlog_protector_). Set at twice one connection's streams; Envoy's breakers
+# MatchOrQueue, pending_backlog_protector_). Set at eight connections' streams. Envoy's breakers
 # do not bound this queue (a stream Envoy reset leaves its breaker at once, and still waits here);
-# its premature-reset limit closes a connection that floods so. The lanes' own bounds (server/edge/capacity.py) are what refuse
-# work the server cannot do.
+# its premature-reset limit closes a connection that floods so. The lanes' own bounds
+# (server/edge/capacity.py) are what refuse work the server cannot do.
 HTTP2_FLOOD_LIMITS = [
     ("grpc.http2.max_ping_strikes", 2),
     ("grpc.http2.min_ping_interval_without_data_ms", 300_000),
-    ("grpc.max_concurrent_streams", 4096),
+    ("grpc.max_concurrent_streams", 1024),
     ("grpc.server.max_pending_requests", 8192),
     ("grpc.server.max_pending_requests_hard_limit", 16384),
 ]

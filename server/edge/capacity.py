@@ -216,7 +216,7 @@ class Deadlines:
     HTTP/2 stream counted against the connection's limit (app.HTTP2_FLOOD_LIMITS) until the last
     reference to it is gone. Kept until their deadline instead, the receiving stage's 5 s
     actions held every call of those 5 s, and at about 800 calls a second one connection (a
-    client's, Envoy's) was refused every new call after its 4,096th."""
+    client's, Envoy's) was refused every new call after its 4,096th (the limit then)."""
 
     def __init__(self):
         self._heap: list[tuple[float, int]] = []
