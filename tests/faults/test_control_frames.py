@@ -20,6 +20,7 @@ max_inbound_window_update_frames_per_data_frame_sent) and its premature-reset li
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -63,6 +64,26 @@ def test_a_control_frame_flood_leaves_other_clients_served(edge, bystander, kind
     print(f"\n{kind} flood on the {where}'s port for {SECONDS:.0f} s: {json.dumps(dict(counts))}")
     checking.compare(before)
     assert counts["frames" if kind != "rapid_reset" else "streams"] > 1000, counts  # the attack did run
+    bystander.assert_ok(checking.checks + [after])
+
+
+@pytest.mark.timeout(90)
+def test_rapid_reset_from_three_connections_on_the_servers_port_drops_no_call(edge, bystander):
+    """Each reset stream waits in grpc's queue of GetPayment calls until the server takes it: three
+    connections' worth (1,024 streams each) stays under grpc.server.max_pending_requests
+    (server/edge/app.py), so no other client's GetPayment is shed (at 4,096 streams a connection,
+    four connections failed 7 of 54 steps). The flooded method's calls wait their turn behind the
+    queue meanwhile (1-3 s here)."""
+    before = [bystander.check(f"rapid_reset-x3-before-{i}", direct=True, login=False) for i in range(3)]
+    with contextlib.ExitStack() as stack:
+        floods = [stack.enter_context(flood("rapid_reset", edge.server.port, f"127.73.8.{n + 1}")) for n in range(3)]
+        checking = stack.enter_context(bystander.keep_checking("rapid_reset-x3-during", direct=True, pause=0.05))
+        counts = [f.wait() for f in floods]
+    after = bystander.check("rapid_reset-x3-after", direct=True)
+    print(f"\nrapid reset from 3 connections on the server's port for {SECONDS:.0f} s: "
+          f"{[dict(c) for c in counts]}; server RSS {attacks.rss_mb(edge.server.proc.pid):.0f} MB")
+    checking.compare(before)
+    assert all(c["streams"] > 1000 for c in counts), counts  # the attack did run
     bystander.assert_ok(checking.checks + [after])
 
 

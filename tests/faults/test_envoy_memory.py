@@ -23,13 +23,6 @@ BOUND_MB = 24  # Envoy may grow by at most this much (its idle RSS is ~40-60 MB)
 MESSAGE = b"\x00" * (1 << 20)
 
 
-def rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 def push(target: str) -> int:
     """Push 1 MiB messages on one stream until the deadline; returns how many the client got out."""
     sent = 0
@@ -51,7 +44,7 @@ def push(target: str) -> int:
 
 
 def test_streams_pushing_megabytes_cannot_grow_envoy_past_a_bound(edge):
-    before = rss_mb(edge.envoy.proc.pid)
+    before = attacks.rss_mb(edge.envoy.proc.pid)
     peak = before
     with contextlib.ExitStack() as relays, concurrent.futures.ThreadPoolExecutor(STREAMS) as pool:
         # Each stream from an address of its own (one address may open only a few Watch streams).
@@ -60,7 +53,7 @@ def test_streams_pushing_megabytes_cannot_grow_envoy_past_a_bound(edge):
         pushed = [pool.submit(push, source.target) for source in sources]
         deadline = time.monotonic() + SECONDS
         while time.monotonic() < deadline:
-            peak = max(peak, rss_mb(edge.envoy.proc.pid))
+            peak = max(peak, attacks.rss_mb(edge.envoy.proc.pid))
             time.sleep(0.1)
         sent = sum(f.result() for f in pushed)
     assert sent >= STREAMS  # each stream did push (the client's own buffer takes a few messages)

@@ -181,7 +181,7 @@ class Checking:
 
     def compare(self, before: list[Check], also: str = "") -> None:
         """Print the bystander's steps during the attack against its checks before it (median, p99,
-        slowest; `also` appended), and the first five failed checks."""
+        slowest; `also` appended), the first five failed checks and the slowest check."""
         baseline = [s for c in before for s in c.latencies.values()]
         during = self.latencies()
         steps, failed = self.steps()
@@ -190,6 +190,8 @@ class Checking:
               f"max {max(during, default=0) * 1000:.0f} ms{also}")
         for check in [c for c in self.checks if not c.ok][:5]:
             print(f"  bystander {check}")
+        if self.checks:
+            print(f"  slowest check: {max(self.checks, key=lambda c: max(c.latencies.values(), default=0))}")
 
     def report(self, after: Check) -> None:
         """Print what the bystander met during the attack: its checks, steps failed, the median and
