@@ -20,8 +20,9 @@ stream is ended after PAYMENTS_STREAM_MAX_SECONDS (Envoy ends them earlier at th
 Within a lane, calls are served fairly between keys (server/edge/admission.py): a key is the
 caller (payments) or the client's address (the others), and virtual-time fair queueing serves
 first the key that has been served least, so one caller's hundreds of calls do not delay
-another's first; when a lane is full, the call shed is the one with the latest turn (the busiest
-key's), answered at once with RESOURCE_EXHAUSTED (HTTP 429, `retry-after`) on a shedding thread.
+another's first; when a lane is full, the call shed is the busiest key's (the most calls queued,
+then the most calls sent of late), answered at once with RESOURCE_EXHAUSTED (HTTP 429,
+`retry-after`) on a shedding thread.
 And no lane thread waits for a client: a call joins its lane only once its request message has
 arrived (admission.Receiver, one per lane, at most PAYMENTS_REQUEST_SECONDS after its headers).
 
@@ -47,6 +48,8 @@ AUTH_WAITING = 32  # logins/sign-ups that may wait for a hashing thread; more ar
 HEALTH_THREADS = 2
 HEALTH_ADMITTED = 64
 MAX_WATCHES = 64  # open health watches per process; Envoy's payments_watch breaker admits as many (envoy/envoy.yaml)
+BUSY_WINDOW = 1.0  # seconds: how far back a key's arrivals count towards how busy it is
+MAX_KEYS = 16_384  # keys a lane counts the arrivals of in a window; a new key beyond counts as idle
 RECEIVING = 128  # payment calls that may wait for their request message at once (the other lanes: shares of it)
 
 _shedding = threading.local()
@@ -71,13 +74,16 @@ class Lane(futures.ThreadPoolExecutor):
     virtual-time fair queueing: each call is tagged one past the later of the lane's virtual time
     (the tag of the call last begun) and its key's previous tag, and the smallest tag runs next.
     A key that has been served little, a newcomer above all, is next; a key that sends faster
-    than its share gets ever later tags. Beyond the bound, the call with the latest tag is shed
-    (on a tie, the one whose key has the most queued; the newcomer if it is that call): it runs
-    on `shedder` instead, where shedding() is True, and is answered at once.
+    than its share gets ever later tags. Beyond the bound, the busiest key's call is shed: the
+    key with the most calls queued, then with the most calls arrived in the last BUSY_WINDOW or
+    two (shed ones too), then the latest tag; the newcomer if it is that call. It runs on
+    `shedder` instead, where shedding() is True, and is answered at once.
 
     (Round robin over keys, before this, shed from the head of the line once every key had one
     call queued: with more flooding addresses than the lane admits, a stranger's login was never
-    served. The attack run found it.)
+    served. The attack run found it. Then the latest tag was shed first: with every flooder one
+    call queued, like a stranger once its call was in, the stranger's was the latest whenever
+    the flood's came after it, and 200 addresses within their limits had its logins refused.)
 
     With a receiver, a call joins the queue only once its request message has arrived.
     (A ThreadPoolExecutor only in name: grpc honours `experimental_thread_pool` only on one.)"""
@@ -93,6 +99,9 @@ class Lane(futures.ThreadPoolExecutor):
         self._queued: collections.Counter[str] = collections.Counter()  # key -> calls queued
         self._last_tag: dict[str, int] = {}  # key -> the tag of its latest call
         self._virtual = 0  # the tag of the call last begun
+        self._arrivals_now: dict[str, int] = {}  # key -> calls that arrived in this window
+        self._arrivals_before: dict[str, int] = {}  # key -> calls that arrived in the window before
+        self._window_ends = 0.0
         self._arrivals = itertools.count()
         self._workers: list[threading.Thread] = []
         self._idle = 0
@@ -124,13 +133,13 @@ class Lane(futures.ThreadPoolExecutor):
         victim = None
         with self._cond:
             tag = max(self._virtual, self._last_tag.get(key, 0)) + 1
+            busy = self._arrived(key)
             if self._closed:
                 victim = job
             elif self.admitted >= self.admit:
                 self.shed += 1
-                latest = max(range(len(self._heap)), default=None,
-                             key=lambda i: (self._heap[i][0], self._queued[self._heap[i][2]], self._heap[i][1]))
-                if latest is None or (self._heap[latest][0], self._queued[self._heap[latest][2]]) <= (tag, self._queued[key]):
+                latest = max(range(len(self._heap)), default=None, key=lambda i: self._busyness(self._heap[i]))
+                if latest is None or self._busyness(self._heap[latest])[:3] <= (self._queued[key], busy, tag):
                     victim = job
                 else:
                     _, _, gone, victim = self._heap[latest]
@@ -154,6 +163,24 @@ class Lane(futures.ThreadPoolExecutor):
                     worker.start()
         if victim is not None:
             self._shed_job(victim)
+
+    def _arrived(self, key: str) -> int:
+        """Count a call of `key`; its calls in this window and the last (BUSY_WINDOW seconds each)."""
+        now = time.monotonic()
+        if now >= self._window_ends:
+            self._arrivals_before = self._arrivals_now if now < self._window_ends + BUSY_WINDOW else {}
+            self._arrivals_now = {}
+            self._window_ends = now + BUSY_WINDOW
+        if key in self._arrivals_now or len(self._arrivals_now) < MAX_KEYS:
+            self._arrivals_now[key] = self._arrivals_now.get(key, 0) + 1
+        return self._arrivals_now.get(key, 0) + self._arrivals_before.get(key, 0)
+
+    def _busyness(self, queued: tuple) -> tuple:
+        """Which queued call to shed first: its key's calls queued, then its key's calls of late
+        (a key that floods, shed or not, is busier than a stranger whose one call is queued
+        beside it), then the latest turn, then the latest arrival."""
+        tag, arrival, key, _ = queued
+        return (self._queued[key], self._arrivals_now.get(key, 0) + self._arrivals_before.get(key, 0), tag, arrival)
 
     def _forget(self, key: str) -> None:
         self._queued[key] -= 1

@@ -211,7 +211,7 @@ def test_a_token_request_shed_for_load_is_a_503_to_retry_never_a_400(any_stack, 
         login = rest.from_address(loopback_address()).post("/v1/auth/login", {"email": "a@example.com",
                                                                               "password": "whatever-it-is"})
     finally:
-        any_stack.envoy.set_runtime(circuit_breakers__payments_auth__default__max_requests="256")
+        any_stack.envoy.set_runtime(circuit_breakers__payments_auth__default__max_requests="1024")  # envoy.yaml's
     assert (status, json.loads(body)) == (503, {"error": "temporarily_unavailable", "error_description":
                                                 "the service is busy or unavailable; retry after the seconds in Retry-After"}), body
     assert int(headers["retry-after"]) >= 1 and headers["cache-control"] == "no-store"
