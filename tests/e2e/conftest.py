@@ -72,6 +72,13 @@ def new_email(tag: str = "user") -> str:
     return f"{tag}-{uuid.uuid4().hex[:12]}@example.com"
 
 
+def registered(api: Client, tag: str = "user") -> str:
+    """A fresh customer's email, signed up over REST from an address of its own."""
+    email = new_email(tag)
+    assert api.from_address(loopback_address()).post("/v1/auth/register", {"email": email, "password": PASSWORD}).status == 200
+    return email
+
+
 @pytest.fixture
 def make_user(api):
     """Register (over REST) and log in a fresh customer, each from an address of its own (Envoy

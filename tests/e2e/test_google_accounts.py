@@ -21,7 +21,7 @@ import pytest
 from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
 from tests.conftest import own_pg_database, rich_status
-from tests.e2e.conftest import PASSWORD, new_email
+from tests.e2e.conftest import registered
 from devstack.google_standin import GoogleStandIn, ServiceAccount
 from tests.support.python_client import import_from, shared_copy
 from tests.support.rest import Client, loopback_address
@@ -84,9 +84,7 @@ def api(deployment) -> Client:
 
 @pytest.fixture
 def buyer(api) -> str:
-    email = new_email("buyer")
-    assert api.from_address(loopback_address()).post("/v1/auth/register", {"email": email, "password": PASSWORD}).status == 200
-    return email
+    return registered(api, "buyer")
 
 
 def test_a_pinned_accounts_token_is_its_client_over_rest(api, google, shopping, buyer, deployment):

@@ -25,7 +25,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import own_pg_database
-from tests.e2e.conftest import PASSWORD, new_email
+from tests.e2e.conftest import new_email, registered
 from tests.support.python_client import import_from, shared_copy
 from tests.support.rest import Client, loopback_address
 from tests.support.stack import ADMIN_EMAIL, ADMIN_PASSWORD, running_stack
@@ -155,9 +155,7 @@ def back_office(shop_stack, api, admin_token, copy):
 
 @pytest.fixture
 def buyer(api) -> str:
-    email = new_email("buyer")
-    assert api.from_address(loopback_address()).post("/v1/auth/register", {"email": email, "password": PASSWORD}).status == 200
-    return email
+    return registered(api, "buyer")
 
 
 def test_a_confirmed_payment_marks_the_order_paid(shop, back_office, api, admin_token, buyer):
