@@ -22,7 +22,7 @@ at once:
    (the access token's subject) for payment calls, the client's address for sign-up and login.
    The lane serves keys by virtual-time fair queueing (capacity.Lane): a key that has been
    served little comes first, one that sends faster than its share waits, and when the lane is
-   full the call with the latest turn is shed, not a newcomer's.
+   full the busiest key's call is shed (most queued, then most sent of late), not a newcomer's.
 
 If grpc ever calls `submit` in another shape, the call is served as before (a worker thread waits
 for the message), and tests/faults/test_partial_requests.py fails; tests/unit/test_capacity.py
