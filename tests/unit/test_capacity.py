@@ -237,3 +237,32 @@ def test_a_stranger_among_many_flooding_keys_is_not_shed():
     assert shed.count("stranger") == 0 and ran.count("stranger") == 20
     lane.shutdown()
     shedder.shutdown()
+
+
+def test_a_newcomer_does_not_take_the_place_of_a_call_as_quiet_as_itself():
+    """A newcomer's key counts its own call as a queued call's key does: without that, any key
+    with nothing queued evicted a queued call of a key as quiet as itself, and among many quiet
+    flooding keys the stranger's call was evicted right after it was queued (an attack on the
+    lanes: 20 of 20 shed with 500 keys)."""
+    lane, shedder = _one_thread_lane(admit=2)
+    gate, started, shed = threading.Event(), threading.Event(), []
+
+    def work(name):
+        if capacity.shedding():
+            shed.append(name)
+            return
+        if name == "running":
+            started.set()
+            gate.wait(5)
+
+    done = [lane.submit_keyed("busy", work, "running")]
+    assert started.wait(5)
+    done.append(lane.submit_keyed("stranger", work, "stranger"))  # queued: the lane is full
+    done.append(lane.submit_keyed("flooder", work, "flooder"))  # as quiet as the stranger, and later
+    time.sleep(0.1)
+    assert shed == ["flooder"]
+    gate.set()
+    for f in done:
+        f.result(timeout=5)
+    lane.shutdown()
+    shedder.shutdown()
