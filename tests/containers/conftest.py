@@ -40,9 +40,10 @@ def ui_port() -> int:
     return free_port()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def pod(podman, images, tmp_path_factory, ui_port):
-    """The API pod, with an admin account and the Swagger UI container's origin allowed by CORS."""
+    """The API pod, with an admin account and the Swagger UI container's origin allowed by CORS;
+    removed once this package's tests are done (session-scoped, it ran beside every later suite)."""
     with api_pod(podman, tmp_path_factory.mktemp("pod"), cors_origins=f"http://127.0.0.1:{ui_port}",
                  env={"PAYMENTS_ADMIN_EMAIL": ADMIN_EMAIL, "PAYMENTS_ADMIN_PASSWORD": ADMIN_PASSWORD}) as p:
         yield p
