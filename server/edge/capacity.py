@@ -98,7 +98,7 @@ class Lane(futures.ThreadPoolExecutor):
         self._heap: list[tuple[int, int, str, tuple]] = []  # (tag, arrival, key, job): queued calls
         self._queued: collections.Counter[str] = collections.Counter()  # key -> calls queued
         self._last_tag: dict[str, int] = {}  # key -> the tag of its latest call
-        self._prune_at = 4 * self.admit + 64
+        self._prune_at = self._prune_floor = 4 * self.admit + 64
         self._virtual = 0  # the tag of the call last begun
         self._arrivals_now: dict[str, int] = {}  # key -> calls that arrived in this window
         self._arrivals_before: dict[str, int] = {}  # key -> calls that arrived in the window before
@@ -139,10 +139,11 @@ class Lane(futures.ThreadPoolExecutor):
                 victim = job
             elif self.admitted >= self.admit:
                 self.shed += 1
-                latest = max(range(len(self._heap)), default=None, key=lambda i: self._busyness(self._heap[i]))
+                busiest, latest = max(((self._busyness(queued), i) for i, queued in enumerate(self._heap)),
+                                      default=(None, None))
                 # The newcomer counts its own call, as a queued call's key counts it: a key with
                 # nothing queued must not take a place from one as quiet as itself.
-                if latest is None or self._busyness(self._heap[latest])[:3] <= (self._queued[key] + 1, busy, tag):
+                if busiest is None or busiest[:3] <= (self._queued[key] + 1, busy, tag):
                     victim = job
                 else:
                     _, _, gone, victim = self._heap[latest]
@@ -161,7 +162,7 @@ class Lane(futures.ThreadPoolExecutor):
                     # Not again until it doubles: with every thread busy the virtual time stands
                     # still, nothing can go, and a rebuild on every call cost 265-398 us under the
                     # lock at 10,000 keys (an attack on the lanes).
-                    self._prune_at = max(4 * self.admit + 64, 2 * len(self._last_tag))
+                    self._prune_at = max(self._prune_floor, 2 * len(self._last_tag))
                 if self._idle:
                     self._cond.notify()
                 elif len(self._workers) < self.threads:
@@ -180,6 +181,10 @@ class Lane(futures.ThreadPoolExecutor):
             self._window_ends = now + BUSY_WINDOW
         if key in self._arrivals_now or len(self._arrivals_now) < MAX_KEYS:
             self._arrivals_now[key] = self._arrivals_now.get(key, 0) + 1
+        return self._recent(key)
+
+    def _recent(self, key: str) -> int:
+        """The key's calls that arrived in this window and the last."""
         return self._arrivals_now.get(key, 0) + self._arrivals_before.get(key, 0)
 
     def _busyness(self, queued: tuple) -> tuple:
@@ -187,7 +192,7 @@ class Lane(futures.ThreadPoolExecutor):
         (a key that floods, shed or not, is busier than a stranger whose one call is queued
         beside it), then the latest turn, then the latest arrival."""
         tag, arrival, key, _ = queued
-        return (self._queued[key], self._arrivals_now.get(key, 0) + self._arrivals_before.get(key, 0), tag, arrival)
+        return self._queued[key], self._recent(key), tag, arrival
 
     def _forget(self, key: str) -> None:
         self._queued[key] -= 1

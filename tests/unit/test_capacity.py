@@ -71,6 +71,28 @@ def _one_thread_lane(admit: int):
     return capacity.Lane("t", threads=1, admit=admit, shedder=shedder), shedder
 
 
+class Jobs:
+    """A lane's job, called with a name: notes it in `ran`, or in `shed` when it runs on the
+    shedding thread; the call named `holder` keeps the lane's thread (`started` set) until
+    release()."""
+
+    def __init__(self, holder: str):
+        self.holder, self.ran, self.shed = holder, [], []
+        self.started, self._gate = threading.Event(), threading.Event()
+
+    def __call__(self, name: str) -> None:
+        if capacity.shedding():
+            self.shed.append(name)
+            return
+        if name == self.holder:
+            self.started.set()
+            self._gate.wait(5)
+        self.ran.append(name)
+
+    def release(self) -> None:
+        self._gate.set()
+
+
 def test_keys_take_turns_so_a_caller_with_many_calls_queued_delays_another_by_one_call():
     lane, shedder = _one_thread_lane(admit=100)
     gate, order = threading.Event(), []
@@ -94,32 +116,23 @@ def test_keys_take_turns_so_a_caller_with_many_calls_queued_delays_another_by_on
 
 def test_a_full_lane_sheds_the_newest_call_of_the_key_with_the_most_queued_not_the_newcomer():
     lane, shedder = _one_thread_lane(admit=4)
-    gate, started, ran, shed = threading.Event(), threading.Event(), [], []
-
-    def work(name):
-        if capacity.shedding():
-            shed.append(name)
-            return
-        if name == "a-0":
-            started.set()
-            gate.wait(5)
-        ran.append(name)
+    work = Jobs(holder="a-0")
 
     done = [lane.submit_keyed("a", work, f"a-{i}") for i in range(4)]  # one runs, three queue: full
-    assert started.wait(5)
+    assert work.started.wait(5)
     done.append(lane.submit_keyed("b", work, "b-0"))  # room is made: a's newest is shed
     time.sleep(0.1)
-    assert shed == ["a-3"] and lane.shed == 1
+    assert work.shed == ["a-3"] and lane.shed == 1
     done.append(lane.submit_keyed("b", work, "b-1"))  # b has 1 queued, a 2: a's newest again
     time.sleep(0.1)
-    assert shed == ["a-3", "a-2"]
+    assert work.shed == ["a-3", "a-2"]
     done.append(lane.submit_keyed("b", work, "b-2"))  # b has 2 queued, a 1: the newcomer is shed
     time.sleep(0.1)
-    assert shed == ["a-3", "a-2", "b-2"] and lane.shed == 3
-    gate.set()
+    assert work.shed == ["a-3", "a-2", "b-2"] and lane.shed == 3
+    work.release()
     for f in done:
         f.result(timeout=5)
-    assert sorted(ran) == ["a-0", "a-1", "b-0", "b-1"]
+    assert sorted(work.ran) == ["a-0", "a-1", "b-0", "b-1"]
     time.sleep(0.05)
     assert lane.admitted == 0
     lane.shutdown()
@@ -168,28 +181,19 @@ def test_with_more_flooding_keys_than_the_lane_admits_a_strangers_call_is_still_
     shed from the head of the line, so a stranger's login was never served. Fair queueing tags a
     key that sends faster than its share ever later; the stranger's first call comes before them."""
     lane, shedder = _one_thread_lane(admit=8)
-    gate, started, order, shed = threading.Event(), threading.Event(), [], []
-
-    def work(name):
-        if capacity.shedding():
-            shed.append(name)
-            return
-        if name == "first":
-            started.set()
-            gate.wait(5)
-        order.append(name)
+    work = Jobs(holder="first")
 
     done = [lane.submit_keyed("f0", work, "first")]
-    assert started.wait(5)  # the lane's one thread is busy from here on
+    assert work.started.wait(5)  # the lane's one thread is busy from here on
     for round_ in range(3):  # each of 40 addresses sends three calls, most of them beyond the bound
         done += [lane.submit_keyed(f"f{k}", work, f"f{k}-{round_}") for k in range(40)]
     done.append(lane.submit_keyed("stranger", work, "stranger"))
-    gate.set()
+    work.release()
     for f in done:
         f.result(timeout=5)
-    assert "stranger" not in shed
-    assert order.index("stranger") <= 8, order  # behind at most what the lane held, not every flooder
-    assert len(shed) == len(done) - len(order)
+    assert "stranger" not in work.shed
+    assert work.ran.index("stranger") <= 8, work.ran  # behind at most what the lane held, not every flooder
+    assert len(work.shed) == len(done) - len(work.ran)
     lane.shutdown()
     shedder.shutdown()
 
@@ -245,23 +249,15 @@ def test_a_newcomer_does_not_take_the_place_of_a_call_as_quiet_as_itself():
     flooding keys the stranger's call was evicted right after it was queued (an attack on the
     lanes: 20 of 20 shed with 500 keys)."""
     lane, shedder = _one_thread_lane(admit=2)
-    gate, started, shed = threading.Event(), threading.Event(), []
-
-    def work(name):
-        if capacity.shedding():
-            shed.append(name)
-            return
-        if name == "running":
-            started.set()
-            gate.wait(5)
+    work = Jobs(holder="running")
 
     done = [lane.submit_keyed("busy", work, "running")]
-    assert started.wait(5)
+    assert work.started.wait(5)
     done.append(lane.submit_keyed("stranger", work, "stranger"))  # queued: the lane is full
     done.append(lane.submit_keyed("flooder", work, "flooder"))  # as quiet as the stranger, and later
     time.sleep(0.1)
-    assert shed == ["flooder"]
-    gate.set()
+    assert work.shed == ["flooder"]
+    work.release()
     for f in done:
         f.result(timeout=5)
     lane.shutdown()
