@@ -165,11 +165,18 @@ def client_network(address: str) -> str:
     return str(ip)
 
 
+def trusted_client(claimed: str | None, peer: str) -> str:
+    """The client as the lanes and the throttles count it (servicers.client_address): the
+    trusted_address, an IPv6 one by its /64 (client_network). One function for both, so that the
+    login throttle never counts clients otherwise than the turns do."""
+    return client_network(trusted_address(claimed, peer))
+
+
 def client_address(call: Call) -> str:
-    """The lanes' key for a call without a caller: its client (trusted_address, client_network)."""
+    """The lanes' key for a call without a caller: its client (trusted_client)."""
     peer = call.rpc_event.call.peer()
     peer = peer.decode("latin-1") if isinstance(peer, bytes) else peer
-    return "addr:" + client_network(trusted_address(_header(call.metadata(), CLIENT_ADDRESS_HEADER), peer))
+    return "addr:" + trusted_client(_header(call.metadata(), CLIENT_ADDRESS_HEADER), peer)
 
 
 class Receiver:

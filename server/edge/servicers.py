@@ -192,14 +192,14 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
 
 def client_address(context) -> str:
     """The caller's client, as the lanes and the throttles count it (server/edge/admission.py
-    trusted_address, client_network): what Envoy wrote in x-payments-client-address when the call
+    trusted_client): what Envoy wrote in x-payments-client-address when the call
     comes through the pod's Envoy, else the TCP peer's host (a client on the gRPC port directly
     cannot claim another address); an IPv6 client by its /64."""
     claimed = None
     for key, value in context.invocation_metadata():
         if key == CLIENT_ADDRESS_HEADER:
             claimed = value if isinstance(value, str) else value.decode("latin-1")
-    return admission.client_network(admission.trusted_address(claimed, context.peer() or ""))
+    return admission.trusted_client(claimed, context.peer() or "")
 
 
 def _login_pb(login) -> pb.LoginResponse:
