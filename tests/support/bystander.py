@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import statistics
 import threading
 import time
 
@@ -198,7 +197,7 @@ class Checking:
         slowest step, the first five failed checks and the check after the attack."""
         steps, failed = self.steps()
         during = self.latencies()
-        median = statistics.median(during) if during else 0.0
+        median = attacks.median(during)
         print(f"bystander: {len(self.checks)} checks, {steps} calls, {failed} failed; p50 "
               f"{median * 1000:.0f} ms, max {max(during, default=0) * 1000:.0f} ms")
         for check in [c for c in self.checks if not c.ok][:5] + [after]:
