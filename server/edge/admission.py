@@ -10,14 +10,14 @@ with `_unary_response_in_pool` or `_stream_response_in_pool` and their arguments
 grpc/_server.py, `_handle_unary_unary` and its siblings) does not give the call to a worker thread
 at once:
 
-1. *Receiving*: a thread of the shared `Receiver` waits for the request message (grpc's own
-   "argument thunk"), at most `seconds`; a call whose message has not arrived by then is
-   cancelled (`DEADLINE_EXCEEDED`, "the request message did not arrive within N s"), and a call
-   whose client went away frees its thread at once. Waiting costs a mostly idle thread, and the
-   receiver has a bound of its own: beyond it, the call that has waited longest for its message
-   (and at least 0.1 s) is cancelled (`RESOURCE_EXHAUSTED`) to make room. Each lane has a
-   receiver of its own, so a flood of one kind of call never evicts another kind (health checks
-   above all). For streaming requests (server reflection) the thunk returns at once.
+1. *Receiving*: the `Receiver` starts the call's receive operation and lets go; grpc's completion
+   of it hands the message on, and no thread waits for a client. A call whose message has not
+   arrived within `seconds` is cancelled (`DEADLINE_EXCEEDED`, "the request message did not
+   arrive within N s"), and a call whose client went away ends at once. The receiver has a bound
+   of its own: beyond it, the call that has waited longest for its message (and at least 0.1 s)
+   is cancelled (`RESOURCE_EXHAUSTED`) to make room. Each lane has a receiver of its own, so a
+   flood of one kind of call never evicts another kind (health checks above all). For streaming
+   requests (server reflection) the request iterator is handed over at once.
 2. *Serving*: the call, its message in hand, joins its lane's queue under a *key*: the caller
    (the access token's subject) for payment calls, the client's address for sign-up and login.
    The lane serves keys by virtual-time fair queueing (capacity.Lane): a key that has been
@@ -45,10 +45,10 @@ from typing import Callable
 from grpc import _server as grpc_server
 from grpc._cython import cygrpc
 
-from server.edge.elastic_pool import ElasticPool
 from server.infra import metrics
 
 _UNARY_SHAPES = (grpc_server._unary_response_in_pool, grpc_server._stream_response_in_pool)
+_UNARY_THUNK = grpc_server._unary_request.__qualname__ + ".<locals>.unary_request"
 
 CLIENT_ADDRESS_HEADER = "x-payments-client-address"  # set by Envoy: the address it took as the client's
 _KEYS_REMEMBERED = 4096
@@ -66,10 +66,41 @@ class Call:
     def metadata(self):
         return self.rpc_event.invocation_metadata
 
+    @property
+    def unary(self) -> bool:
+        """A call with one request message (grpc's thunk waits for it), not a stream of them."""
+        return getattr(self.args[4], "__qualname__", "") == _UNARY_THUNK
+
     def receive(self):
         """grpc's thunk: blocks until the request message (or the stream) is there; None if the
         client went away or the call was cancelled."""
         return self.args[4]()
+
+    def receive_then(self, arrived: Callable[[object], None]) -> bool:
+        """What grpc's thunk for a unary request does, without a thread waiting: start the
+        receive operation, and when grpc completes it (on its polling thread), `arrived(request)`,
+        None if the client closed or cancelled. False if the call had already ended."""
+        state, call, deserializer = self.args[2], self.rpc_event.call, self.args[5]
+        received = grpc_server._receive_message(state, call, deserializer)
+
+        def on_completion(event):
+            finished = received(event)  # grpc's own: the request into state, or the client closed
+            with state.condition:
+                request, state.request = state.request, None
+                if request is None and state.client is grpc_server._CLOSED:
+                    method = self.rpc_event.call_details.method
+                    method = method.decode("latin-1") if isinstance(method, bytes) else method
+                    grpc_server._abort(state, call, cygrpc.StatusCode.unimplemented,
+                                       f'"{method}" requires exactly one request message.'.encode())
+            arrived(request)
+            return finished
+
+        with state.condition:
+            if not grpc_server._is_rpc_state_active(state):
+                return False
+            call.start_server_batch((cygrpc.ReceiveMessageOperation(grpc_server._EMPTY_FLAGS),), on_completion)
+            state.due.add(grpc_server._RECEIVE_MESSAGE_TOKEN)
+        return True
 
     def with_argument(self, argument) -> tuple:
         return self.args[:4] + ((lambda: argument),) + self.args[5:]
@@ -180,34 +211,31 @@ def client_address(call: Call) -> str:
 
 
 class Receiver:
-    """Threads that wait for request messages, so that no lane thread ever waits for a client.
+    """Where calls wait for their request message: no thread waits for one.
 
-    `limit` threads wait at once. A call that arrives when that many are taken cancels the one
-    that has been waiting for its message longest (`RESOURCE_EXHAUSTED`), if it has waited
-    STALE_SECONDS at least: a request sent whole waits for microseconds, so that one is not
-    sending. Calls that have not yet reached a receiving thread are never cancelled for room
-    (under a CPU flood, a ready call can wait for a thread longer than a stalled one has: the
-    attack run saw other customers' calls and health checks evicted that way); they queue for a
-    thread instead. With twice `limit` calls waiting or queued (a burst of stalled calls comes
-    faster than STALE_SECONDS), the call in its thread longest is cancelled at once.
+    A unary call's receive operation is started here, and grpc's completion of it (on grpc's
+    polling thread, as every completion is) hands the message to `then`, which queues the call
+    in its lane. A call whose message has not arrived within `seconds` is cancelled, and a call
+    whose client went away ends as soon as grpc sees it. Waiting costs a call grpc holds anyway
+    and no thread, so the bound is on calls: beyond `limit` waiting, the call that has waited
+    longest is cancelled (`RESOURCE_EXHAUSTED`) to make room if it has waited STALE_SECONDS at
+    least (a request sent whole waits for microseconds, so that one is not sending); beyond twice
+    `limit` (a burst of stalled calls comes faster than STALE_SECONDS), the longest waiting at once.
 
-    The threads are started as calls need them and end after IDLE_SECONDS without a call
-    (elastic_pool.ElasticPool), so an attack's peak of waiting threads is given back."""
+    (Each call used to wait for its message on a thread of a pool of `limit`: the hand-over from
+    that thread to the lane's took 25% of the server's CPU on GetPayment, with every message
+    already there, and an attack of header-only streams grew the server by 220 threads.)"""
 
     STALE_SECONDS = 0.1
-    IDLE_SECONDS = 30.0
 
-    def __init__(self, limit: int, seconds: float, deadlines, name: str = "receive",
-                 idle_seconds: float | None = None):
-        self.limit, self.seconds = limit, seconds
-        self.bound = 2 * limit  # waiting and queued for a thread: beyond it, eviction need not wait for staleness
+    def __init__(self, limit: int, seconds: float, deadlines, name: str = "receive"):
+        self.limit, self.seconds, self.name = limit, seconds, name
+        self.bound = 2 * limit  # waiting: beyond it, eviction need not wait for staleness
         self._deadlines = deadlines
-        self._pool = ElasticPool(limit, idle_seconds=self.IDLE_SECONDS if idle_seconds is None else idle_seconds,
-                                 name=name)
         self._lock = threading.Lock()
-        # ident -> (call, monotonic time its thread began waiting, or None while it waits for a thread)
-        self._waiting: collections.OrderedDict[int, list] = collections.OrderedDict()
+        self._waiting: collections.OrderedDict[int, tuple[Call, float]] = collections.OrderedDict()  # oldest first
         self._ids = itertools.count()
+        self._closed = False
         self.evicted = 0  # calls cancelled to make room for a newer one
         self.expired = 0  # calls cancelled because their message did not arrive in time
 
@@ -215,53 +243,49 @@ class Receiver:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    @property
-    def threads(self) -> int:
-        """Receiving threads alive now, waiting for a message or idle."""
-        return self._pool.threads
-
     def receive(self, call: Call, then: Callable[[tuple], None], done: futures.Future) -> None:
-        """Wait for `call`'s message on a receiving thread, then `then(args)` with the message
-        in hand; `done` is completed here for a call that never gets that far."""
-        ident = next(self._ids)
-        stalled = None
-        with self._lock:
-            full = len(self._waiting) >= self.limit
-            if full:
-                stalled = self._stalled(crowded=len(self._waiting) >= self.bound)
-            self._waiting[ident] = [call, None]
-        self._cancel(stalled)
-        if full and stalled is None:
-            # Every thread waits, none long enough to be called stalled yet: look again once one
-            # is, so this call does not queue behind stalled ones until their deadline.
-            self._deadlines.after(self.STALE_SECONDS, self._make_room)
-        try:
-            self._pool.submit(self._wait, ident, call, then, done)
-        except RuntimeError:  # shut down: the server is stopping
-            with self._lock:
-                self._waiting.pop(ident, None)
+        """Once `call`'s message is there, `then(args)` with it in hand; `done` is completed here
+        for a call that never gets that far."""
+        if self._closed:
             call.cancel(cygrpc.StatusCode.unavailable, "the server is stopping")
             _complete(done, call.finish_unserved)
-
-    def _stalled(self, *, crowded: bool) -> Call | None:
-        """The call in its thread longest, if it is stalled (or `crowded`), taken out of the waiting."""
-        now = time.monotonic()
-        for other, (waiting_call, since) in self._waiting.items():  # oldest first
-            if since is not None and (crowded or now - since >= self.STALE_SECONDS):
-                del self._waiting[other]
-                self.evicted += 1
-                return waiting_call
-            if since is not None:
-                return None  # the oldest in a thread is not stalled: none younger is
-        return None
-
-    def _make_room(self) -> None:
+            return
+        if not call.unary:  # a stream of requests: grpc hands its iterator over at once
+            then(call.with_argument(call.receive()))
+            return
+        ident, now = next(self._ids), time.monotonic()
         with self._lock:
-            queued = any(since is None for _, since in self._waiting.values())
-            stalled = self._stalled(crowded=False) if queued and len(self._waiting) > self.limit - 1 else None
+            stalled = self._stalled(now) if len(self._waiting) >= self.limit else None
+            self._waiting[ident] = (call, now)
         self._cancel(stalled)
-        if queued and stalled is None and len(self._waiting) >= self.limit:
-            self._deadlines.after(self.STALE_SECONDS, self._make_room)
+        key = self._deadlines.after(self.seconds, lambda: self._expire(call))
+
+        def arrived(argument) -> None:
+            self._deadlines.forget(key)
+            with self._lock:
+                self._waiting.pop(ident, None)
+            if done.done():
+                return
+            if argument is None:  # the client went away, or the call was cancelled here
+                _complete(done, call.finish_unserved)
+                return
+            try:
+                then(call.with_argument(argument))
+            except BaseException as exc:  # on grpc's polling thread: nothing may escape
+                if not done.done():
+                    done.set_exception(exc)
+
+        if not call.receive_then(arrived):
+            arrived(None)
+
+    def _stalled(self, now: float) -> Call | None:
+        """The call waiting longest, if it is stalled (or the receiver holds `bound`), taken out."""
+        ident, (call, since) = next(iter(self._waiting.items()))
+        if len(self._waiting) >= self.bound or now - since >= self.STALE_SECONDS:
+            del self._waiting[ident]
+            self.evicted += 1
+            return call
+        return None
 
     @staticmethod
     def _cancel(stalled: Call | None) -> None:
@@ -269,29 +293,6 @@ class Receiver:
             metrics.unreceived_calls.labels("evicted").inc()
             stalled.cancel(cygrpc.StatusCode.resource_exhausted,
                            "the request message was not sent while others waited; retry shortly")
-
-    def _wait(self, ident: int, call: Call, then, done: futures.Future) -> None:
-        with self._lock:
-            entry = self._waiting.get(ident)
-            if entry is not None:
-                entry[1] = time.monotonic()
-        key = self._deadlines.after(self.seconds, lambda: self._expire(call))
-        try:
-            argument = call.receive()
-        except BaseException as exc:  # grpc's own thunk failed: nothing to serve
-            argument = None
-            if not done.done():
-                done.set_exception(exc)
-        finally:
-            self._deadlines.forget(key)
-            with self._lock:
-                self._waiting.pop(ident, None)
-        if done.done():
-            return
-        if argument is None:  # the client went away, or the call was cancelled here
-            _complete(done, call.finish_unserved)
-            return
-        then(call.with_argument(argument))
 
     def _expire(self, call: Call) -> None:
         with self._lock:
@@ -301,7 +302,7 @@ class Receiver:
                     f"the request message did not arrive within {self.seconds:g} s")
 
     def shutdown(self) -> None:
-        self._pool.shutdown()
+        self._closed = True
 
 
 def _complete(done: futures.Future, work: Callable[[], object]) -> None:

@@ -255,7 +255,13 @@ class Deadlines:
     HTTP/2 stream counted against the connection's limit (app.HTTP2_FLOOD_LIMITS) until the last
     reference to it is gone. Kept until their deadline instead, the receiving stage's 5 s
     actions held every call of those 5 s, and at about 800 calls a second one connection (a
-    client's, Envoy's) was refused every new call after its 4,096th (the limit then)."""
+    client's, Envoy's) was refused every new call after its 4,096th (the limit then).
+
+    Every call sets a deadline and nearly every one is forgotten, so the thread is woken only
+    by a deadline earlier than every other, and fires what is due in batches up to LATENESS
+    late: woken for each call, it took 6% of the server's CPU at 1,200 calls a second."""
+
+    LATENESS = 0.05  # seconds an action may fire after its deadline
 
     def __init__(self):
         self._heap: list[tuple[float, int]] = []
@@ -267,9 +273,11 @@ class Deadlines:
     def after(self, seconds: float, action: Callable[[], None]) -> int:
         with self._cond:
             key = next(self._ids)
-            heapq.heappush(self._heap, (time.monotonic() + seconds, key))
+            when = time.monotonic() + seconds
+            if not self._heap or when < self._heap[0][0]:
+                self._cond.notify()  # earlier than the thread's wait: it must wake sooner
+            heapq.heappush(self._heap, (when, key))
             self._actions[key] = action
-            self._cond.notify()
             return key
 
     def forget(self, key: int) -> None:
@@ -286,15 +294,18 @@ class Deadlines:
         while True:
             with self._cond:
                 while not self._heap or self._heap[0][0] > time.monotonic():
-                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
-                _, key = heapq.heappop(self._heap)
-                action = self._actions.pop(key, None)
-                if action is None:
-                    continue
-            try:
-                action()
-            except Exception:  # a stream that ended meanwhile; nothing to do
-                pass
+                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic() + self.LATENESS)
+                now, due = time.monotonic(), []
+                while self._heap and self._heap[0][0] <= now:
+                    action = self._actions.pop(heapq.heappop(self._heap)[1], None)
+                    if action is not None:
+                        due.append(action)
+            for action in due:
+                try:
+                    action()
+                except Exception:  # a stream that ended meanwhile; nothing to do
+                    pass
+            due = action = None  # let go of the calls they hold
 
 
 class Counter:

@@ -59,7 +59,7 @@ database_errors = Counter("payments_database_errors_total",
 unreceived_calls = Counter("payments_unreceived_calls_total",
                            "Calls ended before their request message arrived: expired (not within "
                            "PAYMENTS_REQUEST_SECONDS of their headers) or evicted (to make room for newer ones "
-                           "when every receiving thread waited).", ("reason",))
+                           "when the lane's receiver held its count of waiting calls).", ("reason",))
 login_refusals = Counter("payments_login_refusals_total",
                          "Sign-ups and logins refused before a password was checked: throttled (too many "
                          "failures for the email from this address) or busy (the hashing lane was full).",
