@@ -42,6 +42,7 @@ FREE_FAILURES = 5
 MAX_DELAY_SECONDS = 30
 FORGET_SECONDS = 15 * 60
 MAX_TRACKED = 100_000  # (email, address) pairs remembered at once
+CLIENT_FORGET_SECONDS = 60  # a client's failures are forgotten this long after its last attempt
 
 
 class _Count:
@@ -66,6 +67,28 @@ class LoginThrottle:
         # Least recently counted first; pairs with no wait yet apart from those with one.
         self._free: collections.OrderedDict[str, _Count] = collections.OrderedDict()
         self._waiting: collections.OrderedDict[str, _Count] = collections.OrderedDict()
+        # client -> [attempts that were not a correct login, the last one's time]; least recent first
+        self._clients: collections.OrderedDict[str, list] = collections.OrderedDict()
+
+    def failures(self, client: str) -> int:
+        """Attempts from `client`, on any email, that were not a correct login (those throttled,
+        and those still being checked, too), until CLIENT_FORGET_SECONDS pass without one. The
+        auth lane sheds the calls of the client with the most first (server/edge/app.py): a
+        flood spread over hundreds of addresses, each sending no faster than a stranger, is told
+        from the stranger by its failures, and a flood of right passwords is cheap to answer
+        (server/infra/passwords.py remembers a verified password)."""
+        with self._lock:
+            entry = self._clients.get(client)
+            return entry[0] if entry is not None and self.clock() - entry[1] < CLIENT_FORGET_SECONDS else 0
+
+    def _count_client(self, client: str, now: float, change: int) -> None:
+        entry = self._clients.get(client)
+        if entry is None or now - entry[1] >= CLIENT_FORGET_SECONDS:
+            entry = self._clients[client] = [0, now]
+        entry[0], entry[1] = max(0, entry[0] + change), now
+        self._clients.move_to_end(client)
+        while len(self._clients) > self.max_tracked:
+            self._clients.popitem(last=False)
 
     def attempt(self, email: str, client: str) -> str:
         """Count a login attempt for `email` from `client` before its password is checked, or raise
@@ -90,6 +113,7 @@ class LoginThrottle:
                 entry.next_allowed = now + delay
                 (self._waiting if delay else self._free)[key] = entry
                 self._evict(now)
+            self._count_client(client, now, +1)
         if wait > 0:
             raise ResourceExhausted("too many failed logins for this email; retry later", reason="LOGIN_THROTTLED",
                                     retry_after=int(wait + 0.999))
@@ -99,6 +123,7 @@ class LoginThrottle:
         """The attempt was a correct login: its email and address start from nothing again."""
         with self._lock:
             self._forget(key)
+            self._count_client(key.partition("\x00")[2], self.clock(), -1)
 
     def tracked(self) -> int:
         return len(self._free) + len(self._waiting)

@@ -158,7 +158,7 @@ def build(settings: Settings) -> App:
     session_store = storage.SessionQueries()
     sessions = Sessions(settings.refresh_ttl_seconds, clock, store=session_store)
     accounts = Accounts(issuer, clock, sessions=sessions, store=storage.AccountQueries(),
-                        passwords=passwords.Argon2Passwords())
+                        passwords=passwords.RememberingPasswords(passwords.Argon2Passwords()))
     if settings.admin_email and settings.admin_password:
         ensure_admin(accounts, settings.admin_email, settings.admin_password)
     page_tokens = PageTokens(settings.page_token_secret, settings.page_token_ttl_seconds)
@@ -185,6 +185,11 @@ def build(settings: Settings) -> App:
                                   auth_threads=settings.auth_threads, max_streams=settings.max_streams,
                                   stream_max_seconds=settings.stream_max_seconds,
                                   request_seconds=settings.request_seconds)
+    # A full auth lane sheds first the calls of the client whose logins and token requests fail
+    # most: hundreds of addresses, each sending no faster than a stranger, cannot be told from the
+    # stranger by their rate, but can by their failures (tests/faults/test_login_flood.py).
+    lanes.auth.penalty = lambda key: (accounts.throttle.failures(key.removeprefix("addr:"))
+                                      + client_rules.throttle.failures(key.removeprefix("addr:")))
     server = grpc.server(
         lanes.payments,
         interceptors=[CallInterceptor(verifier, None if storage.is_postgres(database) else sqlite_turns.Turns(), lanes,

@@ -94,6 +94,9 @@ class Lane(futures.ThreadPoolExecutor):
         self.name, self.threads = name, threads
         self.admit = max(admit, threads)
         self._shedder, self._key, self._receiver = shedder, key, receiver
+        # A key's standing against it (the auth lane: its client's failed logins), weighed before
+        # anything else when a call must be shed. None: every key stands alike.
+        self.penalty: Callable[[str], int] | None = None
         self._cond = threading.Condition()
         self._heap: list[tuple[int, int, str, tuple]] = []  # (tag, arrival, key, job): queued calls
         self._queued: collections.Counter[str] = collections.Counter()  # key -> calls queued
@@ -143,7 +146,7 @@ class Lane(futures.ThreadPoolExecutor):
                                       default=(None, None))
                 # The newcomer counts its own call, as a queued call's key counts it: a key with
                 # nothing queued must not take a place from one as quiet as itself.
-                if busiest is None or busiest[:3] <= (self._queued[key] + 1, busy, tag):
+                if busiest is None or busiest[:4] <= (self._standing(key), self._queued[key] + 1, busy, tag):
                     victim = job
                 else:
                     _, _, gone, victim = self._heap[latest]
@@ -188,11 +191,14 @@ class Lane(futures.ThreadPoolExecutor):
         return self._arrivals_now.get(key, 0) + self._arrivals_before.get(key, 0)
 
     def _busyness(self, queued: tuple) -> tuple:
-        """Which queued call to shed first: its key's calls queued, then its key's calls of late
-        (a key that floods, shed or not, is busier than a stranger whose one call is queued
-        beside it), then the latest turn, then the latest arrival."""
+        """Which queued call to shed first: its key's penalty, then its key's calls queued, then
+        its key's calls of late (a key that floods, shed or not, is busier than a stranger whose
+        one call is queued beside it), then the latest turn, then the latest arrival."""
         tag, arrival, key, _ = queued
-        return self._queued[key], self._recent(key), tag, arrival
+        return self._standing(key), self._queued[key], self._recent(key), tag, arrival
+
+    def _standing(self, key: str) -> int:
+        return self.penalty(key) if self.penalty is not None else 0
 
     def _forget(self, key: str) -> None:
         self._queued[key] -= 1

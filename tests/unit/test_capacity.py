@@ -5,6 +5,8 @@ import threading
 import time
 from concurrent import futures
 
+import pytest
+
 from server.edge import capacity
 
 
@@ -239,6 +241,58 @@ def test_a_stranger_among_many_flooding_keys_is_not_shed():
         flooder.join()
     assert shed.count("flooder") > 100  # the lane was full: the flood was shed
     assert shed.count("stranger") == 0 and ran.count("stranger") == 20
+    lane.shutdown()
+    shedder.shutdown()
+
+
+@pytest.mark.parametrize("penalized", [True, False])
+def test_a_flood_spread_thinner_than_a_stranger_is_told_from_it_by_its_failures(penalized):
+    """The attack run: 400 addresses at 0.4 logins a second each had 12 of 13 of a stranger's
+    logins (one a second) shed: no flooder sent more than the stranger, so none was busier. What
+    tells them apart is what their logins do: the flood's fail. With the auth lane's penalty (each
+    key's failed logins, server/edge/app.py), the stranger, who has none, is never the one shed;
+    without it (the second case, which shows the test can tell) most of its calls are."""
+    shedder = futures.ThreadPoolExecutor(2)
+    lane = capacity.Lane("t", threads=2, admit=8, shedder=shedder)
+    if penalized:
+        lane.penalty = lambda key: 0 if key == "stranger" else 3
+    shed, ran = [], []
+
+    def work(name):
+        if capacity.shedding():
+            shed.append(name)
+            return
+        time.sleep(0.005)
+        ran.append(name)
+
+    stop = threading.Event()
+
+    def flood():  # 400 keys, each far slower than the stranger, together far more than two threads serve
+        for n in itertools.count():
+            if stop.is_set():
+                return
+            lane.submit_keyed(f"flooder-{n % 400}", work, "flooder")
+            time.sleep(0.0005)
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    try:
+        time.sleep(0.2)
+        mine = []
+        for _ in range(20):  # the stranger: ten a second, four times one flooder's rate
+            mine.append(lane.submit_keyed("stranger", work, "stranger"))
+            time.sleep(0.1)
+        for f in mine:
+            f.result(timeout=5)
+    finally:
+        stop.set()
+        flooder.join()
+    print(f"\npenalty {penalized}: the stranger's calls {ran.count('stranger')} served, {shed.count('stranger')} shed")
+    assert shed.count("flooder") > 100  # the lane was full: the flood was shed
+    if penalized:
+        assert shed.count("stranger") == 0 and ran.count("stranger") == 20
+    else:
+        assert shed.count("stranger") >= 10
     lane.shutdown()
     shedder.shutdown()
 

@@ -152,3 +152,22 @@ def test_the_cost_of_an_attempt_is_microseconds():
     per_attempt = (time.perf_counter() - started) / n
     print(f"throttle: {per_attempt * 1e6:.1f} us per attempt and success")
     assert per_attempt < 200e-6
+
+
+def test_a_clients_failures_on_every_email_are_counted_for_the_auth_lane_and_forgotten_in_time():
+    """What the auth lane sheds by (server/edge/app.py): attempts from a client, on any email,
+    that were not a correct login, throttled ones too; a correct login takes its own attempt back,
+    and a client quiet for CLIENT_FORGET_SECONDS starts from nothing."""
+    clock = Clock()
+    throttle = LoginThrottle(clock)
+    for n in range(FREE_FAILURES + 3):  # the same email: the last three are throttled, and count
+        allowed(throttle, "a@example.com", ATTACKER)
+    for n in range(4):  # other emails each time, as a flood that dodges the per-email waits does
+        allowed(throttle, f"nobody-{n}@example.com", ATTACKER)
+    assert throttle.failures(ATTACKER) == FREE_FAILURES + 3 + 4
+    throttle.succeeded(throttle.attempt("owner@example.com", OWNER))  # a correct login costs nothing
+    assert throttle.failures(OWNER) == 0
+    allowed(throttle, "owner@example.com", OWNER)  # a mistyped password counts once
+    assert throttle.failures(OWNER) == 1
+    clock.now += login_throttle.CLIENT_FORGET_SECONDS
+    assert throttle.failures(ATTACKER) == 0 and throttle.failures(OWNER) == 0
