@@ -48,7 +48,10 @@ from grpc._cython import cygrpc
 from server.infra import metrics
 
 _UNARY_SHAPES = (grpc_server._unary_response_in_pool, grpc_server._stream_response_in_pool)
-_UNARY_THUNK = grpc_server._unary_request.__qualname__ + ".<locals>.unary_request"
+# What grpc's thunks are called: one that waits for a unary request's message, and the ones that
+# hand a stream of requests over at once (grpc/_server.py, _handle_stream_unary/_stream_stream).
+_UNARY_THUNK = grpc_server._unary_request(None, None, None).__qualname__
+_STREAM_THUNKS = ("_handle_stream_unary.<locals>.<lambda>", "_handle_stream_stream.<locals>.<lambda>")
 
 CLIENT_ADDRESS_HEADER = "x-payments-client-address"  # set by Envoy: the address it took as the client's
 _KEYS_REMEMBERED = 4096
@@ -68,8 +71,13 @@ class Call:
 
     @property
     def unary(self) -> bool:
-        """A call with one request message (grpc's thunk waits for it), not a stream of them."""
+        """A call with one request message (grpc's thunk waits for it)."""
         return getattr(self.args[4], "__qualname__", "") == _UNARY_THUNK
+
+    @property
+    def streaming(self) -> bool:
+        """A call with a stream of requests (grpc's thunk returns its iterator at once)."""
+        return getattr(self.args[4], "__qualname__", "") in _STREAM_THUNKS
 
     def receive(self):
         """grpc's thunk: blocks until the request message (or the stream) is there; None if the
@@ -250,8 +258,11 @@ class Receiver:
             call.cancel(cygrpc.StatusCode.unavailable, "the server is stopping")
             _complete(done, call.finish_unserved)
             return
-        if not call.unary:  # a stream of requests: grpc hands its iterator over at once
-            then(call.with_argument(call.receive()))
+        if not call.unary:
+            # A stream of requests: grpc hands its iterator over at once. A thunk of a shape this
+            # module does not know is left to the lane's thread, which waits as grpc's own would
+            # (never called here: grpc's polling thread must not wait for a client).
+            then(call.with_argument(call.receive()) if call.streaming else call.args)
             return
         ident, now = next(self._ids), time.monotonic()
         with self._lock:

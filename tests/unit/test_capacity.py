@@ -143,9 +143,11 @@ def test_a_full_lane_sheds_the_newest_call_of_the_key_with_the_most_queued_not_t
 
 def test_the_installed_grpc_hands_every_call_to_its_lane_in_the_shape_admission_knows(monkeypatch):
     """server/edge/admission.py reads grpc's private calling convention; if an upgrade changes it,
-    calls would again wait for their message on a lane thread. This test fails first."""
+    calls would again wait for their message on a lane thread (or, a stream's thunk taken for a
+    unary one, on grpc's polling thread). This test fails first."""
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection, reflection_pb2
 
     from server.edge import admission
 
@@ -154,7 +156,7 @@ def test_the_installed_grpc_hands_every_call_to_its_lane_in_the_shape_admission_
 
     def spy(fn, args):
         call = original(fn, args)
-        seen.append(call is not None)
+        seen.append(call is not None and (call.unary, call.streaming))
         return call
 
     monkeypatch.setattr(admission, "grpc_call", spy)
@@ -163,6 +165,7 @@ def test_the_installed_grpc_hands_every_call_to_its_lane_in_the_shape_admission_
     server = grpc.server(lanes.payments)
     servicer = health.HealthServicer(experimental_non_blocking=True, experimental_thread_pool=lanes.health)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection((reflection.SERVICE_NAME,), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -172,10 +175,17 @@ def test_the_installed_grpc_hands_every_call_to_its_lane_in_the_shape_admission_
             watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=5)
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             watch.cancel()
+            info = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                                         request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                         response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+            answers = info(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+            assert next(answers).list_services_response.service
+            answers.cancel()
     finally:
         server.stop(None)
         lanes.shutdown()
-    assert seen and all(seen), seen  # unary and server-streaming calls both recognised
+    # unary (Check) and server-streaming (Watch) calls wait for one message; reflection streams
+    assert seen == [(True, False), (True, False), (False, True)], seen
 
 
 def test_with_more_flooding_keys_than_the_lane_admits_a_strangers_call_is_still_served_soon():
