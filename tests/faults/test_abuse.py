@@ -1,10 +1,12 @@
 """Login abuse: a flood from one address, and guessing against one account.
 
-Envoy limits sign-up and login per client address (envoy.yaml, local_ratelimit on the
-AuthService route, which REST and native gRPC logins both end on), before the server spends a
-password hash; the server slows failed logins per email (server/domain/login_throttle.py). Payment calls
-have no such limit and keep working. Clients are told apart by their address: each test client
-binds an address of its own in 127.0.0.0/8.
+Envoy limits sign-up, login and token requests per client address (envoy.yaml, local_ratelimit on
+the route of AuthService's Register and Login and TokenService's CreateToken, which REST and native
+gRPC calls both end on: one bucket for the three), before the server spends a password hash;
+Refresh and Logout, which hash nothing, have a looser bucket of their own. The server slows failed
+logins per email (server/domain/login_throttle.py). Payment calls have no such limit and keep
+working. Clients are told apart by their address: each test client binds an address of its own in
+127.0.0.0/8.
 """
 
 from __future__ import annotations
@@ -21,35 +23,64 @@ from server.edge.pb import payments_pb2 as pb
 from server.edge.pb import payments_pb2_grpc as pb_grpc
 from tests.conftest import ALICE
 from devstack.envoyconf import CONFIG
+from tests.support import attacks
 from tests.support.rest import loopback_address
 
 RESOURCE_EXHAUSTED = 8
 PASSWORD = "correct horse battery"
+HASHING = ("/payments.v1.AuthService/Register", "/payments.v1.AuthService/Login",
+           "/payments.v1.TokenService/CreateToken")  # what REST sign-up, login and /oauth2/token become
+SESSIONS = ("/payments.v1.AuthService/Refresh", "/payments.v1.AuthService/Logout")
+
+
+def route_limits(path: str) -> dict:
+    """The rate limit envoy.yaml gives the route a gRPC path (or a REST call transcoded to it) takes."""
+    route = attacks.configured_route(path)[1]
+    assert route["route"]["cluster"] == "payments_auth", path
+    return route["typed_per_filter_config"]["envoy.filters.http.local_ratelimit"]
 
 
 def auth_limits() -> dict:
-    """The rate limit envoy.yaml gives the AuthService route."""
-    config = yaml.safe_load(CONFIG.read_text())
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    for host in hcm["route_config"]["virtual_hosts"]:
-        for route in host["routes"]:
-            if route["match"].get("prefix") == "/payments.v1.AuthService/":
-                return route["typed_per_filter_config"]["envoy.filters.http.local_ratelimit"]
-    raise AssertionError("envoy.yaml has no rate limit on the AuthService route")
+    """The rate limit of sign-up, login and token requests (one route for the three)."""
+    return route_limits(HASHING[1])
 
 
 PER_CLIENT = {"v4_prefix_mask_len": 32, "v6_prefix_mask_len": 64}  # an IPv6 client is its /64
 
 
-def per_address_bucket() -> dict:
-    [descriptor] = auth_limits()["descriptors"]
+def bucket(limits: dict) -> dict:
+    [descriptor] = limits["descriptors"]
     assert descriptor["entries"] == [{"key": "masked_remote_address"}]
     return descriptor["token_bucket"]
 
 
+def per_address_bucket() -> dict:
+    """The hashing calls' per-address bucket (max_tokens at once, tokens_per_fill each fill_interval)."""
+    return bucket(auth_limits())
+
+
+def refill_rate(token_bucket: dict) -> float:
+    """Tokens a second."""
+    return int(token_bucket["tokens_per_fill"]) / float(token_bucket["fill_interval"].rstrip("s"))
+
+
+def test_the_calls_that_hash_share_one_tight_bucket_and_refresh_and_logout_have_a_looser_one():
+    """Register, Login and CreateToken take one route, so an address spends one bucket on them
+    all: 10 at once, then 1 a second. Refresh and Logout hash nothing and are what every signed-in
+    client behind one address (a NAT) sends: 20 at once, then 5 a second, a bucket of their own."""
+    config, hashing = attacks.configured_route(HASHING[0])
+    assert all(attacks.configured_route(path)[1] == hashing for path in HASHING)
+    assert bucket(route_limits(HASHING[0])) == {"max_tokens": 10, "tokens_per_fill": 1, "fill_interval": "1s"}
+    _, sessions = attacks.configured_route(SESSIONS[0])
+    assert sessions != hashing and attacks.configured_route(SESSIONS[1])[1] == sessions
+    assert bucket(route_limits(SESSIONS[0])) == {"max_tokens": 20, "tokens_per_fill": 5, "fill_interval": "1s"}
+    assert route_limits(SESSIONS[0])["stat_prefix"] != route_limits(HASHING[0])["stat_prefix"]
+
+
 def test_every_per_address_limit_counts_an_ipv6_client_by_its_64():
-    """Every Envoy variant's per-address buckets (every request, logins, public health, Watch) key an
-    IPv6 client by its /64: by the full address, one host rotated through 2^64 buckets."""
+    """Every Envoy variant's per-address buckets (every request, sign-up/login/token, refresh/logout,
+    public health, Watch) key an IPv6 client by its /64: by the full address, one host rotated
+    through 2^64 buckets."""
     def limits(node):
         if isinstance(node, dict):
             if "rate_limits" in node:
@@ -63,7 +94,7 @@ def test_every_per_address_limit_counts_an_ipv6_client_by_its_64():
     for variant in sorted(CONFIG.parent.glob("envoy*.yaml")):
         by_address = {id(limit): limit for limit in limits(yaml.safe_load(variant.read_text()))  # aliases once
                       if any("address" in key for rule in limit["rate_limits"] for a in rule["actions"] for key in a)}
-        assert len(by_address) == 4, variant.name  # every request, logins, public health, Watch
+        assert len(by_address) == 5, variant.name  # every request, sign-up/login/token, refresh/logout, health, Watch
         for limit in by_address.values():
             assert limit["rate_limits"] == [{"actions": [{"masked_remote_address": PER_CLIENT}]}], variant.name
             assert [d["entries"] for d in limit["descriptors"]] == [[{"key": "masked_remote_address"}]], variant.name
@@ -72,11 +103,12 @@ def test_every_per_address_limit_counts_an_ipv6_client_by_its_64():
 def test_no_bucket_for_the_whole_envoy_that_a_few_addresses_could_drain():
     """A per-Envoy login bucket (50/s) was drained by ten addresses within their own buckets, and
     a stranger's logins were refused: the only login buckets are per address (test_login_flood.py
-    shows the stranger served while they flood)."""
-    limits = auth_limits()
-    assert not limits.get("always_consume_default_token_bucket")
-    assert int(limits["token_bucket"]["tokens_per_fill"]) >= 100_000  # the default bucket: never the one that binds
-    assert limits["rate_limits"] == [{"actions": [{"masked_remote_address": PER_CLIENT}]}]
+    shows the stranger served while 200 addresses flood)."""
+    for path in HASHING + SESSIONS:
+        limits = route_limits(path)
+        assert not limits.get("always_consume_default_token_bucket")
+        assert int(limits["token_bucket"]["tokens_per_fill"]) >= 100_000  # the default bucket: never the one that binds
+        assert limits["rate_limits"] == [{"actions": [{"masked_remote_address": PER_CLIENT}]}]
 
 
 def register(api, email: str) -> None:
@@ -114,7 +146,7 @@ def test_a_flood_from_one_address_leaves_other_clients_logging_in_promptly(edge,
     assert set(statuses) <= {401, 429}, statuses
     limited = [a for a in answers if a.status == 429]
     # The flooder got about its burst (plus what refilled meanwhile), the rest was refused.
-    assert statuses.count(401) <= burst + 5 * 10, statuses.count(401)
+    assert statuses.count(401) <= burst + refill_rate(per_address_bucket()) * 10, statuses.count(401)
     for answer in limited[:5]:
         code, reason, body = answer.error()
         assert (code, reason) == (RESOURCE_EXHAUSTED, "RATE_LIMITED")
@@ -126,6 +158,49 @@ def test_a_flood_from_one_address_leaves_other_clients_logging_in_promptly(edge,
         assert time.monotonic() < deadline, "logins still limited 30 s after the flood"
         time.sleep(0.3)
     assert r.status == 401
+
+
+def test_an_address_that_spent_its_login_bucket_cannot_sign_up_or_get_a_token_but_can_refresh(edge):
+    """After the transcoder (and the Lua filter, for /oauth2/token), REST sign-up, login and token
+    requests end on the one route: an address whose logins emptied the bucket is refused a sign-up
+    and a token too (429 RATE_LIMITED; the token endpoint's slow_down), and not a refresh, whose
+    bucket is its own."""
+    flooder = edge.api.from_address(loopback_address())
+    burst = int(per_address_bucket()["max_tokens"])
+
+    def emptied() -> None:
+        """Logins until Envoy refuses one: the bucket is empty, for up to a second (its refill)."""
+        for n in range(10 * burst):
+            answer = flooder.post("/v1/auth/login", {"email": f"nobody{n}@example.com", "password": "not the password"})
+            if answer.status == 429 and answer.error()[1] == "RATE_LIMITED":
+                return
+            assert answer.status == 401, answer.text
+        pytest.fail("the logins never emptied the bucket")
+
+    def sign_up():
+        answer = flooder.post("/v1/auth/register", {"email": f"new-{time.monotonic_ns()}@example.com",
+                                                     "password": PASSWORD})
+        return "limited" if answer.status == 429 and answer.error()[1] == "RATE_LIMITED" else answer.status
+
+    def token():
+        answer = flooder.request("POST", "/oauth2/token", raw=b"grant_type=client_credentials&client_id=cli_x"
+                                 b"&client_secret=pmt_cs_x", headers={"Content-Type": "application/x-www-form-urlencoded"})
+        return "limited" if (answer.status, answer.json.get("error")) == (429, "slow_down") else answer.status
+
+    def refresh():
+        return flooder.post("/v1/auth/refresh", {"refresh_token": "rt_nobody_issued_this"}).status
+
+    # Each probe right after the bucket was seen empty; a refill can come between (one a second),
+    # so each gets three tries. A refresh is never refused by the login bucket.
+    for probe, limited in ((sign_up, "limited"), (token, "limited")):
+        got = []
+        for _ in range(3):
+            emptied()
+            got.append(probe())
+            assert refresh() == 401
+            if got[-1] == limited:
+                break
+        assert got[-1] == limited, (probe.__name__, got)
 
 
 def test_guessing_one_accounts_password_slows_the_guesser_without_holding_up_the_owner(edge):
@@ -140,7 +215,8 @@ def test_guessing_one_accounts_password_slows_the_guesser_without_holding_up_the
 
     statuses = [attempt(f"guess number {i}").status for i in range(login_throttle.FREE_FAILURES)]
     assert statuses == [401] * login_throttle.FREE_FAILURES
-    refused = [attempt(f"guess number {i}x") for i in range(10)]
+    # Within the guesser's Envoy bucket (10 at once): FREE_FAILURES, 3 refused, and 2 after the wait.
+    refused = [attempt(f"guess number {i}x") for i in range(3)]
     assert {r.status for r in refused} == {429}  # then every quick guess is refused, costing no hash
     code, reason, body = refused[0].error()
     assert (code, reason) == (RESOURCE_EXHAUSTED, "LOGIN_THROTTLED")
@@ -172,8 +248,9 @@ def test_native_grpc_logins_share_the_limit(edge):
 
 
 def test_more_logins_at_once_than_the_server_hashes_are_refused_at_once_as_busy(edge):
-    """From many addresses, so no rate limit applies: Envoy's auth cluster admits 32 at a time
-    (its circuit breaker) and answers the rest 429 SERVER_BUSY at once, JSON, with retry-after."""
+    """From many addresses, so no rate limit applies: the server's auth lane admits its hashing
+    threads' worth and 32 more waiting, and the rest are answered 429 SERVER_BUSY at once, JSON,
+    with retry-after."""
     addresses = [loopback_address() for _ in range(90)]
 
     def login(address: str):

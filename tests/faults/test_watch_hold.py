@@ -16,11 +16,9 @@ import itertools
 import time
 
 import grpc
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from devstack.envoyconf import CONFIG
 from tests.conftest import ALICE
 from tests.support import attacks
 from tests.support.idle_streams import WATCH, IdleStreams
@@ -30,20 +28,9 @@ HOLDER, PROBER, WATCHER = "127.74.0.1", "127.74.0.2", "127.74.0.3"
 FLOOD = 20  # Watch streams one address tries to open at once
 
 
-def route_for(path: str) -> tuple[dict, dict]:
-    """envoy.yaml, and the first of its routes that a gRPC path matches (by path or prefix)."""
-    config = yaml.safe_load(CONFIG.read_text())
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
-        match = route["match"]
-        if match.get("path") == path or ("prefix" in match and path.startswith(match["prefix"])):
-            return config, route
-    raise AssertionError(f"envoy.yaml has no route for {path}")
-
-
 def route_cluster(path: str) -> tuple[str, int]:
     """The cluster envoy.yaml routes a gRPC path to, and its circuit breaker's max_requests."""
-    config, route = route_for(path)
+    config, route = attacks.configured_route(path)
     name = route["route"]["cluster"]
     cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == name)
     return name, cluster["circuit_breakers"]["thresholds"][0]["max_requests"]
@@ -51,7 +38,7 @@ def route_cluster(path: str) -> tuple[str, int]:
 
 def route_bucket(path: str) -> dict:
     """The per-address token bucket of the route envoy.yaml gives a gRPC path."""
-    [descriptor] = route_for(path)[1]["typed_per_filter_config"]["envoy.filters.http.local_ratelimit"]["descriptors"]
+    [descriptor] = attacks.configured_route(path)[1]["typed_per_filter_config"]["envoy.filters.http.local_ratelimit"]["descriptors"]
     return descriptor["token_bucket"]
 
 

@@ -19,7 +19,7 @@ and what the tests read back: what each stream or connection got and when (.outc
 .answered_within() / .closed_within(), .answer_times() / .lifetimes(): a reset, a gRPC status, an
 HTTP status, EOF, or nothing yet), envoy_memory() and EnvoyMemorySampler (Envoy's resident memory
 and its heap as it reports it), envoy_stats(), thread_count() (a server's threads),
-configured_timeouts(), configured_body_limit() and configured_overload_limits() (what
+configured_timeouts(), configured_body_limit(), configured_overload_limits() and configured_route() (what
 envoy.yaml promises), grpc_methods() (every public method, from the
 generated descriptors), parse_http_response(), median() and percentile(). address_relay() lets a
 grpc client (which cannot choose its source address) come from another loopback address.
@@ -1293,6 +1293,20 @@ def configured_body_limit(config_path=None) -> int:
     rest = hcm["route_config"]["virtual_hosts"][0]["routes"][-1]
     per_route = rest.get("typed_per_filter_config", {}).get("envoy.filters.http.buffer", {})
     return int(per_route.get("buffer", {}).get("max_request_bytes", limit))
+
+
+def configured_route(path: str, config_path=None) -> tuple[dict, dict]:
+    """envoy.yaml (parsed), and the first of the API's routes that a gRPC path matches (by path,
+    prefix or whole-path regex), the one Envoy picks for it: its cluster, and its per-route filter
+    configs (a rate limit's token bucket)."""
+    config = yaml.safe_load((config_path or CONFIG).read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+        match = route["match"]
+        if (match.get("path") == path or ("prefix" in match and path.startswith(match["prefix"]))
+                or ("safe_regex" in match and re.fullmatch(match["safe_regex"]["regex"], path))):
+            return config, route
+    raise AssertionError(f"envoy.yaml has no route for {path}")
 
 
 def configured_overload_limits(config_path=None) -> tuple[int, int]:
