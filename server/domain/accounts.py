@@ -75,7 +75,12 @@ class Accounts:
             raise InvalidArgument(violations, reason=reason)
         return email
 
-    def register(self, email: str, password: str, role: str = CUSTOMER) -> AccountRecord:
+    def register(self, email: str, password: str, role: str = CUSTOMER, client: str = "") -> AccountRecord:
+        """A new account. `client`: the caller's address; its sign-ups count against it in the
+        auth lane (LoginThrottle.failures), as its failed logins do: each costs a hash, and a
+        person signs up once."""
+        if client:
+            self.throttle.signed_up(client)
         email = self._validate(email, password, "INVALID_REGISTRATION")
         user = AccountRecord(id=new_user_id(), email=email, password_hash=self.passwords.hash(password),
                              role=role, created_at=self.clock(), disabled_at=None)
@@ -142,7 +147,10 @@ class Accounts:
         # guesses cannot all pass before the first failure is counted.
         attempt = self.throttle.attempt(email, client)
         user = self.store.by_email(email) if email else None
-        ok = self.passwords.verify(user.password_hash if user else None, password)
+        # A disabled account is verified as an unknown email is (the dummy hash, every time): a
+        # right password remembered for it (RememberingPasswords) would answer sooner, and tell.
+        live = user is not None and user.disabled_at is None
+        ok = self.passwords.verify(user.password_hash if live else None, password)
         # A disabled account gets the same answer as a wrong password: nothing to learn from it.
         if not ok or user is None or user.disabled_at is not None:
             raise Unauthenticated("wrong email or password", reason="BAD_CREDENTIALS")

@@ -72,7 +72,8 @@ class LoginThrottle:
 
     def failures(self, client: str) -> int:
         """Attempts from `client`, on any email, that were not a correct login (those throttled,
-        and those still being checked, too), until CLIENT_FORGET_SECONDS pass without one. The
+        and those still being checked, too), and its sign-ups (`signed_up`: each a hash, and a
+        person signs up once), until CLIENT_FORGET_SECONDS pass without one. The
         auth lane sheds the calls of the client with the most first (server/edge/app.py): a
         flood spread over hundreds of addresses, each sending no faster than a stranger, is told
         from the stranger by its failures, and a flood of right passwords is cheap to answer
@@ -80,6 +81,11 @@ class LoginThrottle:
         with self._lock:
             entry = self._clients.get(client)
             return entry[0] if entry is not None and self.clock() - entry[1] < CLIENT_FORGET_SECONDS else 0
+
+    def signed_up(self, client: str) -> None:
+        """A sign-up from `client`, right or wrong: it counts as a failure would, and for good."""
+        with self._lock:
+            self._count_client(client, self.clock(), +1)
 
     def _count_client(self, client: str, now: float, change: int) -> None:
         entry = self._clients.get(client)

@@ -37,12 +37,15 @@ import collections
 import dataclasses
 import heapq
 import itertools
+import logging
 import threading
 import time
 from concurrent import futures
 from typing import Callable
 
 from server.edge import admission
+
+log = logging.getLogger(__name__)
 
 AUTH_WAITING = 32  # logins/sign-ups that may wait for a hashing thread; more are shed
 HEALTH_THREADS = 2
@@ -118,13 +121,30 @@ class Lane(futures.ThreadPoolExecutor):
         return self._receiver
 
     def submit(self, fn, /, *args, **kwargs):
-        """grpc's way in: a call waits for its message (with a receiver), then takes its turn."""
-        call = admission.grpc_call(fn, args) if not kwargs else None
-        key = self._key(call) if call is not None and self._key is not None else ""
+        """grpc's way in: a call waits for its message (with a receiver), then takes its turn.
+
+        This runs on grpc's one polling thread, which nothing may ever raise into: an exception
+        there ends the thread, and with it every call the server would take (a client's token that
+        made the caller's key raise did, on the server's own port). Whatever goes wrong in reading
+        the call, it is served as grpc would serve it, under a key of its own."""
+        try:
+            call = admission.grpc_call(fn, args) if not kwargs else None
+            key = self._key(call) if call is not None and self._key is not None else ""
+        except Exception:
+            log.exception("a call's turn could not be read; it is served under the key '?'")
+            return self.submit_keyed("?", fn, *args, **kwargs)
         if call is None or self._receiver is None:
             return self.submit_keyed(key, fn, *args, **kwargs)
         done: futures.Future = futures.Future()
-        self._receiver.receive(call, lambda ready: self._enqueue(key, (fn, ready, {}, done)), done)
+        try:
+            self._receiver.receive(call, lambda ready: self._enqueue(key, (fn, ready, {}, done)), done)
+        except Exception as exc:
+            log.exception("a call could not wait for its message")
+            try:
+                call.cancel(admission.cygrpc.StatusCode.internal, "the call could not be received")
+            finally:
+                if not done.done():
+                    done.set_exception(exc)
         return done
 
     def submit_keyed(self, key: str, fn, /, *args, **kwargs) -> futures.Future:

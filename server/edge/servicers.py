@@ -176,7 +176,7 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         self.accounts = accounts
 
     def Register(self, request, context):
-        user = self.accounts.register(request.email, request.password)
+        user = self.accounts.register(request.email, request.password, client=client_address(context))
         return pb.RegisterResponse(user_id=user.id, email=user.email, role=user.role)
 
     def Login(self, request, context):

@@ -245,3 +245,40 @@ def test_start_up_never_makes_a_customer_admin(accounts, caplog):
     assert not [r for r in caplog.records if r.getMessage() == "admin account ensured"]
     app.ensure_admin(accounts, "boss@example.com", "the operators password")  # a new email: created
     assert User.get(User.email == "boss@example.com").role == "admin"
+
+
+def test_a_disabled_accounts_password_is_verified_as_an_unknown_emails_never_remembered(database, issuer, clock):
+    """With right passwords remembered (server/infra/passwords.py), a disabled account's right
+    password answered in 1 ms after the first try and a wrong one in 26 ms, though both say
+    'wrong email or password': two tries told whether a password was right (the attack run).
+    A disabled account now costs the dummy verification every time, as an unknown email does."""
+    from server.domain.errors import Unauthenticated
+    from server.infra import passwords
+    from tests.support.hashers import CountingHasher
+
+    counting = CountingHasher()
+    accounts = Accounts(issuer, clock=clock, sessions=Sessions(3600, clock),
+                        passwords=passwords.RememberingPasswords(counting))
+    accounts.register("off@example.com", "the right password")
+    accounts.login("off@example.com", "the right password", "198.51.100.7")
+    accounts.login("off@example.com", "the right password", "198.51.100.7")
+    assert counting.verified == 1  # a live account's right password is remembered
+    accounts.disable("off@example.com")
+    for _ in range(3):
+        with pytest.raises(Unauthenticated) as refused:
+            accounts.login("off@example.com", "the right password", "198.51.100.7")
+        assert refused.value.reason == "BAD_CREDENTIALS"
+    assert counting.verified == 4  # each one a full verification, never a remembered answer
+
+
+def test_sign_ups_count_against_their_client_in_the_auth_lane(accounts):
+    """A flood of sign-ups (each a hash) from addresses that never fail a login outranked a person
+    who mistyped once: the lane sheds the client with the most failures first (the attack run)."""
+    for n in range(3):
+        accounts.register(f"new-{n}@example.com", "a long enough password", client="203.0.113.9")
+    from server.domain.errors import AlreadyExists
+
+    with pytest.raises(AlreadyExists):  # refused, after its hash: it counts too
+        accounts.register("new-0@example.com", "a long enough password", client="203.0.113.9")
+    assert accounts.throttle.failures("203.0.113.9") == 4
+    assert accounts.throttle.failures("198.51.100.7") == 0

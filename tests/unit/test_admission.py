@@ -4,6 +4,7 @@ against a real grpc server on loopback with the server's lanes."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import socket
 import threading
@@ -246,3 +247,28 @@ def test_the_callers_remembered_for_fair_turns_cost_a_digest_each_not_their_toke
     finally:
         tracemalloc.stop()
     assert held < 2_000_000, held  # the tokens' text alone is 61 MB
+
+
+def test_a_call_whose_turn_cannot_be_read_is_served_and_grpcs_polling_thread_lives_on(served):
+    """A lane reads a call's key on grpc's one polling thread: a token whose payload was nested
+    5,000 deep made json.loads raise RecursionError there, the thread ended, and the server took no
+    call again (the attack on the thread-less receiver, on the server's own port)."""
+    port, lanes = served
+
+    def unreadable(call):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    lanes.health._key = unreadable
+    assert check(port) < 1.0  # served under a key of its own
+    assert check(port) < 1.0  # and the server still takes calls
+
+
+def test_a_tokens_subject_is_read_at_most_so_far_and_never_raises():
+    from server.edge import admission
+
+    nested = base64.urlsafe_b64encode(b"[" * 5000).decode().rstrip("=")
+    assert admission._unverified_subject(f"e30.{nested}.sig") == "?"
+    huge = base64.urlsafe_b64encode(b'{"sub":"usr_a","x":"' + b"y" * 10_000 + b'"}').decode()
+    assert admission._unverified_subject(f"e30.{huge}.sig") == "?"
+    usual = base64.urlsafe_b64encode(b'{"sub":"usr_a"}').decode()
+    assert admission._unverified_subject(f"e30.{usual}.sig") == "usr_a"

@@ -1,23 +1,7 @@
 """The password hasher the server runs: argon2, with right passwords remembered for a while."""
 
 from server.infra import passwords
-
-
-class CountingHasher:
-    """The real argon2 hasher, counting its verifications."""
-
-    def __init__(self):
-        self.inner, self.verified = passwords.Argon2Passwords(), 0
-
-    def hash(self, password):
-        return self.inner.hash(password)
-
-    def problem(self, password):
-        return self.inner.problem(password)
-
-    def verify(self, password_hash, password):
-        self.verified += 1
-        return self.inner.verify(password_hash, password)
+from tests.support.hashers import CountingHasher
 
 
 def test_a_right_password_is_verified_once_until_it_is_forgotten_and_nothing_else_is_remembered():
