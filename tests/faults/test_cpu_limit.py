@@ -6,8 +6,8 @@ Each login is an argon2 hash, the most expensive thing a client can ask for with
 server hashes on a lane of its own (PAYMENTS_AUTH_THREADS threads; server/edge/capacity.py) and
 sheds logins beyond its queue at once with RESOURCE_EXHAUSTED; health checks have two threads of
 their own and payment calls theirs, so under the quota the hashing takes its share of the CPU and
-no more than that. Here 64 clients, each from an address of its own (so Envoy's per-address buckets
-do not stop them), send logins as fast as they are answered, for 8 s, while
+no more than that. Here 64 clients, each login from an address nobody has used (so Envoy's
+per-address buckets do not stop them), send logins as fast as they are answered, for 8 s, while
 a probe opens a new connection every half second and asks grpc.health.v1 with the kubelet's
 default timeout (1 s), and a client reads a payment through Envoy every 100 ms."""
 
@@ -67,9 +67,9 @@ def run_flood(server: Server, api: Client, quota: Path) -> None:
     reads: list[tuple[int, float]] = []
 
     def flood(stop):
-        client = api.from_address(loopback_address())
         n = 0
         while not stop.is_set():
+            client = api.from_address(loopback_address())
             logins.append(client.post("/v1/auth/login", {"email": f"flood{n}-{id(client)}@example.com",
                                                          "password": "not the password"}).status)
             n += 1
@@ -88,13 +88,17 @@ def run_flood(server: Server, api: Client, quota: Path) -> None:
     run_for(FLOOD_SECONDS, [flood] * FLOODERS + [probe, paced_reads(me, f"/v1/payments/{payment}", token, reads)])
 
     hashed, shed = logins.count(401), logins.count(429)
+    answered = [p for p in probes if p is not None]
+    latencies = sorted(seconds for _, seconds in reads)
+    print(f"\nlogins in {FLOOD_SECONDS} s: {hashed} hashed, {shed} shed; probes: {len(answered)} of {len(probes)} "
+          f"answered, the slowest {max(answered, default=0):.2f} s; reads: p99 "
+          f"{statistics.quantiles(latencies, n=100)[98] if len(latencies) > 1 else 0:.2f} s; "
+          f"quota bit in {throttled(quota) - throttled_before} periods")
     assert set(logins) <= {401, 429}, set(logins)
     assert hashed > 0 and shed > 10 * hashed, (hashed, shed)  # the flood was real, and mostly shed
     assert throttled(quota) > throttled_before, "the quota never bit: the test did not reproduce the limit"
-    answered = [p for p in probes if p is not None]
     assert len(probes) >= FLOOD_SECONDS and len(answered) == len(probes), probes  # every probe in under 1 s
     assert max(answered) < 0.5, probes
-    latencies = sorted(seconds for _, seconds in reads)
     assert {status for status, _ in reads} == {200}, reads
     assert statistics.quantiles(latencies, n=100)[98] < 0.5, latencies[-5:]
 
