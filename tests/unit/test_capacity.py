@@ -210,14 +210,13 @@ def test_with_more_flooding_keys_than_the_lane_admits_a_strangers_call_is_still_
     shedder.shutdown()
 
 
-def test_a_stranger_among_many_flooding_keys_is_not_shed():
-    """The attack run: 200 addresses at 5 logins a second each, within their own limits, and a
-    stranger logging in once a second got 429 now and then. When the lane is full, each flooder
-    has one call queued, like the stranger once its call is in: the call shed is then the one
-    whose key sent the most of late (shed or not), not the latest arrival, which was the stranger's
-    whenever the flood's calls came after it (before: 17-18 of 20 of its calls shed here)."""
+def stranger_in_a_flood(flooders: int, penalty=None) -> tuple[list, list]:
+    """A lane of two threads (5 ms a call, 8 admitted) flooded by `flooders` keys in turn, one
+    call every 0.5 ms (far more than it serves), while a stranger sends a call every 0.1 s, 20 in
+    all: (the names of the calls shed, of those run)."""
     shedder = futures.ThreadPoolExecutor(2)
     lane = capacity.Lane("t", threads=2, admit=8, shedder=shedder)
+    lane.penalty = penalty
     shed, ran = [], []
 
     def work(name):
@@ -229,11 +228,11 @@ def test_a_stranger_among_many_flooding_keys_is_not_shed():
 
     stop = threading.Event()
 
-    def flood():  # 50 keys, one call each in turn, far more than two threads of 5 ms serve
+    def flood():
         for n in itertools.count():
             if stop.is_set():
                 return
-            lane.submit_keyed(f"flooder-{n % 50}", work, "flooder")
+            lane.submit_keyed(f"flooder-{n % flooders}", work, "flooder")
             time.sleep(0.0005)
 
     flooder = threading.Thread(target=flood)
@@ -241,7 +240,7 @@ def test_a_stranger_among_many_flooding_keys_is_not_shed():
     try:
         time.sleep(0.2)
         mine = []
-        for _ in range(20):  # the stranger: ten a second, a fifth of one flooder's rate or less
+        for _ in range(20):
             mine.append(lane.submit_keyed("stranger", work, "stranger"))
             time.sleep(0.1)
         for f in mine:
@@ -249,10 +248,21 @@ def test_a_stranger_among_many_flooding_keys_is_not_shed():
     finally:
         stop.set()
         flooder.join()
+        lane.shutdown()
+        shedder.shutdown()
     assert shed.count("flooder") > 100  # the lane was full: the flood was shed
+    return shed, ran
+
+
+def test_a_stranger_among_many_flooding_keys_is_not_shed():
+    """The attack run: 200 addresses at 5 logins a second each, within their own limits, and a
+    stranger logging in once a second got 429 now and then. When the lane is full, each flooder
+    has one call queued, like the stranger once its call is in: the call shed is then the one
+    whose key sent the most of late (shed or not), not the latest arrival, which was the stranger's
+    whenever the flood's calls came after it (before: 17-18 of 20 of its calls shed here). Here
+    50 keys flood, each sending more than the stranger."""
+    shed, ran = stranger_in_a_flood(50)
     assert shed.count("stranger") == 0 and ran.count("stranger") == 20
-    lane.shutdown()
-    shedder.shutdown()
 
 
 @pytest.mark.parametrize("penalized", [True, False])
@@ -260,51 +270,15 @@ def test_a_flood_spread_thinner_than_a_stranger_is_told_from_it_by_its_failures(
     """The attack run: 400 addresses at 0.4 logins a second each had 12 of 13 of a stranger's
     logins (one a second) shed: no flooder sent more than the stranger, so none was busier. What
     tells them apart is what their logins do: the flood's fail. With the auth lane's penalty (each
-    key's failed logins, server/edge/app.py), the stranger, who has none, is never the one shed;
-    without it (the second case, which shows the test can tell) most of its calls are."""
-    shedder = futures.ThreadPoolExecutor(2)
-    lane = capacity.Lane("t", threads=2, admit=8, shedder=shedder)
-    if penalized:
-        lane.penalty = lambda key: 0 if key == "stranger" else 3
-    shed, ran = [], []
-
-    def work(name):
-        if capacity.shedding():
-            shed.append(name)
-            return
-        time.sleep(0.005)
-        ran.append(name)
-
-    stop = threading.Event()
-
-    def flood():  # 400 keys, each far slower than the stranger, together far more than two threads serve
-        for n in itertools.count():
-            if stop.is_set():
-                return
-            lane.submit_keyed(f"flooder-{n % 400}", work, "flooder")
-            time.sleep(0.0005)
-
-    flooder = threading.Thread(target=flood)
-    flooder.start()
-    try:
-        time.sleep(0.2)
-        mine = []
-        for _ in range(20):  # the stranger: ten a second, four times one flooder's rate
-            mine.append(lane.submit_keyed("stranger", work, "stranger"))
-            time.sleep(0.1)
-        for f in mine:
-            f.result(timeout=5)
-    finally:
-        stop.set()
-        flooder.join()
+    key's failed logins and sign-ups, server/edge/app.py), the stranger, who has none, is never the
+    one shed; without it (the second case, which shows the test can tell) most of its calls are.
+    Here 400 keys flood, each sending a quarter of what the stranger does."""
+    shed, ran = stranger_in_a_flood(400, (lambda key: 0 if key == "stranger" else 3) if penalized else None)
     print(f"\npenalty {penalized}: the stranger's calls {ran.count('stranger')} served, {shed.count('stranger')} shed")
-    assert shed.count("flooder") > 100  # the lane was full: the flood was shed
     if penalized:
         assert shed.count("stranger") == 0 and ran.count("stranger") == 20
     else:
         assert shed.count("stranger") >= 10
-    lane.shutdown()
-    shedder.shutdown()
 
 
 def test_a_newcomer_does_not_take_the_place_of_a_call_as_quiet_as_itself():
