@@ -86,7 +86,7 @@ def test_a_scrape_counts_a_known_sequence_of_calls(stack, make_user, admin):
 
 def test_a_refused_login_is_counted_by_reason(stack, make_user):
     user = make_user("throttled")
-    # From an address of its own, within its login bucket at Envoy (5 at once, then 1 a second):
+    # From an address of its own, within its login bucket at Envoy (10 at once, then 1 a second):
     # every 429 is the server's.
     api = Client(stack.url).from_address(loopback_address())
     before = scrape(stack.server.metrics_port)

@@ -66,11 +66,11 @@ def refill_rate(token_bucket: dict) -> float:
 
 def test_the_calls_that_hash_share_one_tight_bucket_and_refresh_and_logout_have_a_looser_one():
     """Register, Login and CreateToken take one route, so an address spends one bucket on them
-    all: 5 at once, then 1 a second. Refresh and Logout hash nothing and are what every signed-in
+    all: 10 at once, then 1 a second. Refresh and Logout hash nothing and are what every signed-in
     client behind one address (a NAT) sends: 20 at once, then 5 a second, a bucket of their own."""
     config, hashing = attacks.configured_route(HASHING[0])
     assert all(attacks.configured_route(path)[1] == hashing for path in HASHING)
-    assert bucket(route_limits(HASHING[0])) == {"max_tokens": 5, "tokens_per_fill": 1, "fill_interval": "1s"}
+    assert bucket(route_limits(HASHING[0])) == {"max_tokens": 10, "tokens_per_fill": 1, "fill_interval": "1s"}
     _, sessions = attacks.configured_route(SESSIONS[0])
     assert sessions != hashing and attacks.configured_route(SESSIONS[1])[1] == sessions
     assert bucket(route_limits(SESSIONS[0])) == {"max_tokens": 20, "tokens_per_fill": 5, "fill_interval": "1s"}
@@ -219,7 +219,7 @@ def test_guessing_one_accounts_password_slows_the_guesser_without_holding_up_the
     def attempt(password: str):  # every guess from one address
         return guesser.post("/v1/auth/login", {"email": email, "password": password})
 
-    # Every guess within the guesser's bucket at Envoy (5 at once, then 1 a second), so that each
+    # Every guess within the guesser's bucket at Envoy (10 at once, then 1 a second), so that each
     # reaches the server, whose throttle this is about: the free guesses half a second apart leave
     # tokens for 2 quick ones.
     statuses = []

@@ -193,7 +193,7 @@ def test_full_disk_refuses_writes_clearly_keeps_reads_and_heals_without_a_restar
             ("POST", "/v1/webhookEndpoints", {"url": "https://hooks.example.com/payments",
                                               "event_types": ["*"], "enabled": True}, admin),
         ]:
-            # Each from an address of its own: this one's login bucket at Envoy (5 at once) is spent.
+            # Each from an address of its own: this one's login bucket at Envoy may be spent.
             assert_full_over_rest(api.from_address(loopback_address()).request(method, path, body, token=tok))
         # A write the rules refuse before touching the disk is refused for its own reason.
         r = api.post(f"/v1/payments/{ids[2]}:undelete", {}, token=admin)

@@ -2,7 +2,7 @@
 people's logins served.
 
 Envoy limits sign-up, login and token requests per client address only (envoy.yaml, the route of
-AuthService's Register and Login and TokenService's CreateToken: 5 at once, then 1 a second);
+AuthService's Register and Login and TokenService's CreateToken: 10 at once, then 1 a second);
 there is no bucket for the whole Envoy, which a handful of addresses could drain and so refuse
 everyone else's logins. What bounds the hashing is the server's auth lane, which serves client
 addresses in turn, so a stranger's login waits for at most one hash per address ahead of it, and
