@@ -152,7 +152,7 @@ class Accounts:
         live = user is not None and user.disabled_at is None
         ok = self.passwords.verify(user.password_hash if live else None, password)
         # A disabled account gets the same answer as a wrong password: nothing to learn from it.
-        if not ok or user is None or user.disabled_at is not None:
+        if not ok or not live:
             raise Unauthenticated("wrong email or password", reason="BAD_CREDENTIALS")
         self.throttle.succeeded(attempt)
         return self._login(self.sessions.start(user))

@@ -55,6 +55,7 @@ _STREAM_THUNKS = ("_handle_stream_unary.<locals>.<lambda>", "_handle_stream_stre
 
 CLIENT_ADDRESS_HEADER = "x-payments-client-address"  # set by Envoy: the address it took as the client's
 _KEYS_REMEMBERED = 4096
+ADDRESS_KEY = "addr:"  # a lane's key for a call without a caller: this, then its client
 _PAYLOAD_READ = 4096  # characters of a token's payload read for its subject; this API's are ~300
 
 
@@ -220,7 +221,12 @@ def client_address(call: Call) -> str:
     """The lanes' key for a call without a caller: its client (trusted_client)."""
     peer = call.rpc_event.call.peer()
     peer = peer.decode("latin-1") if isinstance(peer, bytes) else peer
-    return "addr:" + trusted_client(_header(call.metadata(), CLIENT_ADDRESS_HEADER), peer)
+    return ADDRESS_KEY + trusted_client(_header(call.metadata(), CLIENT_ADDRESS_HEADER), peer)
+
+
+def client_of(key: str) -> str:
+    """The client a lane's key names (client_address), as the throttles count it."""
+    return key.removeprefix(ADDRESS_KEY)
 
 
 class Receiver:
@@ -241,8 +247,8 @@ class Receiver:
 
     STALE_SECONDS = 0.1
 
-    def __init__(self, limit: int, seconds: float, deadlines, name: str = "receive"):
-        self.limit, self.seconds, self.name = limit, seconds, name
+    def __init__(self, limit: int, seconds: float, deadlines):
+        self.limit, self.seconds = limit, seconds
         self.bound = 2 * limit  # waiting: beyond it, eviction need not wait for staleness
         self._deadlines = deadlines
         self._lock = threading.Lock()

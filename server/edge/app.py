@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from server.edge import capacity
+from server.edge import admission, capacity
 from server.infra import clock as clocks
 from server.infra import google_tokens, metrics, passwords, sqlite_turns, storage, tokens, tracing
 from server.domain.accounts import Accounts
@@ -188,8 +188,11 @@ def build(settings: Settings) -> App:
     # A full auth lane sheds first the calls of the client whose logins and token requests fail
     # most: hundreds of addresses, each sending no faster than a stranger, cannot be told from the
     # stranger by their rate, but can by their failures (tests/faults/test_login_flood.py).
-    lanes.auth.penalty = lambda key: (accounts.throttle.failures(key.removeprefix("addr:"))
-                                      + client_rules.throttle.failures(key.removeprefix("addr:")))
+    def failures(key: str) -> int:
+        client = admission.client_of(key)
+        return accounts.throttle.failures(client) + client_rules.throttle.failures(client)
+
+    lanes.auth.penalty = failures
     server = grpc.server(
         lanes.payments,
         interceptors=[CallInterceptor(verifier, None if storage.is_postgres(database) else sqlite_turns.Turns(), lanes,

@@ -373,7 +373,7 @@ class Lanes:
         shedder = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shed")
         deadlines = Deadlines()
         # A receiver per lane: a flood of one kind of call never evicts another's (health checks).
-        receivers = {name: admission.Receiver(max(8, receiving * share // 8), request_seconds, deadlines, name=f"receive-{name}")
+        receivers = {name: admission.Receiver(max(8, receiving * share // 8), request_seconds, deadlines)
                      for name, share in (("rpc", 8), ("auth", 4), ("health", 2), ("stream", 1))}
         callers, addresses = admission.CallerKeys(), admission.client_address
         return cls(
